@@ -78,7 +78,7 @@ POSITIONS = {  # name -> (column, row) on a 3 x 3 grid
     "left": (0, 1), "center": (1, 1), "right": (2, 1),
     "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2),
 }
-SIZES = {"small": 0.11, "large": 0.2}  # object radius as a share of the image side
+SIZES = {"small": 0.13, "large": 0.22}  # object radius as a share of the image side
 TEXTURES = ("plain", "striped")
 # The NIGHTS column is_imagenet splits its test set in two; here a fixed half of the object kinds
 # plays that role, so test_imagenet / test_no_imagenet exist and differ in content.
@@ -266,7 +266,7 @@ def _draw_mask(obj, side):
     draw = ImageDraw.Draw(mask)
     col, row = POSITIONS[obj["position"]]
     dx, dy, degrees = obj["jitter"]
-    cx, cy = (0.22 + 0.28 * col + dx) * side, (0.22 + 0.28 * row + dy) * side
+    cx, cy = (0.24 + 0.26 * col + dx) * side, (0.24 + 0.26 * row + dy) * side
     r = SIZES[obj["size"]] * side
     angle = math.radians(degrees)
 
@@ -450,7 +450,7 @@ def make_demo_data(root, seed=0, size=64, triplets=3000, pairs=4000, per_class=4
     piece("nights", {"triplets": triplets}, lambda folder: write_nights(
         folder, tqdm(demo_triplets(triplets, seed, size), total=triplets, desc="demo NIGHTS triplets")))
     piece("shards", {"pairs": pairs}, lambda folder: write_shards(
-        folder, tqdm(demo_pairs(pairs, seed, size), total=pairs, desc="demo image-text pairs"), per_shard=1000))
+        folder, tqdm(demo_pairs(pairs, seed, size), total=pairs, desc="demo image-text pairs"), per_shard=500))
 
     def build_tasks(folder):
         tasks = demo_tasks(seed, size, per_class, retrieval)
