@@ -37,7 +37,130 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 # Tokenizer (CLIP BPE)
 # ---------------------------------------------------------------------------------------------------
 
-# (tokenizer: written by the foundation issue)
+# CLIP's tokenizer: clean the text, split it into words with a regex, turn each word into UTF-8
+# bytes shown as printable characters, then merge adjacent symbols by the learned merge ranks
+# (byte-pair encoding). Every step matches OpenAI CLIP / open_clip exactly, because a pretrained
+# text tower only understands the ids it was trained on.
+
+CONTEXT_LENGTH = 77  # every CLIP text tower has 77 positions (SOT + up to 75 tokens + EOT)
+END_OF_WORD = "</w>"  # marks a word's last symbol: "a" inside a word and "a" ending one differ
+SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")
+
+# Words are split first so that merges never cross a word; contractions stay their own words.
+WORD_PATTERN = regex.compile(
+    "|".join(SPECIAL_TOKENS) + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+
+
+def bytes_to_unicode():
+    """GPT-2's table byte -> printable character; the vocabulary's first 256 entries, in this order.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (controls, space, ...) move to
+    characters 256, 257, ... so that no vocabulary entry holds whitespace or a control character.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    others = [byte for byte in range(256) if byte not in printable]
+    table = {byte: chr(byte) for byte in printable}
+    table.update({byte: chr(256 + index) for index, byte in enumerate(others)})
+    return table
+
+
+def clean_text(text):
+    """CLIP's cleaning: fix mojibake, undo double HTML escaping, collapse whitespace, lowercase."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return " ".join(text.split()).lower()  # str.split(): the whitespace set open_clip collapses
+
+
+class Tokenizer:
+    """CLIP BPE: text -> token ids (encode) and back (decode); 49,408 ids, SOT 49406, EOT 49407."""
+
+    def __init__(self, vocab_path=ASSETS / "bpe_simple_vocab_16e6.txt.gz", word_cache_size=10**6):
+        lines = gzip.open(vocab_path).read().decode("utf-8").split("\n")
+        # Line 0 is a header; CLIP keeps the first 48,894 merges so the vocabulary totals 49,408.
+        merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+        byte_symbols = list(bytes_to_unicode().values())
+        vocab = byte_symbols + [symbol + END_OF_WORD for symbol in byte_symbols]
+        vocab += ["".join(merge) for merge in merges] + list(SPECIAL_TOKENS)
+        self.encoder = {symbol: index for index, symbol in enumerate(vocab)}
+        self.decoder = {index: symbol for symbol, index in self.encoder.items()}
+        self.merge_rank = {merge: rank for rank, merge in enumerate(merges)}  # lowest merges first
+        # {byte: symbol}: UTF-8 bytes read as Latin-1 are code points 0-255, so one str.translate
+        # maps a whole word to its printable symbols (and symbol_to_byte maps them back in decode).
+        self.byte_to_symbol = bytes_to_unicode()
+        self.symbol_to_byte = {ord(symbol): byte for byte, symbol in self.byte_to_symbol.items()}
+        self.vocab_size = len(self.encoder)
+        self.sot_token_id = self.encoder["<start_of_text>"]
+        # EOT is the largest id: the text tower pools at argmax(ids), which relies on that.
+        self.eot_token_id = self.encoder["<end_of_text>"]
+        self.word_cache_size = word_cache_size
+        self.word_cache = {special: [self.encoder[special]] for special in SPECIAL_TOKENS}
+
+    def bpe(self, word):
+        """Word in printable symbols -> vocabulary symbols, merging the lowest-ranked pair first."""
+        symbols = list(word[:-1]) + [word[-1] + END_OF_WORD]
+        while len(symbols) > 1:
+            pairs = zip(symbols[:-1], symbols[1:])
+            best = min(pairs, key=lambda pair: self.merge_rank.get(pair, math.inf))
+            if best not in self.merge_rank:
+                break
+            merged, i = [], 0
+            while i < len(symbols):  # merge every occurrence of the best pair, left to right
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        return symbols
+
+    def encode_word(self, word):
+        """One pre-token -> ids, cached: captions repeat words, so BPE runs once per new word."""
+        ids = self.word_cache.get(word)
+        if ids is None:
+            symbols = word.encode("utf-8").decode("latin-1").translate(self.byte_to_symbol)
+            ids = [self.encoder[symbol] for symbol in self.bpe(symbols)]
+            if len(self.word_cache) >= self.word_cache_size:  # bound memory on endless web captions
+                self.word_cache = {special: [self.encoder[special]] for special in SPECIAL_TOKENS}
+            self.word_cache[word] = ids
+        return ids
+
+    def encode(self, text):
+        """Text -> token ids, no SOT / EOT. A literal '<start_of_text>' in the text becomes SOT."""
+        words = WORD_PATTERN.findall(clean_text(text))
+        return [token_id for word in words for token_id in self.encode_word(word)]
+
+    def decode(self, ids):
+        """Token ids -> text as open_clip: each word ends in a space ('</w>'), specials by name."""
+        symbols = "".join(self.decoder[int(token_id)] for token_id in ids)
+        utf8 = symbols.translate(self.symbol_to_byte).encode("latin-1")
+        return utf8.decode("utf-8", errors="replace").replace(END_OF_WORD, " ")
+
+
+_tokenizer = None  # built on first use (~0.1 s to read the merges): importing data.py stays cheap
+
+
+def tokenize(texts, context_length=CONTEXT_LENGTH):
+    """str or list of str -> LongTensor (N, context_length): SOT, ids, EOT, then zero padding.
+
+    Text that does not fit is cut to context_length and its last id set to EOT (open_clip's rule;
+    OpenAI's clip.tokenize raises unless truncate=True), so every row keeps an EOT to pool at.
+    """
+    global _tokenizer
+    if _tokenizer is None:
+        _tokenizer = Tokenizer()
+    if isinstance(texts, str):
+        texts = [texts]
+    sot, eot = _tokenizer.sot_token_id, _tokenizer.eot_token_id
+    rows = []
+    for text in texts:
+        ids = [sot, *_tokenizer.encode(text), eot]
+        if len(ids) > context_length:
+            ids = ids[: context_length - 1] + [eot]
+        rows.append(ids + [0] * (context_length - len(ids)))  # pad with 0
+    return torch.tensor(rows, dtype=torch.long).view(len(rows), context_length)  # one copy, not N
 
 
 # ---------------------------------------------------------------------------------------------------
