@@ -13,6 +13,7 @@ What these tests prove:
   the comparison table.
 """
 import gzip
+import importlib.util
 import io
 import json
 import math
@@ -287,6 +288,8 @@ def test_cli_records_table_and_defaults(tasks, tiny, tmp_path, monkeypatch, caps
         ("baseline", "photos", "zeroshot_classification"), ("baseline", "captions", "zeroshot_retrieval")]
     assert set(records[0]) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
     assert records[1]["metrics"] == evaluate.evaluate_task(net, tasks / "wds_captions", "cpu", progress=False)
+    if importlib.util.find_spec("matplotlib"):  # optional dependency: the chart beside the JSON
+        assert Image.open(tmp_path / "results.png").size[0] > 0
     shutil.rmtree(tmp_path / "runs")
     with pytest.raises(SystemExit):
         evaluate.main(["--data-root", str(tasks)])
