@@ -479,7 +479,7 @@ def demo_tasks(seed=0, size=64, per_class=40, retrieval=200):
     return tasks
 
 
-def make_demo_data(root, seed=0, size=64, triplets=3000, pairs=4000, per_class=40, retrieval=200):
+def make_demo_data(root, seed=0, size=64, triplets=6000, pairs=3000, per_class=40, retrieval=200):
     """Write the demo's whole data set under root, each piece with the writer of its real format:
       root/nights/                  NIGHTS layout (data.csv, ref/, distort/)   <- write_nights
       root/shards/                  image-text tar shards                       <- write_shards
@@ -523,8 +523,8 @@ def main(argv=None):
     parser.add_argument("--out", default="data/demo", help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="fixes every scene, vote and caption")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--triplets", type=int, default=3000, help="NIGHTS-style triplets (stage 1)")
-    parser.add_argument("--pairs", type=int, default=4000, help="image-caption pairs (stage 2)")
+    parser.add_argument("--triplets", type=int, default=6000, help="NIGHTS-style triplets (stage 1)")
+    parser.add_argument("--pairs", type=int, default=3000, help="image-caption pairs (stage 2)")
     parser.add_argument("--per-class", type=int, default=40, help="test images per class in each classification task")
     parser.add_argument("--retrieval", type=int, default=200, help="scenes in the retrieval task (5 captions each)")
     args = parser.parse_args(argv)
