@@ -24,14 +24,20 @@ Delete OUT (and data/demo) to start afresh.
 import argparse
 import json
 import math
+import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
+import yaml
+
+import data
 import evaluate
 import make_data
+from model import create_model
 
 ROOT = Path(__file__).resolve().parent
 
@@ -73,6 +79,20 @@ def shard_spec(shard_dir):
     return str(shard_dir / (f"{{{first}..{last}}}.tar" if first != last else f"{first}.tar"))
 
 
+def untrained_2afc(seed, nights_root, path):
+    """2AFC of the stage-1 model before any training (same preset, same seed): the floor that the
+    shuffled-vote control should stay near. A random network is not at 0.5: like pixel distance, it
+    already sees some of what the observers see."""
+    if path.exists():
+        return
+    preset = yaml.safe_load((ROOT / "configs" / "demo_nights.yaml").read_text())["model"]
+    torch.manual_seed(seed)
+    model = create_model(preset)
+    test = data.NightsDataset(nights_root, "test", data.image_transform(model.config.image_size, "nights"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"test": evaluate.evaluate_nights(model, test, "cpu")}) + "\n")
+
+
 def run_seed(seed, plan, data_root, out, control):
     """Stages 1-4 for one seed -> {step: seconds}."""
     seed_dir = out / f"seed{seed}"
@@ -85,6 +105,7 @@ def run_seed(seed, plan, data_root, out, control):
               "--nights_root", str(nights_root), *plan["stage2"]]
     runs = {name: seed_dir / name for name in ("stage1", "stage1_shuffled", "pi", "baseline")}
     seconds = {}
+    untrained_2afc(seed, nights_root, seed_dir / "untrained_2afc.json")
     seconds["stage 1"] = run_step(f"seed {seed}: stage 1, perceptual training on the observers' votes",
                                   stage1 + ["--out_dir", str(runs["stage1"])], runs["stage1"] / "summary.json")
     if control:
@@ -124,7 +145,7 @@ def collect(seed_dir):
     for record in json.loads((seed_dir / "results.json").read_text()):
         by_run.setdefault(record["model"], {})[record["dataset"]] = record["metrics"]
     zero_shot = {run: {task: evaluate.main_metric(task, m)[1] for task, m in tasks.items()} for run, tasks in by_run.items()}
-    two_afc = {}
+    two_afc = {"untrained": json.loads((seed_dir / "untrained_2afc.json").read_text())}
     for name in ("stage1", "stage1_shuffled"):
         if (seed_dir / name / "summary.json").exists():
             two_afc[name] = json.loads((seed_dir / name / "summary.json").read_text())["2afc"]
@@ -176,9 +197,11 @@ def report(per_seed):
                  f"{'+' if _mean_sd(diff)[0] >= 0 else ''}{_pct(*_mean_sd(diff))} | {sum(d > 0 for d in diff)}/{n} |")
     lines += ["", "NIGHTS-format 2AFC on the demo's test triplets (%; chance 50)", "",
               "| model | 2AFC |", "|---|---|"]
-    for name, label, split in (("stage1", "stage 1 (perceptual)", "test"), ("stage1_shuffled", "stage 1 control (shuffled votes)", "test"),
-                               ("pi", "after stage 2, PI", "test"), ("baseline", "after stage 2, baseline", "test")):
-        values = [per_seed[s]["2afc"].get(name, {}).get(split, math.nan) for s in seeds]
+    rows = (("untrained", "untrained network (random init)"), ("stage1", "stage 1 (perceptual)"),
+            ("stage1_shuffled", "stage 1 control (shuffled votes)"), ("pi", "after stage 2, PI"),
+            ("baseline", "after stage 2, baseline"))
+    for name, label in rows:
+        values = [per_seed[s]["2afc"].get(name, {}).get("test", math.nan) for s in seeds]
         if not all(math.isnan(v) for v in values):
             lines.append(f"| {label} | {_pct(*_mean_sd(values))} |")
     if n < 3:
@@ -253,13 +276,17 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     command = "python demo.py " + " ".join(argv if argv is not None else sys.argv[1:])
     (out / "results.md").write_text(f"`{command}`\n\n{table}\n")
+    # CPU seconds of this process and every script it ran: on a busy machine wall time overstates
+    # what the demo costs; cpu_s / cores is what it would take alone on `cores` cores.
+    cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
     (out / "summary.json").write_text(json.dumps(
-        {"command": command, "seeds": seeds, "timings_s": timings, "wall_s": time.time() - start,
+        {"command": command, "seeds": seeds, "timings_s": timings, "wall_s": time.time() - start, "cpu_s": cpu,
          "per_seed": {s: {k: v for k, v in r.items() if k != "curves"} for s, r in per_seed.items()}}, indent=1) + "\n")
     chart = plot(per_seed, out / "demo.png")
     print("\n" + table)
     print(f"\nwrote {out / 'results.md'}, {out / 'summary.json'}" + (f", {chart}" if chart else " (install matplotlib for a plot)"))
-    print(f"demo wall time this call: {time.time() - start:.0f} s (steps that ran: "
+    print(f"demo wall time this call: {time.time() - start:.0f} s, CPU time {cpu:.0f} s (steps that ran: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if v > 0.5) + ")")
 
 

@@ -1,5 +1,5 @@
-"""The embedded demo: its generated world has the perceptual structure it claims, and its data passes
-the same loaders and format checks as real data.
+"""The embedded demo: its generated world has the perceptual structure it claims, its data passes the
+same loaders and format checks as real data, and `python demo.py --quick` runs the whole experiment.
 
 What is proved:
 - the world is a pure function of the seed (same seed, same pixels, votes and captions);
@@ -8,15 +8,27 @@ What is proved:
   distance barely above it, so stage 1 has something to learn that is not in the pixels' L2;
 - captions only ever name attributes the scene has, and leave some out;
 - renders put the object's colour where the object is and the background's elsewhere;
-- the MNIST asset holds 500 real digits, 50 per class, white on black.
+- the MNIST asset holds 500 real digits, 50 per class, white on black;
+- make_demo_data writes data that the kit's readers accept with the expected counts (NightsDataset,
+  the shard reader cross-checked against the webdataset library, BenchmarkTask), and reuses it;
+- demo.py --quick runs every stage through the real scripts and leaves real results: stage-1
+  summaries and checkpoints (and the shuffled control), two stage-2 runs that differ only in their
+  vision initialisation, evaluation records for every task, the table, the plot; a rerun retrains nothing.
 """
+import csv
+import json
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+import data
+import demo
 import make_data as M
+from model import load_checkpoint
 
 
 def _two_afc(d0, d1, p):
@@ -115,3 +127,112 @@ def test_mnist_asset_is_500_real_digits():
     assert pixels.shape == (500, 28, 28)
     assert pixels[:, :3, :].mean() < 2 and pixels.mean() > 20  # white strokes on a black border
     assert len({p.tobytes() for p in pixels}) == 500
+
+
+# ---- the demo's data through the kit's readers, and demo.py end to end ----------------------------
+
+QUICK = demo.PLANS["quick"]["data"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One `demo.py --quick` run shared by the tests below (~1-2 minutes on 2 cores)."""
+    root = tmp_path_factory.mktemp("demo")
+    out, data_root = root / "runs", root / "data"
+    demo.main(["--quick", "--out", str(out), "--data", str(data_root)])
+    return out, data_root
+
+
+def test_demo_data_passes_the_real_readers(quick_run):
+    _, root = quick_run
+    # NIGHTS: the loader keeps exactly the rows with >= 6 votes of each split, as data.csv says.
+    with open(root / "nights" / "data.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == QUICK["triplets"]
+    transform = data.image_transform(32, "nights")
+    for split in ("train", "val", "test"):
+        dataset = data.NightsDataset(root / "nights", split, transform, min_votes=6)
+        in_split = [r for r in rows if r["split"] == split]
+        kept = [r for r in in_split if int(r["votes"]) >= 6]
+        assert dataset.counts["in_split"] == len(in_split) and len(dataset) == len(kept) > 0
+        ref, left, right, p = dataset[0]
+        assert ref.shape == left.shape == right.shape == (3, 32, 32)
+        assert p == pytest.approx(int(kept[0]["right_vote"]) / int(kept[0]["votes"]))
+    imagenet = data.NightsDataset(root / "nights", "test_imagenet", transform)
+    other = data.NightsDataset(root / "nights", "test_no_imagenet", transform)
+    assert len(imagenet) > 0 and len(other) > 0
+    assert len(imagenet) + len(other) == len(data.NightsDataset(root / "nights", "test", transform))
+
+    # Shards: the kit's reader and the webdataset library see the same samples, equal to the stream.
+    import webdataset as wds
+
+    shards = data.expand_shards(demo.shard_spec(root / "shards"))
+    ours = [s for path in shards for s in data.iter_tar_samples(path)]
+    theirs = list(wds.WebDataset(shards, shardshuffle=False))
+    expected = list(M.demo_pairs(QUICK["pairs"], 0, QUICK["size"]))
+    assert [s["__key__"] for s in ours] == [s["__key__"] for s in theirs] == [k for k, _ in expected]
+    assert [s["txt"] for s in ours] == [s["txt"] for s in theirs] == [f["txt"].encode() for _, f in expected]
+    assert ours[0]["png"] == expected[0][1]["png"]
+    assert json.loads((root / "shards" / "sizes.json").read_text()) == {Path(p).name: len(ours) for p in shards}
+
+    # Zero-shot tasks: every listed task opens as a CLIP_benchmark folder with the expected size.
+    names = (root / "tasks" / "tasks.txt").read_text().split()
+    assert names == ["demo_shape", "demo_colour", "demo_size", "demo_position", "demo_count", "demo_retrieval", "demo_mnist"]
+    sizes = {"demo_shape": 8, "demo_colour": 10, "demo_size": 2, "demo_position": 9, "demo_count": 2}
+    for name in names:
+        task = data.BenchmarkTask(root / "tasks" / f"wds_{name}", data.image_transform(32, "eval"))
+        if name in sizes:
+            assert task.task_type == "classification" and len(task.classnames) == sizes[name]
+            assert len(task) == sizes[name] * QUICK["per_class"]
+        elif name == "demo_retrieval":
+            assert task.task_type == "retrieval" and len(task) == QUICK["retrieval"]
+            assert all(len(task[i][1]) == 5 for i in range(3))
+        else:
+            assert task.classnames == list("0123456789") and len(task) == 500
+
+
+def test_demo_data_is_reused(quick_run, capsys):
+    _, root = quick_run
+    stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    M.make_demo_data(root, seed=0, **QUICK)
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == stamps
+    assert capsys.readouterr().out.count("reused") == 3
+
+
+def test_demo_runs_every_stage_and_reports(quick_run):
+    out, data_root = quick_run
+    seed = out / "seed0"
+    # Stage 1 and its control: summaries with 2AFC on every split, loadable checkpoints of the tiny model.
+    for name, shuffled in (("stage1", False), ("stage1_shuffled", True)):
+        summary = json.loads((seed / name / "summary.json").read_text())
+        assert set(summary["2afc"]) >= {"train", "val", "test"} and all(0 <= v <= 1 for v in summary["2afc"].values())
+        header = json.loads((seed / name / "metrics.jsonl").read_text().splitlines()[0])
+        assert header["config"]["shuffle_labels"] is shuffled and header["config"]["model"] == "tiny"
+        assert load_checkpoint(seed / name / "ckpt.pt").config.image_size == 32
+    # Stage 2: two runs of the same length, same seed and data, differing only in the vision init.
+    configs = {r: json.loads((seed / r / "metrics.jsonl").read_text().splitlines()[0])["config"] for r in ("pi", "baseline")}
+    assert configs["pi"]["init"] == str(seed / "stage1" / "ckpt.pt") and configs["baseline"]["init"] == ""
+    assert {k: v for k, v in configs["pi"].items() if k not in ("init", "out_dir")} == \
+        {k: v for k, v in configs["baseline"].items() if k not in ("init", "out_dir")}
+    for run in ("pi", "baseline"):
+        summary = json.loads((seed / run / "summary.json").read_text())
+        assert summary["steps"] == 6 and 0 <= summary["metrics"]["nights/2afc"] <= 1
+        evals = [json.loads(l) for l in (seed / run / "metrics.jsonl").read_text().splitlines()[1:]]
+        assert [e["step"] for e in evals if "nights/2afc" in e] == [3, 6]
+    pi, baseline = load_checkpoint(seed / "pi" / "ckpt.pt"), load_checkpoint(seed / "baseline" / "ckpt.pt")
+    assert not torch.equal(pi.visual.conv1.weight, baseline.visual.conv1.weight)
+    # Evaluation: one record per (run, task), and the demo's summary holds the same main metrics.
+    records = json.loads((seed / "results.json").read_text())
+    tasks = (data_root / "tasks" / "tasks.txt").read_text().split()
+    assert sorted((r["model"], r["dataset"]) for r in records) == sorted((m, t) for m in ("pi", "baseline") for t in tasks)
+    summary = json.loads((out / "summary.json").read_text())
+    for r in records:
+        value = summary["per_seed"]["0"]["zero_shot"][r["model"]][r["dataset"]]
+        assert value == pytest.approx(next(v for k, v in r["metrics"].items() if k in ("acc1", "mean_recall@1")))
+    table = (out / "results.md").read_text()
+    assert all(f"| {t} |" in table for t in tasks) and "Verdict:" in table and "shuffled votes" in table
+    assert (out / "demo.png").stat().st_size > 10_000
+    # A rerun retrains and re-evaluates nothing.
+    stamps = {p: p.stat().st_mtime_ns for p in seed.rglob("*") if p.is_file()}
+    demo.main(["--quick", "--out", str(out), "--data", str(data_root)])
+    assert {p: p.stat().st_mtime_ns for p in seed.rglob("*") if p.is_file()} == stamps
