@@ -287,14 +287,14 @@ def iter_tar_samples(path, problems=None):
                 key, ext = _split_name(member.name)
                 if key is None or regex.match(r"__[^/]*__($|/)", member.name):
                     continue  # webdataset skips names without extension and __meta__ members too
-                data = tar.extractfile(member).read()
-                # A new key, or an extension the sample already has, starts the next sample.
+                # A new key, or an extension the sample already has, starts the next sample. The
+                # finished one goes out before this member is read, so a tar cut inside it keeps it.
                 if sample is not None and (key != sample["__key__"] or ext in sample):
                     yield sample
                     sample = None
                 if sample is None:
                     sample = {"__key__": key, "__shard__": str(path)}
-                sample[ext] = data
+                sample[ext] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         # The sample being read when the tar broke may lack members: it is dropped with the rest.
         reason = "truncated_tar" if started else "unreadable_shard"
