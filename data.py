@@ -437,7 +437,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             # Each sample's augmentation has its own seed, so skipping samples on resume does not
             # shift the augmentation of the ones after; fork_rng leaves the caller's RNG untouched.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed costs ~1.5 ms
                 image = self.transform(image)
         except Exception:  # PIL raises many types for corrupt data; the sample is counted and skipped
             return "bad_image"
