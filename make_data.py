@@ -34,7 +34,35 @@ from PIL import Image, ImageDraw
 # Tar shard writer
 # ---------------------------------------------------------------------------------------------------
 
-# (written by the stage-2 issue)
+def write_shards(out_dir, samples, per_shard, prefix=""):
+    """Write (key, {ext: bytes or str}) samples into tar shards `{prefix}00000.tar, ...` of
+    `per_shard` samples each, in the webdataset / img2dataset layout (key.ext members, one sample's
+    members together), plus sizes.json {shard name: samples} as webdataset's tools write it (the
+    trainer reads epoch lengths from it). Members get fixed metadata, so equal input gives equal
+    bytes. Returns the shard paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths, sizes, tar = [], {}, None
+    for i, (key, members) in enumerate(samples):
+        if i % per_shard == 0:
+            if tar is not None:
+                tar.close()
+            paths.append(out_dir / f"{prefix}{len(paths):05d}.tar")
+            tar = tarfile.open(paths[-1], "w", format=tarfile.USTAR_FORMAT)
+            sizes[paths[-1].name] = 0
+        for ext, value in members.items():
+            data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+        sizes[paths[-1].name] += 1
+    if tar is not None:
+        tar.close()
+    sizes_path = out_dir / "sizes.json"
+    if sizes_path.exists():  # shards with another prefix may share the folder
+        sizes = {**json.loads(sizes_path.read_text()), **sizes}
+    sizes_path.write_text(json.dumps(sizes, indent=1, sort_keys=True) + "\n")
+    return [str(p) for p in paths]
 
 
 # ---------------------------------------------------------------------------------------------------
