@@ -176,13 +176,13 @@ def main(argv=None):
 
     counts = {s: d.counts for s, d in splits.items()}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    few_votes, missing = (sum(counts[s][k] for s in ("train", "val", "test")) for k in ("few_votes", "missing_images"))
     log.write({**run_header(cfg), "precision": precision, "world_size": dist.world_size, "resumed_from_step": step,
                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "data": counts},
               f"{trainable:,} trainable parameters on {dist.world_size} x {device} ({precision}) | triplets: "
               + ", ".join(f"{s} {c['triplets']}" for s, c in counts.items())
-              + f" | dropped: {sum(counts[s]['few_votes'] for s in ('train', 'val', 'test'))} rows with < {cfg.min_votes} "
-              f"votes, {sum(counts[s]['missing_images'] for s in ('train', 'val', 'test'))} with missing images | "
-              + (f"resuming at step {step}" if step else "step 0") + f" of {total_steps}")
+              + f" | dropped: {few_votes} rows with < {cfg.min_votes} votes, {missing} with missing images"
+              + f" | {'resuming at' if step else 'starting at'} step {step} of {total_steps}")
 
     # ---- loop -------------------------------------------------------------------------------------
     visual.train()
