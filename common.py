@@ -44,7 +44,7 @@ def _coerce(value, annotation, key, source):
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
             return None
-        raise ValueError(f"{source}: {key} must be a {base.__name__}, got nothing")
+        raise ValueError(f"{source}: {key} must be of type {base.__name__}, got nothing")
     try:
         if base is bool:
             if isinstance(value, bool):
@@ -65,7 +65,7 @@ def _coerce(value, annotation, key, source):
                 raise ValueError
             return str(value)
     except ValueError:
-        raise ValueError(f"{source}: {key} must be a {base.__name__}, got {value!r}") from None
+        raise ValueError(f"{source}: {key} must be of type {base.__name__}, got {value!r}") from None
     raise TypeError(f"config field {key} has an unsupported type {annotation}")
 
 

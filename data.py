@@ -37,7 +37,130 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 # Tokenizer (CLIP BPE)
 # ---------------------------------------------------------------------------------------------------
 
-# (tokenizer: written by the foundation issue)
+# CLIP's tokenizer: clean the text, split it into words with a regex, turn each word into UTF-8
+# bytes shown as printable characters, then merge adjacent symbols by the learned merge ranks
+# (byte-pair encoding). Every step matches OpenAI CLIP / open_clip exactly, because a pretrained
+# text tower only understands the ids it was trained on.
+
+CONTEXT_LENGTH = 77  # every CLIP text tower has 77 positions (SOT + up to 75 tokens + EOT)
+END_OF_WORD = "</w>"  # marks a word's last symbol: "a" inside a word and "a" ending one differ
+SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")
+
+# Words are split first so that merges never cross a word; contractions stay their own words.
+WORD_PATTERN = regex.compile(
+    "|".join(SPECIAL_TOKENS) + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+
+
+def bytes_to_unicode():
+    """GPT-2's table byte -> printable character; the vocabulary's first 256 entries, in this order.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (controls, space, ...) move to
+    characters 256, 257, ... so that no vocabulary entry holds whitespace or a control character.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    others = [byte for byte in range(256) if byte not in printable]
+    table = {byte: chr(byte) for byte in printable}
+    table.update({byte: chr(256 + index) for index, byte in enumerate(others)})
+    return table
+
+
+def clean_text(text):
+    """CLIP's cleaning: fix mojibake, undo double HTML escaping, collapse whitespace, lowercase."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return " ".join(text.split()).lower()  # str.split(): the whitespace set open_clip collapses
+
+
+class Tokenizer:
+    """CLIP BPE: text -> token ids (encode) and back (decode); 49,408 ids, SOT 49406, EOT 49407."""
+
+    def __init__(self, vocab_path=ASSETS / "bpe_simple_vocab_16e6.txt.gz", word_cache_size=10**6):
+        lines = gzip.open(vocab_path).read().decode("utf-8").split("\n")
+        # Line 0 is a header; CLIP keeps the first 48,894 merges so the vocabulary totals 49,408.
+        merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+        byte_symbols = list(bytes_to_unicode().values())
+        vocab = byte_symbols + [symbol + END_OF_WORD for symbol in byte_symbols]
+        vocab += ["".join(merge) for merge in merges] + list(SPECIAL_TOKENS)
+        self.encoder = {symbol: index for index, symbol in enumerate(vocab)}
+        self.decoder = {index: symbol for symbol, index in self.encoder.items()}
+        self.merge_rank = {merge: rank for rank, merge in enumerate(merges)}  # lowest merges first
+        # {byte: symbol}: UTF-8 bytes read as Latin-1 are code points 0-255, so one str.translate
+        # maps a whole word to its printable symbols (and symbol_to_byte maps them back in decode).
+        self.byte_to_symbol = bytes_to_unicode()
+        self.symbol_to_byte = {ord(symbol): byte for byte, symbol in self.byte_to_symbol.items()}
+        self.vocab_size = len(self.encoder)
+        self.sot_token_id = self.encoder["<start_of_text>"]
+        # EOT is the largest id: the text tower pools at argmax(ids), which relies on that.
+        self.eot_token_id = self.encoder["<end_of_text>"]
+        self.word_cache_size = word_cache_size
+        self.word_cache = {special: [self.encoder[special]] for special in SPECIAL_TOKENS}
+
+    def bpe(self, word):
+        """Word in printable symbols -> vocabulary symbols, merging the lowest-ranked pair first."""
+        symbols = list(word[:-1]) + [word[-1] + END_OF_WORD]
+        while len(symbols) > 1:
+            pairs = zip(symbols[:-1], symbols[1:])
+            best = min(pairs, key=lambda pair: self.merge_rank.get(pair, math.inf))
+            if best not in self.merge_rank:
+                break
+            merged, i = [], 0
+            while i < len(symbols):  # merge every occurrence of the best pair, left to right
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        return symbols
+
+    def encode_word(self, word):
+        """One pre-token -> ids, cached: captions repeat words, so BPE runs once per new word."""
+        ids = self.word_cache.get(word)
+        if ids is None:
+            symbols = word.encode("utf-8").decode("latin-1").translate(self.byte_to_symbol)
+            ids = [self.encoder[symbol] for symbol in self.bpe(symbols)]
+            if len(self.word_cache) >= self.word_cache_size:  # bound memory on endless web captions
+                self.word_cache = {special: [self.encoder[special]] for special in SPECIAL_TOKENS}
+            self.word_cache[word] = ids
+        return ids
+
+    def encode(self, text):
+        """Text -> token ids, no SOT / EOT. A literal '<start_of_text>' in the text becomes SOT."""
+        words = WORD_PATTERN.findall(clean_text(text))
+        return [token_id for word in words for token_id in self.encode_word(word)]
+
+    def decode(self, ids):
+        """Token ids -> text as open_clip: each word ends in a space ('</w>'), specials by name."""
+        symbols = "".join(self.decoder[int(token_id)] for token_id in ids)
+        utf8 = symbols.translate(self.symbol_to_byte).encode("latin-1")
+        return utf8.decode("utf-8", errors="replace").replace(END_OF_WORD, " ")
+
+
+_tokenizer = None  # built on first use (~0.1 s to read the merges): importing data.py stays cheap
+
+
+def tokenize(texts, context_length=CONTEXT_LENGTH):
+    """str or list of str -> LongTensor (N, context_length): SOT, ids, EOT, then zero padding.
+
+    Text that does not fit is cut to context_length and its last id set to EOT (open_clip's rule;
+    OpenAI's clip.tokenize raises unless truncate=True), so every row keeps an EOT to pool at.
+    """
+    global _tokenizer
+    if _tokenizer is None:
+        _tokenizer = Tokenizer()
+    if isinstance(texts, str):
+        texts = [texts]
+    sot, eot = _tokenizer.sot_token_id, _tokenizer.eot_token_id
+    rows = []
+    for text in texts:
+        ids = [sot, *_tokenizer.encode(text), eot]
+        if len(ids) > context_length:
+            ids = ids[: context_length - 1] + [eot]
+        rows.append(ids + [0] * (context_length - len(ids)))  # pad with 0
+    return torch.tensor(rows, dtype=torch.long).view(len(rows), context_length)  # one copy, not N
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -194,4 +317,162 @@ class NightsDataset(torch.utils.data.Dataset):
 # CLIP_benchmark task folders
 # ---------------------------------------------------------------------------------------------------
 
-# (benchmark folders: written by the evaluation issue)
+# A task folder, as CLIP_benchmark publishes every task (REFERENCE.md section 10):
+#   <root>/test/nshards.txt, <root>/test/0.tar ... (N-1).tar, classnames.txt,
+#   zeroshot_classification_templates.txt, dataset_type.txt (absent = classification).
+# Samples are grouped the way webdataset groups them: the key is a member's path up to the first dot
+# of its file name, the extension (lowercased) is the rest. Images come as webp / png / jpg / jpeg
+# (the first present wins, in that order, as in CLIP_benchmark), labels as cls (an integer), npy
+# (a multi-hot vector) or txt (captions, one per line).
+# The reader indexes each shard's members once (name -> byte offset) and then reads samples by
+# index, so a DataLoader can spread one shard over many workers and the order stays the tar order.
+
+BENCHMARK_IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
+BENCHMARK_TASK_TYPES = ("classification", "retrieval", "multilabel")
+_LABEL_EXT = {"classification": "cls", "multilabel": "npy", "retrieval": "txt"}
+
+
+def _read_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f.read().splitlines() if line.strip()]
+
+
+def _index_tar(path):
+    """[(key, {ext: (offset, size)})] in tar order, for the plain files of one shard."""
+    samples, by_key = [], {}
+    try:
+        with tarfile.open(path, "r:") as tar:  # uncompressed: members must be seekable
+            for member in tar:
+                if not member.isfile():
+                    continue
+                directory, _, name = member.name.rpartition("/")
+                stem, dot, ext = name.partition(".")
+                if not dot or stem.startswith("__"):
+                    continue
+                key = f"{directory}/{stem}" if directory else stem
+                if key not in by_key:
+                    by_key[key] = {}
+                    samples.append((key, by_key[key]))
+                by_key[key][ext.lower()] = (member.offset_data, member.size)
+    except (tarfile.TarError, OSError) as e:
+        raise ValueError(f"{path}: not a readable (uncompressed) tar shard: {e}") from None
+    return samples
+
+
+class BenchmarkTask(torch.utils.data.Dataset):
+    """One zero-shot task folder in CLIP_benchmark's format, as a map-style dataset.
+
+    Attributes: root, task_type ("classification" | "retrieval" | "multilabel"), classnames,
+    templates (lists of str; empty for retrieval). Items: (image, label) with label an int
+    (classification), a float tensor of 0/1 per class (multilabel) or a list of captions (retrieval).
+    `transform` maps the PIL image (None keeps it). Any file at fault is named in the error.
+    """
+
+    def __init__(self, root, transform=None, split="test"):
+        self.root, self.transform = Path(root), transform
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"benchmark task folder {self.root} does not exist")
+        type_file = self.root / "dataset_type.txt"
+        self.task_type = type_file.read_text().strip().lower() if type_file.exists() else "classification"
+        if self.task_type not in BENCHMARK_TASK_TYPES:
+            raise ValueError(f"{type_file}: unknown dataset type {self.task_type!r}; expected one of {BENCHMARK_TASK_TYPES}")
+        self.classnames, self.templates = [], []
+        if self.task_type != "retrieval":
+            for attr, name in (("classnames", "classnames.txt"), ("templates", "zeroshot_classification_templates.txt")):
+                if not (self.root / name).exists():
+                    raise FileNotFoundError(f"{self.root / name} is missing (needed for zero-shot classification)")
+                setattr(self, attr, _read_lines(self.root / name))
+                if not getattr(self, attr):
+                    raise ValueError(f"{self.root / name} is empty")
+            bad = [t for t in self.templates if "{c}" not in t]
+            if bad:
+                raise ValueError(f"{self.root / 'zeroshot_classification_templates.txt'}: template(s) without '{{c}}': {bad[:3]}")
+        nshards_file = self.root / split / "nshards.txt"
+        try:
+            nshards = int(nshards_file.read_text().strip())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{nshards_file} is missing (it holds the number of tar shards)") from None
+        except ValueError:
+            raise ValueError(f"{nshards_file}: expected one integer, got {nshards_file.read_text()[:40]!r}") from None
+        self.shards = [self.root / split / f"{i}.tar" for i in range(nshards)]
+        self._items = []  # (shard index, key, image (offset, size), label (offset, size))
+        label_ext = _LABEL_EXT[self.task_type]
+        for shard_index, shard in enumerate(self.shards):
+            if not shard.exists():
+                raise FileNotFoundError(f"{shard} is missing ({nshards_file} says {nshards} shards)")
+            for key, parts in _index_tar(shard):
+                image_ext = next((e for e in BENCHMARK_IMAGE_EXTS if e in parts), None)
+                if image_ext is None or label_ext not in parts:
+                    raise ValueError(f"{shard}: sample {key!r} has {sorted(parts)}; a {self.task_type} sample needs "
+                                     f"an image ({'|'.join(BENCHMARK_IMAGE_EXTS)}) and a .{label_ext}")
+                self._items.append((shard_index, key, parts[image_ext], parts[label_ext]))
+        if not self._items:
+            raise ValueError(f"{self.root / split}: the shards hold no samples")
+        self._files = {}  # open shard files, per process (DataLoader workers each open their own)
+
+    def __len__(self):
+        return len(self._items)
+
+    def _read(self, shard_index, offset, size):
+        handle = self._files.get((os.getpid(), shard_index))
+        if handle is None:
+            handle = self._files[(os.getpid(), shard_index)] = open(self.shards[shard_index], "rb")
+        handle.seek(offset)
+        return handle.read(size)
+
+    def __getitem__(self, index):
+        shard_index, key, image_at, label_at = self._items[index]
+        raw_label = self._read(shard_index, *label_at)
+        try:
+            image = Image.open(io.BytesIO(self._read(shard_index, *image_at)))
+            image.load()
+            if self.task_type == "classification":
+                label = int(raw_label.decode("utf-8").strip())
+            elif self.task_type == "multilabel":
+                label = torch.as_tensor(np.load(io.BytesIO(raw_label)), dtype=torch.float32)
+            else:
+                label = raw_label.decode("utf-8").splitlines()
+        except Exception as e:
+            raise ValueError(f"{self.shards[shard_index]}: cannot decode sample {key!r}: {e}") from e
+        return (self.transform(image) if self.transform else image), label
+
+    def __getstate__(self):  # open files do not travel to DataLoader workers
+        return {**self.__dict__, "_files": {}}
+
+
+class ImageFolderTask(BenchmarkTask):
+    """ImageNet's validation set in ImageFolder layout (root/<class folder>/*.JPEG) as a classification
+    task. Class folders are sorted (numerically when every name is a number) to give labels 0..C-1,
+    which is ImageNet's label order for WordNet-id folder names."""
+
+    def __init__(self, root, classnames, templates, transform=None):
+        self.root, self.transform = Path(root), transform
+        self.task_type, self.classnames, self.templates = "classification", list(classnames), list(templates)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        folders = [d.name for d in self.root.iterdir() if d.is_dir()]
+        folders.sort(key=(lambda n: int(n)) if all(n.isdigit() for n in folders) else None)
+        if len(folders) != len(self.classnames):
+            raise ValueError(f"{self.root}: {len(folders)} class folders, but {len(self.classnames)} class names")
+        exts = (".jpeg", ".jpg", ".png", ".webp")
+        self._paths = [(str(p), label) for label, name in enumerate(folders)
+                       for p in sorted((self.root / name).iterdir()) if p.suffix.lower() in exts]
+        if not self._paths:
+            raise ValueError(f"{self.root}: no images found in the class folders")
+
+    def __len__(self):
+        return len(self._paths)
+
+    def __getitem__(self, index):
+        path, label = self._paths[index]
+        with Image.open(path) as image:
+            image.load()
+            return (self.transform(image) if self.transform else image), label
+
+    def __getstate__(self):
+        return dict(self.__dict__)
+
+
+def imagenet_classnames_and_templates():
+    """OpenAI's 1000 ImageNet class names and 80 templates (shipped in assets/, from CLIP_benchmark)."""
+    return _read_lines(ASSETS / "imagenet1k_classnames.txt"), _read_lines(ASSETS / "imagenet1k_templates.txt")

@@ -149,7 +149,62 @@ def make_nights(root, n, seed, image_size=32):
 # CLIP_benchmark task writer
 # ---------------------------------------------------------------------------------------------------
 
-# (written by the evaluation issue)
+_SAVE_OPTIONS = {"png": dict(format="PNG"), "webp": dict(format="WEBP", lossless=True), "jpg": dict(format="JPEG", quality=95)}
+
+
+def _add_member(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444  # fixed mtime: same samples, same bytes
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_benchmark_task(root, samples, classnames=None, templates=None, task_type="classification",
+                         image_format="png", per_shard=10_000):
+    """Write one zero-shot task folder in CLIP_benchmark's published format (see data.BenchmarkTask).
+
+    samples: (PIL image, int label) for classification, (PIL image, [captions]) for retrieval,
+    (PIL image, 0/1 sequence per class) for multilabel. Keys are s0000000, s0000001, ... as in
+    clip_benchmark's converter; images are lossless png (or webp / jpg). Returns the shard paths.
+    """
+    if task_type not in ("classification", "retrieval", "multilabel"):
+        raise ValueError(f"task_type must be classification, retrieval or multilabel, got {task_type!r}")
+    if task_type != "retrieval" and not (classnames and templates):
+        raise ValueError(f"a {task_type} task needs classnames and templates")
+    if image_format not in _SAVE_OPTIONS:
+        raise ValueError(f"image_format must be one of {sorted(_SAVE_OPTIONS)}, got {image_format!r}")
+    root = Path(root)
+    (root / "test").mkdir(parents=True, exist_ok=True)
+    if task_type != "retrieval":
+        (root / "classnames.txt").write_text("".join(f"{c}\n" for c in classnames))
+        (root / "zeroshot_classification_templates.txt").write_text("".join(f"{t}\n" for t in templates))
+    if task_type != "classification":  # clip_benchmark writes the file only for the other two types
+        (root / "dataset_type.txt").write_text(task_type + "\n")
+    shards, tar = [], None
+    for index, (image, label) in enumerate(samples):
+        if index % per_shard == 0:
+            if tar is not None:
+                tar.close()
+            shards.append(root / "test" / f"{len(shards)}.tar")
+            tar = tarfile.open(shards[-1], "w")
+        key = f"s{index:07d}"
+        buffer = io.BytesIO()
+        image.save(buffer, **_SAVE_OPTIONS[image_format])
+        _add_member(tar, f"{key}.{image_format}", buffer.getvalue())
+        if task_type == "classification":
+            _add_member(tar, f"{key}.cls", str(int(label)).encode())
+        elif task_type == "multilabel":
+            buffer = io.BytesIO()
+            np.save(buffer, np.asarray(label))
+            _add_member(tar, f"{key}.npy", buffer.getvalue())
+        else:
+            if isinstance(label, str) or not label:
+                raise ValueError(f"sample {index}: a retrieval sample needs a non-empty list of captions, got {label!r}")
+            _add_member(tar, f"{key}.txt", "\n".join(c.replace("\n", " ") for c in label).encode("utf-8"))
+    if tar is None:
+        raise ValueError(f"no samples given for {root}")
+    tar.close()
+    (root / "test" / "nshards.txt").write_text(f"{len(shards)}\n")
+    return [str(s) for s in shards]
 
 
 # ---------------------------------------------------------------------------------------------------

