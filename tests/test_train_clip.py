@@ -1,0 +1,208 @@
+"""train_clip.py: the contrastive loss, accumulation, DDP, and exact resume after SIGKILL.
+
+Proves: the loss equals open_clip's ClipLoss on the same features, on one process and as the local
+loss of 2 DDP ranks; `torchrun --nproc_per_node=2` (gloo, CPU) gives the same loss and the same
+weights after an AdamW step as one process with the same global batch; cached-feature accumulation
+over 4 micro-batches gives the same weights as the whole batch at once; `--init` takes the vision
+tower only, and the text tower starts as in the baseline; a run killed with SIGKILL after a
+checkpoint and restarted with the same command ends bit-for-bit equal to one that never stopped; bad
+samples are counted over both ranks into summary.json. All fp32 on the CPU with the tiny preset.
+"""
+import copy
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402
+import train_clip  # noqa: E402
+from make_data import write_shards  # noqa: E402
+from model import create_model  # noqa: E402
+
+FP32 = common.autocast("cpu", "fp32")
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def global_batch(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, 32, 32, generator=g)
+    tokens = torch.randint(1, 49406, (n, 77), generator=g)
+    tokens[:, 0], tokens[torch.arange(n), torch.randint(3, 20, (n,), generator=g)] = 49406, 49407  # SOT ... EOT
+    return images, tokens
+
+
+def one_step(model, images, tokens, accum_steps):
+    """The loop's optimiser step, as train_clip.main does it: returns the loss."""
+    optimizer = torch.optim.AdamW(common.param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
+    loss = train_clip.accumulate_gradients(model, images, tokens, accum_steps, FP32, common.grad_scaler("cpu", "fp32"))
+    optimizer.step()
+    return loss.item()
+
+
+# AdamW's first step moves each weight by lr * g / (|g| + eps): for gradients near eps (1e-6) it
+# magnifies fp32 rounding (1e-7 in g) up to ~1e-5 in the weight, out of a step of lr = 1e-3. The
+# gradients themselves are compared at 1e-6; the weights after the step at this bound.
+ADAM_ATOL = 1e-4
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return create_model("tiny")
+
+
+def test_loss_equals_open_clip():
+    from open_clip.loss import ClipLoss
+
+    torch.manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(16, 64), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(16, 64), dim=-1)
+    scale = torch.tensor(14.3)
+    assert torch.allclose(train_clip.contrastive_loss(image, text, scale), ClipLoss()(image, text, scale), atol=1e-6)
+
+
+def test_accumulation_equals_one_large_batch():
+    torch.set_num_threads(1)
+    images, tokens = global_batch(8)
+    whole, accumulated = tiny_model(), tiny_model()
+    loss_whole = one_step(whole, images, tokens, accum_steps=1)
+    loss_accumulated = one_step(accumulated, images, tokens, accum_steps=4)
+    assert abs(loss_whole - loss_accumulated) < 1e-6
+    for (name, a), b in zip(whole.named_parameters(), accumulated.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4), name  # incl. logit_scale, counted once
+        assert torch.allclose(a, b, atol=ADAM_ATOL), name
+
+
+def ddp_worker(out):
+    """Run by torchrun in test_two_ranks_equal_one_process: each rank takes its half of the batch."""
+    from open_clip.loss import ClipLoss
+
+    torch.set_num_threads(1)
+    d = common.setup_distributed("cpu")
+    images, tokens = global_batch(8)
+    mine = slice(4 * d.rank, 4 * d.rank + 4)
+    model = tiny_model()
+    with torch.no_grad():  # the local loss equals open_clip's with gathered features
+        image, text, scale = model(images[mine], tokens[mine])
+        reference = ClipLoss(local_loss=True, gather_with_grad=True, rank=d.rank, world_size=d.world_size)(image, text, scale)
+        assert torch.allclose(train_clip.contrastive_loss(image, text, scale), reference, atol=1e-6)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    results, grads = {}, None
+    for accum_steps in (1, 2):
+        loss = one_step(ddp, images[mine], tokens[mine], accum_steps)
+        results[accum_steps] = common.all_reduce_sum([loss], "cpu")[0] / d.world_size
+        grads = grads or {name: p.grad.clone() for name, p in model.named_parameters()}  # after the first step
+    if d.is_main:
+        torch.save({"loss": results, "grads": grads, "state_dict": model.state_dict()}, out)
+    common.cleanup_distributed()
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    out = tmp_path / "ddp.pt"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    __file__, str(out)], check=True, env=ENV, cwd=ROOT, timeout=120)
+    ddp = torch.load(out, weights_only=True)
+    torch.set_num_threads(1)
+    images, tokens = global_batch(8)
+    model = tiny_model()
+    losses = {1: one_step(model, images, tokens, 1)}
+    for name, p in model.named_parameters():  # DDP's averaged gradients equal the global batch's
+        assert torch.allclose(ddp["grads"][name], p.grad, atol=1e-6, rtol=1e-4), name
+    losses[2] = one_step(model, images, tokens, 2)
+    for accum_steps in (1, 2):
+        assert abs(ddp["loss"][accum_steps] - losses[accum_steps]) < 1e-6
+    for name, value in model.state_dict().items():
+        assert torch.allclose(ddp["state_dict"][name], value, atol=ADAM_ATOL), name
+
+
+def test_init_takes_the_vision_tower_only(tmp_path):
+    donor = create_model("tiny")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in donor.state_dict().items()}}, tmp_path / "stage1.pt")
+    baseline, pi = tiny_model(), tiny_model()
+    train_clip.load_init(pi, tmp_path / "stage1.pt", include_text=False)
+    for name, value in pi.state_dict().items():
+        source = donor if name.startswith("visual.") else baseline
+        assert torch.equal(value, source.state_dict()[name]), name
+    with pytest.raises(ValueError, match="stage1.pt"):
+        train_clip.load_init(create_model("small"), tmp_path / "stage1.pt", include_text=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# End to end: the script itself
+# ---------------------------------------------------------------------------------------------------
+
+
+def photo_jpeg(i, size=40):
+    photo = skdata.chelsea()
+    y, x = (13 * i) % (photo.shape[0] - size), (29 * i) % (photo.shape[1] - size)
+    buffer = io.BytesIO()
+    Image.fromarray(photo[y : y + size, x : x + size]).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def run_command(shards, out_dir, *extra):
+    return [sys.executable, str(ROOT / "train_clip.py"), str(ROOT / "configs" / "clip_tiny.yaml"),
+            f"--train_data={shards}", f"--out_dir={out_dir}", "--max_steps=20", "--batch_size=8",
+            "--accum_steps=2", "--save_every=4", "--log_every=5", "--workers=1", "--shuffle_buffer=16", *extra]
+
+
+def test_sigkill_and_restart_equals_an_uninterrupted_run(tmp_path):
+    write_shards(tmp_path / "shards", ((f"{i:05d}", {"jpg": photo_jpeg(i), "txt": f"cat photo {i}"}) for i in range(60)), 10)
+    shards = str(tmp_path / "shards" / "{00000..00005}.tar")  # 60 samples: 7 steps an epoch, 20 steps cross 3 epochs
+    subprocess.run(run_command(shards, tmp_path / "straight"), check=True, env=ENV, capture_output=True, timeout=120)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(run_command(shards, killed), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    while not (killed / "ckpt.pt").exists() and process.poll() is None:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)  # the trainer and its loader worker
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    stopped_at = torch.load(killed / "ckpt.pt", weights_only=True)["step"]
+    assert 0 < stopped_at < 20 and stopped_at % 7 != 0  # a mid-epoch checkpoint
+    subprocess.run(run_command(shards, killed), check=True, env=ENV, capture_output=True, timeout=120)
+
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(killed / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 20
+    for name, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][name]), name  # bit for bit
+    for i, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg_sq"], b["optimizer"]["state"][i]["exp_avg_sq"])
+    assert a["data_position"] == b["data_position"]
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["steps"] == 20 and summary["samples_seen"] == 160 and summary["samples_skipped"] == 0
+    header = json.loads((tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[0])
+    assert header["config"]["max_steps"] == 20 and "git_commit" in header
+
+
+def test_two_ranks_count_bad_samples_into_the_summary(tmp_path):
+    # 4 shards of 10; the first sample of each has no caption. In file order (shuffle_buffer=1) each
+    # rank's one stream reads its 2 shards to the end in 9 steps of 2: 4 skipped in all.
+    def samples():
+        for i in range(40):
+            yield f"{i:05d}", ({"jpg": photo_jpeg(i)} if i % 10 == 0 else {"jpg": photo_jpeg(i), "txt": f"cat {i}"})
+
+    write_shards(tmp_path / "shards", samples(), 10)
+    command = run_command(tmp_path / "shards" / "{00000..00003}.tar", tmp_path / "run", "--max_steps=9", "--batch_size=4",
+                          "--accum_steps=1", "--shuffle_buffer=1", "--samples_per_epoch=36")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *command[1:]],
+                   check=True, env=ENV, capture_output=True, timeout=120)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 9 and summary["samples_seen"] == 36
+    assert summary["samples_skipped"] == 4 and summary["skipped_by_reason"]["no_caption"] == 4
+
+
+if __name__ == "__main__":
+    ddp_worker(sys.argv[1])

@@ -1,0 +1,350 @@
+"""Stage 2: contrastive image-text pretraining (CLIP), optionally from a perceptually initialised
+vision tower.
+
+  python train_clip.py configs/clip_tiny.yaml                            # CPU, a minute
+  torchrun --nproc_per_node=8 train_clip.py configs/yfcc15m.yaml --init stage1/ckpt.pt
+  python train_clip.py configs/yfcc15m.yaml --train_data='/data/{00000..00099}.tar' --batch_size=1024
+
+Without CONFIG, configs/yfcc15m.yaml. Without --init: the random-initialisation baseline, with the same
+seed, text tower and data order as the PI run, so the two differ only in the vision tower's start.
+Starting the same command again on the same out_dir resumes exactly where it stopped, mid-epoch.
+
+The story: config -> setup -> data -> model (resume, else --init, else random) -> optimiser -> loop
+(accumulated contrastive step, schedule, logging, checkpoints, periodic evaluation) -> summary.
+"""
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import common
+import data
+from model import check_state_dict, create_model, read_checkpoint
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CONFIG = ROOT / "configs" / "yfcc15m.yaml"
+
+
+@dataclass
+class Config:
+    train_data: str = "/data/yfcc15m/{00000..01499}.tar"  # shard spec: braces, several joined by '::'
+    out_dir: str = "runs/clip"  # out_dir/ckpt.pt is the latest checkpoint; a run resumes from it
+    model: str = "ViT-B-32"  # a preset of model.py
+    epochs: int = 32
+    max_steps: int = 0  # stop after this many optimiser steps (0: epochs decide)
+    samples_per_epoch: int = 0  # 0: from sizes.json beside the shards, else counted; needed if resampled
+    batch_size: int = 4096  # GLOBAL batch: the same whatever the number of ranks
+    accum_steps: int = 1  # split each rank's batch into this many micro-batches (same result, less memory)
+    lr: float = 5e-4
+    warmup_steps: int = 2500
+    weight_decay: float = 0.1
+    grad_clip: float = 0.0  # max global gradient norm (0: off)
+    save_every: int = 1000  # steps between checkpoints (and always at the end)
+    seed: int = 0
+    device: str = ""  # cuda when present, else cpu
+    precision: str = ""  # bf16 / fp16 / fp32; default bf16 on cuda, fp32 on cpu
+    workers: int = 8  # DataLoader worker processes per rank
+    grad_checkpointing: bool = False
+    compile: bool = False
+    init: str = ""  # checkpoint whose vision tower starts the run (stage 1's ckpt.pt, open_clip, OpenAI)
+    init_text: bool = False  # also take the text tower (and logit scale) from `init`
+    augment: str = "moco"  # image_transform kind: moco (the PI fork) or train (open_clip's default)
+    resampled: bool = False  # draw shards with replacement, without end (set samples_per_epoch)
+    shuffle_buffer: int = 5000
+    eval_every: int = 0  # steps between evaluations (0: only at the end)
+    eval_tasks: str = ""  # comma-separated zero-shot tasks, e.g. "cifar100,cifar10"
+    eval_data_root: str = ""
+    nights_root: str = ""  # NIGHTS folder: log the 2AFC score at each evaluation
+    log_every: int = 50
+
+
+# ---------------------------------------------------------------------------------------------------
+# The contrastive loss and one optimiser step's gradients
+# ---------------------------------------------------------------------------------------------------
+
+
+def gather(x):
+    """(n, E) on each rank -> (world * n, E), rank order; gradients flow back to every rank's rows."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+
+
+def contrastive_loss(image_features, text_features, logit_scale):
+    """Symmetric InfoNCE over the global batch, computing this rank's n rows only: its images against
+    all N texts and its texts against all N images (open_clip's local loss, REFERENCE.md section 8).
+    DDP averages gradients over ranks; the all-gather's backward sums them, so the result is the
+    gradient of the global loss."""
+    n, rank = image_features.shape[0], dist.get_rank() if dist.is_initialized() else 0
+    all_images, all_texts = gather(image_features), gather(text_features)  # (N, E)
+    logits_per_image = logit_scale * image_features @ all_texts.T  # (n, N)
+    logits_per_text = logit_scale * text_features @ all_images.T  # (n, N)
+    labels = torch.arange(n, device=image_features.device) + n * rank  # each row's pair in the global batch
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def accumulate_gradients(model, images, tokens, accum_steps, amp, scaler):
+    """Gradients of the contrastive loss of the whole batch, in `accum_steps` micro-batches.
+
+    A contrastive loss cannot average micro-batch losses: every pair's negatives are the whole batch.
+    open_clip's scheme: embed every micro-batch without gradients and cache the features; then re-embed
+    each micro-batch with gradients, put its fresh features among the cached ones, and backward the
+    full loss. Micro-batch j's backward yields dL/df_j * df_j/dtheta; their sum is dL/dtheta exactly.
+    logit_scale enters every re-forward, so it keeps its gradient in one of them only (the last,
+    where DDP synchronises); open_clip lets it accumulate accum_steps times. Returns the loss.
+    """
+    if accum_steps == 1:
+        with amp:
+            loss = contrastive_loss(*model(images, tokens))
+        scaler.scale(loss).backward()
+        return loss.detach()
+    image_chunks, token_chunks = images.chunk(accum_steps), tokens.chunk(accum_steps)
+    with torch.no_grad(), amp:
+        cached = [model(i, t)[:2] for i, t in zip(image_chunks, token_chunks)]
+    cached_images, cached_texts = [c[0] for c in cached], [c[1] for c in cached]
+    for j in range(accum_steps):
+        last = j == accum_steps - 1
+        no_sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
+        with no_sync:
+            with amp:
+                image_features, text_features, logit_scale = model(image_chunks[j], token_chunks[j])
+                all_images = torch.cat(cached_images[:j] + [image_features] + cached_images[j + 1:])  # (n, E)
+                all_texts = torch.cat(cached_texts[:j] + [text_features] + cached_texts[j + 1:])
+                loss = contrastive_loss(all_images, all_texts, logit_scale if last else logit_scale.detach())
+            scaler.scale(loss).backward()
+    return loss.detach()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Setup helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+def find_shards(cfg, argv):
+    shards = data.expand_shards(cfg.train_data)
+    missing = [p for p in shards if not os.path.exists(p)]
+    if missing:
+        source = next((a for a in argv if a.endswith((".yaml", ".yml"))), str(DEFAULT_CONFIG))
+        raise FileNotFoundError(
+            f"train_data: {len(missing)} of {len(shards)} shard(s) not found, e.g. {missing[0]} (train_data="
+            f"{cfg.train_data!r}, from {source} or the command line). Put the shards there, or point elsewhere "
+            f"with --train_data='/path/to/{{00000..00099}}.tar' (several specs joined by '::')")
+    return shards
+
+
+def count_samples(cfg, shards):
+    """Samples in one epoch: the config, else sizes.json beside the shards (webdataset's tools and
+    make_data.write_shards write it), else a pass over the tars (no image is decoded)."""
+    if cfg.samples_per_epoch:
+        return cfg.samples_per_epoch
+    if cfg.resampled:
+        raise ValueError("resampled=true draws shards without end: set samples_per_epoch to fix an epoch's length")
+    sizes = {}
+    for folder in {os.path.dirname(p) for p in shards}:
+        if os.path.exists(os.path.join(folder, "sizes.json")):
+            with open(os.path.join(folder, "sizes.json")) as f:
+                sizes.update({os.path.join(folder, k): v for k, v in json.load(f).items()})
+    if all(p in sizes for p in shards):
+        return sum(int(sizes[p]) for p in shards)
+    tqdm.write("counting samples (set samples_per_epoch to skip this)")
+    return sum(1 for p in tqdm(shards, desc="count") for _ in data.iter_tar_samples(p, problems=True))
+
+
+def load_init(model, path, include_text):
+    """The vision tower (and with include_text, everything) from any CLIP checkpoint."""
+    state_dict, _ = read_checkpoint(path)
+    taken = {k: v for k, v in state_dict.items() if include_text or k.startswith("visual.")}
+    missing = [k for k in model.state_dict() if k.startswith("visual.") and k not in taken]
+    if missing:
+        raise ValueError(f"--init {path}: no vision tower for this model, missing {missing[:5]}{' ...' * (len(missing) > 5)}")
+    check_state_dict(model, {**model.state_dict(), **taken}, f"--init {path} (for model {model.config})")
+    model.load_state_dict(taken, strict=False)
+    return len(taken)
+
+
+def evaluate_now(model, cfg, device, precision):
+    """Zero-shot tasks and NIGHTS 2AFC on the main process -> flat {metric: value}. evaluate.py is
+    imported only when something is asked for, so a run without evaluation needs nothing of it."""
+    tasks = [t.strip() for t in cfg.eval_tasks.split(",") if t.strip()]
+    if not tasks and not cfg.nights_root:
+        return {}
+    import evaluate
+
+    metrics = {}
+    model.eval()
+    if tasks:
+        for task, result in evaluate.run_tasks(model, tasks, cfg.eval_data_root, device, precision=precision).items():
+            name, value = evaluate.main_metric(task, result)
+            metrics[f"zeroshot/{task}/{name}"] = value
+    if cfg.nights_root:
+        nights = data.NightsDataset(cfg.nights_root, "test", data.image_transform(model.config.image_size, "nights"))
+        metrics["nights/2afc"] = evaluate.evaluate_nights(model, nights, device, precision=precision)
+    model.train()
+    return metrics
+
+
+def main(argv):
+    # --- config and setup -------------------------------------------------------------------------
+    cfg = common.load_config(Config, argv, default_path=DEFAULT_CONFIG)
+    d = common.setup_distributed(cfg.device)
+    precision = cfg.precision or common.default_precision(d.device)
+    amp = common.autocast(d.device, precision)
+    world = d.world_size
+    if cfg.batch_size % (world * cfg.accum_steps):
+        raise ValueError(f"batch_size {cfg.batch_size} must divide into {world} rank(s) x {cfg.accum_steps} accum_steps")
+    shards = find_shards(cfg, argv)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "ckpt.pt"
+    log = common.MetricsLog(out_dir, d.is_main)
+
+    # --- data -------------------------------------------------------------------------------------
+    steps_per_epoch = count_samples(cfg, shards) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"an epoch holds fewer samples than one batch of {cfg.batch_size}: lower batch_size")
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+
+    # --- model: resume, else --init, else random --------------------------------------------------
+    # The random init is drawn first in every case, so the baseline and the PI run share the text
+    # tower and (seeded separately, inside the loader) the data order.
+    common.seed_everything(cfg.seed)
+    model = create_model(cfg.model)
+    state = common.load_training_state(ckpt_path) if ckpt_path.exists() else None
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+        if d.is_main:
+            tqdm.write(f"resuming from {ckpt_path} at step {state['step']}")
+    elif cfg.init:
+        n = load_init(model, cfg.init, cfg.init_text)
+        if d.is_main:
+            tqdm.write(f"initialised {n} tensors from {cfg.init}")
+    model.to(d.device).train()
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    optimizer = torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    scaler = common.grad_scaler(d.device, precision)
+    step, skipped = 0, torch.zeros(len(data.SKIP_REASONS), dtype=torch.float64)
+    position = {"epoch": 0, "batch": 0, "consumed": [[0] * max(1, cfg.workers)] * world}
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        common.set_rng_state(state["rng"])
+        step, position = state["step"], state["data_position"]
+        if len(position["consumed"]) != world:
+            raise ValueError(f"{ckpt_path} was written by {len(position['consumed'])} rank(s); resume with as many")
+        if d.is_main:  # the saved count is the sum over ranks: one rank carries it on
+            skipped += torch.tensor([state["samples_skipped"][r] for r in data.SKIP_REASONS], dtype=torch.float64)
+    train_model = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.enabled else model
+    train_model = torch.compile(train_model) if cfg.compile else train_model  # `model` stays uncompiled for saving
+
+    dataset = data.ShardDataset(
+        shards, data.image_transform(model.config.image_size, cfg.augment), context_length=model.config.context_length,
+        seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, rank=d.rank, world_size=world)
+    loader = data.ShardLoader(dataset, cfg.batch_size // world, steps_per_epoch, cfg.workers, d.device.type == "cuda")
+
+    def save(metrics):
+        # Every rank's data position, summed into one table (each rank fills its own row).
+        consumed = torch.zeros(world, loader.num_streams)
+        consumed[d.rank] = torch.tensor(loader.state()["consumed"], dtype=torch.float32)
+        consumed = torch.tensor(common.all_reduce_sum(consumed.flatten().tolist(), d.device)).view(world, -1)
+        skipped_total = common.all_reduce_sum(skipped.tolist(), d.device)
+        if d.is_main:
+            common.atomic_save({
+                "state_dict": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                "config": dataclasses.asdict(cfg), "metrics": metrics, "step": step,
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": common.rng_state(),
+                "schedule": {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "total_steps": total_steps},
+                "data_position": {**loader.state(), "consumed": consumed.long().tolist()},
+                "samples_skipped": dict(zip(data.SKIP_REASONS, map(int, skipped_total))),
+            }, ckpt_path)
+        return skipped_total
+
+    # --- the loop ---------------------------------------------------------------------------------
+    if d.is_main:
+        log.write({**common.run_header(cfg), "resumed_from_step": step, "total_steps": total_steps,
+                   "steps_per_epoch": steps_per_epoch, "world_size": world, "precision": precision,
+                   "params": model.num_params()})
+    bar = tqdm(total=total_steps, initial=step, disable=not d.is_main, desc="train", dynamic_ncols=True)
+    epoch, metrics = step // steps_per_epoch, {}
+    interval = {"loss": 0.0, "steps": 0, "wait": 0.0, "start": time.perf_counter()}
+    while step < total_steps:
+        resume_at = {**position, "consumed": position["consumed"][d.rank]} if position["epoch"] == epoch else None
+        ready = time.perf_counter()
+        for batch in loader.epoch_batches(epoch, resume_at):
+            interval["wait"] += time.perf_counter() - ready
+            skipped += batch["skipped"]
+            images = batch["images"].to(d.device, non_blocking=True)
+            tokens = batch["tokens"].to(d.device, non_blocking=True)
+            lr = common.cosine_lr(step, cfg.lr, cfg.warmup_steps, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            loss = accumulate_gradients(train_model, images, tokens, cfg.accum_steps, amp, scaler)
+            loss = common.all_reduce_sum([loss.item()], d.device)[0] / world  # every rank stops together
+            if not math.isfinite(loss):
+                save(metrics)
+                raise FloatingPointError(
+                    f"non-finite loss {loss} at step {step} (lr {lr:.3g}); saved the state before this step to "
+                    f"{ckpt_path}. Try a lower lr, grad_clip=1, or precision=bf16 / fp32 instead of fp16")
+            if cfg.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))  # temperature >= 0.01 (CLIP)
+            step += 1
+            bar.update()
+            interval["loss"] += loss
+            interval["steps"] += 1
+
+            if step % cfg.log_every == 0 or step == total_steps:
+                seconds = time.perf_counter() - interval["start"]
+                skipped_total = common.all_reduce_sum(skipped.tolist(), d.device)
+                record = {"step": step, "epoch": epoch, "loss": interval["loss"] / interval["steps"], "lr": lr,
+                          "logit_scale": model.logit_scale.exp().item(), "samples_per_s": interval["steps"] * cfg.batch_size / seconds,
+                          "data_wait": interval["wait"] / seconds, "samples_seen": step * cfg.batch_size,
+                          "samples_skipped": int(sum(skipped_total))}
+                log.write(record, f"step {step}/{total_steps}  loss {record['loss']:.4f}  lr {lr:.3g}  scale "
+                          f"{record['logit_scale']:.1f}  {record['samples_per_s']:.0f} samples/s  data wait "
+                          f"{100 * record['data_wait']:.0f}%  skipped {record['samples_skipped']}")
+                interval = {"loss": 0.0, "steps": 0, "wait": 0.0, "start": time.perf_counter()}
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
+                metrics = evaluate_now(model, cfg, d.device, precision) if d.is_main else {}
+                if metrics:
+                    log.write({"step": step, **metrics}, f"eval at step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                if d.enabled:
+                    dist.barrier()  # other ranks wait for the main one's evaluation
+                interval["start"] = time.perf_counter()  # timings exclude evaluation
+            if step % cfg.save_every == 0 or step == total_steps:
+                save(metrics)
+            if step >= total_steps:
+                break
+            ready = time.perf_counter()
+        else:
+            epoch += 1
+    bar.close()
+
+    # --- summary ----------------------------------------------------------------------------------
+    skipped_total = common.all_reduce_sum(skipped.tolist(), d.device)
+    if d.is_main:
+        summary = {"steps": step, "samples_seen": step * cfg.batch_size, "samples_skipped": int(sum(skipped_total)),
+                   "skipped_by_reason": dict(zip(data.SKIP_REASONS, map(int, skipped_total))), "metrics": metrics,
+                   "checkpoint": str(ckpt_path)}
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        tqdm.write(f"done: {step} steps, {summary['samples_seen']} samples seen, {summary['samples_skipped']} skipped")
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
