@@ -42,7 +42,7 @@ from model import create_model
 ROOT = Path(__file__).resolve().parent
 
 # The two demo sizes. `full` is tuned so that stage 1 clearly learns (val 2AFC well above 0.5, while
-# pixel distance scores ~0.58 on this world) and stage 2 is in the few-data regime where an
+# pixel distance scores 0.55 on this world) and stage 2 is in the few-data regime where an
 # initialisation can matter; `quick` only proves the pipeline end to end.
 PLANS = {
     "full": dict(
