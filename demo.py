@@ -216,7 +216,8 @@ def report(per_seed):
 
 
 def plot(per_seed, path):
-    """Final zero-shot results per task (PI vs baseline) and NIGHTS 2AFC over stage 2, per seed."""
+    """Final zero-shot results per task (PI vs baseline), and mean zero-shot and NIGHTS 2AFC over
+    stage 2 (one line per run and seed)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -225,19 +226,25 @@ def plot(per_seed, path):
         return None
     seeds = list(per_seed)
     tasks = list(per_seed[seeds[0]]["zero_shot"]["pi"])
-    fig, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (bars, zero_shot, curves) = plt.subplots(1, 3, figsize=(16, 4.5))
     for i, (run, colour) in enumerate((("pi", "tab:orange"), ("baseline", "tab:blue"))):
         stats = [_mean_sd([100 * per_seed[s]["zero_shot"][run][t] for s in seeds]) for t in tasks]
         bars.bar([x + 0.4 * i for x in range(len(tasks))], [m for m, _ in stats], 0.4, label=run, color=colour,
                  yerr=[0 if math.isnan(sd) else sd for _, sd in stats])
         for s in seeds:
             points = per_seed[s]["curves"][run]
-            curves.plot([p["step"] for p in points], [100 * p["nights/2afc"] for p in points], color=colour, alpha=0.8,
-                        marker="o", label=run if s == seeds[0] else None)
+            steps, label = [p["step"] for p in points], run if s == seeds[0] else None
+            mean_zero_shot = [100 * statistics.fmean(v for k, v in p.items() if k.startswith("zeroshot/")) for p in points]
+            zero_shot.plot(steps, mean_zero_shot, color=colour, alpha=0.8, marker="o", label=label)
+            curves.plot(steps, [100 * p["nights/2afc"] for p in points], color=colour, alpha=0.8, marker="o", label=label)
     bars.set_xticks([x + 0.2 for x in range(len(tasks))], [t.removeprefix("demo_") for t in tasks], rotation=30)
     bars.set_ylabel("zero-shot main metric (%)")
     bars.set_title(f"Zero-shot after stage 2 ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
     bars.legend()
+    zero_shot.set_xlabel("stage-2 step")
+    zero_shot.set_ylabel(f"mean zero-shot main metric over {len(tasks)} tasks (%)")
+    zero_shot.set_title("Zero-shot during stage 2")
+    zero_shot.legend()
     curves.axhline(50, color="grey", lw=0.8, ls="--")
     curves.set_xlabel("stage-2 step")
     curves.set_ylabel("NIGHTS-format 2AFC, test (%)")
