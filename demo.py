@@ -120,9 +120,9 @@ def run_seed(seed, plan, data_root, out, control):
         f"seed {seed}: stage 2 from random weights (baseline)",
         stage2 + ["--out_dir", str(runs["baseline"])], runs["baseline"] / "summary.json")
     results = seed_dir / "results.json"
-    stale = results.exists() and results.stat().st_mtime < max((runs[r] / "ckpt.pt").stat().st_mtime for r in ("pi", "baseline"))
-    if stale:
-        results.unlink()
+    newest_checkpoint = max((runs[r] / "ckpt.pt").stat().st_mtime for r in ("pi", "baseline"))
+    if results.exists() and results.stat().st_mtime < newest_checkpoint:
+        results.unlink()  # a stage-2 run changed after it was evaluated
     seconds["evaluate"] = run_step(
         f"seed {seed}: zero-shot evaluation of both",
         ["evaluate.py", "--ckpt", str(runs["pi"] / "ckpt.pt"), "--ckpt", str(runs["baseline"] / "ckpt.pt"),
@@ -152,7 +152,8 @@ def collect(seed_dir):
     for run in ("pi", "baseline"):
         summary = json.loads((seed_dir / run / "summary.json").read_text())
         two_afc[run] = {"test": summary["metrics"].get("nights/2afc", math.nan)}
-    curves = {run: [r for r in read_jsonl(seed_dir / run / "metrics.jsonl") if "nights/2afc" in r] for run in ("pi", "baseline")}
+    curves = {run: [r for r in read_jsonl(seed_dir / run / "metrics.jsonl") if "nights/2afc" in r]
+              for run in ("pi", "baseline")}
     return {"zero_shot": zero_shot, "2afc": two_afc, "curves": curves}
 
 
@@ -259,10 +260,12 @@ def plot(per_seed, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="The PI experiment in miniature on generated data (see the module docstring).")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds (default: 0); the data is the same for all")
-    parser.add_argument("--quick", action="store_true", help="smallest end-to-end run, a few steps per stage (a pipeline check, not a result)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smallest end-to-end run, a few steps per stage (a pipeline check, not a result)")
     parser.add_argument("--out", default=None, help="output folder (default: runs/demo, or runs/demo_quick with --quick)")
     parser.add_argument("--data", default=None, help="demo data folder (default: data/demo, or data/demo_quick with --quick)")
-    parser.add_argument("--no-control", action="store_true", help="skip the shuffled-vote control of stage 1 (saves ~1 minute a seed)")
+    parser.add_argument("--no-control", action="store_true",
+                        help="skip the shuffled-vote control of stage 1 (saves ~2 minutes a seed)")
     args = parser.parse_args(argv)
     plan = PLANS["quick" if args.quick else "full"]
     suffix = "_quick" if args.quick else ""

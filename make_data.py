@@ -381,7 +381,8 @@ def make_observers(rng, n=24):
     """A pool of simulated observers. Each weighs the attributes a little differently (a log-normal
     factor per attribute) and judges with its own amount of noise, so panels disagree on close calls."""
     return [
-        {"weights": {k: w * math.exp(rng.gauss(0, 0.3)) for k, w in PERCEPTUAL_WEIGHTS.items()}, "noise": rng.uniform(0.3, 0.9)}
+        {"weights": {k: w * math.exp(rng.gauss(0, 0.3)) for k, w in PERCEPTUAL_WEIGHTS.items()},
+         "noise": rng.uniform(0.3, 0.9)}
         for _ in range(n)
     ]
 
@@ -410,7 +411,8 @@ _SUPERSAMPLE = 4
 
 
 def _polygon(n, radius=1.0, start=-90.0):
-    return [(radius * math.cos(math.radians(start + 360 * i / n)), radius * math.sin(math.radians(start + 360 * i / n))) for i in range(n)]
+    angles = [math.radians(start + 360 * i / n) for i in range(n)]
+    return [(radius * math.cos(a), radius * math.sin(a)) for a in angles]
 
 
 def _star():
@@ -462,7 +464,8 @@ def _draw_mask(obj, side):
     angle = math.radians(degrees)
 
     def place(points):  # rotate by the jitter angle, scale by the radius, move to the centre
-        return [(cx + r * (x * math.cos(angle) - y * math.sin(angle)), cy + r * (x * math.sin(angle) + y * math.cos(angle))) for x, y in points]
+        cos, sin = math.cos(angle), math.sin(angle)
+        return [(cx + r * (x * cos - y * sin), cy + r * (x * sin + y * cos)) for x, y in points]
 
     shape = obj["shape"]
     if shape == "circle":
@@ -534,7 +537,8 @@ def caption(scene, rng):
     background = f" on a {scene['background']} background" if rng.random() < 0.35 else ""
     if len(phrases) == 1:
         p = phrases[0]
-        styles = [_a(p) + background, p, f"a photo of {_a(p)}{background}.", f"a picture of {_a(p)}.", f"one object: {_a(p)}"]
+        styles = [_a(p) + background, p, f"a photo of {_a(p)}{background}.", f"a picture of {_a(p)}.",
+                  f"one object: {_a(p)}"]
     else:
         both = f"{_a(phrases[0])} and {_a(phrases[1])}"
         styles = [both + background, f"two objects: {both}", f"a photo of {both}{background}.",
@@ -596,8 +600,10 @@ def demo_tasks(seed=0, size=64, per_class=40, retrieval=200):
         return dict(samples=samples, classnames=list(classes), templates=templates, task_type="classification")
 
     def count(templates):
-        samples = [(render_scene(sample_scene(rng, n_objects=label + 1), size), label) for label in (0, 1) for _ in range(per_class)]
-        return dict(samples=samples, classnames=["one object", "two objects"], templates=templates, task_type="classification")
+        samples = [(render_scene(sample_scene(rng, n_objects=label + 1), size), label)
+                   for label in (0, 1) for _ in range(per_class)]
+        return dict(samples=samples, classnames=["one object", "two objects"], templates=templates,
+                    task_type="classification")
 
     tasks = {
         "demo_shape": classify("shape", SHAPES, ["a photo of a {c}.", "a {c}.", "a picture of a {c}."], n_objects=1),
@@ -655,7 +661,8 @@ def make_demo_data(root, seed=0, size=64, triplets=6000, pairs=3000, per_class=4
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write the embedded demo's data set (NIGHTS triplets, image-text shards, zero-shot tasks).")
+    parser = argparse.ArgumentParser(
+        description="Write the embedded demo's data set (NIGHTS triplets, image-text shards, zero-shot tasks).")
     parser.add_argument("--out", default="data/demo", help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="fixes every scene, vote and caption")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
