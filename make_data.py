@@ -1,12 +1,13 @@
 """Makes data in the kit's three real formats, for runs without the real datasets.
 
-  python make_data.py --out data/demo            # the embedded default's whole data set
+  python make_data.py --out data/demo            # the embedded demo's whole data set
+  python make_data.py --nights data/nights_tiny --triplets 1500 --size 32   # NIGHTS triplets only
 
 Writers (one per real format, so that made data goes through the same loaders as real data):
   NIGHTS        data.csv + ref/ + distort/ in DreamSim's layout
   tar shards    image-text shards in the webdataset / img2dataset format
   benchmark     zero-shot task folders in CLIP_benchmark's on-disk format
-and a small generated world of scenes with known perceptual structure (see DEMO section below).
+and a generated world of scenes with known perceptual structure (see "The demo world" below).
 Imports nothing of the model.
 """
 import argparse
@@ -57,88 +58,6 @@ def write_nights(root, triplets):
         writer.writeheader()
         writer.writerows(rows)
     return root / "data.csv"
-
-
-# A small generated NIGHTS: one coloured shape on a plain background per image. A variation of a
-# reference jitters every attribute; simulated observers judge closeness by a weighted sum of
-# attribute differences that weighs colour and shape heavily and position lightly, so the pixel
-# difference (dominated by where the shape moved) is a poor guide: a model must learn what the
-# observers care about. Each observer has its own weights and noise.
-SHAPES = ("circle", "square", "triangle")
-OBSERVER_WEIGHTS = {"colour": 4.0, "shape": 1.0, "size": 1.0, "background": 1.0, "position": 0.2}
-
-
-def draw_scene(scene, image_size=32):
-    """scene: dict(shape, colour, background (RGB in 0..1), x, y, size (fractions of the image))."""
-    image = Image.new("RGB", (image_size, image_size), tuple(int(255 * c) for c in scene["background"]))
-    cx, cy, r = scene["x"] * image_size, scene["y"] * image_size, scene["size"] * image_size / 2
-    fill = tuple(int(255 * c) for c in scene["colour"])
-    draw = ImageDraw.Draw(image)
-    if scene["shape"] == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif scene["shape"] == "square":
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    else:
-        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
-    return image
-
-
-def perceived_distance(a, b, weights=OBSERVER_WEIGHTS):
-    """How different two scenes look to an observer with these attribute weights."""
-    colour = float(np.linalg.norm(np.subtract(a["colour"], b["colour"])))
-    background = float(np.linalg.norm(np.subtract(a["background"], b["background"])))
-    position = math.hypot(a["x"] - b["x"], a["y"] - b["y"])
-    return (weights["colour"] * colour + weights["shape"] * (a["shape"] != b["shape"])
-            + weights["size"] * abs(a["size"] - b["size"]) + weights["background"] * background
-            + weights["position"] * position)
-
-
-def _random_scene(rng):
-    size = rng.uniform(0.35, 0.6)
-    return {"shape": SHAPES[rng.integers(len(SHAPES))], "colour": rng.uniform(0, 1, 3).tolist(),
-            "background": rng.uniform(0, 1, 3).tolist(), "size": size,
-            "x": rng.uniform(size / 2, 1 - size / 2), "y": rng.uniform(size / 2, 1 - size / 2)}
-
-
-def _vary(scene, rng):
-    """A variation: the shape's colour shifted by a random amount and the shape moved anywhere (a
-    large change in pixels, a small one to the observers); the shape is swapped now and then."""
-    return {**scene, "shape": SHAPES[rng.integers(len(SHAPES))] if rng.random() < 0.1 else scene["shape"],
-            "colour": np.clip(np.add(scene["colour"], rng.normal(0, rng.uniform(0.02, 0.35), 3)), 0, 1).tolist(),
-            "x": rng.uniform(scene["size"] / 2, 1 - scene["size"] / 2),
-            "y": rng.uniform(scene["size"] / 2, 1 - scene["size"] / 2)}
-
-
-def _observer_votes_right(ref, left, right, rng):
-    """One simulated observer: own attribute weights (log-normal around the shared ones) + noise."""
-    weights = {k: w * math.exp(rng.normal(0, 0.3)) for k, w in OBSERVER_WEIGHTS.items()}
-    noise = rng.normal(0, 0.05, 2)
-    return perceived_distance(ref, right, weights) + noise[1] < perceived_distance(ref, left, weights) + noise[0]
-
-
-def make_nights(root, n, seed, image_size=32):
-    """Generate n NIGHTS-format triplets under root, deterministically from the seed.
-
-    Votes are collected as NIGHTS did, adaptively: 3 observers first; only if they agree, 3 to 7
-    more. So rows with < 6 votes exist (the hard, split ones: min_votes drops them) and rows with
-    >= 6 votes may still hold a dissenting vote. Splits: 80% train, 10% val, 10% test;
-    is_imagenet is a coin flip. Returns the path of data.csv."""
-    rng = np.random.default_rng(seed)
-    triplets = []
-    for _ in range(n):
-        ref = _random_scene(rng)
-        left, right = _vary(ref, rng), _vary(ref, rng)
-        votes = [_observer_votes_right(ref, left, right, rng) for _ in range(3)]
-        if len(set(votes)) == 1:
-            votes += [_observer_votes_right(ref, left, right, rng) for _ in range(rng.integers(3, 8))]
-        triplets.append({
-            "ref": draw_scene(ref, image_size), "left": draw_scene(left, image_size),
-            "right": draw_scene(right, image_size), "right_vote": sum(votes), "left_vote": len(votes) - sum(votes),
-            "split": rng.choice(["train", "val", "test"], p=[0.8, 0.1, 0.1]).item(),
-            "is_imagenet": bool(rng.random() < 0.5),
-            "prompt": f'An image of a {ref["shape"]}, "size" {ref["size"]:.2f}',
-        })
-    return write_nights(root, triplets)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -569,6 +488,13 @@ def demo_triplets(n, seed=0, size=64):
         }
 
 
+def make_nights(root, n, seed, image_size=32):
+    """Write n demo triplets (demo_triplets) under root in NIGHTS' layout and return the path of
+    data.csv: stage 1's data alone, e.g. for configs/nights_tiny.yaml and the tests."""
+    return write_nights(root, tqdm(demo_triplets(n, seed, image_size), total=n, desc="demo NIGHTS triplets",
+                                   disable=n < 1000))
+
+
 def _png(image):
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -662,8 +588,10 @@ def make_demo_data(root, seed=0, size=64, triplets=6000, pairs=3000, per_class=4
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Write the embedded demo's data set (NIGHTS triplets, image-text shards, zero-shot tasks).")
+        description="Write the embedded demo's data set (NIGHTS triplets, image-text shards, zero-shot tasks), "
+                    "or with --nights only the NIGHTS triplets.")
     parser.add_argument("--out", default="data/demo", help="output folder")
+    parser.add_argument("--nights", metavar="FOLDER", help="write only --triplets NIGHTS triplets to FOLDER")
     parser.add_argument("--seed", type=int, default=0, help="fixes every scene, vote and caption")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--triplets", type=int, default=6000, help="NIGHTS-style triplets (stage 1)")
@@ -671,7 +599,10 @@ def main(argv=None):
     parser.add_argument("--per-class", type=int, default=40, help="test images per class in each classification task")
     parser.add_argument("--retrieval", type=int, default=200, help="scenes in the retrieval task (5 captions each)")
     args = parser.parse_args(argv)
-    make_demo_data(args.out, args.seed, args.size, args.triplets, args.pairs, args.per_class, args.retrieval)
+    if args.nights:
+        print(make_nights(args.nights, args.triplets, args.seed, args.size))
+    else:
+        make_demo_data(args.out, args.seed, args.size, args.triplets, args.pairs, args.per_class, args.retrieval)
 
 
 if __name__ == "__main__":
