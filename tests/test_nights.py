@@ -9,7 +9,8 @@ Proves that
     is_imagenet written as True/False/1/0; gives p = right_vote / votes;
   - each bad input gets an error naming what is wrong (missing column, missing image + csv line,
     unreadable image + csv line), and skip_missing drops and counts instead;
-  - make_nights is deterministic and produces the rows the filter is for (few votes, split votes).
+  - make_nights (the demo world's triplets in this layout) is deterministic and produces the rows
+    the filter is for (few votes, split votes).
 """
 import csv
 import random

@@ -1,9 +1,9 @@
-"""train_triplet.py end to end on generated NIGHTS data (tiny CLIP, 16 px, CPU).
+"""train_triplet.py end to end on the demo world's NIGHTS-format triplets (tiny CLIP, 32 px, CPU).
 
 Proves that
-  - training on the simulated observers' votes lifts val 2AFC above its random-init value and far
-    above chance, while the same run on shuffled labels does not (the human structure is what is
-    learned, not some artefact of the images);
+  - training on the simulated observers' votes lifts 2AFC clearly above its random-init value (which
+    is already ~0.6: random features see colour), while the same run on shuffled labels does not (the
+    observers' structure is what is learned, not some artefact of the images);
   - ckpt.pt is the kit's checkpoint: model.load_checkpoint reads it, reproduces the reported val
     score, and its text tower is still the random init (only the vision tower trained);
   - a run stopped mid-epoch and started again ends with bit-identical weights to one that never stopped;
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import train_triplet
 from data import NightsDataset, image_transform
@@ -27,20 +28,23 @@ from model import create_model, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [str(ROOT / "configs/nights_tiny.yaml")]
+SIZE = yaml.safe_load((ROOT / "configs/nights_tiny.yaml").read_text())["image_size"]
 
 
 @pytest.fixture(scope="module")
 def nights(tmp_path_factory):
-    """1,500 generated triplets: ~1,100 train and ~150 val rows survive min_votes=6."""
+    """6,000 demo triplets, as configs/nights_tiny.yaml says: ~3,400 train, ~450 val and ~430 test
+    rows survive min_votes=6."""
     root = tmp_path_factory.mktemp("nights")
-    make_nights(root, 1500, seed=0, image_size=16)
+    make_nights(root, 6000, seed=0, image_size=SIZE)
     return root
 
 
 @pytest.fixture(scope="module")
 def small_nights(tmp_path_factory):
+    """200 triplets: 120 train rows, 3 steps an epoch at batch 32 (the resume test stops mid epoch 2)."""
     root = tmp_path_factory.mktemp("small_nights")
-    make_nights(root, 150, seed=1, image_size=16)
+    make_nights(root, 200, seed=1, image_size=SIZE)
     return root
 
 
@@ -56,15 +60,27 @@ def trained(nights, tmp_path_factory):
     return out
 
 
+def held_out(scores, counts):
+    """2AFC over val and test together (~880 triplets): half the sampling noise of either alone."""
+    return sum(scores[s] * counts[s] for s in ("val", "test")) / (counts["val"] + counts["test"])
+
+
 def test_real_labels_are_learned_and_shuffled_are_not(nights, trained, tmp_path):
     summary = json.loads((trained / "summary.json").read_text())
     _, shuffled = run(nights, tmp_path, "--shuffle_labels=true")
     torch.manual_seed(42)  # the runs' seed: the same random init they started from
-    untrained = evaluate_nights(create_model("tiny", image_size=16), NightsDataset(nights, "val", image_transform(16, "nights")), "cpu")
-    real, control = summary["2afc"]["val"], shuffled["2afc"]["val"]
-    print(f"val 2AFC: random init {untrained:.3f}, trained {real:.3f}, shuffled labels {control:.3f}")
-    assert real > 0.66 and real > untrained
-    assert control < real - 0.07 and control < untrained
+    model = create_model("tiny", image_size=SIZE)
+    splits = {s: NightsDataset(nights, s, image_transform(SIZE, "nights")) for s in ("val", "test")}
+    counts = {s: len(d) for s, d in splits.items()}
+    untrained = held_out({s: evaluate_nights(model, d, "cpu") for s, d in splits.items()}, counts)
+    real, control = held_out(summary["2afc"], counts), held_out(shuffled["2afc"], counts)
+    print(f"val+test 2AFC: random init {untrained:.3f}, trained {real:.3f}, shuffled labels {control:.3f}")
+    # Measured with this config on data seeds 0 / 1 / 2 (run seed 42), val+test 2AFC:
+    #   random init 0.616 / 0.584 / 0.619, trained 0.672 / 0.631 / 0.665, shuffled 0.592 / 0.578 / 0.606:
+    # training gains +0.046 to +0.056 over the random init; the control loses 0.006-0.024 and ends
+    # 0.053-0.080 below the trained run.
+    assert real > untrained + 0.025
+    assert control < real - 0.03 and control < untrained + 0.01
     assert summary["n_triplets"] == shuffled["n_triplets"] and summary["n_triplets"]["val"] > 100
     n_in, n_no = summary["n_triplets"]["test_imagenet"], summary["n_triplets"]["test_no_imagenet"]
     assert n_in + n_no == summary["n_triplets"]["test"]
@@ -73,7 +89,7 @@ def test_real_labels_are_learned_and_shuffled_are_not(nights, trained, tmp_path)
         (summary["2afc"]["test_imagenet"] * n_in + summary["2afc"]["test_no_imagenet"] * n_no) / (n_in + n_no))
     lines = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     assert "git_commit" in lines[0] and lines[0]["config"]["shuffle_labels"] is False
-    assert [r["val_2afc"] for r in lines if "val_2afc" in r][-1] == real
+    assert [r["val_2afc"] for r in lines if "val_2afc" in r][-1] == summary["2afc"]["val"]
 
 
 def test_checkpoint_loads_anywhere_and_only_vision_trained(nights, trained):
@@ -83,7 +99,7 @@ def test_checkpoint_loads_anywhere_and_only_vision_trained(nights, trained):
     # The same embeddings as in training: the same score (up to float summation order).
     assert evaluate_nights(model, val, "cpu") == pytest.approx(summary["2afc"]["val"], abs=1e-6)
     torch.manual_seed(42)
-    initial = create_model("tiny", image_size=16).state_dict()
+    initial = create_model("tiny", image_size=SIZE).state_dict()
     for key, value in model.state_dict().items():
         assert torch.equal(value, initial[key]) != key.startswith("visual."), key
 
@@ -100,7 +116,7 @@ def test_stop_and_resume_gives_identical_weights(small_nights, tmp_path):
     for key, value in straight["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
     assert json.loads((tmp_path / "resumed/summary.json").read_text())["2afc"] == resumed["metrics"] == straight["metrics"]
-    with pytest.raises(ValueError, match=r"other settings \(lr: 0.002 -> 0.01\)"):
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0.0003 -> 0.01\)"):
         run(small_nights, tmp_path / "resumed", *args, "--lr=0.01")
 
 
