@@ -316,3 +316,14 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         if line:
             tqdm.write(line)  # keeps progress bars intact
+
+
+def run_cli(main):
+    """A script's entry point: main(sys.argv[1:]). A mistake of the user's (a missing file, a bad key
+    or value) prints one line naming it instead of a traceback; PI_TRACEBACK=1 shows the traceback."""
+    try:
+        main(sys.argv[1:])
+    except (FileNotFoundError, ValueError) as e:
+        if os.environ.get("PI_TRACEBACK"):
+            raise
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from tqdm import tqdm
 
 import common
 import data
+import shards
 from model import check_state_dict, create_model, read_checkpoint
 
 ROOT = Path(__file__).resolve().parent
@@ -132,18 +132,18 @@ def accumulate_gradients(model, images, tokens, accum_steps, amp, scaler):
 
 
 def find_shards(cfg, argv):
-    shards = data.expand_shards(cfg.train_data)
-    missing = [p for p in shards if not os.path.exists(p)]
+    shard_paths = shards.expand_shards(cfg.train_data)
+    missing = [p for p in shard_paths if not os.path.exists(p)]
     if missing:
         source = next((a for a in argv if a.endswith((".yaml", ".yml"))), str(DEFAULT_CONFIG))
         raise FileNotFoundError(
-            f"train_data: {len(missing)} of {len(shards)} shard(s) not found, e.g. {missing[0]} (train_data="
+            f"train_data: {len(missing)} of {len(shard_paths)} shard(s) not found, e.g. {missing[0]} (train_data="
             f"{cfg.train_data!r}, from {source} or the command line). Put the shards there, or point elsewhere "
             f"with --train_data='/path/to/{{00000..00099}}.tar' (several specs joined by '::')")
-    return shards
+    return shard_paths
 
 
-def count_samples(cfg, shards):
+def count_samples(cfg, shard_paths):
     """Samples in one epoch: the config, else sizes.json beside the shards (webdataset's tools and
     make_data.write_shards write it), else a pass over the tars (no image is decoded)."""
     if cfg.samples_per_epoch:
@@ -151,14 +151,14 @@ def count_samples(cfg, shards):
     if cfg.resampled:
         raise ValueError("resampled=true draws shards without end: set samples_per_epoch to fix an epoch's length")
     sizes = {}
-    for folder in {os.path.dirname(p) for p in shards}:
+    for folder in {os.path.dirname(p) for p in shard_paths}:
         if os.path.exists(os.path.join(folder, "sizes.json")):
             with open(os.path.join(folder, "sizes.json")) as f:
                 sizes.update({os.path.join(folder, k): v for k, v in json.load(f).items()})
-    if all(p in sizes for p in shards):
-        return sum(int(sizes[p]) for p in shards)
+    if all(p in sizes for p in shard_paths):
+        return sum(int(sizes[p]) for p in shard_paths)
     tqdm.write("counting samples (set samples_per_epoch to skip this)")
-    return sum(1 for p in tqdm(shards, desc="count") for _ in data.iter_tar_samples(p, problems=True))
+    return sum(1 for p in tqdm(shard_paths, desc="count") for _ in shards.iter_tar_samples(p, problems=True))
 
 
 def load_init(model, path, include_text):
@@ -203,14 +203,14 @@ def main(argv):
     world = d.world_size
     if cfg.batch_size % (world * cfg.accum_steps):
         raise ValueError(f"batch_size {cfg.batch_size} must divide into {world} rank(s) x {cfg.accum_steps} accum_steps")
-    shards = find_shards(cfg, argv)
+    shard_paths = find_shards(cfg, argv)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "ckpt.pt"
     log = common.MetricsLog(out_dir, d.is_main)
 
     # --- data -------------------------------------------------------------------------------------
-    steps_per_epoch = count_samples(cfg, shards) // cfg.batch_size
+    steps_per_epoch = count_samples(cfg, shard_paths) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"an epoch holds fewer samples than one batch of {cfg.batch_size}: lower batch_size")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -233,7 +233,7 @@ def main(argv):
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     optimizer = torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     scaler = common.grad_scaler(d.device, precision)
-    step, skipped = 0, torch.zeros(len(data.SKIP_REASONS), dtype=torch.float64)
+    step, skipped = 0, torch.zeros(len(shards.SKIP_REASONS), dtype=torch.float64)
     position = {"epoch": 0, "batch": 0, "consumed": [[0] * max(1, cfg.workers)] * world}
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -243,14 +243,14 @@ def main(argv):
         if len(position["consumed"]) != world:
             raise ValueError(f"{ckpt_path} was written by {len(position['consumed'])} rank(s); resume with as many")
         if d.is_main:  # the saved count is the sum over ranks: one rank carries it on
-            skipped += torch.tensor([state["samples_skipped"][r] for r in data.SKIP_REASONS], dtype=torch.float64)
+            skipped += torch.tensor([state["samples_skipped"][r] for r in shards.SKIP_REASONS], dtype=torch.float64)
     train_model = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.enabled else model
     train_model = torch.compile(train_model) if cfg.compile else train_model  # `model` stays uncompiled for saving
 
-    dataset = data.ShardDataset(
-        shards, data.image_transform(model.config.image_size, cfg.augment), context_length=model.config.context_length,
+    dataset = shards.ShardDataset(
+        shard_paths, data.image_transform(model.config.image_size, cfg.augment), context_length=model.config.context_length,
         seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, rank=d.rank, world_size=world)
-    loader = data.ShardLoader(dataset, cfg.batch_size // world, steps_per_epoch, cfg.workers, d.device.type == "cuda")
+    loader = shards.ShardLoader(dataset, cfg.batch_size // world, steps_per_epoch, cfg.workers, d.device.type == "cuda")
 
     def save(metrics):
         # Every rank's data position, summed into one table (each rank fills its own row).
@@ -265,7 +265,7 @@ def main(argv):
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": common.rng_state(),
                 "schedule": {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "total_steps": total_steps},
                 "data_position": {**loader.state(), "consumed": consumed.long().tolist()},
-                "samples_skipped": dict(zip(data.SKIP_REASONS, map(int, skipped_total))),
+                "samples_skipped": dict(zip(shards.SKIP_REASONS, map(int, skipped_total))),
             }, ckpt_path)
         return skipped_total
 
@@ -339,7 +339,7 @@ def main(argv):
     skipped_total = common.all_reduce_sum(skipped.tolist(), d.device)
     if d.is_main:
         summary = {"steps": step, "samples_seen": step * cfg.batch_size, "samples_skipped": int(sum(skipped_total)),
-                   "skipped_by_reason": dict(zip(data.SKIP_REASONS, map(int, skipped_total))), "metrics": metrics,
+                   "skipped_by_reason": dict(zip(shards.SKIP_REASONS, map(int, skipped_total))), "metrics": metrics,
                    "checkpoint": str(ckpt_path)}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         tqdm.write(f"done: {step} steps, {summary['samples_seen']} samples seen, {summary['samples_skipped']} skipped")
@@ -347,4 +347,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    common.run_cli(main)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from common import (MetricsLog, all_reduce_sum, atomic_save, autocast, cleanup_distributed, cosine_lr,
                     default_precision, grad_scaler, load_config, load_training_state, param_groups, rng_state,
-                    run_header, seed_everything, set_rng_state, setup_distributed)
+                    run_cli, run_header, seed_everything, set_rng_state, setup_distributed)
 from data import NIGHTS_SPLITS, NightsDataset, image_transform
 from evaluate import evaluate_nights, nights_distances
 from model import CLIP, CLIPConfig, check_state_dict, config_from_state_dict, create_model, model_config, read_checkpoint
@@ -257,4 +257,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -20,7 +20,6 @@ autocast and CLIP_benchmark its default fp16 autocast.
 import argparse
 import gzip
 import json
-import os
 import subprocess
 import sys
 import tempfile

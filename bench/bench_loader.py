@@ -1,4 +1,4 @@
-"""Loader throughput: data.ShardLoader vs the webdataset library, same shards, transforms, tokenizer,
+"""Loader throughput: shards.ShardLoader vs the webdataset library, same shards, transforms, tokenizer,
 batch size and worker count, measured side by side in one run (best of 2 epochs each).
 
   python bench/bench_loader.py [--samples 1200] [--workers 2] [--image-size 64]
@@ -18,6 +18,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import shards  # noqa: E402
 from make_data import write_shards  # noqa: E402
 
 
@@ -41,8 +42,8 @@ def time_epoch(batches):
 
 
 def ours(spec, transform, batch, workers, n):
-    dataset = data.ShardDataset(spec, transform, shuffle_buffer=1000)
-    loader = data.ShardLoader(dataset, batch, n // batch, workers)
+    dataset = shards.ShardDataset(spec, transform, shuffle_buffer=1000)
+    loader = shards.ShardLoader(dataset, batch, n // batch, workers)
     return ((b["images"], b["tokens"]) for b in loader.epoch_batches(0))
 
 

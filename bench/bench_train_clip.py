@@ -11,7 +11,6 @@ and without gradient checkpointing (same batch, fresh processes), and their rati
 """
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile

@@ -28,6 +28,7 @@ import torch
 import data
 import demo
 import make_data as M
+import shards
 from model import load_checkpoint
 
 
@@ -166,14 +167,14 @@ def test_demo_data_passes_the_real_readers(quick_run):
     # Shards: the kit's reader and the webdataset library see the same samples, equal to the stream.
     import webdataset as wds
 
-    shards = data.expand_shards(demo.shard_spec(root / "shards"))
-    ours = [s for path in shards for s in data.iter_tar_samples(path)]
-    theirs = list(wds.WebDataset(shards, shardshuffle=False))
+    shard_paths = shards.expand_shards(demo.shard_spec(root / "shards"))
+    ours = [s for path in shard_paths for s in shards.iter_tar_samples(path)]
+    theirs = list(wds.WebDataset(shard_paths, shardshuffle=False))
     expected = list(M.demo_pairs(QUICK["pairs"], 0, QUICK["size"]))
     assert [s["__key__"] for s in ours] == [s["__key__"] for s in theirs] == [k for k, _ in expected]
     assert [s["txt"] for s in ours] == [s["txt"] for s in theirs] == [f["txt"].encode() for _, f in expected]
     assert ours[0]["png"] == expected[0][1]["png"]
-    assert json.loads((root / "shards" / "sizes.json").read_text()) == {Path(p).name: len(ours) for p in shards}
+    assert json.loads((root / "shards" / "sizes.json").read_text()) == {Path(p).name: len(ours) for p in shard_paths}
 
     # Zero-shot tasks: every listed task opens as a CLIP_benchmark folder with the expected size.
     names = (root / "tasks" / "tasks.txt").read_text().split()

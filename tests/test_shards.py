@@ -1,4 +1,4 @@
-"""The tar-shard loader (data.py) and writer (make_data.write_shards), against the webdataset library.
+"""The tar-shard loader (shards.py) and writer (make_data.write_shards), against the webdataset library.
 
 Proves: shard specs expand like bash; the reader groups members into the same samples, with the same
 bytes, as webdataset - on a real webdataset shard (tests/fixtures, gzipped, png + cls) and on written
@@ -8,14 +8,11 @@ seed- and epoch-determined order; corrupt data (truncated tar, garbage image, mi
 image, unopenable shard) is skipped with exact counts that reach the main process with the batches;
 a stream where most samples fail stops with an error; a mid-epoch position resumes the exact batches.
 """
-import gzip
 import io
 import os
-import shutil
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import webdataset as wds
@@ -23,6 +20,7 @@ from PIL import Image
 from skimage import data as skdata
 
 import data
+import shards
 from make_data import write_shards
 
 FIXTURE = Path(__file__).parent / "fixtures" / "webdataset-mnist-sample.tgz"
@@ -52,14 +50,14 @@ def wds_raw(paths):
 
 
 def ours_raw(paths):
-    return [{k: v for k, v in s.items() if k != "__shard__"} for p in paths for s in data.iter_tar_samples(p)]
+    return [{k: v for k, v in s.items() if k != "__shard__"} for p in paths for s in shards.iter_tar_samples(p)]
 
 
 def test_expand_shards_like_bash():
-    assert data.expand_shards("/d/{00008..00011}.tar") == [f"/d/{i:05d}.tar" for i in range(8, 12)]
-    assert data.expand_shards("/d/{a,b}/s{1..2}.tar::x.tar") == ["/d/a/s1.tar", "/d/a/s2.tar", "/d/b/s1.tar", "/d/b/s2.tar", "x.tar"]
-    assert data.expand_shards("/d/{8..11}.tar") == ["/d/8.tar", "/d/9.tar", "/d/10.tar", "/d/11.tar"]
-    assert data.expand_shards("/d/plain.tar") == ["/d/plain.tar"]
+    assert shards.expand_shards("/d/{00008..00011}.tar") == [f"/d/{i:05d}.tar" for i in range(8, 12)]
+    assert shards.expand_shards("/d/{a,b}/s{1..2}.tar::x.tar") == ["/d/a/s1.tar", "/d/a/s2.tar", "/d/b/s1.tar", "/d/b/s2.tar", "x.tar"]
+    assert shards.expand_shards("/d/{8..11}.tar") == ["/d/8.tar", "/d/9.tar", "/d/10.tar", "/d/11.tar"]
+    assert shards.expand_shards("/d/plain.tar") == ["/d/plain.tar"]
 
 
 def test_real_webdataset_shard_reads_as_webdataset_does():
@@ -85,7 +83,7 @@ def test_written_shards_match_webdataset(tmp_path):
     assert ours[-1]["__key__"] == "sub/dir/0002" and set(ours[-1]) == {"__key__", "jpg", "txt"}
 
     # Decoded: each (image, tokens) equals the transform / tokenizer applied to webdataset's bytes.
-    dataset = data.ShardDataset([*paths, str(gz)], EVAL, shuffle_buffer=1)
+    dataset = shards.ShardDataset([*paths, str(gz)], EVAL, shuffle_buffer=1)
     decoded = {tuple(tokens.tolist()): image for image, tokens in dataset}
     assert len(decoded) == 28
     for sample in theirs:
@@ -117,7 +115,7 @@ def test_each_sample_once_per_epoch_across_ranks_and_workers(tmp_path):
     def epoch(e, seed=0):
         order = []
         for rank in range(2):
-            ds = data.ShardDataset(spec, EVAL, seed=seed, epoch=e, shuffle_buffer=8, rank=rank, world_size=2)
+            ds = shards.ShardDataset(spec, EVAL, seed=seed, epoch=e, shuffle_buffer=8, rank=rank, world_size=2)
             order += captions_read(ds, workers=2)
         return order
 
@@ -131,7 +129,7 @@ def test_each_sample_once_per_epoch_across_ranks_and_workers(tmp_path):
 
 def test_resampled_is_endless_and_deterministic(tmp_path):
     write_shards(tmp_path, samples(12), per_shard=3)
-    ds = data.ShardDataset(str(tmp_path / "{00000..00003}.tar"), EVAL, resampled=True, shuffle_buffer=4)
+    ds = shards.ShardDataset(str(tmp_path / "{00000..00003}.tar"), EVAL, resampled=True, shuffle_buffer=4)
     first = [tokens for _, (_, tokens) in zip(range(40), ds)]  # 40 > 12 samples: shards drawn again, no end
     again = [tokens for _, (_, tokens) in zip(range(40), ds)]
     assert len(first) == 40 and all(torch.equal(a, b) for a, b in zip(first, again))
@@ -172,7 +170,7 @@ def corrupt_shards(folder):
 
 def test_corrupt_data_is_skipped_and_counted_exactly(tmp_path, capfd):
     spec, good, expected = corrupt_shards(tmp_path / "bad")
-    ds = data.ShardDataset(spec, EVAL, shuffle_buffer=1)
+    ds = shards.ShardDataset(spec, EVAL, shuffle_buffer=1)
     assert set(captions_read(ds, workers=0)) == good
     assert ds.skipped == expected
     assert "00003.tar" in capfd.readouterr().err  # the unopenable shard is named
@@ -185,28 +183,28 @@ def test_corrupt_data_is_skipped_and_counted_exactly(tmp_path, capfd):
     spec += "::" + str(tmp_path / "bad" / "good-{00000..00003}.tar")
     totals = 0
     for rank in range(2):
-        ds = data.ShardDataset(spec, EVAL, shuffle_buffer=1, rank=rank, world_size=2)
-        sent = sum(batch["skipped"] for batch in data.ShardLoader(ds, 2, 12, workers=2).epoch_batches(0))
-        reference = data.ShardDataset(spec, EVAL, shuffle_buffer=1, rank=rank, world_size=2)
+        ds = shards.ShardDataset(spec, EVAL, shuffle_buffer=1, rank=rank, world_size=2)
+        sent = sum(batch["skipped"] for batch in shards.ShardLoader(ds, 2, 12, workers=2).epoch_batches(0))
+        reference = shards.ShardDataset(spec, EVAL, shuffle_buffer=1, rank=rank, world_size=2)
         for stream in range(2):
             for _ in zip(range(12), reference.samples(stream, 2, passes=None)):
                 pass
-        assert sent.tolist() == [reference.skipped[r] for r in data.SKIP_REASONS]
+        assert sent.tolist() == [reference.skipped[r] for r in shards.SKIP_REASONS]
         totals = totals + sent
-    assert all(n >= 1 for reason, n in zip(data.SKIP_REASONS, totals.tolist()) if reason != "bad_caption")
+    assert all(n >= 1 for reason, n in zip(shards.SKIP_REASONS, totals.tolist()) if reason != "bad_caption")
 
 
 def test_most_samples_failing_stops_with_an_error(tmp_path):
     write_shards(tmp_path, ((f"{i:04d}", {"jpg": b"garbage", "txt": "x"}) for i in range(60)), per_shard=60)
-    ds = data.ShardDataset(str(tmp_path / "00000.tar"), EVAL)
+    ds = shards.ShardDataset(str(tmp_path / "00000.tar"), EVAL)
     with pytest.raises(RuntimeError, match="most samples fail"):
         list(ds)
 
 
 def test_mid_epoch_position_resumes_the_exact_batches(tmp_path):
     write_shards(tmp_path, samples(48), per_shard=6)
-    ds = data.ShardDataset(str(tmp_path / "{00000..00007}.tar"), data.image_transform(32, "moco"), shuffle_buffer=10)
-    loader = data.ShardLoader(ds, batch_size=4, batches_per_epoch=9, workers=2)
+    ds = shards.ShardDataset(str(tmp_path / "{00000..00007}.tar"), data.image_transform(32, "moco"), shuffle_buffer=10)
+    loader = shards.ShardLoader(ds, batch_size=4, batches_per_epoch=9, workers=2)
     full = list(loader.epoch_batches(3))
     assert len(full) == 9
     part = loader.epoch_batches(3)
@@ -214,7 +212,7 @@ def test_mid_epoch_position_resumes_the_exact_batches(tmp_path):
         next(part)
     state = loader.state()
     assert state["batch"] == 5
-    rest = list(data.ShardLoader(ds, 4, 9, workers=2).epoch_batches(3, state))  # a fresh loader, as after a restart
+    rest = list(shards.ShardLoader(ds, 4, 9, workers=2).epoch_batches(3, state))  # a fresh loader, as after a restart
     assert len(rest) == 4
     for a, b in zip(rest, full[5:]):
         assert torch.equal(a["images"], b["images"]) and torch.equal(a["tokens"], b["tokens"])  # same augmentation too

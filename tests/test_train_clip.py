@@ -8,7 +8,6 @@ tower only, and the text tower starts as in the baseline; a run killed with SIGK
 checkpoint and restarted with the same command ends bit-for-bit equal to one that never stopped; bad
 samples are counted over both ranks into summary.json. All fp32 on the CPU with the tiny preset.
 """
-import copy
 import io
 import json
 import os
