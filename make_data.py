@@ -16,7 +16,6 @@ import io
 import itertools
 import json
 import math
-import os
 import random
 import shutil
 import tarfile
