@@ -1,7 +1,7 @@
 """Stage 1 of Perceptual-Initialization: train CLIP's vision tower on NIGHTS human 2AFC judgments.
 
   python train_triplet.py configs/nights.yaml                    # the paper's recipe (ViT-B/32)
-  python train_triplet.py configs/nights_tiny.yaml --epochs=2    # CPU, generated data, ~1 min
+  python train_triplet.py configs/nights_tiny.yaml              # CPU, generated data, ~40 s
   torchrun --nproc_per_node=8 train_triplet.py configs/nights.yaml   # DDP: batch_size is global
 
 Each NIGHTS triplet holds a reference and two variations with the share p of observers who judged
