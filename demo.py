@@ -1,6 +1,6 @@
 """The embedded default: the paper's whole experiment in miniature, on a CPU, in minutes.
 
-  python demo.py                      # one seed, ~9 minutes on 2 CPU cores (measured: 522 s)
+  python demo.py                      # one seed, ~5 minutes on 2 idle CPU cores (measured: 288 s)
   python demo.py --seeds 0,1,2        # mean and spread over seeds, wins, and a verdict (~22 minutes)
   python demo.py --quick              # the smallest end-to-end run (~1-2 minutes; what the tests run)
 
