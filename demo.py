@@ -4,7 +4,7 @@
   python demo.py --seeds 0,1,2        # mean and spread over seeds, wins, and a verdict (~22 minutes)
   python demo.py --quick              # the smallest end-to-end run (~1-2 minutes; what the tests run)
 
-It runs the same scripts a GPU user runs, pointed at a generated world (make_data.py, "The demo world"):
+It runs the same scripts a GPU user runs, pointed at a generated world (world.py, written by make_data.py):
   1. data      make_data.make_demo_data: NIGHTS-format triplets judged by simulated observers,
                image-caption shards, zero-shot tasks (shape, colour, size, position, count, retrieval,
                and real MNIST digits)                                        -> data/demo

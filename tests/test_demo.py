@@ -29,6 +29,7 @@ import data
 import demo
 import make_data as M
 import shards
+import world
 from model import load_checkpoint
 
 
@@ -38,18 +39,18 @@ def _two_afc(d0, d1, p):
 
 
 def test_world_is_a_function_of_the_seed():
-    a = list(M.demo_triplets(20, seed=3, size=32))
-    b = list(M.demo_triplets(20, seed=3, size=32))
-    c = list(M.demo_triplets(20, seed=4, size=32))
+    a = list(world.demo_triplets(20, seed=3, size=32))
+    b = list(world.demo_triplets(20, seed=3, size=32))
+    c = list(world.demo_triplets(20, seed=4, size=32))
     same = lambda x, y: all(np.array_equal(np.asarray(x[k]), np.asarray(y[k])) for k in ("ref", "left", "right")) and \
         (x["left_vote"], x["right_vote"], x["split"], x["prompt"]) == (y["left_vote"], y["right_vote"], y["split"], y["prompt"])
     assert all(same(x, y) for x, y in zip(a, b))
     assert not all(same(x, y) for x, y in zip(a, c))
-    assert [t for _, t in M.demo_pairs(10, 1, 32)] == [t for _, t in M.demo_pairs(10, 1, 32)]
+    assert [t for _, t in world.demo_pairs(10, 1, 32)] == [t for _, t in world.demo_pairs(10, 1, 32)]
 
 
 def test_votes_follow_the_adaptive_protocol():
-    rows = list(M.demo_triplets(300, seed=0, size=32))
+    rows = list(world.demo_triplets(300, seed=0, size=32))
     votes = np.array([r["left_vote"] + r["right_vote"] for r in rows])
     assert set(votes) <= {3, 6, 7, 8, 9, 10}
     for r, v in zip(rows, votes):
@@ -65,17 +66,17 @@ def test_votes_follow_the_adaptive_protocol():
 
 def test_observers_see_structure_that_pixel_distance_misses():
     rng = random.Random(0)
-    observers = M.make_observers(rng)
+    observers = world.make_observers(rng)
     ideal, pixel = [], []
     for _ in range(400):
-        ref = M.sample_scene(rng)
-        left, right = M.vary_scene(ref, rng, rng.randint(1, 3)), M.vary_scene(ref, rng, rng.randint(1, 3))
-        left_vote, right_vote = M.observer_votes(ref, left, right, observers, rng)
+        ref = world.sample_scene(rng)
+        left, right = world.vary_scene(ref, rng, rng.randint(1, 3)), world.vary_scene(ref, rng, rng.randint(1, 3))
+        left_vote, right_vote = world.observer_votes(ref, left, right, observers, rng)
         if left_vote + right_vote < 6:
             continue
         p = right_vote / (left_vote + right_vote)
-        ideal.append(_two_afc(M.perceptual_distance(ref, left), M.perceptual_distance(ref, right), p))
-        images = [np.asarray(M.render_scene(s, 32), dtype=np.float64) for s in (ref, left, right)]
+        ideal.append(_two_afc(world.perceptual_distance(ref, left), world.perceptual_distance(ref, right), p))
+        images = [np.asarray(world.render_scene(s, 32), dtype=np.float64) for s in (ref, left, right)]
         pixel.append(_two_afc(((images[0] - images[1]) ** 2).mean(), ((images[0] - images[2]) ** 2).mean(), p))
     assert np.mean(ideal) > 0.85, np.mean(ideal)
     assert np.mean(pixel) < 0.7, np.mean(pixel)
@@ -86,26 +87,26 @@ def test_distance_weights_identity_over_placement():
     ref = {"background": "grey", "objects": [obj]}
     moved = {"background": "grey", "objects": [dict(obj, position="bottom right", size="large")]}
     reshaped = {"background": "grey", "objects": [dict(obj, shape="circle")]}
-    assert M.perceptual_distance(ref, moved) < M.perceptual_distance(ref, reshaped)
-    assert M.perceptual_distance(ref, ref) == 0
+    assert world.perceptual_distance(ref, moved) < world.perceptual_distance(ref, reshaped)
+    assert world.perceptual_distance(ref, ref) == 0
     two = {"background": "grey", "objects": [obj, dict(obj, position="center", colour="blue")]}
     swapped = {"background": "grey", "objects": two["objects"][::-1]}
-    assert M.perceptual_distance(two, swapped) == 0  # objects are matched, not compared in list order
-    assert M.perceptual_distance(ref, two) == pytest.approx(M.PERCEPTUAL_WEIGHTS["object"])
+    assert world.perceptual_distance(two, swapped) == 0  # objects are matched, not compared in list order
+    assert world.perceptual_distance(ref, two) == pytest.approx(world.PERCEPTUAL_WEIGHTS["object"])
 
 
 def test_captions_name_only_what_the_scene_has():
     rng = random.Random(1)
     mentioned = {"colour": 0, "size": 0}
     for _ in range(300):
-        scene = M.sample_scene(rng, n_objects=1)
+        scene = world.sample_scene(rng, n_objects=1)
         obj = scene["objects"][0]
-        text = M.caption(scene, rng)
+        text = world.caption(scene, rng)
         words = set(re.findall(r"[a-z]+", text))
-        assert words & set(M.COLOURS) <= {obj["colour"], scene["background"]}, text
-        assert words & set(M.SHAPES) <= {obj["shape"]}, text
-        assert words & set(M.SIZES) <= {obj["size"]}, text
-        if obj["shape"] in M.DIGITS and re.search(r"\d", text):
+        assert words & set(world.COLOURS) <= {obj["colour"], scene["background"]}, text
+        assert words & set(world.SHAPES) <= {obj["shape"]}, text
+        assert words & set(world.SIZES) <= {obj["size"]}, text
+        if obj["shape"] in world.DIGITS and re.search(r"\d", text):
             assert re.findall(r"\d", text) == [obj["shape"]], text
         mentioned["colour"] += obj["colour"] in words
         mentioned["size"] += obj["size"] in words
@@ -114,15 +115,15 @@ def test_captions_name_only_what_the_scene_has():
 
 def test_render_puts_colours_where_they_belong():
     obj = dict(shape="square", colour="red", size="large", position="center", texture="plain", jitter=[0, 0, 0])
-    image = np.asarray(M.render_scene({"background": "teal", "objects": [obj]}, 64)).astype(int)
-    assert np.abs(image[32, 32] - M.COLOURS["red"]).max() <= 2
-    assert np.abs(image[2, 2] - M.BACKGROUNDS["teal"]).max() <= 2
-    striped = np.asarray(M.render_scene({"background": "grey", "objects": [dict(obj, texture="striped")]}, 64))
+    image = np.asarray(world.render_scene({"background": "teal", "objects": [obj]}, 64)).astype(int)
+    assert np.abs(image[32, 32] - world.COLOURS["red"]).max() <= 2
+    assert np.abs(image[2, 2] - world.BACKGROUNDS["teal"]).max() <= 2
+    striped = np.asarray(world.render_scene({"background": "grey", "objects": [dict(obj, texture="striped")]}, 64))
     assert len(np.unique(striped[24:40, 24:40].reshape(-1, 3), axis=0)) > 2  # two paints, not one
 
 
 def test_mnist_asset_is_500_real_digits():
-    digits = M._mnist_digits()
+    digits = world._mnist_digits()
     assert len(digits) == 500 and np.bincount([d for _, d in digits]).tolist() == [50] * 10
     pixels = np.stack([np.asarray(im.convert("L")) for im, _ in digits])
     assert pixels.shape == (500, 28, 28)
@@ -170,7 +171,7 @@ def test_demo_data_passes_the_real_readers(quick_run):
     shard_paths = shards.expand_shards(demo.shard_spec(root / "shards"))
     ours = [s for path in shard_paths for s in shards.iter_tar_samples(path)]
     theirs = list(wds.WebDataset(shard_paths, shardshuffle=False))
-    expected = list(M.demo_pairs(QUICK["pairs"], 0, QUICK["size"]))
+    expected = list(world.demo_pairs(QUICK["pairs"], 0, QUICK["size"]))
     assert [s["__key__"] for s in ours] == [s["__key__"] for s in theirs] == [k for k, _ in expected]
     assert [s["txt"] for s in ours] == [s["txt"] for s in theirs] == [f["txt"].encode() for _, f in expected]
     assert ours[0]["png"] == expected[0][1]["png"]
