@@ -20,17 +20,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import data  # noqa: E402  (the kit's root is not a package)
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from test_tokenizer import strings_in  # noqa: E402  (the same walk over the JSON files as the tests)
+
 NUM_STRINGS = 10_000
-
-
-def strings_in(value):
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for key, item in value.items() for s in [key, *strings_in(item)]]
-    if isinstance(value, list):
-        return [s for item in value for s in strings_in(item)]
-    return []
 
 
 def real_strings():
