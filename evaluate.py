@@ -13,6 +13,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from common import autocast, default_precision
 from data import BenchmarkTask, ImageFolderTask, image_transform, imagenet_classnames_and_templates, tokenize
 from model import load_checkpoint
+from progress import progress as progress_bar
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -51,7 +53,7 @@ def evaluate_nights(model, dataset, device, batch_size=64, precision="fp32", wor
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for ref, left, right, p in tqdm(loader, desc=f"2afc {dataset.split}", leave=False):
+    for ref, left, right, p in progress_bar(loader, desc=f"2afc {dataset.split}", leave=False):
         ref, left, right, p = (t.to(device, non_blocking=True) for t in (ref, left, right, p))
         with autocast(device, precision):
             d0, d1 = nights_distances(model.visual, ref, left, right)
@@ -67,10 +69,10 @@ def evaluate_nights(model, dataset, device, batch_size=64, precision="fp32", wor
 
 # Metric definitions follow CLIP_benchmark 1.6.2 (metrics/zeroshot_classification.py,
 # zeroshot_retrieval.py) and the main metric per task follows DataComp (REFERENCE.md section 10).
-# Ranks: a candidate's rank is the number of candidates scored strictly higher plus the number of
-# equal-scored candidates with a lower index; "in the top k" means rank < k. Without exact ties this is
-# what torch.topk gives CLIP_benchmark; with ties, torch.topk's order is unspecified and this rule
-# makes the numbers deterministic (and acc1 agrees with argmax, which takes the first maximum).
+# "In the top k" is decided the way CLIP_benchmark decides it: torch.topk per query, on the same
+# blocks of queries and the same device it uses. Where scores tie exactly (COCO and Flickr30k repeat
+# captions across images; a task may repeat an image), which of the tied candidates makes the top k is
+# topk's choice, so only the same calls give the same numbers: a rank-based rule would differ there.
 
 CLASSIFICATION_TASKS = [
     "imagenet1k", "imagenetv2", "imagenet_sketch", "imagenet-a", "imagenet-o", "imagenet-r", "objectnet",
@@ -93,52 +95,59 @@ DEFAULT_CHECKPOINTS = ["runs/pi/ckpt.pt", "runs/baseline/ckpt.pt"]
 DEFAULT_DATA_ROOT = os.environ.get("PI_BENCHMARK_ROOT", "data/clip_benchmark")
 
 
-def target_ranks(scores, targets):
-    """scores (N, C), targets (N,) column indices -> (N,) rank of each row's target (0 = best)."""
-    target_scores = scores.gather(1, targets[:, None])  # (N, 1)
-    columns = torch.arange(scores.shape[1], device=scores.device)
-    ahead = (scores > target_scores) | ((scores == target_scores) & (columns < targets[:, None]))
-    return ahead.sum(1)
+def top_k(scores, k, block=None, device="cpu"):
+    """scores (Q, C) -> (Q, k) column indices of each row's k best, best first, from torch.topk run on
+    blocks of `block` rows moved to `device` (CLIP_benchmark's calls; block None = all rows at once)."""
+    block = block or len(scores)
+    k = min(k, scores.shape[1])  # fewer candidates than k: all of them are in the top k
+    return torch.cat([torch.topk(scores[s:s + block].to(device), k, dim=1).indices.cpu()
+                      for s in range(0, len(scores), block)])
 
 
 def classification_metrics(logits, targets):
     """logits (N, C), int targets (N,) -> acc1, acc5 (NaN under 5 classes, as CLIP_benchmark) and
     mean_per_class_recall: the mean over classes present in targets of the fraction of their samples
-    predicted right (sklearn's balanced_accuracy_score)."""
-    ranks = target_ranks(logits, targets)
-    acc1 = (ranks < 1).double().mean().item()
-    acc5 = (ranks < 5).double().mean().item() if logits.shape[1] >= 5 else float("nan")
-    present = targets.unique()
-    recalls = [(ranks[targets == c] == 0).double().mean().item() for c in present.tolist()]
-    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": sum(recalls) / len(recalls)}
+    whose argmax is right (sklearn's balanced_accuracy_score, which CLIP_benchmark calls).
+    acc1 and acc5 come from one topk(5) call, as CLIP_benchmark's `accuracy`: under a tie at the top
+    acc1 follows topk's order and mean_per_class_recall argmax's (the first maximum)."""
+    ks = (1, 5) if logits.shape[1] >= 5 else (1,)
+    hits = top_k(logits, max(ks)) == targets[:, None]  # (N, k) True where the target sits
+    acc = {f"acc{k}": float(hits[:, :k].sum()) / len(targets) for k in ks}
+    predicted = logits.argmax(dim=1)
+    recalls = [(predicted[targets == c] == c).double().mean().item() for c in targets.unique().tolist()]
+    return {"acc1": acc["acc1"], "acc5": acc.get("acc5", float("nan")), "mean_per_class_recall": float(np.mean(recalls))}
 
 
 def mean_average_precision(scores, targets):
-    """Multi-label (voc2007-style): per class, rank images by score (ties: lower index first) and
-    average the precision at each positive; mean over classes (classes with no positive count 0)."""
-    order = torch.sort(scores, dim=0, descending=True, stable=True).indices  # (N, C)
-    hits = targets.gather(0, order).double()  # (N, C) 1 where the k-th ranked image is a positive
-    precision = hits.cumsum(0) / torch.arange(1, len(scores) + 1, dtype=torch.float64)[:, None]
-    ap = (precision * hits).sum(0) / hits.sum(0).clamp(min=1)
-    return {"mean_average_precision": ap.mean().item()}
+    """Multi-label (voc2007-style): per class, images in torch.sort's descending order of score (as
+    CLIP_benchmark; its order among ties is sort's), the precision at each positive averaged; mean
+    over classes (a class with no positive counts 0). float32, as CLIP_benchmark."""
+    ranks = torch.arange(1, len(scores) + 1, dtype=torch.float32)
+    per_class = torch.zeros(scores.shape[1])
+    for c in range(scores.shape[1]):
+        order = torch.sort(scores[:, c], 0, True).indices
+        positive = targets[order, c].bool()  # (N,) the k-th ranked image is a positive
+        precision = positive.float().cumsum(0) / ranks
+        per_class[c] = precision[positive].sum() / max(float(positive.sum()), 1)
+    return {"mean_average_precision": per_class.mean().item()}
 
 
-def retrieval_metrics(scores, text_to_image, ks=RECALL_KS, chunk=1024):
+def retrieval_metrics(scores, text_to_image, ks=RECALL_KS, block=None, device="cpu"):
     """scores (T, I) = text_emb @ image_emb.T; text_to_image (T,) the image each caption belongs to.
 
-    image_retrieval_recall@k: per caption, 1 if its image ranks in the top k images; mean over captions.
-    text_retrieval_recall@k: per image, 1 if ANY of its captions ranks in the top k captions; mean over
-    images. mean_recall@1 averages the two @1 values (DataComp's retrieval score).
+    image_retrieval_recall@k: per caption, 1 if its image is among the top k images; mean over captions.
+    text_retrieval_recall@k: per image, 1 if ANY of its captions is among the top k captions; mean over
+    images. mean_recall@1 averages the two @1 values (DataComp's retrieval score). `block` and `device`:
+    CLIP_benchmark runs topk on blocks of as many queries as its image batch, on the evaluation device.
     """
-    image_ranks = target_ranks(scores, text_to_image)  # (T,)
-    by_image = scores.t()  # (I, T)
-    text_ranks = torch.cat([target_ranks(by_image[text_to_image[s:s + chunk]], torch.arange(s, min(s + chunk, len(scores))))
-                            for s in range(0, len(scores), chunk)])  # (T,) rank of each caption for its own image
-    best_caption_rank = torch.full((scores.shape[1],), len(scores)).scatter_reduce(0, text_to_image, text_ranks, "amin")
     metrics = {}
-    for k in ks:
-        metrics[f"image_retrieval_recall@{k}"] = (image_ranks < k).double().mean().item()
-        metrics[f"text_retrieval_recall@{k}"] = (best_caption_rank < k).double().mean().item()
+    for k in ks:  # one topk per k, as CLIP_benchmark: the top 1 under ties need not be the top 5's first
+        best_images = top_k(scores, k, block, device)  # (T, k)
+        best_texts = top_k(scores.t(), k, block, device)  # (I, k)
+        image_hit = (best_images == text_to_image[:, None]).any(1)
+        text_hit = (text_to_image[best_texts] == torch.arange(scores.shape[1])[:, None]).any(1)
+        metrics[f"image_retrieval_recall@{k}"] = image_hit.float().mean().item()
+        metrics[f"text_retrieval_recall@{k}"] = text_hit.float().mean().item()
     if 1 in ks:
         metrics["mean_recall@1"] = (metrics["image_retrieval_recall@1"] + metrics["text_retrieval_recall@1"]) / 2
     return metrics
@@ -155,7 +164,10 @@ def main_metric(task, metrics):
     return name, metrics[name]
 
 
-# ---- Running a model on a task ----
+# ---- Running models on a task ----
+# Several checkpoints are evaluated in one pass: each batch of images is decoded once and every model
+# encodes it. Class-prompt embeddings are kept per model and per (class name, templates), so the
+# ImageNet variants that share ImageNet's classes and templates do not encode them again.
 
 
 def _collate_captions(batch):  # retrieval: stack the images, keep each image's list of captions
@@ -163,24 +175,31 @@ def _collate_captions(batch):  # retrieval: stack the images, keep each image's 
 
 
 @torch.no_grad()
-def _encode_texts(model, texts, device, precision, batch_size, desc, progress):
+def _encode_texts(model, texts, device, precision, batch_size, desc, show):
     """list of str -> (N, E) float32 unit vectors on the CPU, encoded in batches."""
     tokens = tokenize(texts, context_length=model.config.context_length)  # (N, T)
     features = []
-    for start in tqdm(range(0, len(tokens), batch_size), desc=desc, leave=False, disable=not progress):
+    for start in progress_bar(range(0, len(tokens), batch_size), desc=desc, leave=False, disable=not show):
         with autocast(device, precision):
             x = model.encode_text(tokens[start:start + batch_size].to(device))
         features.append(F.normalize(x.float(), dim=-1).cpu())
     return torch.cat(features)
 
 
-def zero_shot_classifier(model, classnames, templates, device, precision="fp32", batch_size=256, progress=False):
+def zero_shot_classifier(model, classnames, templates, device, precision="fp32", batch_size=256, progress=False,
+                         cache=None):
     """(E, C): per class, every template filled with the class name, encoded, L2-normalised, averaged
-    and renormalised (CLIP / CLIP_benchmark). Computed once per task."""
-    texts = [template.format(c=name) for name in classnames for template in templates]
-    features = _encode_texts(model, texts, device, precision, batch_size, "class texts", progress)
-    per_class = features.view(len(classnames), len(templates), -1).mean(1)  # (C, E)
-    return F.normalize(per_class, dim=-1).t()  # (E, C)
+    and renormalised (CLIP / CLIP_benchmark). `cache`: a dict kept across tasks for this model, keyed
+    by (class name, templates); only the classes it lacks are encoded."""
+    cache = {} if cache is None else cache
+    key = lambda name: (name, tuple(templates))  # noqa: E731
+    todo = list(dict.fromkeys(name for name in classnames if key(name) not in cache))
+    if todo:
+        texts = [template.format(c=name) for name in todo for template in templates]
+        features = _encode_texts(model, texts, device, precision, batch_size, "class texts", progress)
+        per_class = F.normalize(features.view(len(todo), len(templates), -1).mean(1), dim=-1)  # (C', E)
+        cache.update((key(name), vector) for name, vector in zip(todo, per_class))
+    return torch.stack([cache[key(name)] for name in classnames], dim=1)  # (E, C)
 
 
 def open_task(task_dir, image_size):
@@ -193,48 +212,78 @@ def open_task(task_dir, image_size):
 
 
 @torch.no_grad()
-def evaluate_task(model, task_dir, device, batch_size=64, workers=0, precision="fp32", progress=True):
-    """Zero-shot metrics of `model` on one task folder -> dict (CLIP_benchmark's metric names)."""
-    task = open_task(task_dir, model.config.image_size)
-    was_training = model.training
-    model.eval()
+def evaluate_models(models, task_dir, device, batch_size=64, workers=0, precision="fp32", progress=True,
+                    prompt_caches=None):
+    """Zero-shot metrics of each model on one task folder, in one pass over its images -> a list of
+    dicts (CLIP_benchmark's metric names), one per model. The models must share an image size.
+    prompt_caches: one dict per model, reused across tasks (see zero_shot_classifier)."""
+    sizes = {m.config.image_size for m in models}
+    if len(sizes) > 1:
+        raise ValueError(f"models of different image sizes {sorted(sizes)} cannot share one pass over {task_dir}")
+    task = open_task(task_dir, sizes.pop())
     name = Path(task_dir).name
     retrieval = task.task_type == "retrieval"
     loader = DataLoader(task, batch_size=batch_size, num_workers=workers, shuffle=False,
                         pin_memory=torch.device(device).type == "cuda",
                         collate_fn=_collate_captions if retrieval else None)
-    if not retrieval:
-        classifier = zero_shot_classifier(model, task.classnames, task.templates, device, precision, progress=progress)
-        classifier = classifier.to(device)
-    images, labels, captions = [], [], []
-    for batch_images, batch_labels in tqdm(loader, desc=name, leave=False, disable=not progress):
-        with autocast(device, precision):
-            features = model.encode_image(batch_images.to(device, non_blocking=True))
-        features = F.normalize(features.float(), dim=-1)  # (B, E)
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    caches = prompt_caches or [{} for _ in models]
+    classifiers = [] if retrieval else [
+        zero_shot_classifier(m, task.classnames, task.templates, device, precision, progress=progress, cache=c).to(device)
+        for m, c in zip(models, caches)]
+    outputs = [[] for _ in models]  # per model: image features (retrieval) or logits (classification)
+    labels, captions = [], []
+    for batch_images, batch_labels in progress_bar(loader, desc=name, leave=False, disable=not progress):
+        batch_images = batch_images.to(device, non_blocking=True)
+        for i, m in enumerate(models):
+            with autocast(device, precision):
+                features = m.encode_image(batch_images)
+            features = F.normalize(features.float(), dim=-1)  # (B, E)
+            outputs[i].append(features.cpu() if retrieval else (100.0 * features @ classifiers[i]).cpu())  # logits (B, C)
         if retrieval:
-            images.append(features.cpu())
             captions.extend(batch_labels)
         else:
-            images.append((100.0 * features @ classifier).cpu())  # logits (B, C), as CLIP_benchmark
             labels.append(batch_labels)
-    model.train(was_training)
-    if retrieval:
-        text_to_image = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
-        texts = _encode_texts(model, [c for caps in captions for c in caps], device, precision, batch_size,
-                              f"{name} captions", progress)
-        return retrieval_metrics(texts @ torch.cat(images).t(), text_to_image)
-    logits, targets = torch.cat(images), torch.cat(labels)
-    if task.task_type == "multilabel":
-        return mean_average_precision(logits, targets)
-    return classification_metrics(logits, targets)
+    results = []
+    for m, output in zip(models, outputs):
+        if retrieval:
+            text_to_image = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.long)
+            texts = _encode_texts(m, [c for caps in captions for c in caps], device, precision, batch_size,
+                                  f"{name} captions", progress)
+            images = torch.cat(output)
+            results.append(retrieval_metrics(texts @ images.t(), text_to_image, block=min(batch_size, len(images)),
+                                             device=device))
+        elif task.task_type == "multilabel":
+            results.append(mean_average_precision(torch.cat(output), torch.cat(labels)))
+        else:
+            results.append(classification_metrics(torch.cat(output), torch.cat(labels)))
+    for m, mode in zip(models, was_training):
+        m.train(mode)
+    return results
+
+
+def evaluate_task(model, task_dir, device, batch_size=64, workers=0, precision="fp32", progress=True):
+    """Zero-shot metrics of `model` on one task folder -> dict (CLIP_benchmark's metric names)."""
+    return evaluate_models([model], task_dir, device, batch_size, workers, precision, progress)[0]
+
+
+def task_dir_candidates(data_root, task):
+    """The folders `task` may live in under data_root, in the order tried: CLIP_benchmark's hub name
+    wds_<task> ('/' -> '-'), DataComp's download name wds_<task>_test, and for ImageNet imagenet1k/val."""
+    name = "wds_" + task.replace("/", "-")
+    candidates = [Path(data_root) / name, Path(data_root) / (name + "_test")]
+    return candidates + ([Path(data_root) / "imagenet1k" / "val"] if task == "imagenet1k" else [])
 
 
 def task_dir(data_root, task):
-    """Where `task` lives under data_root: wds_<task with / as ->, or imagenet1k/val for ImageNet."""
-    folder = Path(data_root) / ("wds_" + task.replace("/", "-"))
-    if task == "imagenet1k" and not folder.exists() and (Path(data_root) / "imagenet1k" / "val").is_dir():
-        return Path(data_root) / "imagenet1k" / "val"
-    return folder
+    """The first of task_dir_candidates that exists, else None."""
+    return next((p for p in task_dir_candidates(data_root, task) if p.is_dir()), None)
+
+
+def missing_task_message(data_root, task):
+    return f"{task} (tried {' and '.join(map(str, task_dir_candidates(data_root, task)))})"
 
 
 def resolve_tasks(suite, data_root):
@@ -248,20 +297,29 @@ def resolve_tasks(suite, data_root):
             names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
         else:
             names = sorted(p.name for p in Path(data_root).glob("wds_*") if p.is_dir())
-        return [n.removeprefix("wds_") for n in names]
+        return list(dict.fromkeys(n.removeprefix("wds_").removesuffix("_test") for n in names))
     return [t.strip() for t in suite.split(",") if t.strip()]
 
 
-def run_tasks(model, tasks, data_root, device, batch_size=64, workers=0, precision="fp32", progress=True):
-    """-> {task: metrics} for the tasks whose folder exists; a missing one is skipped with a note."""
-    results = {}
+def run_suite(models, tasks, data_root, device, batch_size=64, workers=0, precision="fp32", progress=True):
+    """-> one {task: metrics} per model, for the tasks whose folder exists (a missing one is skipped
+    with a note naming the folders tried). Each task's images are decoded once for all the models."""
+    results = [{} for _ in models]
+    caches = [{} for _ in models]
     for task in tasks:
         folder = task_dir(data_root, task)
-        if not folder.exists():
-            tqdm.write(f"zero-shot: {task} skipped, its data is missing (expected {folder})")
+        if folder is None:
+            tqdm.write(f"zero-shot: {missing_task_message(data_root, task)}: skipped, its data is missing")
             continue
-        results[task] = evaluate_task(model, folder, device, batch_size, workers, precision, progress)
+        for result, metrics in zip(results, evaluate_models(models, folder, device, batch_size, workers, precision,
+                                                            progress, caches)):
+            result[task] = metrics
     return results
+
+
+def run_tasks(model, tasks, data_root, device, batch_size=64, workers=0, precision="fp32", progress=True):
+    """-> {task: metrics} of one model (the trainers' periodic evaluation); see run_suite."""
+    return run_suite([model], tasks, data_root, device, batch_size, workers, precision, progress)[0]
 
 
 # ---- Reporting ----
@@ -302,13 +360,11 @@ def comparison_table(results_by_run, tasks=None):
 
 
 def plot_comparison(results_by_run, path, tasks=None):
-    """Bar chart of the main metric per task and run, saved to `path`; None when matplotlib is absent."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    """Bar chart of the main metric per task and run, saved to `path` -> str(path)."""
+    import matplotlib  # imported here: the trainers import this file and never plot
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
     runs = list(results_by_run)
     tasks = [t for t in (tasks or dict.fromkeys(t for r in runs for t in results_by_run[r]))
              if all(t in results_by_run[r] for r in runs)]
@@ -337,16 +393,21 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Zero-shot evaluation on CLIP_benchmark task folders, with a comparison table of the runs.")
     parser.add_argument("--ckpt", action="append", default=None,
-                        help="checkpoint (kit, open_clip or OpenAI state dict); repeat for several. Default: those of "
+                        help="checkpoint: the kit's, open_clip's (training checkpoint, hub .bin or .safetensors), "
+                             "OpenAI's TorchScript archive or any safetensors / state dict file with their keys; "
+                             f"repeat for several (one pass over the images for all). Default: those of "
                              f"{' and '.join(DEFAULT_CHECKPOINTS)} that exist. The first two are compared.")
     parser.add_argument("--suite", default="all",
                         help=f"a group ({', '.join(GROUPS)}, demo = the tasks in DATA_ROOT/tasks.txt or its wds_* "
                              "folders) or comma-separated task names, e.g. cifar10,vtab/pets (default: all, the paper's 31)")
     parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT,
-                        help="folder of wds_<task> folders (CLIP_benchmark's published format) and imagenet1k/val; "
+                        help="folder of task folders, each wds_<task> (CLIP_benchmark's hub name, '/' -> '-') or "
+                             "wds_<task>_test (DataComp's download name), and imagenet1k/val; "
                              "default: $PI_BENCHMARK_ROOT when set, else data/clip_benchmark")
     parser.add_argument("--out", default="results.json", help="JSON records, one per (checkpoint, task), and a PNG chart beside it (default: results.json)")
-    parser.add_argument("--quickgelu", action="store_true", help="QuickGELU activation (needed for OpenAI-trained weights)")
+    parser.add_argument("--quickgelu", nargs="*", default=None, metavar="CKPT",
+                        help="QuickGELU activation (OpenAI-trained weights) for every --ckpt, or for the CKPTs named; "
+                             "needed only for files that record no activation (a checkpoint that records GELU is an error)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward (default: 64)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers (default: up to 4)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda when present")
@@ -356,31 +417,43 @@ def main(argv=None):
     if not checkpoints:
         parser.error(f"no checkpoint given and none of the defaults exist ({', '.join(DEFAULT_CHECKPOINTS)}); "
                      "pass --ckpt PATH")
+    unknown = [p for p in args.quickgelu or [] if p not in checkpoints]
+    if unknown:
+        parser.error(f"--quickgelu names {unknown}, which are not among the --ckpt paths {checkpoints}")
     precision = args.precision or default_precision(args.device)
     tasks = resolve_tasks(args.suite, args.data_root)
-    missing = [t for t in tasks if not task_dir(args.data_root, t).exists()]
+    missing = [t for t in tasks if task_dir(args.data_root, t) is None]
     for t in missing:
-        print(f"missing: {t} (expected {task_dir(args.data_root, t)})")
+        print(f"missing: {missing_task_message(args.data_root, t)}")
     if len(missing) == len(tasks):
         parser.error(f"no task of suite {args.suite!r} has data under {args.data_root} (see --help for the layout)")
     tasks = [t for t in tasks if t not in missing]
     labels = _run_labels(checkpoints)
-    results_by_run, records = {}, []
+    models = []
     for label, path in zip(labels, checkpoints):
-        model = load_checkpoint(path, quickgelu=True if args.quickgelu else None).to(args.device)
-        print(f"{label}: {path}, {model.num_params() / 1e6:.1f}M parameters, {len(tasks)} tasks, {precision}")
-        results_by_run[label] = run_tasks(model, tasks, args.data_root, args.device, args.batch_size, args.workers, precision)
-        for task, metrics in results_by_run[label].items():
-            records.append({"dataset": task, "model": label, "pretrained": str(path),
-                            "task": "zeroshot_retrieval" if "mean_recall@1" in metrics else "zeroshot_classification",
-                            "metrics": metrics, "language": "en"})
-        del model
+        quickgelu = True if args.quickgelu is not None and (not args.quickgelu or path in args.quickgelu) else None
+        models.append(load_checkpoint(path, quickgelu=quickgelu).to(args.device))
+        print(f"{label}: {path}, {models[-1].num_params() / 1e6:.1f}M parameters, "
+              f"{'QuickGELU' if models[-1].config.quickgelu else 'GELU'}, {models[-1].config.image_size} px")
+    print(f"{len(tasks)} tasks, {precision}, {len(models)} checkpoint(s) in one pass over each task's images")
+    # One pass per image size: models that share it share the decoded images.
+    results_by_run = {}
+    for size in dict.fromkeys(m.config.image_size for m in models):
+        group = [i for i, m in enumerate(models) if m.config.image_size == size]
+        for i, results in zip(group, run_suite([models[i] for i in group], tasks, args.data_root, args.device,
+                                               args.batch_size, args.workers, precision)):
+            results_by_run[labels[i]] = results
+    results_by_run = {label: results_by_run[label] for label in labels}
+    records = [{"dataset": task, "model": label, "pretrained": str(path),
+                "task": "zeroshot_retrieval" if "mean_recall@1" in metrics else "zeroshot_classification",
+                "metrics": metrics, "language": "en"}
+               for label, path in zip(labels, checkpoints) for task, metrics in results_by_run[label].items()]
     print(comparison_table(results_by_run, tasks))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(records, f, indent=1)
     chart = plot_comparison(results_by_run, Path(args.out).with_suffix(".png"), tasks)
-    print(f"wrote {args.out}" + (f" and {chart}" if chart else " (install matplotlib for a chart)"))
+    print(f"wrote {args.out} and {chart}")
 
 
 if __name__ == "__main__":

