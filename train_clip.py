@@ -30,7 +30,7 @@ from tqdm import tqdm
 import common
 import data
 import shards
-from model import check_state_dict, create_model, read_checkpoint
+from model import check_activation, check_state_dict, create_model, read_checkpoint
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "configs" / "yfcc15m.yaml"
@@ -162,8 +162,11 @@ def count_samples(cfg, shard_paths):
 
 
 def load_init(model, path, include_text):
-    """The vision tower (and with include_text, everything) from any CLIP checkpoint."""
-    state_dict, _ = read_checkpoint(path)
+    """The vision tower (and with include_text, everything) from any CLIP checkpoint model.load_checkpoint
+    reads; one that records the other activation than this model's is an error naming both."""
+    state_dict, stored = read_checkpoint(path)
+    if stored is not None:
+        check_activation(f"--init {path}", stored["quickgelu"], model.config.quickgelu)
     taken = {k: v for k, v in state_dict.items() if include_text or k.startswith("visual.")}
     missing = [k for k in model.state_dict() if k.startswith("visual.") and k not in taken]
     if missing:

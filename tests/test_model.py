@@ -4,7 +4,11 @@ Proved against open_clip (test-only reference): with the same state dict, encode
 encode_text agree to 1e-5 in fp32 for ViT-B-32, ViT-B-32-quickgelu, ViT-B-16 and a small custom size;
 parameter counts agree (ViT-B-32: 151,277,313); state dicts move both ways with no conversion.
 Also: gradient checkpointing gives the same gradients, checkpoints round-trip in every accepted
-shape, and each bad checkpoint gets an error that says what is wrong.
+shape, and each bad checkpoint gets an error that says what is wrong. The files users hold load
+with equal outputs, each made by its own producer: open_clip's hub files (open_clip's save_for_hf
+writes the .safetensors, the .bin and open_clip_config.json), a safetensors file written by the
+safetensors library, and a TorchScript archive traced from open_clip's model (OpenAI's key names and
+QuickGELU modules, fp16, with OpenAI's scalar entries), read without torch.jit.load.
 """
 import math
 
@@ -169,8 +173,8 @@ def test_open_clip_state_dict_loads(tmp_path):
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("truncated", "not a readable torch checkpoint"),
-        ("text", "not a readable torch checkpoint"),
+        ("truncated", "not a readable checkpoint"),
+        ("text", "not a readable checkpoint.*Accepted: the kit's ckpt.pt"),
         ("list", "holds no CLIP state dict"),
         ("missing_key", "missing keys"),
         ("wrong_shape", "wrong shapes"),
@@ -213,3 +217,86 @@ def test_missing_file_and_unknown_preset(tmp_path):
         M.create_model("ViT-X")
     with pytest.raises(ValueError, match="unknown model setting"):
         M.create_model("tiny", widht=3)
+
+
+def open_clip_tiny_config(quick_gelu):
+    c = M.model_config("tiny")
+    return {"embed_dim": c.embed_dim, "quick_gelu": quick_gelu,
+            "vision_cfg": {"image_size": c.image_size, "layers": c.vision_layers, "width": c.vision_width,
+                           "patch_size": c.patch_size, "head_width": 64},
+            "text_cfg": {"context_length": c.context_length, "vocab_size": c.vocab_size, "width": c.text_width,
+                         "heads": c.text_heads, "layers": c.text_layers}}
+
+
+class _NoTokenizerFiles:  # save_for_hf also writes the tokenizer's files; the kit reads none of them
+    def save_pretrained(self, folder):
+        pass
+
+
+def test_open_clip_hub_files_load(tmp_path):
+    from open_clip.push_to_hf_hub import save_for_hf
+
+    import json
+
+    (tmp_path / "pi-tiny-quickgelu.json").write_text(json.dumps(open_clip_tiny_config(True)))
+    open_clip.add_model_config(tmp_path / "pi-tiny-quickgelu.json")
+    torch.manual_seed(3)
+    reference = open_clip.create_model("pi-tiny-quickgelu").eval()  # what open_clip's hub export expects
+    save_for_hf(reference, _NoTokenizerFiles(), open_clip_tiny_config(True), tmp_path / "hub")
+    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        ours = M.load_checkpoint(tmp_path / "hub" / name)
+        assert ours.config.quickgelu is True  # recorded in the open_clip_config.json beside it
+        assert_same_features(ours, reference, 32)
+        with pytest.raises(ValueError, match=f"{name} records the QuickGELU activation .* but GELU was asked for"):
+            M.load_checkpoint(tmp_path / "hub" / name, quickgelu=False)
+
+
+def test_safetensors_file_with_openai_keys(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, path)
+    assert_loads_same(path, tiny, quickgelu=True)  # a bare file records no activation: it is asked for
+    assert M.load_checkpoint(path).config.quickgelu is False
+    save_file({"weight": torch.zeros(3)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="other.safetensors: not a CLIP ViT state dict"):
+        M.load_checkpoint(tmp_path / "other.safetensors")
+
+
+def _openai_style_archive(path, quick_gelu):
+    """A TorchScript archive as OpenAI ships: a traced CLIP with OpenAI's key names (open_clip's CLIP
+    has them), fp16 weights, and the scalar entries OpenAI's archives carry. -> the fp32 reference."""
+    torch.manual_seed(4)
+    reference = open_clip_tiny(quick_gelu=quick_gelu).eval()
+    for name, value in (("input_resolution", 32), ("context_length", 77), ("vocab_size", 49408)):
+        reference.__dict__.pop(name, None)  # open_clip keeps two of them as plain ints
+        reference.register_buffer(name, torch.tensor(value))
+    traced = torch.jit.trace(reference, (torch.randn(1, 3, 32, 32), reference_tokens()[:1]), check_trace=False)
+    traced.half().save(str(path))
+    return reference.half().float()  # the same rounded weights
+
+
+@pytest.mark.parametrize("quick_gelu", [True, False])
+def test_torchscript_archive_loads_without_running_it(tmp_path, monkeypatch, quick_gelu):
+    path = tmp_path / "ViT-tiny.pt"
+    reference = _openai_style_archive(path, quick_gelu)
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load was called"))
+    ours = M.load_checkpoint(path)
+    assert ours.config.quickgelu is quick_gelu  # from the archive's activation modules
+    assert_same_features(ours, reference, 32)
+    wrong = {True: "GELU", False: "QuickGELU"}[quick_gelu]
+    with pytest.raises(ValueError, match=f"but {wrong} was asked for"):
+        M.load_checkpoint(path, quickgelu=not quick_gelu)
+
+
+def test_torchscript_archive_with_other_objects_is_refused(tmp_path):
+    import os
+    import pickle
+    import zipfile
+
+    path = tmp_path / "evil.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("evil/data.pkl", pickle.dumps(os.system, protocol=2))  # a global that would run code
+        archive.writestr("evil/constants.pkl", pickle.dumps((), protocol=2))
+    with pytest.raises(ValueError, match=r"evil.pt is a TorchScript archive .*(posix|os)\.system.*torch.jit.load runs the archive"):
+        M.load_checkpoint(path)
