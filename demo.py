@@ -219,12 +219,10 @@ def report(per_seed):
 def plot(per_seed, path):
     """Final zero-shot results per task (PI vs baseline), and mean zero-shot and NIGHTS 2AFC over
     stage 2 (one line per run and seed)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
     seeds = list(per_seed)
     tasks = list(per_seed[seeds[0]]["zero_shot"]["pi"])
     fig, (bars, zero_shot, curves) = plt.subplots(1, 3, figsize=(16, 4.5))
@@ -297,7 +295,7 @@ def main(argv=None):
          "per_seed": {s: {k: v for k, v in r.items() if k != "curves"} for s, r in per_seed.items()}}, indent=1) + "\n")
     chart = plot(per_seed, out / "demo.png")
     print("\n" + table)
-    print(f"\nwrote {out / 'results.md'}, {out / 'summary.json'}" + (f", {chart}" if chart else " (install matplotlib for a plot)"))
+    print(f"\nwrote {out / 'results.md'}, {out / 'summary.json'}, {chart}")
     ran = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if v > 0.5) or "nothing, all reused"
     print(f"demo wall time this call: {time.time() - start:.0f} s, CPU time {cpu:.0f} s (ran: {ran})")
 
