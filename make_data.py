@@ -19,8 +19,8 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from progress import progress
 from world import demo_pairs, demo_tasks, demo_triplets
 
 
@@ -162,7 +162,7 @@ def write_benchmark_task(root, samples, classnames=None, templates=None, task_ty
 def make_nights(root, n, seed, image_size=32):
     """Write n demo triplets (demo_triplets) under root in NIGHTS' layout and return the path of
     data.csv: stage 1's data alone, e.g. for configs/nights_tiny.yaml and the tests."""
-    return write_nights(root, tqdm(demo_triplets(n, seed, image_size), total=n, desc="demo NIGHTS triplets",
+    return write_nights(root, progress(demo_triplets(n, seed, image_size), total=n, desc="demo NIGHTS triplets",
                                    disable=n < 1000))
 
 
@@ -190,13 +190,13 @@ def make_demo_data(root, seed=0, size=64, triplets=6000, pairs=3000, per_class=4
         done.write_text(wanted)
 
     piece("nights", {"triplets": triplets}, lambda folder: write_nights(
-        folder, tqdm(demo_triplets(triplets, seed, size), total=triplets, desc="demo NIGHTS triplets")))
+        folder, progress(demo_triplets(triplets, seed, size), total=triplets, desc="demo NIGHTS triplets")))
     piece("shards", {"pairs": pairs}, lambda folder: write_shards(
-        folder, tqdm(demo_pairs(pairs, seed, size), total=pairs, desc="demo image-text pairs"), per_shard=500))
+        folder, progress(demo_pairs(pairs, seed, size), total=pairs, desc="demo image-text pairs"), per_shard=500))
 
     def build_tasks(folder):
         tasks = demo_tasks(seed, size, per_class, retrieval)
-        for name, task in tqdm(tasks.items(), desc="demo zero-shot tasks"):
+        for name, task in progress(tasks.items(), desc="demo zero-shot tasks"):
             write_benchmark_task(folder / f"wds_{name}", task["samples"], classnames=task["classnames"],
                                  templates=task["templates"], task_type=task["task_type"])
         (folder / "tasks.txt").write_text("".join(f"{name}\n" for name in tasks))

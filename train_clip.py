@@ -30,6 +30,7 @@ from tqdm import tqdm
 import common
 import data
 import shards
+from progress import progress
 from model import check_activation, check_state_dict, create_model, read_checkpoint
 
 ROOT = Path(__file__).resolve().parent
@@ -158,7 +159,7 @@ def count_samples(cfg, shard_paths):
     if all(p in sizes for p in shard_paths):
         return sum(int(sizes[p]) for p in shard_paths)
     tqdm.write("counting samples (set samples_per_epoch to skip this)")
-    return sum(1 for p in tqdm(shard_paths, desc="count") for _ in shards.iter_tar_samples(p, problems=True))
+    return sum(1 for p in progress(shard_paths, desc="count") for _ in shards.iter_tar_samples(p, problems=True))
 
 
 def load_init(model, path, include_text):
@@ -277,7 +278,7 @@ def main(argv):
         log.write({**common.run_header(cfg), "resumed_from_step": step, "total_steps": total_steps,
                    "steps_per_epoch": steps_per_epoch, "world_size": world, "precision": precision,
                    "params": model.num_params()})
-    bar = tqdm(total=total_steps, initial=step, disable=not d.is_main, desc="train", dynamic_ncols=True)
+    bar = progress(total=total_steps, initial=step, disable=not d.is_main, desc="train", dynamic_ncols=True)
     epoch, metrics = step // steps_per_epoch, {}
     interval = {"loss": 0.0, "steps": 0, "wait": 0.0, "start": time.perf_counter()}
     while step < total_steps:

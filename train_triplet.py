@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
+from progress import progress
 
 from common import (MetricsLog, all_reduce_sum, atomic_save, autocast, cleanup_distributed, cosine_lr,
                     default_precision, grad_scaler, load_config, load_training_state, param_groups, rng_state,
@@ -186,7 +186,7 @@ def main(argv=None):
 
     # ---- loop -------------------------------------------------------------------------------------
     visual.train()
-    bar = tqdm(total=total_steps, initial=step, desc="stage 1", disable=not dist.is_main)
+    bar = progress(total=total_steps, initial=step, desc="stage 1", disable=not dist.is_main)
     loss_sum, loss_count, clock = torch.zeros((), device=device), 0, time.time()
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
