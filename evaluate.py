@@ -1,7 +1,9 @@
 """Evaluation: every metric of the kit lives here, and both trainers call it for periodic evaluation.
 
   python evaluate.py --suite all                      # the paper's 31 zero-shot tasks
-  python evaluate.py --ckpt pi.pt --ckpt base.pt --suite vtab --data-root DIR
+  python evaluate.py --ckpt pi.pt --ckpt base.pt --ckpt ~/.cache/clip/ViT-B-32.pt --suite vtab --data-root DIR
+
+Several checkpoints share one pass over each task's images. Checkpoint formats: model.load_checkpoint.
 
 Sections:
   NIGHTS 2AFC   DreamSim's two-alternative forced-choice score (stage 1's metric)

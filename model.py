@@ -3,7 +3,9 @@
 Read bottom-up: attention -> MLP -> residual block -> transformer -> vision tower -> text tower ->
 CLIP -> presets -> checkpoint loading. The state-dict keys and shapes are exactly those of OpenAI CLIP
 and open_clip's `CLIP` class (REFERENCE.md section 5), so a state dict moves between them unchanged.
-This file imports nothing of the kit.
+This file imports nothing of the kit. It runs past the kit's ~400 lines on purpose: the last section
+reads every checkpoint format users hold (kit, open_clip, safetensors, OpenAI's TorchScript), and it
+belongs here because every loader needs it and this file may import nothing of the kit.
 
 Letters used in shape comments:
   B batch, N tokens (patches + 1 class token, or text positions), D width of a tower,
@@ -300,7 +302,8 @@ class _TorchScriptReader(pickle.Unpickler):
 
     def persistent_load(self, pid):  # ("storage", dtype, key, location, numel) -> flat tensor
         _, dtype, key, _, _ = pid
-        return torch.frombuffer(bytearray(self.archive.read(f"{self.prefix}/data/{key}")) or bytearray(1), dtype=dtype)
+        data = bytearray(self.archive.read(f"{self.prefix}/data/{key}"))
+        return torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
 
 
 def _read_torchscript(archive, prefix, path):
