@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common import autocast, default_precision
+from common import autocast, default_precision, run_cli
 from data import BenchmarkTask, ImageFolderTask, image_transform, imagenet_classnames_and_templates, tokenize
 from model import load_checkpoint
 from progress import progress as progress_bar
@@ -459,4 +459,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a wrong file or setting prints one line naming it, not a traceback

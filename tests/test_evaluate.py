@@ -21,6 +21,7 @@ import io
 import json
 import math
 import shutil
+import subprocess
 import sys
 import tarfile
 from dataclasses import asdict
@@ -386,3 +387,17 @@ def test_demo_group_reads_tasks_txt(tasks, tmp_path):
     assert evaluate.resolve_tasks("demo", tasks) == ["captions", "digits", "multi", "photos", "wds-mnist"]
     (tmp_path / "tasks.txt").write_text("shapes\nwds_colors\n")
     assert evaluate.resolve_tasks("demo", tmp_path) == ["shapes", "colors"]
+
+
+def test_cli_activation_flag(tasks, tiny, tmp_path, capsys):
+    _, path = tiny  # a kit checkpoint: it records GELU
+    common = ["--suite", "photos", "--data-root", str(tasks), "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "r.json")]
+    with pytest.raises(ValueError, match=f"{path} records the GELU activation .* but QuickGELU was asked for"):
+        evaluate.main(["--ckpt", str(path), "--quickgelu", *common])
+    with pytest.raises(SystemExit):
+        evaluate.main(["--ckpt", str(path), "--quickgelu", "other.pt", *common])
+    assert "--quickgelu names ['other.pt'], which are not among the --ckpt paths" in capsys.readouterr().err
+    result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(tmp_path / "nope.pt"), *common],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"evaluate.py: error: checkpoint {tmp_path / 'nope.pt'} does not exist" in result.stderr
