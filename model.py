@@ -340,7 +340,10 @@ def _open_clip_hub_quickgelu(path):
     config = Path(path).parent / "open_clip_config.json"
     if Path(path).name not in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin") or not config.exists():
         return None
-    return bool(json.loads(config.read_text()).get("model_cfg", {}).get("quick_gelu", False))
+    try:
+        return bool(json.loads(config.read_text()).get("model_cfg", {}).get("quick_gelu", False))
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{config} (beside {path}) is not open_clip's config JSON: {e}") from None
 
 
 def read_checkpoint(path):
