@@ -1,0 +1,266 @@
+"""sources.py: shard specs, units, sample counts and raw samples, proved against the real producers.
+
+Where each format comes from:
+- tar shards: the webdataset library's reader is the reference for grouping members into samples, on a
+  real webdataset shard (tests/fixtures, from the webdataset project) and on shards written here with
+  the corner cases its rules cover (gzip, upper-case extensions, folders, __meta__ members, repeats);
+- specs: bash's own brace expansion;
+- captions: open_clip.tokenize (the reference CLIP tokenizer), for strings and for token-id blocks.
+"""
+import gzip
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from skimage import data as skdata
+
+import sources
+from make_data import write_shards
+
+FIXTURE = Path(__file__).parent / "fixtures" / "webdataset-mnist-sample.tgz"
+
+
+def photo_jpeg(i, size=40, photo=None):
+    """A real-photo crop (scikit-image's astronaut by default), different for each i, as JPEG bytes."""
+    photo = skdata.astronaut() if photo is None else photo
+    y, x = (37 * i) % (photo.shape[0] - size), (53 * i) % (photo.shape[1] - size)
+    buffer = io.BytesIO()
+    Image.fromarray(photo[y : y + size, x : x + size]).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def caption(i):
+    return f"a photo, number {i}"
+
+
+def pairs(n, start=0):
+    for i in range(start, start + n):
+        yield f"{i:06d}", {"jpg": photo_jpeg(i), "txt": caption(i)}
+
+
+def webdataset_samples(paths):
+    """The webdataset library's view of the shards: grouped samples, undecoded, in order."""
+    return [dict(s) for s in wds.WebDataset([str(p) for p in paths], shardshuffle=False, empty_check=False)]
+
+
+def read_all(paths, **kwargs):
+    return [s for unit in sources.list_units([str(p) for p in paths], progress=False, **kwargs)
+            for s in sources.read_unit(unit)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Specs
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["/d/{00008..00011}.tar", "/d/{a,b}/s{1..2}.tar", "/d/{8..11}.tar",
+                                  "/d/{3..1}.tar", "/d/plain.tar", "/d/train-{00001..00003}-of-01507.parquet",
+                                  "/d/{x,y}{07..09}.tar"])
+def test_expand_spec_like_bash(spec):
+    bash = subprocess.run(["bash", "-c", f"printf '%s\\n' {spec}"], capture_output=True, text=True, check=True)
+    assert sources.expand_spec(spec) == bash.stdout.split()
+
+
+def test_specs_join_with_double_colon():
+    assert sources.expand_spec("/a/{0..1}.tar::/b/c.parquet") == ["/a/0.tar", "/a/1.tar", "/b/c.parquet"]
+    assert sources.expand_spec(["/a/{0..1}.tar", "/b.tar"]) == ["/a/0.tar", "/a/1.tar", "/b.tar"]
+
+
+def test_a_spec_that_matches_nothing_names_itself_and_the_missing_files(tmp_path):
+    write_shards(tmp_path, pairs(2), per_shard=1)
+    spec = str(tmp_path / "{00000..00003}.tar")
+    with pytest.raises(FileNotFoundError) as error:
+        sources.list_units(spec)
+    assert spec in str(error.value) and "2 of 4" in str(error.value) and "00002.tar" in str(error.value)
+    with pytest.raises(FileNotFoundError, match="names no file"):
+        sources.list_units("::")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tar shards against the webdataset library
+# ---------------------------------------------------------------------------------------------------
+
+def test_real_webdataset_shard_reads_as_webdataset_does(tmp_path):
+    shutil.copy(FIXTURE, tmp_path)  # the counting pass saves beside the shard: not into the repository
+    path = tmp_path / FIXTURE.name
+    ours, theirs = read_all([path]), webdataset_samples([path])
+    assert len(ours) == len(theirs) == 90
+    assert [s["key"] for s in ours] == [s["__key__"] for s in theirs]
+    assert [s["image"] for s in ours] == [s["png"] for s in theirs]  # same bytes, same order
+    assert all(s["text"] is None and s["source"] == str(path) for s in ours)  # png + cls: no caption
+    assert sources.list_units(str(path), progress=False) == [sources.Unit(str(path), -1, 90)]
+
+
+def write_tar(path, members, mode="w"):
+    with tarfile.open(path, mode) as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            if payload is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+                continue
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def test_written_shards_group_as_webdataset_does(tmp_path):
+    paths = write_shards(tmp_path, pairs(25), per_shard=10)
+    # The corner cases of webdataset's rules: a gzipped tar, upper-case extensions, folders in names,
+    # a directory member and names without extension (skipped), a __meta__.json member (a sample to
+    # webdataset too), png and webp images, a sample without caption.
+    odd = [("sub/", None), ("sub/dir/0001.JPG", photo_jpeg(100)), ("sub/dir/0001.Txt", b"upper case"),
+           ("__meta__.json", b"{}"), ("README", b"no extension"), ("__meta__", b"none"),
+           ("sub/dir/0002.jpg", photo_jpeg(101)), ("sub/dir/0002.txt", b"second"), ("x.seg.png", photo_jpeg(102)),
+           ("y.webp", photo_jpeg(103)), ("y.txt", "caf\u00e9 \u65e5\u672c".encode())]
+    write_tar(tmp_path / "odd.tar.gz", odd, "w:gz")
+    write_tar(tmp_path / "odd.tar", odd)
+    all_paths = [*paths, tmp_path / "odd.tar.gz", tmp_path / "odd.tar"]
+    ours, theirs = read_all(all_paths), webdataset_samples(all_paths)
+    assert len(ours) == len(theirs) == 25 + 2 * 5
+    assert [s["key"] for s in ours] == [s["__key__"] for s in theirs]
+    for mine, reference in zip(ours, theirs):
+        image_ext = next((e for e in sources.IMAGE_EXTENSIONS if e in reference), None)
+        assert mine["image"] == (reference[image_ext] if image_ext else None)
+        assert mine["text"] == (reference["txt"].decode() if "txt" in reference else None)
+    assert ours[-1] == {"key": "y", "source": str(tmp_path / "odd.tar"), "image": photo_jpeg(103),
+                        "text": "caf\u00e9 \u65e5\u672c", "tokens": None}
+
+
+def test_a_repeated_extension_starts_a_new_sample(tmp_path):
+    # webdataset 1.0.2 raises on this ("duplicate file name"); older webdataset releases and the kit's
+    # earlier reader start a new sample, which keeps both pairs of a writer that reused a key.
+    write_tar(tmp_path / "a.tar", [("k.jpg", photo_jpeg(0)), ("k.txt", b"one"), ("k.jpg", photo_jpeg(1)), ("k.txt", b"two")])
+    assert [(s["key"], s["image"], s["text"]) for s in read_all([tmp_path / "a.tar"])] == [
+        ("k", photo_jpeg(0), "one"), ("k", photo_jpeg(1), "two")]
+
+
+def test_start_skips_earlier_samples_without_reading_their_data(tmp_path, monkeypatch):
+    paths = write_shards(tmp_path, pairs(12), per_shard=12)
+    gz = tmp_path / "00000.tar.gz"
+    gz.write_bytes(gzip.compress(Path(paths[0]).read_bytes()))
+    for path in (paths[0], gz):
+        unit = sources.list_units([str(path)], progress=False)[0]
+        everything = list(sources.read_unit(unit))
+        read = []
+        real_extractfile = tarfile.TarFile.extractfile
+        monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda self, m: read.append(m.name) or real_extractfile(self, m))
+        assert list(sources.read_unit(unit, start=7)) == everything[7:]
+        assert read == [f"{i:06d}.{e}" for i in range(7, 12) for e in ("jpg", "txt")]
+        assert list(sources.read_unit(unit, start=12)) == []
+        monkeypatch.undo()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sample counts
+# ---------------------------------------------------------------------------------------------------
+
+def test_counts_come_from_sizes_json_without_reading_shards(tmp_path, monkeypatch):
+    write_shards(tmp_path, pairs(7), per_shard=3)  # writes sizes.json, as webdataset's tools do
+    monkeypatch.setattr(sources, "count_tar_samples", lambda path: pytest.fail(f"counted {path}"))
+    units = sources.list_units(str(tmp_path / "{00000..00002}.tar"), progress=False)
+    assert [u.samples for u in units] == [3, 3, 1] and all(u.row_group == -1 for u in units)
+
+
+def test_counting_pass_is_saved_and_reused(tmp_path, monkeypatch):
+    write_shards(tmp_path, pairs(7), per_shard=3)
+    os.remove(tmp_path / "sizes.json")
+    spec = str(tmp_path / "{00000..00002}.tar")
+    assert [u.samples for u in sources.list_units(spec, progress=False)] == [3, 3, 1]
+    saved = json.loads((tmp_path / sources.COUNTS_FILE).read_text())["files"]
+    assert {name: entry["samples"] for name, entry in saved.items()} == {"00000.tar": 3, "00001.tar": 3, "00002.tar": 1}
+
+    # A second start reads nothing; a shard that changed (size, mtime) is counted again, alone.
+    counted = []
+    real = sources.count_tar_samples
+    monkeypatch.setattr(sources, "count_tar_samples", lambda path: counted.append(path) or real(path))
+    assert [u.samples for u in sources.list_units(spec, progress=False)] == [3, 3, 1] and counted == []
+    write_shards(tmp_path / "new", pairs(2), per_shard=2)
+    shutil.copy(tmp_path / "new" / "00000.tar", tmp_path / "00002.tar")
+    assert [u.samples for u in sources.list_units(spec, progress=False)] == [3, 3, 2]
+    assert counted == [str(tmp_path / "00002.tar")]
+
+
+def test_counting_pass_in_a_read_only_folder_goes_to_cache_dir(tmp_path, monkeypatch, capsys):
+    write_shards(tmp_path / "shards", pairs(4), per_shard=2)
+    os.remove(tmp_path / "shards" / "sizes.json")
+    # The counts file cannot be written there (a directory stands in its place: read-only even for root).
+    (tmp_path / "shards" / sources.COUNTS_FILE).mkdir()
+    spec, cache = str(tmp_path / "shards" / "{00000..00001}.tar"), tmp_path / "cache"
+    assert [u.samples for u in sources.list_units(spec, cache_dir=cache, progress=True)] == [2, 2]
+    assert "counting samples" in capsys.readouterr().err  # a progress bar while counting
+    assert len(list(cache.glob("counts-*.json"))) == 1
+    monkeypatch.setattr(sources, "count_tar_samples", lambda path: pytest.fail(f"counted {path} again"))
+    assert [u.samples for u in sources.list_units(spec, cache_dir=cache, progress=False)] == [2, 2]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------
+
+def test_truncated_and_unreadable_tars_end_with_a_problem_marker(tmp_path):
+    paths = write_shards(tmp_path, pairs(12), per_shard=6)
+    os.remove(tmp_path / "sizes.json")
+    with tarfile.open(paths[0]) as tar:
+        cut = next(m for m in tar.getmembers() if m.name == "000003.jpg").offset_data + 100
+    whole = Path(paths[0]).read_bytes()
+    Path(paths[0]).write_bytes(whole[:cut])  # cut inside sample 3's image: samples 0-2 survive
+    (tmp_path / "cut_at_header.tar").write_bytes(whole[:cut - 100 - 512])  # cut just before sample 3
+    (tmp_path / "cut.tar.gz").write_bytes(gzip.compress(whole)[:len(gzip.compress(whole)) // 2])
+    Path(paths[1]).write_bytes(b"this is not a tar file" * 30)
+    for path, survivors, problem in ((paths[0], 3, "truncated_shard"), (tmp_path / "cut_at_header.tar", 3, "truncated_shard"),
+                                     (paths[1], 0, "unreadable_file")):
+        unit = sources.list_units([str(path)], progress=False)[0]
+        assert unit.samples == survivors  # the counting pass counts what can be read
+        *samples, last = sources.read_unit(unit)
+        assert [s["text"] for s in samples] == [caption(i) for i in range(survivors)]
+        assert last["problem"] == problem and last["source"] == str(path) and last["error"]
+    *samples, last = sources.read_unit(sources.Unit(str(tmp_path / "cut.tar.gz"), -1, 6))
+    assert last["problem"] == "truncated_shard" and len(samples) < 6
+    assert set(sources.SKIP_REASONS) >= {"truncated_shard", "unreadable_file", "bad_caption", "no_caption"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Captions against open_clip's tokenizer
+# ---------------------------------------------------------------------------------------------------
+
+TEXTS = ["a photo of a cat", "Caf\u00e9 \u00fcber \u65e5\u672c\u8a9e  &amp;amp; <b>bold</b>!",
+         "word " * 100, "it's 3.14 o'clock", "\u00a0tabs\tand\nnewlines  "]
+
+
+def test_caption_tokens_of_strings_equal_open_clip():
+    for text in TEXTS:
+        assert torch.equal(sources.caption_tokens({"text": text}), open_clip.tokenize([text])[0])
+    assert sources.caption_tokens({"text": "a cat"}, context_length=16).shape == (16,)
+    assert sources.caption_tokens({"text": "  "}) == "no_caption"
+    assert sources.caption_tokens({"text": None, "tokens": None}) == "no_caption"
+
+
+def test_caption_tokens_of_token_blocks_take_the_first_block():
+    # Kaichengalex/YFCC15M's `texts`: three 77-id blocks of CLIP ids as float32 (RWKV-CLIP's data2rec.py
+    # concatenates the tokenised raw, synthetic and generated captions); the first is the raw caption.
+    blocks = open_clip.tokenize(TEXTS[:3]).numpy().reshape(-1).astype(np.float32)
+    assert torch.equal(sources.caption_tokens({"tokens": list(blocks)}), open_clip.tokenize([TEXTS[0]])[0])
+    assert torch.equal(sources.caption_tokens({"tokens": blocks[:77]}), open_clip.tokenize([TEXTS[0]])[0])
+    short = [49406.0, 320.0, 49407.0]  # shorter than a block: padded with zeros
+    assert sources.caption_tokens({"tokens": short}).tolist() == [49406, 320, 49407] + [0] * 74
+    bad = [[49406.0, 320.0, 0.0], [49406.0, 49408.0, 49407.0], [49406.0, -1.0, 49407.0],
+           [49406.0, 320.5, 49407.0], [49406.0, float("nan"), 49407.0], [49406.0, None, 49407.0]]
+    assert [sources.caption_tokens({"tokens": b}) for b in bad] == ["bad_caption"] * len(bad)
+    assert sources.caption_tokens({"tokens": []}) == "no_caption"
+
+
+def test_undecodable_tar_caption_is_a_bad_caption(tmp_path):
+    write_tar(tmp_path / "a.tar", [("0.jpg", photo_jpeg(0)), ("0.txt", b"\xff\xfe bad utf-8"),
+                                   ("1.jpg", photo_jpeg(1)), ("1.txt", b"good")])
+    first, second = read_all([tmp_path / "a.tar"])
+    assert sources.caption_tokens(first) == "bad_caption"
+    assert torch.equal(sources.caption_tokens(second), open_clip.tokenize(["good"])[0])
