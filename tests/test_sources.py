@@ -5,6 +5,9 @@ Where each format comes from:
   real webdataset shard (tests/fixtures, from the webdataset project) and on shards written here with
   the corner cases its rules cover (gzip, upper-case extensions, folders, __meta__ members, repeats);
 - specs: bash's own brace expansion;
+- parquet: written with pyarrow in the two hub releases' exact schemas (Kaichengalex/YFCC15M's Image
+  struct and float32 token blocks, dalle-mini/YFCC100M_OpenAI_subset's binary + string columns), with
+  the `huggingface` schema metadata the datasets library writes;
 - captions: open_clip.tokenize (the reference CLIP tokenizer), for strings and for token-id blocks.
 """
 import gzip
@@ -18,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import open_clip
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
@@ -264,3 +269,169 @@ def test_undecodable_tar_caption_is_a_bad_caption(tmp_path):
     first, second = read_all([tmp_path / "a.tar"])
     assert sources.caption_tokens(first) == "bad_caption"
     assert torch.equal(sources.caption_tokens(second), open_clip.tokenize(["good"])[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parquet, in the two hub releases' exact schemas
+# ---------------------------------------------------------------------------------------------------
+# Written with pyarrow as the Hugging Face `datasets` library writes them (its features/image.py,
+# features/features.py, arrow_writer.py): an Image feature is struct<bytes: binary, path: string>, a
+# Sequence(Value("float32")) is list<float32>, every field nullable, and the features are stored as
+# JSON under the schema metadata key "huggingface"; image datasets get 100-row row groups
+# (config.PARQUET_ROW_GROUP_SIZE_FOR_IMAGE_DATASETS; 10 here, to get several from few rows).
+
+HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+PHOTOS = (skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket())
+
+
+def hub_photo(i):
+    return photo_jpeg(i, size=48, photo=PHOTOS[i % len(PHOTOS)])
+
+
+def huggingface_metadata(features):
+    return {"huggingface": json.dumps({"info": {"features": features}})}
+
+
+def three_captions(i):
+    return [caption(i), f"synthetic caption {i}", f"a generated caption of photo {i}"]
+
+
+def write_yfcc15m_file(path, rows, row_group_size=10):
+    """Kaichengalex/YFCC15M's layout: `images` (Image feature), `texts` (list<float32>: three 77-id
+    CLIP blocks, raw / synthetic / generated caption, as RWKV-CLIP's data2rec.py concatenates them).
+    rows: (jpeg bytes or None, token list or None)."""
+    schema = pa.schema([pa.field("images", HF_IMAGE), pa.field("texts", pa.list_(pa.float32()))],
+                       metadata=huggingface_metadata({
+                           "images": {"_type": "Image"},
+                           "texts": {"feature": {"dtype": "float32", "_type": "Value"}, "_type": "Sequence"}}))
+    images = [None if jpeg is None else {"bytes": jpeg, "path": f"{abs(hash(jpeg)) % 10**8}.jpg"} for jpeg, _ in rows]
+    table = pa.table({"images": images, "texts": [t for _, t in rows]}, schema=schema)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size)
+
+
+def token_blocks(i):
+    return open_clip.tokenize(three_captions(i)).reshape(-1).float().tolist()  # 231 ids, float32 on disk
+
+
+def test_kaichengalex_yfcc15m_layout(tmp_path, monkeypatch):
+    root = tmp_path / "YFCC15M" / "data"  # as `huggingface-cli download --local-dir YFCC15M` lays it out
+    for f in range(3):
+        rows = [(hub_photo(10 * f + i), token_blocks(10 * f + i)) for i in range(23 if f < 2 else 5)]
+        write_yfcc15m_file(str(root / f"train-{f + 1:05d}-of-00003.parquet"), rows)
+    spec = str(root / "train-{00001..00003}-of-00003.parquet")
+
+    # Counts come from the footer: no column chunk is read.
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", lambda *a, **k: pytest.fail("read data to count"))
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda *a, **k: pytest.fail("read data to count"))
+    units = sources.list_units(spec, image_column="images", text_column="texts", progress=False)
+    monkeypatch.undo()
+    assert [(os.path.basename(u.path), u.row_group, u.samples) for u in units] == [
+        ("train-00001-of-00003.parquet", 0, 10), ("train-00001-of-00003.parquet", 1, 10), ("train-00001-of-00003.parquet", 2, 3),
+        ("train-00002-of-00003.parquet", 0, 10), ("train-00002-of-00003.parquet", 1, 10), ("train-00002-of-00003.parquet", 2, 3),
+        ("train-00003-of-00003.parquet", 0, 5)]
+
+    samples = [s for u in units for s in sources.read_unit(u)]  # the defaults are this release's columns
+    expected = [10 * f + i for f in range(3) for i in range(23 if f < 2 else 5)]
+    assert len(samples) == len(expected)
+    for sample, i in zip(samples, expected):
+        assert sample["image"] == hub_photo(i) and sample["text"] is None
+        assert torch.equal(sources.caption_tokens(sample), open_clip.tokenize([caption(i)])[0])  # the raw caption
+    assert samples[12]["source"] == str(root / "train-00001-of-00003.parquet") + "#1"
+    assert samples[12]["key"] == "train-00001-of-00003.parquet/12"  # no key column: file and row
+    assert len({s["key"] for s in samples}) == len(samples)
+
+
+def test_parquet_start_reads_only_its_row_group_and_columns(tmp_path, monkeypatch):
+    path = str(tmp_path / "train-00001-of-00001.parquet")
+    write_yfcc15m_file(path, [(hub_photo(i), token_blocks(i)) for i in range(30)])
+    units = sources.list_units([path], progress=False)
+    whole = [s for u in units for s in sources.read_unit(u)]
+    calls = []
+    real = pq.ParquetFile.iter_batches
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", lambda self, **k: calls.append(k) or real(self, **k))
+    assert list(sources.read_unit(units[1], start=4)) == whole[14:20]
+    assert calls[0]["row_groups"] == [1] and sorted(calls[0]["columns"]) == ["images", "texts"]
+    assert list(sources.read_unit(units[1], start=10)) == []
+
+
+def test_bad_rows_are_kept_for_the_engine_to_count(tmp_path):
+    good = token_blocks(0)
+    no_eot = [t if t != 49407 else 0.0 for t in good]
+    out_of_vocab = [good[0], 60000.0, *good[2:]]
+    rows = [(hub_photo(0), good), (None, good), (hub_photo(2), None), (hub_photo(3), no_eot),
+            (hub_photo(4), out_of_vocab), (hub_photo(5), [])]
+    path = str(tmp_path / "bad.parquet")
+    write_yfcc15m_file(path, rows)
+    samples = list(sources.read_unit(sources.list_units([path], progress=False)[0]))
+    assert [s["image"] is None for s in samples] == [False, True, False, False, False, False]
+    reasons = [sources.caption_tokens(s) if isinstance(sources.caption_tokens(s), str) else "ok" for s in samples]
+    assert reasons == ["ok", "ok", "no_caption", "bad_caption", "bad_caption", "no_caption"]
+
+
+def write_dalle_mini_file(path, rows, row_group_size=10):
+    """dalle-mini/YFCC100M_OpenAI_subset's fields (its dataset card): `img` (image bytes), `title_clean`
+    and `description_clean` (strings), beside the YFCC100M metadata columns (a few of them here), as
+    the hub's parquet conversion types them (Value("binary"), Value("string"), Value("int64"))."""
+    columns = [("photoid", pa.int64(), "int64"), ("key", pa.string(), "string"), ("title", pa.string(), "string"),
+               ("description", pa.string(), "string"), ("downloadurl", pa.string(), "string"),
+               ("img", pa.binary(), "binary"), ("title_clean", pa.string(), "string"),
+               ("description_clean", pa.string(), "string")]
+    schema = pa.schema([pa.field(n, t) for n, t, _ in columns],
+                       metadata=huggingface_metadata({n: {"dtype": d, "_type": "Value"} for n, _, d in columns}))
+    table = pa.table({
+        "photoid": [1000 + i for i, _ in enumerate(rows)],
+        "key": [f"{i:04x}" * 8 for i, _ in enumerate(rows)],  # YFCC100M's md5-like key
+        "title": [t for _, t, _ in rows], "description": [d for _, _, d in rows],
+        "downloadurl": [f"http://farm1.staticflickr.com/{i}.jpg" for i, _ in enumerate(rows)],
+        "img": [jpeg for jpeg, _, _ in rows], "title_clean": [t for _, t, _ in rows],
+        "description_clean": [d for _, _, d in rows]}, schema=schema)
+    pq.write_table(table, path, row_group_size=row_group_size)
+
+
+def test_dalle_mini_layout_with_either_text_column(tmp_path):
+    rows = [(hub_photo(i), f"Title {i}", "" if i % 3 == 0 else f"A longer description of photo {i}") for i in range(12)]
+    path = str(tmp_path / "00000.parquet")
+    write_dalle_mini_file(path, rows)
+    units = sources.list_units([path], image_column="img", text_column="title_clean", progress=False)
+    assert [u.samples for u in units] == [10, 2]
+    for column, index in (("title_clean", 1), ("description_clean", 2)):
+        samples = [s for u in units for s in sources.read_unit(u, image_column="img", text_column=column)]
+        assert [s["image"] for s in samples] == [r[0] for r in rows]
+        assert [s["key"] for s in samples] == [f"{i:04x}" * 8 for i in range(12)]  # its `key` column
+        for sample, row in zip(samples, rows):
+            tokens = sources.caption_tokens(sample)
+            if row[index]:
+                assert torch.equal(tokens, open_clip.tokenize([row[index]])[0])
+            else:
+                assert tokens == "no_caption"  # YFCC descriptions are often empty
+
+
+def test_a_missing_or_mistyped_column_names_the_file_and_its_columns(tmp_path):
+    path = str(tmp_path / "00000.parquet")
+    write_dalle_mini_file(path, [(hub_photo(0), "t", "d")])
+    with pytest.raises(ValueError) as error:
+        sources.list_units([path], progress=False, image_column="images", text_column="texts")
+    assert path in str(error.value) and "'images'" in str(error.value) and "'img'" in str(error.value)
+    unit = sources.list_units([path], progress=False)[0]
+    with pytest.raises(ValueError, match="'texts'.*title_clean"):
+        list(sources.read_unit(unit, image_column="img", text_column="texts"))
+    with pytest.raises(ValueError, match="'photoid'.*int64"):
+        list(sources.read_unit(unit, image_column="img", text_column="photoid"))
+
+
+def test_truncated_parquet_is_an_unreadable_file(tmp_path, capsys):
+    path = tmp_path / "train-00001-of-00001.parquet"
+    write_yfcc15m_file(str(path), [(hub_photo(i), token_blocks(i)) for i in range(12)])
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])  # the footer (schema, row groups) is gone
+    units = sources.list_units([str(path)], progress=False)
+    assert units == [sources.Unit(str(path), -1, 0)] and str(path) in capsys.readouterr().err
+    (marker,) = sources.read_unit(units[0])
+    assert marker["problem"] == "unreadable_file" and marker["source"].startswith(str(path))
+    # Damaged data pages behind an intact footer: the row group ends with a marker.
+    path.write_bytes(whole[:4] + bytes(len(whole) // 2 - 4) + whole[len(whole) // 2 :])
+    units = sources.list_units([str(path)], progress=False)
+    assert [u.samples for u in units] == [10, 2]
+    *samples, last = sources.read_unit(units[0])
+    assert last["problem"] in ("truncated_shard", "unreadable_file") and len(samples) < 10
