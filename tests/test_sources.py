@@ -8,15 +8,21 @@ Where each format comes from:
 - parquet: written with pyarrow in the two hub releases' exact schemas (Kaichengalex/YFCC15M's Image
   struct and float32 token blocks, dalle-mini/YFCC100M_OpenAI_subset's binary + string columns), with
   the `huggingface` schema metadata the datasets library writes;
+- img2dataset output: img2dataset itself, run offline against a local HTTP server on 127.0.0.1;
 - captions: open_clip.tokenize (the reference CLIP tokenizer), for strings and for token-id blocks.
 """
+import csv
+import functools
 import gzip
+import http.server
 import io
 import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -435,3 +441,75 @@ def test_truncated_parquet_is_an_unreadable_file(tmp_path, capsys):
     assert [u.samples for u in units] == [10, 2]
     *samples, last = sources.read_unit(units[0])
     assert last["problem"] in ("truncated_shard", "unreadable_file") and len(samples) < 10
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real img2dataset output
+# ---------------------------------------------------------------------------------------------------
+# img2dataset itself (a test-only reference, installed --no-deps by the README's test command: it pins
+# webdataset<0.3) downloads from a local HTTP server on 127.0.0.1 and writes webdataset shards:
+# NNNNN.tar + NNNNN_stats.json + NNNNN.parquet, no sizes.json. It imports wandb at module level and
+# calls it only with enable_wandb=True: a stand-in module that fails if touched takes its place.
+
+WANDB_STAND_IN = '''def __getattr__(name):
+    raise RuntimeError(f"wandb.{name} used, but the test runs img2dataset with enable_wandb=False")
+'''
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def run_img2dataset(tmp_path, urls, **settings):
+    """img2dataset's download() in a fresh Python (its worker pool is spawned), offline; -> output folder."""
+    (tmp_path / "stand_in" / "wandb").mkdir(parents=True)
+    (tmp_path / "stand_in" / "wandb" / "__init__.py").write_text(WANDB_STAND_IN)
+    with open(tmp_path / "urls.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["url", "caption"])
+        writer.writerows(urls)
+    arguments = dict(url_list=str(tmp_path / "urls.csv"), input_format="csv", url_col="url", caption_col="caption",
+                     output_format="webdataset", output_folder=str(tmp_path / "out"), processes_count=1,
+                     thread_count=1, enable_wandb=False, distributor="multiprocessing", timeout=10, retries=0, **settings)
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}  # 127.0.0.1 directly, never a proxy
+    env.update(PYTHONPATH=str(tmp_path / "stand_in"), NO_ALBUMENTATIONS_UPDATE="1", no_proxy="*")
+    program = "import json, sys; from img2dataset import download; download(**json.loads(sys.argv[1]))"
+    done = subprocess.run([sys.executable, "-c", program, json.dumps(arguments)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return tmp_path / "out"
+
+
+def test_real_img2dataset_output_reads_exactly_its_successes(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    site.mkdir()
+    for i, photo in enumerate(PHOTOS):
+        Image.fromarray(photo).convert("RGB").save(site / f"{i}.jpg", quality=90)
+    (site / "broken.jpg").write_bytes(b"this is not an image")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(site)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    urls = [(f"{base}/{i}.jpg", f"photo number {i}") for i in range(len(PHOTOS))]
+    urls[2:2] = [(f"{base}/missing.jpg", "a 404"), (f"{base}/broken.jpg", "not an image")]
+    try:
+        out = run_img2dataset(tmp_path, urls, number_sample_per_shard=3, image_size=32, resize_mode="border")
+    finally:
+        server.shutdown()
+
+    # What img2dataset says it wrote: its per-row status in NNNNN.parquet, its counts in NNNNN_stats.json.
+    tars = sorted(str(p) for p in out.glob("*.tar"))
+    assert [os.path.basename(p) for p in tars] == ["00000.tar", "00001.tar"] and not (out / "sizes.json").exists()
+    rows = [r for p in sorted(out.glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    successes = [(r["key"], r["caption"]) for r in rows if r["status"] == "success"]
+    assert len(successes) == len(PHOTOS) and len(rows) == len(urls)
+    stats = [json.loads((out / f"{os.path.basename(p)[:5]}_stats.json").read_text())["successes"] for p in tars]
+
+    monkeypatch.setattr(sources, "count_tar_samples", lambda path: pytest.fail(f"counted {path}: the stats have it"))
+    units = sources.list_units(str(out / "{00000..00001}.tar"), progress=False)
+    assert [u.samples for u in units] == stats and sum(stats) == len(PHOTOS)
+    assert not (out / sources.COUNTS_FILE).exists()
+    samples = [s for u in units for s in sources.read_unit(u)]
+    assert sorted((s["key"], s["text"]) for s in samples) == sorted(successes)
+    assert [s["image"] for s in samples] == [s["jpg"] for s in webdataset_samples(tars)]
+    assert all(Image.open(io.BytesIO(s["image"])).size == (32, 32) for s in samples)  # resized by img2dataset
