@@ -16,6 +16,7 @@ decoded) and is saved for the next start.
 Why a file of its own: shards.py is the engine (streams, epochs, resume, batching, decoding); this
 file only knows formats, so a new format touches this file alone. Like shards.py it knows no model.
 """
+import glob
 import gzip
 import hashlib
 import json
@@ -62,7 +63,8 @@ def expand_spec(spec):
     """'/d/{000..002}.tar::/e/x-{a,b}.parquet' -> ['/d/000.tar', '/d/001.tar', '/d/002.tar',
     '/e/x-a.parquet', '/e/x-b.parquet']. Specs are joined by '::' (open_clip's separator); each may
     hold several braces, each a numeric range {lo..hi} (zero-padded when an end is) or a list {a,b,c},
-    expanded left to right as bash does. A list or tuple of specs is expanded one by one."""
+    expanded left to right, then wildcards (* ? [...]), as bash does. A list or tuple of specs is
+    expanded one by one."""
     if isinstance(spec, (list, tuple)):
         return [path for s in spec for path in expand_spec(s)]
     paths = []
@@ -72,7 +74,11 @@ def expand_spec(spec):
             continue
         match = regex.search(r"\{([^{}]*)\}", part)
         if match is None:
-            paths.append(os.path.expanduser(part))
+            part = os.path.expanduser(part)
+            # Then wildcards, as bash does after braces: sorted matches, or the pattern itself when
+            # nothing matches (so the missing-file error names it).
+            matches = sorted(glob.glob(part)) if glob.has_magic(part) else []
+            paths.extend(matches or [part])
             continue
         body, head, tail = match.group(1), part[: match.start()], part[match.end():]
         if regex.fullmatch(r"-?\d+\.\.-?\d+", body):

@@ -81,6 +81,15 @@ def test_expand_spec_like_bash(spec):
     assert sources.expand_spec(spec) == bash.stdout.split()
 
 
+def test_wildcards_expand_like_bash(tmp_path):
+    for name in ("train-00002-of-00003.parquet", "train-00001-of-00003.parquet", "train-00003-of-00003.parquet", "other.tar"):
+        (tmp_path / name).write_bytes(b"")
+    for spec in (f"{tmp_path}/train-*.parquet", f"{tmp_path}/{{train,other}}*", f"{tmp_path}/nothing-*.tar"):
+        bash = subprocess.run(["bash", "-c", f"printf '%s\\n' {spec}"], capture_output=True, text=True, check=True,
+                              env={**os.environ, "LC_ALL": "C"})
+        assert sources.expand_spec(spec) == bash.stdout.split()
+
+
 def test_specs_join_with_double_colon():
     assert sources.expand_spec("/a/{0..1}.tar::/b/c.parquet") == ["/a/0.tar", "/a/1.tar", "/b/c.parquet"]
     assert sources.expand_spec(["/a/{0..1}.tar", "/b.tar"]) == ["/a/0.tar", "/a/1.tar", "/b.tar"]
