@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import tarfile
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -143,8 +144,7 @@ def _tar_counts(paths, cache_dir, progress):
         sizes_path = os.path.join(folder, "sizes.json")
         sizes = _read_json(sizes_path) if os.path.exists(sizes_path) else {}
         saved = _saved_counts(folder, cache_dir)
-        for name in names:
-            path = os.path.join(folder, name)
+        for name, path in names.items():
             stats_path = os.path.join(folder, name.split(".", 1)[0] + "_stats.json")  # img2dataset's
             if name in sizes:
                 counts[path] = int(sizes[name])
@@ -154,22 +154,29 @@ def _tar_counts(paths, cache_dir, progress):
                 counts[path] = int(saved[name]["samples"])
             else:
                 to_count.append(path)
-    if to_count:
-        found = {}
-        for path in tqdm(to_count, desc="counting samples (once; the result is saved)", unit="shard",
-                         disable=not progress, file=sys.stderr):
-            found[path] = count_tar_samples(path)
-        for folder, names in _by_folder(to_count).items():
-            _save_counts(folder, cache_dir, {n: found[os.path.join(folder, n)] for n in names})
-        counts.update(found)
+    found, saved_at = {}, time.monotonic()
+
+    def save():  # what has been counted so far, so a killed count resumes where it stopped
+        for folder, names in _by_folder(found).items():
+            _save_counts(folder, cache_dir, {name: found[path] for name, path in names.items()})
+
+    for path in tqdm(to_count, desc="counting samples (once; the result is saved)", unit="shard",
+                     disable=not progress or not to_count, file=sys.stderr):
+        found[path] = count_tar_samples(path)
+        if time.monotonic() - saved_at > 30:
+            save()
+            saved_at = time.monotonic()
+    save()
+    counts.update(found)
     return {p: counts[p] for p in paths}
 
 
 def _by_folder(paths):
+    """{folder: {file name: path as given}}; "" for the current folder."""
     folders = {}
     for path in paths:
         folder, name = os.path.split(path)
-        folders.setdefault(folder or ".", []).append(name)
+        folders.setdefault(folder, {})[name] = path
     return folders
 
 
@@ -210,7 +217,7 @@ def _save_counts(folder, cache_dir, counts):
     entries = {n: {"samples": c, "stamp": _stamp(os.path.join(folder, n))} for n, c in counts.items()}
     for path in (os.path.join(folder, COUNTS_FILE), _cache_file(folder, cache_dir)):
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             old = _read_json(path).get("files", {}) if os.path.exists(path) else {}
             tmp = f"{path}.{os.getpid()}.tmp"
             with open(tmp, "w", encoding="utf-8") as f:

@@ -209,6 +209,32 @@ def test_counting_pass_is_saved_and_reused(tmp_path, monkeypatch):
     assert counted == [str(tmp_path / "00002.tar")]
 
 
+def test_a_killed_counting_pass_keeps_what_it_counted(tmp_path, monkeypatch):
+    write_shards(tmp_path, pairs(8), per_shard=2)
+    os.remove(tmp_path / "sizes.json")
+    monkeypatch.chdir(tmp_path)  # a spec relative to the current folder
+    clock = iter(range(0, 10**6, 100))
+    monkeypatch.setattr(sources.time, "monotonic", lambda: next(clock))  # 100 s per shard: saves after each
+    real, calls = sources.count_tar_samples, []
+
+    def killed_at_the_third(path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(sources, "count_tar_samples", killed_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        sources.list_units("{00000..00003}.tar", progress=False)
+    saved = json.loads((tmp_path / sources.COUNTS_FILE).read_text())["files"]
+    assert {name: entry["samples"] for name, entry in saved.items()} == {"00000.tar": 2, "00001.tar": 2}
+    calls.clear()
+    monkeypatch.setattr(sources, "count_tar_samples", lambda path: calls.append(path) or real(path))
+    assert sources.list_units("{00000..00003}.tar", progress=False) == [
+        sources.Unit(f"{i:05d}.tar", -1, 2) for i in range(4)]
+    assert calls == ["00002.tar", "00003.tar"]  # the restart counts only what was left
+
+
 def test_counting_pass_in_a_read_only_folder_goes_to_cache_dir(tmp_path, monkeypatch, capsys):
     write_shards(tmp_path / "shards", pairs(4), per_shard=2)
     os.remove(tmp_path / "shards" / "sizes.json")
@@ -522,3 +548,48 @@ def test_real_img2dataset_output_reads_exactly_its_successes(tmp_path, monkeypat
     assert sorted((s["key"], s["text"]) for s in samples) == sorted(successes)
     assert [s["image"] for s in samples] == [s["jpg"] for s in webdataset_samples(tars)]
     assert all(Image.open(io.BytesIO(s["image"])).size == (32, 32) for s in samples)  # resized by img2dataset
+
+
+# ---------------------------------------------------------------------------------------------------
+# Through the engine the trainer uses: the same pairs as tar and as parquet give the same epoch
+# ---------------------------------------------------------------------------------------------------
+
+def test_same_pairs_as_tar_and_as_parquet_give_the_same_epoch(tmp_path):
+    import shards
+    from augment import TrainTransform
+
+    # 25 real-photo pairs as make_data's tar shards (txt captions) and as Kaichengalex/YFCC15M's parquet
+    # (Image struct, float32 token blocks from open_clip): 10 + 10 + 5 samples either way.
+    n = 25
+    write_shards(tmp_path / "tar", ((f"{i:06d}", {"jpg": hub_photo(i), "txt": caption(i)}) for i in range(n)), per_shard=10)
+    parquet = str(tmp_path / "parquet" / "train-00001-of-00001.parquet")
+    write_yfcc15m_file(parquet, [(hub_photo(i), token_blocks(i)) for i in range(n)], row_group_size=10)
+    as_tar = sources.list_units(str(tmp_path / "tar" / "{00000..00002}.tar"), progress=False)
+    as_parquet = sources.list_units(parquet, progress=False)
+    assert [u.samples for u in as_tar] == [u.samples for u in as_parquet] == [10, 10, 5]
+
+    def epoch(units, epoch_index):
+        loader = shards.Loader(units, TrainTransform(24, "moco"), batch_size=4, streams=2, seed=3, window=5)
+        batches = list(loader.epoch_batches(epoch_index))
+        plan = loader.plan(epoch_index)
+        pair_ids = []  # which of the 25 pairs each position is: the unit's first pair + the index inside it
+        for raw in torch.cat([b["positions"] for b in batches]).tolist():
+            u, inside = plan.locate(raw)
+            unit = plan.units[u]
+            first = 10 * (unit.row_group if unit.row_group >= 0 else int(os.path.basename(unit.path)[:5]))
+            pair_ids.append(first + inside)
+        return batches, pair_ids
+
+    for epoch_index in (0, 1):
+        tar_batches, tar_pairs = epoch(as_tar, epoch_index)
+        parquet_batches, parquet_pairs = epoch(as_parquet, epoch_index)
+        assert len(tar_batches) == len(parquet_batches) == 6  # 2 streams x 12 positions, 2 per stream and step
+        assert tar_pairs == parquet_pairs and len(set(tar_pairs)) == 24  # the same pairs in the same order
+        for a, b in zip(tar_batches, parquet_batches):
+            assert torch.equal(a["positions"], b["positions"]) and bool(a["valid"].all())
+            assert torch.equal(a["images"], b["images"])  # the same decoded, cropped pixels
+            assert torch.equal(a["tokens"], b["tokens"])  # txt tokenised == the stored first token block
+            assert torch.equal(a["params"], b["params"])  # the same augmentation
+        expected = open_clip.tokenize([caption(i) for i in tar_pairs])
+        assert torch.equal(torch.cat([b["tokens"] for b in tar_batches]), expected)
+    assert tar_pairs != epoch(as_tar, 0)[1]  # epochs differ
