@@ -25,6 +25,7 @@ import sys
 import tarfile
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -41,6 +42,7 @@ SKIP_REASONS = ("no_image", "bad_image", "no_caption", "bad_caption", "truncated
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # the first present is the sample's image
 VOCAB_SIZE, END_OF_TEXT = 49408, 49407  # CLIP's BPE vocabulary (REFERENCE.md section 6)
 COUNTS_FILE = ".pi_counts.json"  # the counting pass's result, beside the shards or in cache_dir
+COUNTING_THREADS = 8
 PARQUET_BATCH_ROWS = 256  # rows decoded from parquet at a time: bounds a reader's memory
 
 
@@ -160,13 +162,19 @@ def _tar_counts(paths, cache_dir, progress):
         for folder, names in _by_folder(found).items():
             _save_counts(folder, cache_dir, {name: found[path] for name, path in names.items()})
 
-    for path in tqdm(to_count, desc="counting samples (once; the result is saved)", unit="shard",
-                     disable=not progress or not to_count, file=sys.stderr):
-        found[path] = count_tar_samples(path)
-        if time.monotonic() - saved_at > 30:
-            save()
-            saved_at = time.monotonic()
-    save()
+    # Threads: on network or cold disks the pass waits on reads, which release the GIL.
+    pool = ThreadPoolExecutor(COUNTING_THREADS)
+    try:
+        for path, samples in zip(to_count, tqdm(pool.map(count_tar_samples, to_count), total=len(to_count),
+                                                desc="counting samples (once; the result is saved)", unit="shard",
+                                                disable=not progress or not to_count, file=sys.stderr)):
+            found[path] = samples
+            if time.monotonic() - saved_at > 30:
+                save()
+                saved_at = time.monotonic()
+    finally:  # also on Ctrl-C: keep what was counted, drop the queue
+        pool.shutdown(wait=False, cancel_futures=True)
+        save()
     counts.update(found)
     return {p: counts[p] for p in paths}
 
