@@ -318,7 +318,8 @@ def test_undecodable_tar_caption_is_a_bad_caption(tmp_path):
 # Written with pyarrow as the Hugging Face `datasets` library writes them (its features/image.py,
 # features/features.py, arrow_writer.py): an Image feature is struct<bytes: binary, path: string>, a
 # Sequence(Value("float32")) is list<float32>, every field nullable, and the features are stored as
-# JSON under the schema metadata key "huggingface"; image datasets get 100-row row groups
+# JSON under the schema metadata key "huggingface" (datasets 2.x-3.x name a list feature "Sequence", 4.x
+# "List"; readers ignore the key); image datasets get 100-row row groups
 # (config.PARQUET_ROW_GROUP_SIZE_FOR_IMAGE_DATASETS; 10 here, to get several from few rows).
 
 HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
