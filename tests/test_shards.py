@@ -8,7 +8,8 @@ accumulation give bit-identical batches; a resumed epoch never opens a fully con
 overwritten with garbage before resuming); bad data is skipped and counted by reason, exactly as
 the damage was made; mostly bad shards stop with an error naming them; train_clip.py killed and
 resumed with 3 workers instead of 2 ends bit-identical, and resumed on 2 ranks instead of 1 takes the
-same steps (losses and weights equal to reduction-order tolerance).
+same steps (losses and weights equal to reduction-order tolerance); the loss of padded batches whose
+good rows differ between ranks has the gradient of one large batch of the good rows alone.
 """
 import collections
 import io
@@ -144,7 +145,24 @@ def rank_epoch(out):
     batches = [{"positions": b["positions"].tolist(), "tokens": b["tokens"].tolist(), "skipped": b["skipped"].tolist()}
                for b in ours.epoch_batches(0)]
     Path(f"{out}.{d.rank}").write_text(json.dumps(batches))
+    # The loss of padded batches whose good rows differ between ranks (3 and 1 of 4): gradients of
+    # this rank's features, for the test to hold against one process's loss over the good rows alone.
+    import train_clip
+
+    images, texts, valid = padded_features()
+    mine = slice(4 * d.rank, 4 * d.rank + 4)
+    image, text = images[mine].clone().requires_grad_(), texts[mine].clone().requires_grad_()
+    loss = train_clip.contrastive_loss(image, text, torch.tensor(10.0), valid[mine])
+    loss.backward()  # through the all-gather: the sum over ranks' losses, which DDP then averages
+    torch.save({"loss": loss.detach(), "image": image.grad, "text": text.grad}, f"{out}.grad{d.rank}")
     common.cleanup_distributed()
+
+
+def padded_features():
+    g = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    return images, texts, torch.tensor([True, True, False, True, True, False, False, False])
 
 
 def test_each_good_sample_once_per_epoch_over_two_ranks_and_two_workers(tmp_path):
@@ -184,6 +202,20 @@ def test_each_good_sample_once_per_epoch_over_two_ranks_and_two_workers(tmp_path
     expected_skips = collections.Counter(damage[index_of[raw]] for raw in read if index_of[raw] in damage)
     assert +skipped == expected_skips and sum(expected_skips.values()) >= 10
     assert len(seen) + sum(skipped.values()) + plan.dropped == 54
+
+    # The loss over padded batches: the gradient of the large batch of the 4 good rows alone.
+    import train_clip
+
+    images, texts, valid = padded_features()
+    good_images, good_texts = images[valid].clone().requires_grad_(), texts[valid].clone().requires_grad_()
+    reference = train_clip.contrastive_loss(good_images, good_texts, torch.tensor(10.0))  # no padding at all
+    reference.backward()
+    grads = [torch.load(f"{tmp_path / 'out'}.grad{r}", weights_only=True) for r in range(2)]
+    assert abs(sum(g["loss"] for g in grads) / 2 - reference.item()) < 1e-6  # the loop's all-reduced loss
+    for key, good in (("image", good_images.grad), ("text", good_texts.grad)):
+        ours = torch.cat([grads[0][key], grads[1][key]])
+        torch.testing.assert_close(ours[valid] / 2, good, atol=1e-6, rtol=1e-5)  # DDP divides by world size
+        assert torch.equal(ours[~valid], torch.zeros_like(ours[~valid]))  # padding gets no gradient
 
 
 def test_resume_never_opens_a_consumed_shard(tmp_path):
