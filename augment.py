@@ -137,8 +137,7 @@ def adjust_hue(x, shift):
     """Rotate the hue of each image by shift[i] (a fraction of the circle): RGB -> HSV, shift H, back.
     HSV -> RGB in closed form: channel n in (R, G, B) = V - V*S*clamp(min(k, 4 - k), 0, 1) with
     k = (n' + 6H) mod 6, n' = (5, 3, 1); V*S is max - min."""
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
+    maxc, minc = x.amax(1), x.amin(1)
     delta = maxc - minc  # (n, H, W)
     d = torch.where(delta > 0, delta, torch.ones_like(delta))
     r, g, b = ((maxc - x[:, c]) / d for c in range(3))

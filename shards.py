@@ -141,11 +141,11 @@ class _Stream:
 
 
 class _RankPieces(torch.utils.data.IterableDataset):
-    """What runs in each DataLoader worker (or in the main process without workers): the pieces of
-    this rank's batches from the worker's own streams. Every worker yields the same number of items
-    per step (empty ones where it has fewer pieces), so the DataLoader's round robin stays aligned
-    with steps. (epoch, first step) is read from shared memory at each iteration's start, so
-    persistent workers follow the main process from epoch to epoch."""
+    """What runs in each DataLoader worker (or in the main process without workers): for each step,
+    the samples of the worker's own streams, packed into pieces of at most one micro-batch. Every
+    worker yields the same number of pieces per step (empty ones where it has fewer), so the
+    DataLoader's round robin stays aligned with steps. (epoch, first step) is read from shared
+    memory at each iteration's start, so persistent workers follow the main process."""
 
     def __init__(self, work):
         super().__init__()
@@ -156,39 +156,43 @@ class _RankPieces(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         epoch, start = self.state.tolist()
-        loader = self.work
-        plan = loader.plan(epoch)
-        mine = loader.local_streams[worker::workers]
-        per_step = math.ceil(len(loader.local_streams) / workers) * loader.chunks
-        readers = {s: _Stream(plan, s, loader.read_kwargs) for s in mine}
+        work = self.work
+        plan = work.plan(epoch)
+        groups = work.groups(worker, workers)
+        per_step = max(len(work.groups(w, workers)) for w in range(workers))
+        readers = {s: _Stream(plan, s, work.read_kwargs) for s in work.local_streams[worker::workers]}
         for step in range(start, plan.steps):
-            for s in mine:
-                for chunk in range(loader.chunks):
-                    yield self._piece(plan, readers[s], step, chunk)
-            for _ in range(per_step - len(mine) * loader.chunks):
-                yield {"stream": -1}
+            for group in groups:
+                yield self._piece(plan, readers, step, group)
+            for _ in range(per_step - len(groups)):
+                yield {"parts": [], "step": step}
 
-    def _piece(self, plan, reader, step, chunk):
-        loader, p = self.work, plan.per_stream
-        j0 = step * p + chunk * loader.chunk_size
-        images, tokens, params, positions = [], [], [], []
+    def _piece(self, plan, readers, step, group):
+        """The samples of `group` [(stream, chunk), ...] at `step`, decoded; parts [(stream, chunk,
+        good samples)] tell the main process where each stream's samples lie."""
+        work, p = self.work, plan.per_stream
+        images, tokens, params, positions, parts = [], [], [], [], []
         skipped, bad_sources = [0] * len(SKIP_REASONS), []
-        for raw, sample in reader.take(j0, min(step * p + p, j0 + loader.chunk_size)):
-            item = loader.decode(sample, _seed("sample", plan.seed, plan.epoch, raw))
-            if isinstance(item, str):
-                skipped[SKIP_REASONS.index(item)] += 1
-                if isinstance(sample, dict) and sample.get("source") not in bad_sources:
-                    bad_sources.append(sample.get("source"))
-                continue
-            images.append(item[0])
-            tokens.append(item[1])
-            params.append(item[2])
-            positions.append(raw)
-        size = loader.transform.image_size
+        for stream, chunk in group:
+            j0, good = step * p + chunk * work.chunk_size, 0
+            for raw, sample in readers[stream].take(j0, min(step * p + p, j0 + work.chunk_size)):
+                item = work.decode(sample, _seed("sample", plan.seed, plan.epoch, raw))
+                if isinstance(item, str):
+                    skipped[SKIP_REASONS.index(item)] += 1
+                    if isinstance(sample, dict) and sample.get("source") not in bad_sources:
+                        bad_sources.append(sample.get("source"))
+                    continue
+                images.append(item[0])
+                tokens.append(item[1])
+                params.append(item[2])
+                positions.append(raw)
+                good += 1
+            parts.append((stream, chunk, good))
+        size = work.transform.image_size
         return {
-            "stream": reader.stream, "chunk": chunk, "step": step,
+            "parts": parts, "step": step,
             "images": torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8),
-            "tokens": torch.stack(tokens) if tokens else torch.zeros(0, loader.context_length, dtype=torch.long),
+            "tokens": torch.stack(tokens) if tokens else torch.zeros(0, work.context_length, dtype=torch.long),
             "params": torch.stack(params) if params else torch.zeros(0, NUM_PARAMS),
             "positions": torch.tensor(positions, dtype=torch.long),
             "skipped": torch.tensor(skipped), "bad_sources": bad_sources[:5],
@@ -207,7 +211,22 @@ class _Work:
         per_stream, micro = batch_size // streams, max(1, batch_size // world_size // accum_steps)
         self.chunks = math.ceil(per_stream / micro)  # pieces per stream and step: each <= one micro-batch
         self.chunk_size = math.ceil(per_stream / self.chunks)
+        self.micro = micro
         self._plans = {}
+
+    def groups(self, worker, workers):
+        """A worker's (stream, chunk) pieces of one step, packed greedily, in stream order, into
+        groups of at most one micro-batch: fewer, larger hand-overs between processes."""
+        groups, size = [], self.micro
+        for stream in self.local_streams[worker::workers]:
+            for chunk in range(self.chunks):
+                n = min(self.chunk_size, self.batch_size // self.streams - chunk * self.chunk_size)
+                if size + n > self.micro:
+                    groups.append([])
+                    size = 0
+                groups[-1].append((stream, chunk))
+                size += n
+        return groups
 
     def plan(self, epoch):
         if epoch not in self._plans:
@@ -267,18 +286,21 @@ class Loader:
         self.pieces.state.copy_(torch.tensor([epoch, start_step]))
         pieces = iter(self.dataloader) if self.workers > 0 else iter(self.pieces)
         work, workers = self.work, max(1, self.workers)
-        per_step = workers * math.ceil(len(work.local_streams) / workers) * work.chunks
+        per_step = workers * max(len(work.groups(w, workers)) for w in range(workers))
         for step in range(start_step, plan.steps):
             got, skipped = {}, torch.zeros(len(SKIP_REASONS), dtype=torch.long)
             for _ in range(per_step):
                 piece = next(pieces)
-                if piece["stream"] < 0:
-                    continue
                 assert piece["step"] == step, (piece["step"], step)  # the round robin is in step
+                if not piece["parts"]:
+                    continue
                 skipped += piece["skipped"]
                 self.bad_sources = (self.bad_sources + [s for s in piece["bad_sources"] if s not in self.bad_sources])[-5:]
-                got[piece["stream"], piece["chunk"]] = {k: piece[k].to(self.device, non_blocking=True)
-                                                        for k in ("images", "tokens", "params", "positions")}
+                on_device = {k: piece[k].to(self.device, non_blocking=True) for k in ("images", "tokens", "params", "positions")}
+                first = 0
+                for stream, chunk, n in piece["parts"]:
+                    got[stream, chunk] = {k: v[first:first + n] for k, v in on_device.items()}
+                    first += n
             ordered = [got[s, c] for s in work.local_streams for c in range(work.chunks)]  # canonical order
             batch = {k: torch.cat([o[k] for o in ordered]) for k in ordered[0]}
             n, pad = len(batch["positions"]), self.rank_batch - len(batch["positions"])
