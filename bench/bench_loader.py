@@ -13,7 +13,7 @@ cropped), as YFCC15M's are. Both pipelines decode, augment and tokenise every sa
   webdataset   wds.WebDataset -> shuffle -> decode("pil") -> data.image_transform(224, "moco") (torchvision
                with PIL's blur) -> tokenize -> batched, DataLoader with the same workers.
 Host memory: the peak over the run of the summed PSS (proportional set size: shared pages counted
-once) of the main process and its workers, above the same sum just after the workers started, in
+once) of the main process and its workers, above the same sum just after the first batch (both pipelines hold --shuffle undecoded samples), in
 units of one batch of uint8 images (batch x 3 x S x S bytes). Samples per CPU-second (all processes'
 user + system time) is the measure that survives a shared machine: wall rates there depend on the
 others' load. Prints the ratios last.
@@ -119,7 +119,7 @@ class Watch(threading.Thread):
 def run_kit(spec, args, device_half):
     transform = TrainTransform(args.image_size, "moco")
     loader = shards.Loader(sources.list_units(spec, progress=False), transform, args.batch, args.streams,
-                           workers=args.workers, window=200, device=args.device)
+                           workers=args.workers, window=max(1, args.shuffle // args.streams), device=args.device)
     return ((transform.device(b["images"], b["params"]) if device_half else b["images"], b["tokens"])
             for b in loader.epoch_batches(0))
 
@@ -128,7 +128,7 @@ def run_webdataset(spec, args):
     import webdataset as wds
 
     transform = data.image_transform(args.image_size, "moco")
-    pipeline = (wds.WebDataset(sources.expand_spec(spec), shardshuffle=False, empty_check=False).shuffle(200)
+    pipeline = (wds.WebDataset(sources.expand_spec(spec), shardshuffle=False, empty_check=False).shuffle(max(1, args.shuffle // args.workers))
                 .decode("pil").to_tuple("jpg", "txt").map_tuple(transform, lambda t: data.tokenize([t])[0])
                 .batched(args.batch, partial=False))
     return iter(torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=args.workers))
@@ -162,6 +162,8 @@ def main():
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--shuffle", type=int, default=400, help="undecoded samples held for shuffling, in all "
+                        "(kit: streams x window; webdataset: workers x its buffer), so memory compares batches")
     args = parser.parse_args()
     # The main process only receives batches (and runs the kit's device half when --device cpu). Its
     # copies in several threads spin-wait on a loaded machine: one thread for both pipelines.
