@@ -68,17 +68,32 @@ class TrainTransform:
             raise ValueError(f"unknown augment kind {kind!r}: expected one of {', '.join(KINDS)}")
         self.image_size, self.kind, self.draft = image_size, kind, draft
 
-    def host(self, image, seed):
+    def draw(self, width, height, seed):
+        """A sample's random choices: (crop box in pixels, params, flip). The order of the draws is
+        part of the format: a resumed run must draw the same numbers."""
         rng = random.Random(seed)
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            image = Image.open(io.BytesIO(image))
-        width, height = image.size
         if self.kind == "eval":
             side = min(width, height)
             box = ((width - side) // 2, (height - side) // 2, (width - side) // 2 + side, (height - side) // 2 + side)
         else:
             scale = (0.2, 1.0) if self.kind == "moco" else (0.9, 1.0)
             box = random_resized_crop_box(width, height, scale, (3 / 4, 4 / 3), rng)
+        params, flip = torch.zeros(NUM_PARAMS), False
+        if self.kind == "moco":
+            params[JITTER] = rng.random() < 0.8
+            params[ORDER] = rng.randrange(24)
+            params[BRIGHTNESS], params[CONTRAST], params[SATURATION] = (rng.uniform(0.6, 1.4) for _ in range(3))
+            params[HUE] = rng.uniform(-0.1, 0.1)
+            params[GRAY] = rng.random() < 0.2
+            params[SIGMA] = rng.uniform(0.1, 2.0) if rng.random() < 0.5 else 0.0
+            flip = rng.random() < 0.5
+        return box, params, flip
+
+    def host(self, image, seed):
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            image = Image.open(io.BytesIO(image))
+        width, height = image.size
+        box, params, flip = self.draw(width, height, seed)
         size = self.image_size
         if self.draft and image.format == "JPEG":
             shrink = min((box[2] - box[0]) / size, (box[3] - box[1]) / size)
@@ -86,20 +101,33 @@ class TrainTransform:
                 image.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
                 sx, sy = image.size[0] / width, image.size[1] / height
                 box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-        image = image.convert("RGB")
-        crop = image.resize((size, size), Image.BICUBIC, box=box)
-        params = torch.zeros(NUM_PARAMS)
-        if self.kind == "moco":
-            # The order of draws is part of the format: a resumed run must draw the same numbers.
-            params[JITTER] = rng.random() < 0.8
-            params[ORDER] = rng.randrange(24)
-            params[BRIGHTNESS], params[CONTRAST], params[SATURATION] = (rng.uniform(0.6, 1.4) for _ in range(3))
-            params[HUE] = rng.uniform(-0.1, 0.1)
-            params[GRAY] = rng.random() < 0.2
-            params[SIGMA] = rng.uniform(0.1, 2.0) if rng.random() < 0.5 else 0.0
-            if rng.random() < 0.5:
-                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        crop = image.convert("RGB").resize((size, size), Image.BICUBIC, box=box)
+        if flip:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
         return torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1).contiguous(), params
+
+    def host_encoded(self, image_bytes, seed):
+        """For decoding on the device: a JPEG's header only is read here; -> (bytes as a uint8 tensor,
+        (left, top, right, bottom, flip) float tensor, params), or host()'s result for other images."""
+        image = Image.open(io.BytesIO(image_bytes))
+        if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+            return self.host(image, seed)
+        box, params, flip = self.draw(*image.size, seed)
+        return torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8), torch.tensor([*box, flip], dtype=torch.float), params
+
+    def device_decode(self, jpegs, boxes, device):
+        """JPEGs decoded on `device` (torchvision.io.decode_jpeg: nvjpeg on CUDA), cropped, resized
+        (bicubic, antialiased) and flipped -> uint8 (n, 3, S, S). Close to host(), not bit-equal."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+        out = []
+        for image, (left, top, right, bottom, flip) in zip(decoded, boxes.tolist()):
+            crop = image[:, int(top):int(bottom), int(left):int(right)].unsqueeze(0).float()
+            crop = F.interpolate(crop, size=(self.image_size,) * 2, mode="bicubic", antialias=True, align_corners=False)
+            crop = crop.clamp(0, 255).round().to(torch.uint8)[0]
+            out.append(crop.flip(-1) if flip else crop)
+        return torch.stack(out)
 
     def device(self, images, params):
         """uint8 (B, 3, S, S) and params (B, NUM_PARAMS), both on the device -> float (B, 3, S, S)."""

@@ -172,6 +172,7 @@ class _RankPieces(torch.utils.data.IterableDataset):
         good samples)] tell the main process where each stream's samples lie."""
         work, p = self.work, plan.per_stream
         images, tokens, params, positions, parts = [], [], [], [], []
+        jpegs, boxes, jpeg_rows = [], [], []  # decode_on_device: JPEGs still encoded, and their rows
         skipped, bad_sources = [0] * len(SKIP_REASONS), []
         for stream, chunk in group:
             j0, good = step * p + chunk * work.chunk_size, 0
@@ -182,9 +183,14 @@ class _RankPieces(torch.utils.data.IterableDataset):
                     if isinstance(sample, dict) and sample.get("source") not in bad_sources:
                         bad_sources.append(sample.get("source"))
                     continue
-                images.append(item[0])
-                tokens.append(item[1])
-                params.append(item[2])
+                if len(item) == 4:  # (jpeg, box, tokens, params)
+                    jpegs.append(item[0])
+                    boxes.append(item[1])
+                    jpeg_rows.append(len(positions))
+                else:
+                    images.append(item[0])
+                tokens.append(item[-2])
+                params.append(item[-1])
                 positions.append(raw)
                 good += 1
             parts.append((stream, chunk, good))
@@ -195,7 +201,9 @@ class _RankPieces(torch.utils.data.IterableDataset):
             "tokens": torch.stack(tokens) if tokens else torch.zeros(0, work.context_length, dtype=torch.long),
             "params": torch.stack(params) if params else torch.zeros(0, NUM_PARAMS),
             "positions": torch.tensor(positions, dtype=torch.long),
-            "skipped": torch.tensor(skipped), "bad_sources": bad_sources[:5],
+            "skipped": torch.tensor(skipped), "bad_sources": bad_sources[:5], "jpeg_rows": jpeg_rows,
+            "jpegs": torch.cat(jpegs) if jpegs else torch.zeros(0, dtype=torch.uint8),  # one buffer: one hand-over
+            "jpeg_lengths": [len(j) for j in jpegs], "boxes": torch.stack(boxes) if boxes else torch.zeros(0, 5),
         }
 
 
@@ -203,9 +211,10 @@ class _Work:
     """What a worker needs to know (no DataLoader inside: workers are forked copies of it)."""
 
     def __init__(self, units, transform, batch_size, streams, rank, world_size, accum_steps, seed, window,
-                 context_length, image_column, text_column):
+                 context_length, image_column, text_column, decode_on_device=False):
         self.units, self.transform, self.batch_size, self.streams = list(units), transform, batch_size, streams
         self.seed, self.window, self.context_length = seed, max(1, window), context_length
+        self.decode_on_device = decode_on_device
         self.read_kwargs = {"image_column": image_column, "text_column": text_column}
         self.local_streams = list(range(rank, streams, world_size))
         per_stream, micro = batch_size // streams, max(1, batch_size // world_size // accum_steps)
@@ -243,6 +252,11 @@ class _Work:
         if isinstance(tokens, str):
             return tokens
         try:
+            if self.decode_on_device:
+                encoded = self.transform.host_encoded(sample["image"], seed)
+                if len(encoded) == 3:  # a JPEG, still encoded, with its crop box: decoded on the device
+                    return encoded[0], encoded[1], tokens, encoded[2]
+                return encoded[0], tokens, encoded[1]
             image, params = self.transform.host(sample["image"], seed)
         except Exception:  # PIL raises many types for corrupt data; the sample is counted and skipped
             return "bad_image"
@@ -255,17 +269,20 @@ class Loader:
     "positions": (n,) raw positions (-1: padding), "skipped": (len(SKIP_REASONS),), "step": int}, on
     `device`, n = batch_size / world_size always (padded after bad samples). batch_size is GLOBAL.
 
+    `decode_on_device`: workers send JPEGs undecoded (with their crop boxes) and torchvision.io.decode_jpeg
+    decodes them on `device` (nvjpeg on CUDA); other images are decoded in the workers as usual.
+
     Host memory: workers hand over pieces of at most one micro-batch (batch_size / world_size /
     accum_steps) that go to the device one by one; at most `prefetch` pieces wait per worker."""
 
     def __init__(self, units, transform, batch_size, streams=64, rank=0, world_size=1, workers=0, accum_steps=1,
                  seed=0, window=1000, context_length=77, device="cpu", image_column="images", text_column="texts",
-                 prefetch=2):
+                 prefetch=2, decode_on_device=False):
         if batch_size % streams or streams % world_size:
             raise ValueError(f"streams ({streams}) must divide batch_size ({batch_size}) and be divisible by the "
                              f"number of ranks ({world_size}): set streams to e.g. {math.gcd(batch_size, 64)}")
         self.work = _Work(units, transform, batch_size, streams, rank, world_size, accum_steps, seed, window,
-                          context_length, image_column, text_column)
+                          context_length, image_column, text_column, decode_on_device)
         self.transform, self.rank, self.workers = transform, rank, workers
         self.device, self.rank_batch = torch.device(device), batch_size // world_size
         self.pieces = _RankPieces(self.work)
@@ -280,6 +297,18 @@ class Loader:
     @property
     def steps_per_epoch(self):
         return self.plan(0).steps  # the same every epoch: it depends on the total count only
+
+    def _decode_on_device(self, piece, host_images):
+        """A piece's rows in order: those decoded in the worker, and its JPEGs decoded here."""
+        rows, n = torch.tensor(piece["jpeg_rows"]), len(piece["positions"])
+        size = self.transform.image_size
+        images = torch.empty((n, 3, size, size), dtype=torch.uint8, device=self.device)
+        on_host = torch.ones(n, dtype=torch.bool)
+        on_host[rows] = False
+        images[on_host.to(self.device)] = host_images
+        jpegs = list(piece["jpegs"].split(piece["jpeg_lengths"]))
+        images[rows.to(self.device)] = self.transform.device_decode(jpegs, piece["boxes"], self.device)
+        return images
 
     def epoch_batches(self, epoch, start_step=0):
         plan = self.plan(epoch)
@@ -297,6 +326,8 @@ class Loader:
                 skipped += piece["skipped"]
                 self.bad_sources = (self.bad_sources + [s for s in piece["bad_sources"] if s not in self.bad_sources])[-5:]
                 on_device = {k: piece[k].to(self.device, non_blocking=True) for k in ("images", "tokens", "params", "positions")}
+                if piece["jpeg_rows"]:
+                    on_device["images"] = self._decode_on_device(piece, on_device["images"])
                 first = 0
                 for stream, chunk, n in piece["parts"]:
                     got[stream, chunk] = {k: v[first:first + n] for k, v in on_device.items()}
@@ -335,6 +366,7 @@ def check(argv=None):
     parser.add_argument("--text_column", default="texts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epoch", type=int, default=0)
+    parser.add_argument("--decode_on_device", action="store_true", help="JPEGs decoded on --device (nvjpeg on cuda)")
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
@@ -343,7 +375,8 @@ def check(argv=None):
         streams = math.gcd(args.streams, args.batch_size)
         loader = Loader(units, TrainTransform(args.image_size, args.augment), args.batch_size, streams,
                         workers=args.workers, seed=args.seed, window=args.shuffle_buffer, device=args.device,
-                        image_column=args.image_column, text_column=args.text_column)
+                        image_column=args.image_column, text_column=args.text_column,
+                        decode_on_device=args.decode_on_device)
         plan = loader.plan(args.epoch)
         print(f"{len(units)} units, {plan.total} samples: {plan.steps} batches of {args.batch_size} an epoch over "
               f"{streams} streams ({plan.dropped} left over)", file=sys.stderr)

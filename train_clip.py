@@ -65,6 +65,7 @@ class Config:
     streams: int = 64  # canonical data streams: fix the sample order for any ranks / workers (shards.py);
     #                    must divide batch_size and be divisible by the number of ranks
     shuffle_buffer: int = 1000  # each stream permutes its samples in windows of this many (held undecoded)
+    decode_on_device: bool = False  # cuda: JPEGs decoded by nvjpeg (torchvision.io.decode_jpeg), not in the workers
     eval_every: int = 0  # steps between evaluations (0: only at the end)
     eval_tasks: str = ""  # comma-separated zero-shot tasks, e.g. "cifar100,cifar10"
     eval_data_root: str = ""
@@ -236,7 +237,7 @@ def main(argv):
     shape = model_config(cfg.model)
     loader = shards.Loader(units, TrainTransform(shape.image_size, cfg.augment), cfg.batch_size, cfg.streams, d.rank,
                            world, cfg.workers, cfg.accum_steps, cfg.seed, cfg.shuffle_buffer, shape.context_length,
-                           d.device, cfg.image_column, cfg.text_column)
+                           d.device, cfg.image_column, cfg.text_column, decode_on_device=cfg.decode_on_device)
     plan = loader.plan(0)
     steps_per_epoch = plan.steps
     if steps_per_epoch == 0:

@@ -4,7 +4,8 @@ Proves: the loader's samples are webdataset's bytes through the transform, at th
 plan names; every good sample comes exactly once per epoch over 2 gloo ranks x 2 workers, in the
 same global batches as one process without workers (the order depends on (seed, epoch) only), the
 short last batch and the left-over positions dropped and counted; 0, 2 or 3 workers and any
-accumulation give bit-identical batches; a resumed epoch never opens a fully consumed shard (they are
+accumulation give bit-identical batches; JPEGs decoded on the device (torchvision.io.decode_jpeg)
+give the same samples; a resumed epoch never opens a fully consumed shard (they are
 overwritten with garbage before resuming); bad data is skipped and counted by reason, exactly as
 the damage was made; mostly bad shards stop with an error naming them; train_clip.py killed and
 resumed with 3 workers instead of 2 ends bit-identical, and resumed on 2 ranks instead of 1 takes the
@@ -239,6 +240,29 @@ def test_resume_never_opens_a_consumed_shard(tmp_path):
     for a, b in zip(rest, full[start:]):
         assert torch.equal(a["images"], b["images"]) and torch.equal(a["tokens"], b["tokens"])
         assert a["skipped"].sum() == 0
+
+
+def test_decoding_on_the_device_gives_the_same_samples(tmp_path):
+    """decode_on_device: JPEGs go to the main process encoded and torchvision.io.decode_jpeg decodes them
+    (nvjpeg on CUDA; its CPU decoder here); a PNG among them is decoded in the worker as usual."""
+    def pairs():
+        for i in range(40):
+            if i % 5:
+                yield f"{i:05d}", {"jpg": photo_jpeg(i, size=120), "txt": caption(i)}
+            else:
+                buffer = io.BytesIO()
+                Image.open(io.BytesIO(photo_jpeg(i, size=120))).save(buffer, "PNG")
+                yield f"{i:05d}", {"png": buffer.getvalue(), "txt": caption(i)}
+
+    write_shards(tmp_path, pairs(), per_shard=10)
+    spec, transform = str(tmp_path / "{00000..00003}.tar"), TrainTransform(48, "moco", draft=False)
+    plain = epoch(loader(spec, transform=transform))
+    on_device = epoch(loader(spec, transform=transform, workers=2, decode_on_device=True))
+    assert len(plain) == len(on_device) == 5
+    for a, b in zip(plain, on_device):
+        for key in ("positions", "params", "tokens", "valid"):
+            assert torch.equal(a[key], b[key]), key
+        assert (a["images"].float() - b["images"].float()).abs().mean() < 3  # grey levels: another resize
 
 
 def test_mostly_bad_shards_stop_with_an_error_naming_them(tmp_path):
