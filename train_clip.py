@@ -35,6 +35,7 @@ from model import check_state_dict, create_model, model_config, read_checkpoint
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "configs" / "yfcc15m.yaml"
+ORDER_KEYS = ("seed", "batch_size", "streams", "shuffle_buffer")  # with the units' counts, they fix the data order
 
 
 @dataclass
@@ -272,11 +273,12 @@ def main(argv):
         scaler.load_state_dict(state["scaler"])
         common.set_rng_state(state["rng"])
         step, position = state["step"], state["data_position"]
-        for key in ("train_data", "seed", "batch_size", "streams", "shuffle_buffer"):  # what fixes the order
-            if state["config"].get(key) != getattr(cfg, key):
-                raise ValueError(f"{ckpt_path} was written with {key}={state['config'].get(key)!r}, now {key}="
-                                 f"{getattr(cfg, key)!r}: the data order would change. Resume with the same {key}, or "
-                                 "start a fresh out_dir")
+        saved_data = {**{k: state["config"].get(k) for k in ORDER_KEYS}, "units": state.get("data_units"),
+                      "samples": state.get("data_samples")}
+        for key, now in {**{k: getattr(cfg, k) for k in ORDER_KEYS}, "units": len(units), "samples": plan.total}.items():
+            if saved_data[key] != now:  # the data may move (train_data), not change
+                raise ValueError(f"{ckpt_path} was written with {key}={saved_data[key]!r}, now {key}={now!r}: the data "
+                                 f"order would change. Resume with the same {key if key in ORDER_KEYS else 'data'}, or start a fresh out_dir")
         if d.is_main:  # the saved count is the sum over ranks: one rank carries it on
             skipped += torch.tensor([state["samples_skipped"][r] for r in shards.SKIP_REASONS], dtype=torch.float64)
     train_model = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.enabled else model
@@ -290,7 +292,7 @@ def main(argv):
                 "config": dataclasses.asdict(cfg), "metrics": metrics, "step": step,
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": common.rng_state(),
                 "schedule": {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "total_steps": total_steps},
-                "data_position": dict(position),
+                "data_position": dict(position), "data_units": len(units), "data_samples": plan.total,
                 "samples_skipped": dict(zip(shards.SKIP_REASONS, map(int, skipped_total))),
             }, ckpt_path)
         return skipped_total
@@ -298,7 +300,8 @@ def main(argv):
     # --- the loop ---------------------------------------------------------------------------------
     if d.is_main:
         log.write({**common.run_header(cfg), "resumed_from_step": step, "total_steps": total_steps,
-                   "steps_per_epoch": steps_per_epoch, "world_size": world, "precision": precision,
+                   "steps_per_epoch": steps_per_epoch, "samples_per_epoch": plan.total, "dropped_per_epoch": plan.dropped,
+                   "world_size": world, "precision": precision,
                    "params": model.num_params()})
     bar = tqdm(total=total_steps, initial=step, disable=not d.is_main, desc="train", dynamic_ncols=True)
     epoch, metrics = position["epoch"], {}
