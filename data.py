@@ -5,7 +5,7 @@ Sections, in the order a sample meets them:
   transforms    image preprocessing for training and evaluation (CLIP's mean / std)
   NIGHTS        2AFC triplets with human votes in DreamSim's layout (stage 1)
   benchmark     zero-shot task folders in CLIP_benchmark's on-disk format (evaluation)
-Stage 2's streaming tar-shard loader is a file of its own, shards.py.
+Stage 2's streaming loader is shards.py (formats: sources.py; its augmentation: augment.py).
 
 model.py never imports this file and this file never imports model.py: the data side and the model
 side meet only in the three scripts.
@@ -23,7 +23,7 @@ import ftfy
 import numpy as np
 import regex
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision import transforms as T
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -172,6 +172,13 @@ def _to_rgb(image):
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
+def _pil_gaussian_blur(image):
+    """MoCo v2's blur: PIL's Gaussian (a standard deviation in pixels) with sigma uniform in [0.1, 2.0],
+    drawn from torch's generator like torchvision's transforms."""
+    sigma = 0.1 + 1.9 * torch.rand(()).item()
+    return image.filter(ImageFilter.GaussianBlur(sigma))
+
+
 def image_transform(image_size, kind="eval"):
     """PIL image -> normalised float tensor (3, image_size, image_size).
 
@@ -192,13 +199,14 @@ def image_transform(image_size, kind="eval"):
     elif kind == "nights":
         steps = [T.Resize((image_size, image_size), interpolation=bicubic)]
     elif kind == "moco":
-        # blur kernel ~10% of the image, odd, as in MoCo v2 (23 px at 224).
-        kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)
+        # MoCo v2 blurs with PIL (moco/loader.py GaussianBlur: ImageFilter.GaussianBlur(sigma)), ~5x
+        # faster than torchvision's 23-px kernel. Stage 2 itself runs augment.TrainTransform, the
+        # same augmentation split between the loader's workers and the device.
         steps = [
             T.RandomResizedCrop(image_size, scale=(0.2, 1.0), interpolation=bicubic),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             T.RandomGrayscale(p=0.2),
-            T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
+            T.RandomApply([_pil_gaussian_blur], p=0.5),
             T.RandomHorizontalFlip(),
         ]
     else:

@@ -1,316 +1,408 @@
-"""Stage 2's streaming loader: image-text tar shards in the webdataset / img2dataset format.
+"""Stage 2's streaming engine: units of image-text data -> one rank's batches, epoch by epoch.
 
-  loader = ShardLoader(expand_shards("/data/{00000..01499}.tar"), transform, batch_size=256, workers=8)
+  units = sources.list_units("/data/yfcc15m/{00000..01499}.tar")           # or parquet files
+  loader = Loader(units, TrainTransform(224, "moco"), batch_size=6144, streams=64, workers=8)
+  for batch in loader.epoch_batches(epoch, start_step):                    # uint8 images on the device
+      images = loader.transform.device(batch["images"], batch["params"])   # augmented, normalised
 
-Why a file of its own: it is one self-contained engine that only stage 2 uses (shard lists, tar
-streaming, shuffling, splitting over DDP ranks and DataLoader workers, exact mid-epoch positions,
-counting bad data), and beside data.py's other readers it would make data.py too long to hold in one's
-head. Like data.py it knows nothing of the model.
+  python shards.py SPEC [--batch_size N] [--image_size S] [--augment KIND] [--workers W] [--batches K]
+                        [--device D]     # reads K batches as the trainer would; last line: JSON
+
+The order of an epoch is a function of (seed, epoch) and the units' sample counts alone, never of
+the number of ranks or workers (the idea of MosaicML streaming's elastic determinism):
+  - the units are shuffled by (seed, epoch) and laid end to end: N raw positions;
+  - S canonical streams (`streams`) each own a contiguous range of L = N // S positions; inside a
+    stream, positions are permuted in windows of W (`window`, the shuffle buffer) by (seed, epoch,
+    stream, window), a permutation known without reading any data;
+  - global batch g takes positions [g*p, (g+1)*p) of every stream, p = batch_size / S, in stream
+    order; an epoch has L // p steps. The N - S*L positions left over and each stream's short last
+    batch are dropped (EpochPlan.dropped counts them);
+  - rank r serves streams r, r + world, ...; each of its DataLoader workers serves some of those
+    streams and hands over pieces of at most one micro-batch; the rank's batch is put together in
+    stream order, so the number of workers cannot change it;
+  - each sample's augmentation is seeded by (seed, epoch, raw position).
+So the data position is (epoch, step): a resumed run, with any workers, or any ranks that divide S,
+continues the same sample sequence, and skips whole consumed units without opening them (a partly
+consumed one is entered at its first needed sample, sources.read_unit(unit, start)).
+
+Bad samples are skipped and counted by reason (sources.SKIP_REASONS): a batch is then smaller, and
+is padded to its nominal size with `valid` False rows (train_clip's loss masks them). A stream of
+mostly bad samples stops with an error naming the files.
+
+Why a file of its own: stage 2's engine (order, streams, workers, batching, resume, bad-data counts);
+formats live in sources.py, the image pipeline in augment.py. Like data.py it knows nothing of the model.
 """
+import argparse
+import bisect
 import hashlib
-import io
+import json
+import math
 import random
 import sys
-import tarfile
-import zlib
+import time
 
-import regex
 import torch
-from PIL import Image
 
-from data import split_member_name, tokenize
+import sources
+from augment import NUM_PARAMS, TrainTransform
+from sources import SKIP_REASONS
 
-# A shard is a tar whose consecutive members sharing a key form one sample (000123.jpg + 000123.txt).
-# The pipeline, per (rank, worker) stream:
-#   shard list -> this stream's shards (shuffled per epoch, or drawn with replacement) -> tar members
-#   -> samples grouped by key -> shuffle buffer -> [skip samples already consumed] -> decode, augment,
-#   tokenise -> batch.
-# Everything random is drawn from generators seeded by (seed, epoch, rank, stream), and each sample's
-# augmentation by its position in the stream, so (seed, epoch, samples consumed per stream) fixes the
-# rest of an epoch exactly: a resumed run skips the consumed samples without decoding one image.
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-# Why a sample or a shard was skipped. Counted in the workers, sent with every batch, summed over ranks.
-SKIP_REASONS = ("no_image", "no_caption", "bad_image", "bad_caption", "truncated_tar", "unreadable_shard")
-# A stream stops with an error once more than half of at least this many samples failed.
-MIN_SAMPLES_BEFORE_FAILING = 50
-
-
-def expand_shards(spec):
-    """'/d/{000..002}.tar::/e/x-{a,b}.tar.gz' -> ['/d/000.tar', '/d/001.tar', '/d/002.tar', '/e/x-a.tar.gz',
-    '/e/x-b.tar.gz']. Specs are joined by '::'; each may hold several braces, each a zero-padded
-    numeric range {lo..hi} or a list {a,b,c} (bash / braceexpand semantics)."""
-    if isinstance(spec, (list, tuple)):
-        return [path for s in spec for path in expand_shards(s)]
-    paths = []
-    for part in str(spec).split("::"):
-        part = part.strip()
-        if not part:
-            continue
-        match = regex.search(r"\{([^{}]*)\}", part)
-        if match is None:
-            paths.append(part)
-            continue
-        body, head, tail = match.group(1), part[: match.start()], part[match.end():]
-        if regex.fullmatch(r"-?\d+\.\.-?\d+", body):
-            lo, hi = body.split("..")
-            padded = lo.lstrip("-").startswith("0") or hi.lstrip("-").startswith("0")
-            width = max(len(lo), len(hi)) if padded else 0
-            step = 1 if int(hi) >= int(lo) else -1
-            choices = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
-        else:
-            choices = body.split(",")
-        for choice in choices:
-            paths.extend(expand_shards(head + choice + tail))
-    return paths
-
-
-def iter_tar_samples(path, problems=None):
-    """Samples of one (plain or gzipped) tar shard, in file order: dicts {"__key__", "__shard__",
-    ext: bytes}, extensions lower-cased. A shard that cannot be opened or ends early raises an error
-    naming it; with `problems=True` a marker {"__problem__": reason, "__shard__", "__error__"} is
-    yielded instead and the shard ends there (the loader counts it and goes on)."""
-    sample, started = None, False
-    try:
-        with open(path, "rb") as file, tarfile.open(fileobj=file, mode="r|*") as tar:
-            for member in tar:
-                started = True
-                if not member.isfile():
-                    continue
-                key, ext = split_member_name(member.name)
-                if key is None or regex.match(r"__[^/]*__($|/)", member.name):
-                    continue  # webdataset skips names without extension and __meta__ members too
-                # A new key, or an extension the sample already has, starts the next sample. The
-                # finished one goes out before this member is read, so a tar cut inside it keeps it.
-                if sample is not None and (key != sample["__key__"] or ext in sample):
-                    yield sample
-                    sample = None
-                if sample is None:
-                    sample = {"__key__": key, "__shard__": str(path)}
-                sample[ext] = tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        # The sample being read when the tar broke may lack members: it is dropped with the rest.
-        reason = "truncated_tar" if started else "unreadable_shard"
-        if not problems:
-            raise RuntimeError(f"shard {path}: {reason} ({type(e).__name__}: {e})") from e
-        yield {"__problem__": reason, "__shard__": str(path), "__error__": f"{type(e).__name__}: {e}"}
-        return
-    if sample is not None:
-        yield sample
-
-
-def _rng(*parts):
-    """A random.Random seeded by a tuple (string seeds hash deterministically across processes)."""
-    return random.Random(" ".join(map(str, parts)))
+MIN_SAMPLES_BEFORE_FAILING = 50  # a rank stops once more than half of at least this many samples failed
 
 
 def _seed(*parts):
+    """A 64-bit seed from a tuple, the same in every process and on every machine."""
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
 
 
-def _shuffled(items, buffer_size, rng):
-    """Stream shuffle: keep `buffer_size` items, emit a random one as each new one arrives.
-    Problem markers pass straight through (they carry no data and draw no random number)."""
-    buffer = []
-    for item in items:
-        if "__problem__" in item:
-            yield item
-            continue
-        if len(buffer) < buffer_size:
-            buffer.append(item)
-            continue
-        i = rng.randrange(buffer_size)
-        yield buffer[i]
-        buffer[i] = item
-    rng.shuffle(buffer)
-    yield from buffer
+class EpochPlan:
+    """Where every raw position of one epoch goes; computed from counts alone, reads no data."""
+
+    def __init__(self, units, seed, epoch, streams, batch_size, window):
+        self.seed, self.epoch, self.streams, self.window = seed, epoch, streams, window
+        order = list(range(len(units)))
+        random.Random(_seed("units", seed, epoch)).shuffle(order)
+        self.units = [units[i] for i in order]
+        self.starts = [0]  # raw position of each unit's first sample; the last entry is N
+        for unit in self.units:
+            self.starts.append(self.starts[-1] + unit.samples)
+        self.total = self.starts[-1]
+        self.stream_length = self.total // streams  # L
+        self.per_stream = batch_size // streams  # p: each stream's share of a global batch
+        self.steps = self.stream_length // self.per_stream
+        self.used = self.steps * self.per_stream  # positions of a stream that are read
+        self.dropped = self.total - streams * self.used
+
+    def locate(self, raw):
+        """raw position -> (index into self.units, sample index inside it)."""
+        u = bisect.bisect_right(self.starts, raw) - 1
+        return u, raw - self.starts[u]
+
+    def window_order(self, stream, w):
+        """The permutation of window w of a stream: positions w*W + order[i], i = 0, 1, ..."""
+        order = list(range(min(self.window, self.used - w * self.window)))
+        random.Random(_seed("window", self.seed, self.epoch, stream, w)).shuffle(order)
+        return order
+
+    def raw_position(self, stream, j):
+        """The raw position a stream reads j-th (j < self.used)."""
+        w, i = divmod(j, self.window)
+        return stream * self.stream_length + w * self.window + self.window_order(stream, w)[i]
 
 
-class ShardDataset(torch.utils.data.IterableDataset):
-    """Image-text pairs from tar shards: yields (image (3, S, S) float, tokens (T,) long).
+class _Stream:
+    """One stream's reader, inside a worker: holds the current window's raw (undecoded) samples."""
 
-    Iterated directly (e.g. by a DataLoader with workers), it reads each sample of the epoch once,
-    split over DDP ranks and DataLoader workers by shard: non-resampled mode needs at least
-    world_size * workers shards. `resampled=True` draws shards with replacement, without end (set an
-    epoch length with samples_per_epoch in the trainer). `set_epoch(e)` reshuffles shards and buffer.
-    Bad samples are skipped and counted in `self.skipped` (per process; ShardLoader sends worker
-    counts to the main process with every batch).
-    """
+    def __init__(self, plan, stream, read_kwargs):
+        self.plan, self.stream, self.read_kwargs = plan, stream, read_kwargs
+        self.window_index, self.buffer, self.order = None, [], []
+        self.raw, self.next_raw = None, None
+        self.opened = []  # (unit, start) of every sources.read_unit call, for tests and logs
 
-    def __init__(self, shards, transform, tokenize_fn=None, context_length=77, seed=0, epoch=0,
-                 shuffle_buffer=1000, resampled=False, rank=None, world_size=None):
-        super().__init__()
-        self.shards = expand_shards(shards) if isinstance(shards, str) else list(shards)
-        if not self.shards:
-            raise ValueError(f"no shards in {shards!r}")
-        self.transform = transform
-        self.tokenize_fn = tokenize_fn or tokenize
-        self.context_length = context_length
-        self.seed, self.epoch = seed, epoch
-        self.shuffle_buffer = shuffle_buffer
-        self.resampled = resampled
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
-        self.world_size = world_size if world_size is not None else (torch.distributed.get_world_size() if distributed else 1)
-        self.skipped = dict.fromkeys(SKIP_REASONS, 0)
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def shards_of(self, stream, num_streams, pass_index=0):
-        """This rank's `stream`-th share of the shards in one pass. Non-resampled: one shuffle per
-        (seed, epoch, pass), dealt to ranks then streams, so the shares partition the list.
-        Resampled: each stream draws its share's worth of shards with replacement."""
-        if self.resampled:
-            rng = _rng("resample", self.seed, self.epoch, self.rank, stream, pass_index)
-            return [rng.choice(self.shards) for _ in range(max(1, len(self.shards) // (self.world_size * num_streams)))]
-        order = list(self.shards)
-        _rng("shards", self.seed, self.epoch, pass_index).shuffle(order)
-        return order[self.rank :: self.world_size][stream::num_streams]
-
-    def _raw_samples(self, stream, num_streams, passes):
-        """Undecoded samples (and problem markers) of `passes` passes over the share (None: endless)."""
-        pass_index = 0
-        while passes is None or pass_index < passes:
-            found = 0
-            for path in self.shards_of(stream, num_streams, pass_index):
-                for sample in iter_tar_samples(path, problems=True):
-                    found += "__problem__" not in sample
+    def _raw_samples(self, raw):
+        """One item per raw position from `raw` on: the sample dict, or the skip reason of a sample
+        its unit failed to deliver (a unit that breaks off counts each missing sample)."""
+        u, offset = self.plan.locate(raw)
+        for unit in self.plan.units[u:]:
+            delivered, reason = 0, "truncated_shard"
+            if unit.samples > offset:
+                self.opened.append((unit, offset))
+                for sample in sources.read_unit(unit, offset, **self.read_kwargs):
+                    if "problem" in sample:
+                        reason = sample["problem"]
+                        print(f"warning: {sample['source']}: {reason} ({sample['error']}); its remaining "
+                              f"{unit.samples - offset - delivered} sample(s) are skipped", file=sys.stderr)
+                        break
+                    if offset + delivered >= unit.samples:
+                        print(f"warning: {unit.path} holds more samples than its count {unit.samples} "
+                              "(sizes.json / stats); the extra ones are not used", file=sys.stderr)
+                        break
+                    delivered += 1
                     yield sample
-            if passes is None and found == 0:
-                raise RuntimeError(f"stream {stream} of rank {self.rank} found no sample in its shards "
-                                   f"{self.shards_of(stream, num_streams, pass_index)[:5]} ({self.skipped})")
-            pass_index += 1
+            for _ in range(unit.samples - offset - delivered):
+                yield reason
+            offset = 0
 
-    def samples(self, stream=0, num_streams=1, start=0, passes=1):
-        """Yields (index, image, tokens): the stream's samples after the shuffle buffer, numbered
-        from 0; the first `start` are skipped without decoding (how a resumed run catches up)."""
-        if not self.resampled and len(self.shards) < self.world_size * num_streams and passes is None:
-            raise ValueError(f"{len(self.shards)} shard(s) cannot be split over {self.world_size} rank(s) x "
-                             f"{num_streams} worker(s): use fewer workers, more shards, or resampled=true")
-        buffered = _shuffled(self._raw_samples(stream, num_streams, passes), self.shuffle_buffer, _rng("buffer", self.seed, self.epoch, self.rank, stream))
-        index, good, bad = 0, 0, 0
-        for sample in buffered:
-            if "__problem__" in sample:
-                if index >= start:  # problems before `start` were counted by the run that read them
-                    self.skipped[sample["__problem__"]] += 1
-                    print(f"warning: skipping the rest of shard {sample['__shard__']} "
-                          f"({sample['__problem__']}: {sample['__error__']})", file=sys.stderr)
-                continue
-            index += 1
-            if index <= start:
-                continue
-            item = self._decode(sample, _seed(self.seed, self.epoch, self.rank, stream, index - 1))
-            if isinstance(item, str):
-                self.skipped[item] += 1
-                bad += 1
-                if bad >= MIN_SAMPLES_BEFORE_FAILING and bad > good:
-                    raise RuntimeError(
-                        f"most samples fail to load ({bad} bad, {good} good in one stream; {self.skipped}); "
-                        f"last bad: {sample['__key__']} in {sample['__shard__']}. Check the shards: images "
-                        f"({'/'.join(IMAGE_EXTENSIONS)}) and captions (txt) are expected")
-                continue
-            good += 1
-            yield (index - 1, *item)
+    def take(self, j0, j1):
+        """(raw position, sample or skip reason) for the stream's positions j0 <= j < j1."""
+        plan, W = self.plan, self.plan.window
+        for j in range(j0, j1):
+            w, i = divmod(j, W)
+            if w != self.window_index:
+                first = self.stream * plan.stream_length + w * W  # the window's raw range, read in order
+                if self.next_raw != first:
+                    self.raw = self._raw_samples(first)
+                self.order = plan.window_order(self.stream, w)
+                self.buffer = [next(self.raw) for _ in self.order]
+                self.window_index, self.next_raw = w, first + len(self.order)
+            local = self.order[i]
+            sample, self.buffer[local] = self.buffer[local], None  # hand it over, free it here
+            yield self.stream * plan.stream_length + w * W + local, sample
 
-    def _decode(self, sample, seed):
-        """-> (image, tokens), or the skip reason as a string."""
-        image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-        if image_ext is None:
+
+class _RankPieces(torch.utils.data.IterableDataset):
+    """What runs in each DataLoader worker (or in the main process without workers): for each step,
+    the samples of the worker's own streams, packed into pieces of at most one micro-batch. Every
+    worker yields the same number of pieces per step (empty ones where it has fewer), so the
+    DataLoader's round robin stays aligned with steps. (epoch, first step) is read from shared
+    memory at each iteration's start, so persistent workers follow the main process."""
+
+    def __init__(self, work):
+        super().__init__()
+        self.work = work
+        self.state = torch.zeros(2, dtype=torch.long).share_memory_()
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        epoch, start = self.state.tolist()
+        work = self.work
+        plan = work.plan(epoch)
+        groups = work.groups(worker, workers)
+        per_step = max(len(work.groups(w, workers)) for w in range(workers))
+        readers = {s: _Stream(plan, s, work.read_kwargs) for s in work.local_streams[worker::workers]}
+        for step in range(start, plan.steps):
+            for group in groups:
+                yield self._piece(plan, readers, step, group)
+            for _ in range(per_step - len(groups)):
+                yield {"parts": [], "step": step}
+
+    def _piece(self, plan, readers, step, group):
+        """The samples of `group` [(stream, chunk), ...] at `step`, decoded; parts [(stream, chunk,
+        good samples)] tell the main process where each stream's samples lie."""
+        work, p = self.work, plan.per_stream
+        images, tokens, params, positions, parts = [], [], [], [], []
+        jpegs, boxes, jpeg_rows = [], [], []  # decode_on_device: JPEGs still encoded, and their rows
+        skipped, bad_sources = [0] * len(SKIP_REASONS), []
+        for stream, chunk in group:
+            j0, good = step * p + chunk * work.chunk_size, 0
+            for raw, sample in readers[stream].take(j0, min(step * p + p, j0 + work.chunk_size)):
+                item = work.decode(sample, _seed("sample", plan.seed, plan.epoch, raw))
+                if isinstance(item, str):
+                    skipped[SKIP_REASONS.index(item)] += 1
+                    if isinstance(sample, dict) and sample.get("source") not in bad_sources:
+                        bad_sources.append(sample.get("source"))
+                    continue
+                if len(item) == 4:  # (jpeg, box, tokens, params)
+                    jpegs.append(item[0])
+                    boxes.append(item[1])
+                    jpeg_rows.append(len(positions))
+                else:
+                    images.append(item[0])
+                tokens.append(item[-2])
+                params.append(item[-1])
+                positions.append(raw)
+                good += 1
+            parts.append((stream, chunk, good))
+        size = work.transform.image_size
+        return {
+            "parts": parts, "step": step,
+            "images": torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8),
+            "tokens": torch.stack(tokens) if tokens else torch.zeros(0, work.context_length, dtype=torch.long),
+            "params": torch.stack(params) if params else torch.zeros(0, NUM_PARAMS),
+            "positions": torch.tensor(positions, dtype=torch.long),
+            "skipped": torch.tensor(skipped), "bad_sources": bad_sources[:5], "jpeg_rows": jpeg_rows,
+            "jpegs": torch.cat(jpegs) if jpegs else torch.zeros(0, dtype=torch.uint8),  # one buffer: one hand-over
+            "jpeg_lengths": [len(j) for j in jpegs], "boxes": torch.stack(boxes) if boxes else torch.zeros(0, 5),
+        }
+
+
+class _Work:
+    """What a worker needs to know (no DataLoader inside: workers are forked copies of it)."""
+
+    def __init__(self, units, transform, batch_size, streams, rank, world_size, accum_steps, seed, window,
+                 context_length, image_column, text_column, decode_on_device=False):
+        self.units, self.transform, self.batch_size, self.streams = list(units), transform, batch_size, streams
+        self.seed, self.window, self.context_length = seed, max(1, window), context_length
+        self.decode_on_device = decode_on_device
+        self.read_kwargs = {"image_column": image_column, "text_column": text_column}
+        self.local_streams = list(range(rank, streams, world_size))
+        per_stream, micro = batch_size // streams, max(1, batch_size // world_size // accum_steps)
+        self.chunks = math.ceil(per_stream / micro)  # pieces per stream and step: each <= one micro-batch
+        self.chunk_size = math.ceil(per_stream / self.chunks)
+        self.micro = micro
+        self._plans = {}
+
+    def groups(self, worker, workers):
+        """A worker's (stream, chunk) pieces of one step, packed greedily, in stream order, into
+        groups of at most one micro-batch: fewer, larger hand-overs between processes."""
+        groups, size = [], self.micro
+        for stream in self.local_streams[worker::workers]:
+            for chunk in range(self.chunks):
+                n = min(self.chunk_size, self.batch_size // self.streams - chunk * self.chunk_size)
+                if size + n > self.micro:
+                    groups.append([])
+                    size = 0
+                groups[-1].append((stream, chunk))
+                size += n
+        return groups
+
+    def plan(self, epoch):
+        if epoch not in self._plans:
+            self._plans = {epoch: EpochPlan(self.units, self.seed, epoch, self.streams, self.batch_size, self.window)}
+        return self._plans[epoch]
+
+    def decode(self, sample, seed):
+        """A raw sample -> (uint8 image, tokens, params), or the skip reason (a str)."""
+        if isinstance(sample, str):
+            return sample  # a sample its unit did not deliver
+        if sample.get("image") is None:
             return "no_image"
-        if "txt" not in sample:
-            return "no_caption"
+        tokens = sources.caption_tokens(sample, self.context_length)
+        if isinstance(tokens, str):
+            return tokens
         try:
-            caption = sample["txt"].decode("utf-8")
-        except UnicodeDecodeError:
-            return "bad_caption"
-        try:
-            image = Image.open(io.BytesIO(sample[image_ext]))
-            image.load()
-            # Each sample's augmentation has its own seed, so skipping samples on resume does not
-            # shift the augmentation of the ones after; fork_rng leaves the caller's RNG untouched.
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed costs ~1.5 ms
-                image = self.transform(image)
+            if self.decode_on_device:
+                encoded = self.transform.host_encoded(sample["image"], seed)
+                if len(encoded) == 3:  # a JPEG, still encoded, with its crop box: decoded on the device
+                    return encoded[0], encoded[1], tokens, encoded[2]
+                return encoded[0], tokens, encoded[1]
+            image, params = self.transform.host(sample["image"], seed)
         except Exception:  # PIL raises many types for corrupt data; the sample is counted and skipped
             return "bad_image"
-        return image, self.tokenize_fn([caption], self.context_length)[0]
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        stream, num_streams = (info.id, info.num_workers) if info else (0, 1)
-        for _, image, tokens in self.samples(stream, num_streams, passes=None if self.resampled else 1):
-            yield image, tokens
+        return image, tokens, params
 
 
-class _StreamBatches(torch.utils.data.IterableDataset):
-    """What each DataLoader worker runs for ShardLoader: batches of one stream, with the stream's id,
-    its position and the skips since the last batch. Reads (epoch, first batch, positions) from a
-    tensor in shared memory, so persistent workers follow the main process from epoch to epoch."""
+class Loader:
+    """One rank's batches for training: `epoch_batches(epoch, start_step)` yields, for each step,
+    {"images": uint8 (n, 3, S, S), "tokens": (n, T), "params": (n, NUM_PARAMS), "valid": bool (n,),
+    "positions": (n,) raw positions (-1: padding), "skipped": (len(SKIP_REASONS),), "step": int}, on
+    `device`, n = batch_size / world_size always (padded after bad samples). batch_size is GLOBAL.
 
-    def __init__(self, dataset, batch_size, batches_per_epoch, num_streams):
-        super().__init__()
-        self.dataset, self.batch_size = dataset, batch_size
-        self.batches_per_epoch, self.num_streams = batches_per_epoch, num_streams
-        self.state = torch.zeros(2 + num_streams, dtype=torch.long).share_memory_()  # epoch, batch, consumed...
+    `decode_on_device`: workers send JPEGs undecoded (with their crop boxes) and torchvision.io.decode_jpeg
+    decodes them on `device` (nvjpeg on CUDA); other images are decoded in the workers as usual.
 
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker = info.id if info else 0
-        epoch, first_batch, consumed = self.state[0].item(), self.state[1].item(), self.state[2:].tolist()
-        # The DataLoader takes batches from its workers in turn. Batch b of the epoch belongs to
-        # stream b % num_streams; after resuming at batch n, worker w plays stream (w + n) % num_streams.
-        stream = (worker + first_batch) % self.num_streams
-        todo = len(range(stream, self.batches_per_epoch, self.num_streams)) - len(range(stream, first_batch, self.num_streams))
-        self.dataset.set_epoch(epoch)
-        reported = dict(self.dataset.skipped)
-        samples = self.dataset.samples(stream, self.num_streams, start=consumed[stream], passes=None)
-        for _ in range(todo):
-            chunk = [next(samples) for _ in range(self.batch_size)]
-            skipped = torch.tensor([self.dataset.skipped[r] - reported[r] for r in SKIP_REASONS])
-            reported = dict(self.dataset.skipped)
-            yield {
-                "images": torch.stack([c[1] for c in chunk]),  # (B, 3, S, S)
-                "tokens": torch.stack([c[2] for c in chunk]),  # (B, T)
-                "stream": stream,
-                "consumed": chunk[-1][0] + 1,
-                "skipped": skipped,  # (len(SKIP_REASONS),)
-            }
+    Host memory: workers hand over pieces of at most one micro-batch (batch_size / world_size /
+    accum_steps) that go to the device one by one; at most `prefetch` pieces wait per worker."""
+
+    def __init__(self, units, transform, batch_size, streams=64, rank=0, world_size=1, workers=0, accum_steps=1,
+                 seed=0, window=1000, context_length=77, device="cpu", image_column="images", text_column="texts",
+                 prefetch=2, decode_on_device=False):
+        if batch_size % streams or streams % world_size:
+            raise ValueError(f"streams ({streams}) must divide batch_size ({batch_size}) and be divisible by the "
+                             f"number of ranks ({world_size}): set streams to e.g. {math.gcd(batch_size, 64)}")
+        self.work = _Work(units, transform, batch_size, streams, rank, world_size, accum_steps, seed, window,
+                          context_length, image_column, text_column, decode_on_device)
+        self.transform, self.rank, self.workers = transform, rank, workers
+        self.device, self.rank_batch = torch.device(device), batch_size // world_size
+        self.pieces = _RankPieces(self.work)
+        self.dataloader = torch.utils.data.DataLoader(
+            self.pieces, batch_size=None, num_workers=workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None)
+        self.good, self.bad, self.bad_sources = 0, 0, []
+
+    def plan(self, epoch):
+        return self.work.plan(epoch)
+
+    @property
+    def steps_per_epoch(self):
+        return self.plan(0).steps  # the same every epoch: it depends on the total count only
+
+    def _decode_on_device(self, piece, host_images):
+        """A piece's rows in order: those decoded in the worker, and its JPEGs decoded here."""
+        rows, n = torch.tensor(piece["jpeg_rows"]), len(piece["positions"])
+        size = self.transform.image_size
+        images = torch.empty((n, 3, size, size), dtype=torch.uint8, device=self.device)
+        on_host = torch.ones(n, dtype=torch.bool)
+        on_host[rows] = False
+        images[on_host.to(self.device)] = host_images
+        jpegs = list(piece["jpegs"].split(piece["jpeg_lengths"]))
+        images[rows.to(self.device)] = self.transform.device_decode(jpegs, piece["boxes"], self.device)
+        return images
+
+    def epoch_batches(self, epoch, start_step=0):
+        plan = self.plan(epoch)
+        self.pieces.state.copy_(torch.tensor([epoch, start_step]))
+        pieces = iter(self.dataloader) if self.workers > 0 else iter(self.pieces)
+        work, workers = self.work, max(1, self.workers)
+        per_step = workers * max(len(work.groups(w, workers)) for w in range(workers))
+        for step in range(start_step, plan.steps):
+            got, skipped = {}, torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+            for _ in range(per_step):
+                piece = next(pieces)
+                assert piece["step"] == step, (piece["step"], step)  # the round robin is in step
+                if not piece["parts"]:
+                    continue
+                skipped += piece["skipped"]
+                self.bad_sources = (self.bad_sources + [s for s in piece["bad_sources"] if s not in self.bad_sources])[-5:]
+                on_device = {k: piece[k].to(self.device, non_blocking=True) for k in ("images", "tokens", "params", "positions")}
+                if piece["jpeg_rows"]:
+                    on_device["images"] = self._decode_on_device(piece, on_device["images"])
+                first = 0
+                for stream, chunk, n in piece["parts"]:
+                    got[stream, chunk] = {k: v[first:first + n] for k, v in on_device.items()}
+                    first += n
+            ordered = [got[s, c] for s in work.local_streams for c in range(work.chunks)]  # canonical order
+            batch = {k: torch.cat([o[k] for o in ordered]) for k in ordered[0]}
+            n, pad = len(batch["positions"]), self.rank_batch - len(batch["positions"])
+            self.good, self.bad = self.good + n, self.bad + int(skipped.sum())
+            if self.bad >= MIN_SAMPLES_BEFORE_FAILING and self.bad > self.good:
+                raise RuntimeError(f"most samples fail to load ({self.bad} bad, {self.good} good on rank {self.rank}; "
+                                   f"{dict(zip(SKIP_REASONS, skipped.tolist()))} in the last batch), e.g. in "
+                                   f"{', '.join(map(str, self.bad_sources))}. Check the data: images and captions")
+            if pad:
+                batch = {k: torch.cat([v, v.new_full((pad, *v.shape[1:]), -1 if k == "positions" else 0)]) for k, v in batch.items()}
+            batch["valid"] = batch["positions"] >= 0
+            yield {**batch, "skipped": skipped, "step": step}
 
 
-class ShardLoader:
-    """One rank's batches for training, epoch by epoch, resumable mid-epoch.
+# ---------------------------------------------------------------------------------------------------
+# The check command: read batches as the trainer would, before renting GPUs
+# ---------------------------------------------------------------------------------------------------
 
-    Each epoch is `batches_per_epoch` batches of `batch_size` (this rank's share). The position is
-    (epoch, batches consumed, samples consumed per stream), a few integers: `epoch_batches(epoch,
-    position)` continues exactly where a run with the same seed, ranks and workers stopped.
-    Non-resampled streams that run out mid-epoch continue with a fresh shuffle of their shards.
-    """
 
-    def __init__(self, dataset, batch_size, batches_per_epoch, workers=0, pin_memory=False):
-        self.num_streams = max(1, workers)
-        self.batches = _StreamBatches(dataset, batch_size, batches_per_epoch, self.num_streams)
-        self.batches_per_epoch = batches_per_epoch
-        self.loader = torch.utils.data.DataLoader(
-            self.batches, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
-        self.epoch, self.batch, self.consumed = 0, 0, [0] * self.num_streams
+def check(argv=None):
+    parser = argparse.ArgumentParser(description="Read batches of SPEC as train_clip.py would; the last line is JSON.")
+    parser.add_argument("spec", help="tar or parquet files: braces, several specs joined by '::'")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--augment", default="moco", choices=("moco", "train", "eval"))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--shuffle_buffer", type=int, default=1000)
+    parser.add_argument("--image_column", default="images")
+    parser.add_argument("--text_column", default="texts")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epoch", type=int, default=0)
+    parser.add_argument("--decode_on_device", action="store_true", help="JPEGs decoded on --device (nvjpeg on cuda)")
+    args = parser.parse_args(argv)
+    from tqdm import tqdm
 
-    def state(self):
-        return {"epoch": self.epoch, "batch": self.batch, "consumed": list(self.consumed)}
+    try:
+        units = sources.list_units(args.spec, image_column=args.image_column, text_column=args.text_column)
+        streams = math.gcd(args.streams, args.batch_size)
+        loader = Loader(units, TrainTransform(args.image_size, args.augment), args.batch_size, streams,
+                        workers=args.workers, seed=args.seed, window=args.shuffle_buffer, device=args.device,
+                        image_column=args.image_column, text_column=args.text_column,
+                        decode_on_device=args.decode_on_device)
+        plan = loader.plan(args.epoch)
+        print(f"{len(units)} units, {plan.total} samples: {plan.steps} batches of {args.batch_size} an epoch over "
+              f"{streams} streams ({plan.dropped} left over)", file=sys.stderr)
+        if plan.steps == 0:
+            raise ValueError(f"{args.spec}: {plan.total} samples do not fill one batch of {args.batch_size}")
+        skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+        batches, samples, start = 0, 0, time.perf_counter()
+        bar = tqdm(total=min(args.batches, plan.steps), desc="batches", file=sys.stderr)
+        for batch in loader.epoch_batches(args.epoch):
+            images = loader.transform.device(batch["images"], batch["params"])
+            if images.device.type == "cuda":
+                torch.cuda.synchronize()
+            batches, samples, skipped = batches + 1, samples + int(batch["valid"].sum()), skipped + batch["skipped"]
+            bar.update()
+            bar.set_postfix({r: n for r, n in zip(SKIP_REASONS, skipped.tolist()) if n})
+            if batches >= args.batches:
+                break
+        bar.close()
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    seconds = time.perf_counter() - start
+    print(json.dumps({"batches": batches, "samples": samples, "samples_per_s": round(samples / seconds, 1),
+                      "seconds": round(seconds, 2), "skipped": dict(zip(SKIP_REASONS, skipped.tolist())),
+                      "units": len(units), "samples_per_epoch": plan.total, "steps_per_epoch": plan.steps,
+                      "dropped_per_epoch": plan.dropped, "image_mean": round(float(images.float().mean()), 4)}))
 
-    def epoch_batches(self, epoch, state=None):
-        """Yields batch dicts (images, tokens, skipped) for the rest of `epoch`; `state` from
-        state() of an earlier run resumes inside it."""
-        resume = state is not None and state["epoch"] == epoch
-        if resume and len(state["consumed"]) != self.num_streams:
-            raise ValueError(f"the saved data position has {len(state['consumed'])} worker streams; resume with "
-                             f"workers={len(state['consumed'])} (or start a fresh out_dir)")
-        self.epoch = epoch
-        self.batch = state["batch"] if resume else 0
-        self.consumed = list(state["consumed"]) if resume else [0] * self.num_streams
-        self.batches.state.copy_(torch.tensor([epoch, self.batch, *self.consumed]))
-        for batch in self.loader:
-            self.batch += 1
-            self.consumed[batch["stream"]] = batch["consumed"]
-            yield batch
+
+if __name__ == "__main__":
+    check()

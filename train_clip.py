@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,21 +29,25 @@ from tqdm import tqdm
 import common
 import data
 import shards
+import sources
+from augment import TrainTransform
+from model import check_activation, check_state_dict, create_model, model_config, read_checkpoint
 from progress import progress
-from model import check_activation, check_state_dict, create_model, read_checkpoint
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "configs" / "yfcc15m.yaml"
+ORDER_KEYS = ("seed", "batch_size", "streams", "shuffle_buffer")  # with the units' counts, they fix the data order
 
 
 @dataclass
 class Config:
-    train_data: str = "/data/yfcc15m/{00000..01499}.tar"  # shard spec: braces, several joined by '::'
+    train_data: str = "/data/yfcc15m/{00000..01499}.tar"  # tar or parquet files: braces, several joined by '::'
+    image_column: str = "images"  # parquet: the image column (binary, or a struct with a `bytes` field)
+    text_column: str = "texts"  # parquet: captions (strings) or CLIP token ids (the first context_length)
     out_dir: str = "runs/clip"  # out_dir/ckpt.pt is the latest checkpoint; a run resumes from it
     model: str = "ViT-B-32"  # a preset of model.py
     epochs: int = 32
     max_steps: int = 0  # stop after this many optimiser steps (0: epochs decide)
-    samples_per_epoch: int = 0  # 0: from sizes.json beside the shards, else counted; needed if resampled
     batch_size: int = 4096  # GLOBAL batch: the same whatever the number of ranks
     accum_steps: int = 1  # split each rank's batch into this many micro-batches (same result, less memory)
     lr: float = 5e-4
@@ -60,9 +63,11 @@ class Config:
     compile: bool = False
     init: str = ""  # checkpoint whose vision tower starts the run (stage 1's ckpt.pt, open_clip, OpenAI)
     init_text: bool = False  # also take the text tower (and logit scale) from `init`
-    augment: str = "moco"  # image_transform kind: moco (the PI fork) or train (open_clip's default)
-    resampled: bool = False  # draw shards with replacement, without end (set samples_per_epoch)
-    shuffle_buffer: int = 5000
+    augment: str = "moco"  # moco (the PI fork, MoCo v2), train (open_clip's default) or eval (no augmentation)
+    streams: int = 64  # canonical data streams: fix the sample order for any ranks / workers (shards.py);
+    #                    must divide batch_size and be divisible by the number of ranks
+    shuffle_buffer: int = 1000  # each stream permutes its samples in windows of this many (held undecoded)
+    decode_on_device: bool = False  # cuda: JPEGs decoded by nvjpeg (torchvision.io.decode_jpeg), not in the workers
     eval_every: int = 0  # steps between evaluations (0: only at the end)
     eval_tasks: str = ""  # comma-separated zero-shot tasks, e.g. "cifar100,cifar10"
     eval_data_root: str = ""
@@ -82,20 +87,44 @@ def gather(x):
     return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
 
 
-def contrastive_loss(image_features, text_features, logit_scale):
+def contrastive_loss(image_features, text_features, logit_scale, valid=None):
     """Symmetric InfoNCE over the global batch, computing this rank's n rows only: its images against
     all N texts and its texts against all N images (open_clip's local loss, REFERENCE.md section 8).
     DDP averages gradients over ranks; the all-gather's backward sums them, so the result is the
-    gradient of the global loss."""
+    gradient of the global loss.
+
+    `valid` (n,) bool marks real rows: the loader pads a batch that lost bad samples. Padded rows are
+    neither anchors nor negatives, and the loss is the mean over the valid rows of ALL ranks (scaled
+    by the world size, which DDP's average divides out): the gradient of the large batch of good
+    samples, however the good ones fall over ranks."""
     n, rank = image_features.shape[0], dist.get_rank() if dist.is_initialized() else 0
     all_images, all_texts = gather(image_features), gather(text_features)  # (N, E)
     logits_per_image = logit_scale * image_features @ all_texts.T  # (n, N)
     logits_per_text = logit_scale * text_features @ all_images.T  # (n, N)
     labels = torch.arange(n, device=image_features.device) + n * rank  # each row's pair in the global batch
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    if valid is None:
+        return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    all_valid = gather_mask(valid)  # (N,)
+    # -1e4 is far below any logit (|logit| <= 100): its exp is exactly 0, as -inf's would be, yet a
+    # row of padding alone stays finite (its loss and gradient are then dropped by ignore_index).
+    hide = torch.zeros(all_valid.shape, dtype=logits_per_image.dtype, device=valid.device).masked_fill(~all_valid, -1e4)
+    labels = labels.masked_fill(~valid, -100)  # cross_entropy's ignore_index: no loss, no gradient
+    total = (F.cross_entropy(logits_per_image + hide, labels, reduction="sum")
+             + F.cross_entropy(logits_per_text + hide, labels, reduction="sum")) / 2
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return total * world / all_valid.sum().clamp(min=1)
 
 
-def accumulate_gradients(model, images, tokens, accum_steps, amp, scaler):
+def gather_mask(valid):
+    """(n,) bool on each rank -> (world * n,), rank order (no gradient)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return valid
+    parts = [torch.empty_like(valid) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, valid.contiguous())
+    return torch.cat(parts)
+
+
+def accumulate_gradients(model, images, tokens, accum_steps, amp, scaler, valid=None):
     """Gradients of the contrastive loss of the whole batch, in `accum_steps` micro-batches.
 
     A contrastive loss cannot average micro-batch losses: every pair's negatives are the whole batch.
@@ -103,11 +132,12 @@ def accumulate_gradients(model, images, tokens, accum_steps, amp, scaler):
     each micro-batch with gradients, put its fresh features among the cached ones, and backward the
     full loss. Micro-batch j's backward yields dL/df_j * df_j/dtheta; their sum is dL/dtheta exactly.
     logit_scale enters every re-forward, so it keeps its gradient in one of them only (the last,
-    where DDP synchronises); open_clip lets it accumulate accum_steps times. Returns the loss.
+    where DDP synchronises); open_clip lets it accumulate accum_steps times. `valid`: see
+    contrastive_loss. Returns the loss.
     """
     if accum_steps == 1:
         with amp:
-            loss = contrastive_loss(*model(images, tokens))
+            loss = contrastive_loss(*model(images, tokens), valid=valid)
         scaler.scale(loss).backward()
         return loss.detach()
     image_chunks, token_chunks = images.chunk(accum_steps), tokens.chunk(accum_steps)
@@ -122,7 +152,7 @@ def accumulate_gradients(model, images, tokens, accum_steps, amp, scaler):
                 image_features, text_features, logit_scale = model(image_chunks[j], token_chunks[j])
                 all_images = torch.cat(cached_images[:j] + [image_features] + cached_images[j + 1:])  # (n, E)
                 all_texts = torch.cat(cached_texts[:j] + [text_features] + cached_texts[j + 1:])
-                loss = contrastive_loss(all_images, all_texts, logit_scale if last else logit_scale.detach())
+                loss = contrastive_loss(all_images, all_texts, logit_scale if last else logit_scale.detach(), valid)
             scaler.scale(loss).backward()
     return loss.detach()
 
@@ -132,34 +162,26 @@ def accumulate_gradients(model, images, tokens, accum_steps, amp, scaler):
 # ---------------------------------------------------------------------------------------------------
 
 
-def find_shards(cfg, argv):
-    shard_paths = shards.expand_shards(cfg.train_data)
-    missing = [p for p in shard_paths if not os.path.exists(p)]
-    if missing:
-        source = next((a for a in argv if a.endswith((".yaml", ".yml"))), str(DEFAULT_CONFIG))
-        raise FileNotFoundError(
-            f"train_data: {len(missing)} of {len(shard_paths)} shard(s) not found, e.g. {missing[0]} (train_data="
-            f"{cfg.train_data!r}, from {source} or the command line). Put the shards there, or point elsewhere "
-            f"with --train_data='/path/to/{{00000..00099}}.tar' (several specs joined by '::')")
-    return shard_paths
+def list_units(cfg, argv, d):
+    """The training data's units with their sample counts (sources.py). If a counting pass is
+    needed, the main rank makes it (and saves it) while the others wait, then read the saved counts."""
+    def units():
+        try:
+            return sources.list_units(cfg.train_data, progress=d.is_main, image_column=cfg.image_column,
+                                      text_column=cfg.text_column)
+        except FileNotFoundError as e:
+            source = next((a for a in argv if a.endswith((".yaml", ".yml"))), str(DEFAULT_CONFIG))
+            raise FileNotFoundError(
+                f"train_data: {e} (train_data={cfg.train_data!r}, from {source} or the command line). Put the data "
+                f"there, or point elsewhere with --train_data='/path/to/{{00000..00099}}.tar' (or .parquet; several "
+                "specs joined by '::')") from None
 
-
-def count_samples(cfg, shard_paths):
-    """Samples in one epoch: the config, else sizes.json beside the shards (webdataset's tools and
-    make_data.write_shards write it), else a pass over the tars (no image is decoded)."""
-    if cfg.samples_per_epoch:
-        return cfg.samples_per_epoch
-    if cfg.resampled:
-        raise ValueError("resampled=true draws shards without end: set samples_per_epoch to fix an epoch's length")
-    sizes = {}
-    for folder in {os.path.dirname(p) for p in shard_paths}:
-        if os.path.exists(os.path.join(folder, "sizes.json")):
-            with open(os.path.join(folder, "sizes.json")) as f:
-                sizes.update({os.path.join(folder, k): v for k, v in json.load(f).items()})
-    if all(p in sizes for p in shard_paths):
-        return sum(int(sizes[p]) for p in shard_paths)
-    tqdm.write("counting samples (set samples_per_epoch to skip this)")
-    return sum(1 for p in progress(shard_paths, desc="count") for _ in shards.iter_tar_samples(p, problems=True))
+    if d.enabled and not d.is_main:
+        dist.barrier()
+    found = units()
+    if d.enabled and d.is_main:
+        dist.barrier()
+    return found
 
 
 def load_init(model, path, include_text):
@@ -207,16 +229,27 @@ def main(argv):
     world = d.world_size
     if cfg.batch_size % (world * cfg.accum_steps):
         raise ValueError(f"batch_size {cfg.batch_size} must divide into {world} rank(s) x {cfg.accum_steps} accum_steps")
-    shard_paths = find_shards(cfg, argv)
+    units = list_units(cfg, argv, d)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "ckpt.pt"
     log = common.MetricsLog(out_dir, d.is_main)
 
     # --- data -------------------------------------------------------------------------------------
-    steps_per_epoch = count_samples(cfg, shard_paths) // cfg.batch_size
+    # The sample order depends on (seed, epoch, streams, shuffle_buffer, batch_size) and the units'
+    # counts, not on ranks or workers (shards.py); the data position is (epoch, step), two integers.
+    # Images leave the workers as uint8 crops; jitter, grayscale, blur and normalisation run on the device.
+    shape = model_config(cfg.model)
+    loader = shards.Loader(units, TrainTransform(shape.image_size, cfg.augment), cfg.batch_size, cfg.streams, d.rank,
+                           world, cfg.workers, cfg.accum_steps, cfg.seed, cfg.shuffle_buffer, shape.context_length,
+                           d.device, cfg.image_column, cfg.text_column, decode_on_device=cfg.decode_on_device)
+    plan = loader.plan(0)
+    steps_per_epoch = plan.steps
     if steps_per_epoch == 0:
-        raise ValueError(f"an epoch holds fewer samples than one batch of {cfg.batch_size}: lower batch_size")
+        raise ValueError(f"train_data: {plan.total} samples do not fill one batch of {cfg.batch_size}: lower batch_size")
+    if d.is_main:
+        tqdm.write(f"data: {len(units)} units, {plan.total} samples; an epoch is {steps_per_epoch} steps of "
+                   f"{cfg.batch_size} over {cfg.streams} streams ({plan.dropped} samples left over each epoch)")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
 
     # --- model: resume, else --init, else random --------------------------------------------------
@@ -238,29 +271,24 @@ def main(argv):
     optimizer = torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     scaler = common.grad_scaler(d.device, precision)
     step, skipped = 0, torch.zeros(len(shards.SKIP_REASONS), dtype=torch.float64)
-    position = {"epoch": 0, "batch": 0, "consumed": [[0] * max(1, cfg.workers)] * world}
+    position = {"epoch": 0, "step": 0}  # the next step to take: exact ints, valid for any ranks and workers
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         common.set_rng_state(state["rng"])
         step, position = state["step"], state["data_position"]
-        if len(position["consumed"]) != world:
-            raise ValueError(f"{ckpt_path} was written by {len(position['consumed'])} rank(s); resume with as many")
+        saved_data = {**{k: state["config"].get(k) for k in ORDER_KEYS}, "units": state.get("data_units"),
+                      "samples": state.get("data_samples")}
+        for key, now in {**{k: getattr(cfg, k) for k in ORDER_KEYS}, "units": len(units), "samples": plan.total}.items():
+            if saved_data[key] != now:  # the data may move (train_data), not change
+                raise ValueError(f"{ckpt_path} was written with {key}={saved_data[key]!r}, now {key}={now!r}: the data "
+                                 f"order would change. Resume with the same {key if key in ORDER_KEYS else 'data'}, or start a fresh out_dir")
         if d.is_main:  # the saved count is the sum over ranks: one rank carries it on
             skipped += torch.tensor([state["samples_skipped"][r] for r in shards.SKIP_REASONS], dtype=torch.float64)
     train_model = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.enabled else model
     train_model = torch.compile(train_model) if cfg.compile else train_model  # `model` stays uncompiled for saving
 
-    dataset = shards.ShardDataset(
-        shard_paths, data.image_transform(model.config.image_size, cfg.augment), context_length=model.config.context_length,
-        seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, rank=d.rank, world_size=world)
-    loader = shards.ShardLoader(dataset, cfg.batch_size // world, steps_per_epoch, cfg.workers, d.device.type == "cuda")
-
     def save(metrics):
-        # Every rank's data position, summed into one table (each rank fills its own row).
-        consumed = torch.zeros(world, loader.num_streams)
-        consumed[d.rank] = torch.tensor(loader.state()["consumed"], dtype=torch.float32)
-        consumed = torch.tensor(common.all_reduce_sum(consumed.flatten().tolist(), d.device)).view(world, -1)
         skipped_total = common.all_reduce_sum(skipped.tolist(), d.device)
         if d.is_main:
             common.atomic_save({
@@ -268,7 +296,7 @@ def main(argv):
                 "config": dataclasses.asdict(cfg), "metrics": metrics, "step": step,
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": common.rng_state(),
                 "schedule": {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "total_steps": total_steps},
-                "data_position": {**loader.state(), "consumed": consumed.long().tolist()},
+                "data_position": dict(position), "data_units": len(units), "data_samples": plan.total,
                 "samples_skipped": dict(zip(shards.SKIP_REASONS, map(int, skipped_total))),
             }, ckpt_path)
         return skipped_total
@@ -276,24 +304,24 @@ def main(argv):
     # --- the loop ---------------------------------------------------------------------------------
     if d.is_main:
         log.write({**common.run_header(cfg), "resumed_from_step": step, "total_steps": total_steps,
-                   "steps_per_epoch": steps_per_epoch, "world_size": world, "precision": precision,
+                   "steps_per_epoch": steps_per_epoch, "samples_per_epoch": plan.total, "dropped_per_epoch": plan.dropped,
+                   "world_size": world, "precision": precision,
                    "params": model.num_params()})
     bar = progress(total=total_steps, initial=step, disable=not d.is_main, desc="train", dynamic_ncols=True)
-    epoch, metrics = step // steps_per_epoch, {}
+    epoch, metrics = position["epoch"], {}
     interval = {"loss": 0.0, "steps": 0, "wait": 0.0, "start": time.perf_counter()}
     while step < total_steps:
-        resume_at = {**position, "consumed": position["consumed"][d.rank]} if position["epoch"] == epoch else None
         ready = time.perf_counter()
-        for batch in loader.epoch_batches(epoch, resume_at):
+        for batch in loader.epoch_batches(epoch, position["step"] if position["epoch"] == epoch else 0):
             interval["wait"] += time.perf_counter() - ready
             skipped += batch["skipped"]
-            images = batch["images"].to(d.device, non_blocking=True)
-            tokens = batch["tokens"].to(d.device, non_blocking=True)
+            images = loader.transform.device(batch["images"], batch["params"])  # uint8 -> augmented, normalised
+            tokens = batch["tokens"]
             lr = common.cosine_lr(step, cfg.lr, cfg.warmup_steps, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            loss = accumulate_gradients(train_model, images, tokens, cfg.accum_steps, amp, scaler)
+            loss = accumulate_gradients(train_model, images, tokens, cfg.accum_steps, amp, scaler, batch["valid"])
             loss = common.all_reduce_sum([loss.item()], d.device)[0] / world  # every rank stops together
             if not math.isfinite(loss):
                 save(metrics)
@@ -308,6 +336,8 @@ def main(argv):
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))  # temperature >= 0.01 (CLIP)
             step += 1
+            last_of_epoch = batch["step"] + 1 == steps_per_epoch
+            position = {"epoch": epoch + 1, "step": 0} if last_of_epoch else {"epoch": epoch, "step": batch["step"] + 1}
             bar.update()
             interval["loss"] += loss
             interval["steps"] += 1

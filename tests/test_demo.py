@@ -28,7 +28,7 @@ import torch
 import data
 import demo
 import make_data as M
-import shards
+import sources
 import world
 from model import load_checkpoint
 
@@ -168,13 +168,13 @@ def test_demo_data_passes_the_real_readers(quick_run):
     # Shards: the kit's reader and the webdataset library see the same samples, equal to the stream.
     import webdataset as wds
 
-    shard_paths = shards.expand_shards(demo.shard_spec(root / "shards"))
-    ours = [s for path in shard_paths for s in shards.iter_tar_samples(path)]
+    shard_paths = sources.expand_spec(demo.shard_spec(root / "shards"))
+    ours = [s for unit in sources.list_units(shard_paths, progress=False) for s in sources.read_unit(unit)]
     theirs = list(wds.WebDataset(shard_paths, shardshuffle=False))
     expected = list(world.demo_pairs(QUICK["pairs"], 0, QUICK["size"]))
-    assert [s["__key__"] for s in ours] == [s["__key__"] for s in theirs] == [k for k, _ in expected]
-    assert [s["txt"] for s in ours] == [s["txt"] for s in theirs] == [f["txt"].encode() for _, f in expected]
-    assert ours[0]["png"] == expected[0][1]["png"]
+    assert [s["key"] for s in ours] == [s["__key__"] for s in theirs] == [k for k, _ in expected]
+    assert [s["text"].encode() for s in ours] == [s["txt"] for s in theirs] == [f["txt"].encode() for _, f in expected]
+    assert ours[0]["image"] == expected[0][1]["png"]
     assert json.loads((root / "shards" / "sizes.json").read_text()) == {Path(p).name: len(ours) for p in shard_paths}
 
     # Zero-shot tasks: every listed task opens as a CLIP_benchmark folder with the expected size.

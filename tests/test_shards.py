@@ -1,16 +1,27 @@
-"""The tar-shard loader (shards.py) and writer (make_data.write_shards), against the webdataset library.
+"""shards.py, the engine, on the path train_clip.py uses (shards.Loader; the trainer itself at the end).
 
-Proves: shard specs expand like bash; the reader groups members into the same samples, with the same
-bytes, as webdataset - on a real webdataset shard (tests/fixtures, gzipped, png + cls) and on written
-shards (plain and gzipped, upper-case extensions, folders in member names); decoded samples equal the
-transform of webdataset's bytes; each sample is read once per epoch across 2 ranks x 2 workers, in a
-seed- and epoch-determined order; corrupt data (truncated tar, garbage image, missing caption, missing
-image, unopenable shard) is skipped with exact counts that reach the main process with the batches;
-a stream where most samples fail stops with an error; a mid-epoch position resumes the exact batches.
+Proves: the loader's samples are webdataset's bytes through the transform, at the positions the epoch
+plan names; every good sample comes exactly once per epoch over 2 gloo ranks x 2 workers, in the
+same global batches as one process without workers (the order depends on (seed, epoch) only), the
+short last batch and the left-over positions dropped and counted; 0, 2 or 3 workers and any
+accumulation give bit-identical batches; JPEGs decoded on the device (torchvision.io.decode_jpeg)
+give the same samples; a resumed epoch never opens a fully consumed shard (they are
+overwritten with garbage before resuming); bad data is skipped and counted by reason, exactly as
+the damage was made; mostly bad shards stop with an error naming them; train_clip.py killed and
+resumed with 3 workers instead of 2 ends bit-identical, and resumed on 2 ranks instead of 1 takes the
+same steps (losses and weights equal to reduction-order tolerance); the loss of padded batches whose
+good rows differ between ranks has the gradient of one large batch of the good rows alone.
 """
+import collections
 import io
+import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -19,12 +30,17 @@ import webdataset as wds
 from PIL import Image
 from skimage import data as skdata
 
-import data
-import shards
-from make_data import write_shards
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-FIXTURE = Path(__file__).parent / "fixtures" / "webdataset-mnist-sample.tgz"
-EVAL = data.image_transform(32, "eval")
+import data  # noqa: E402
+import shards  # noqa: E402
+import sources  # noqa: E402
+from augment import TrainTransform  # noqa: E402
+from make_data import write_shards  # noqa: E402
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+MOCO = TrainTransform(16, "moco")
 
 
 def photo_jpeg(i, size=40):
@@ -36,195 +52,288 @@ def photo_jpeg(i, size=40):
     return buffer.getvalue()
 
 
+def caption(i):
+    return f"a photo, number {i}"
+
+
 def samples(n, start=0):
     for i in range(start, start + n):
         yield f"{i:06d}", {"jpg": photo_jpeg(i), "txt": caption(i)}
 
 
-def wds_raw(paths):
-    """webdataset's own view of the shards: the grouped samples, undecoded."""
-    out = []
-    for sample in wds.WebDataset([str(p) for p in paths], shardshuffle=False, empty_check=False):
-        out.append({k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"})
-    return out
+def loader(spec, batch_size=8, streams=4, workers=0, transform=MOCO, **kwargs):
+    return shards.Loader(sources.list_units(spec, progress=False), transform, batch_size, streams, workers=workers,
+                         window=5, **kwargs)
 
 
-def ours_raw(paths):
-    return [{k: v for k, v in s.items() if k != "__shard__"} for p in paths for s in shards.iter_tar_samples(p)]
+def epoch(loader_, e=0, start=0):
+    return [{k: v for k, v in b.items()} for b in loader_.epoch_batches(e, start)]
 
 
-def test_expand_shards_like_bash():
-    assert shards.expand_shards("/d/{00008..00011}.tar") == [f"/d/{i:05d}.tar" for i in range(8, 12)]
-    assert shards.expand_shards("/d/{a,b}/s{1..2}.tar::x.tar") == ["/d/a/s1.tar", "/d/a/s2.tar", "/d/b/s1.tar", "/d/b/s2.tar", "x.tar"]
-    assert shards.expand_shards("/d/{8..11}.tar") == ["/d/8.tar", "/d/9.tar", "/d/10.tar", "/d/11.tar"]
-    assert shards.expand_shards("/d/plain.tar") == ["/d/plain.tar"]
+def test_samples_are_webdatasets_bytes_through_the_transform(tmp_path):
+    write_shards(tmp_path, samples(30), per_shard=7)
+    spec = str(tmp_path / "{00000..00004}.tar")
+    theirs = [wds_sample for wds_sample in wds.WebDataset(sources.expand_spec(spec), shardshuffle=False, empty_check=False)]
+    by_path = collections.defaultdict(list)
+    for s in theirs:
+        by_path[s["__url__"]].append(s)
+    ours = loader(spec, transform=TrainTransform(24, "moco"), seed=3)
+    plan = ours.plan(2)
+    rows = 0
+    for batch in ours.epoch_batches(2):
+        for image, tokens, params, raw in zip(batch["images"], batch["tokens"], batch["params"], batch["positions"]):
+            u, offset = plan.locate(int(raw))
+            sample = by_path[plan.units[u].path][offset]  # webdataset's sample at the plan's position
+            expected = TrainTransform(24, "moco").host(sample["jpg"], shards._seed("sample", 3, 2, int(raw)))
+            assert torch.equal(image, expected[0]) and torch.equal(params, expected[1])
+            assert torch.equal(tokens, data.tokenize(sample["txt"].decode())[0])
+            rows += 1
+    assert rows == plan.steps * 8 == 24 and plan.dropped == 6
 
 
-def test_real_webdataset_shard_reads_as_webdataset_does():
-    ours, theirs = ours_raw([FIXTURE]), wds_raw([FIXTURE])
-    assert len(ours) == len(theirs) == 90
-    assert ours == theirs  # same keys, same extensions, same bytes, same order
-    assert set(ours[0]) == {"__key__", "png", "cls"}
-
-
-def test_written_shards_match_webdataset(tmp_path):
-    # Plain shards, plus a gzipped one with upper-case extensions and folders in member names.
-    paths = write_shards(tmp_path, samples(25), per_shard=10)
-    assert [os.path.basename(p) for p in paths] == ["00000.tar", "00001.tar", "00002.tar"]
-    gz = tmp_path / "extra.tar.gz"
-    with tarfile.open(gz, "w:gz") as tar:
-        for i in range(3):
-            for ext, payload in (("JPG", photo_jpeg(100 + i)), ("Txt", f"caption {i}".encode())):
-                info = tarfile.TarInfo(f"sub/dir/{i:04d}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    ours, theirs = ours_raw([*paths, gz]), wds_raw([*paths, gz])
-    assert ours == theirs and len(ours) == 28
-    assert ours[-1]["__key__"] == "sub/dir/0002" and set(ours[-1]) == {"__key__", "jpg", "txt"}
-
-    # Decoded: each (image, tokens) equals the transform / tokenizer applied to webdataset's bytes.
-    dataset = shards.ShardDataset([*paths, str(gz)], EVAL, shuffle_buffer=1)
-    decoded = {tuple(tokens.tolist()): image for image, tokens in dataset}
-    assert len(decoded) == 28
-    for sample in theirs:
-        tokens = tuple(data.tokenize(sample["txt"].decode())[0].tolist())
-        expected = EVAL(Image.open(io.BytesIO(sample["jpg"])))
-        assert torch.equal(decoded[tokens], expected)
-
-
-def caption(i):
-    return f"a photo, number {i}"
-
-
-_BY_TOKENS = {}
-
-
-def captions_read(dataset, workers):
-    """The captions of the samples a DataLoader gets from `dataset`, in order (found by their tokens)."""
-    if not _BY_TOKENS:
-        _BY_TOKENS.update({tuple(t.tolist()): caption(i) for i, t in enumerate(data.tokenize([caption(i) for i in range(200)]))})
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
-    return [_BY_TOKENS[tuple(tokens.tolist())] for _, tokens in loader]
-
-
-def test_each_sample_once_per_epoch_across_ranks_and_workers(tmp_path):
-    write_shards(tmp_path, samples(40), per_shard=5)  # 8 shards: 2 ranks x 2 workers x 2 shards
-    spec = str(tmp_path / "{00000..00007}.tar")
-    everything = {caption(i) for i in range(40)}
-
-    def epoch(e, seed=0):
-        order = []
-        for rank in range(2):
-            ds = shards.ShardDataset(spec, EVAL, seed=seed, epoch=e, shuffle_buffer=8, rank=rank, world_size=2)
-            order += captions_read(ds, workers=2)
-        return order
-
-    first = epoch(0)
-    assert len(first) == 40 and set(first) == everything  # once each
-    assert epoch(0) == first  # deterministic for (seed, epoch)
-    second = epoch(1)
-    assert set(second) == everything and second != first  # reshuffled per epoch
-    assert epoch(0, seed=1) != first
-
-
-def test_resampled_is_endless_and_deterministic(tmp_path):
-    write_shards(tmp_path, samples(12), per_shard=3)
-    ds = shards.ShardDataset(str(tmp_path / "{00000..00003}.tar"), EVAL, resampled=True, shuffle_buffer=4)
-    first = [tokens for _, (_, tokens) in zip(range(40), ds)]  # 40 > 12 samples: shards drawn again, no end
-    again = [tokens for _, (_, tokens) in zip(range(40), ds)]
-    assert len(first) == 40 and all(torch.equal(a, b) for a, b in zip(first, again))
+def test_workers_and_accumulation_do_not_change_the_batches(tmp_path):
+    write_shards(tmp_path, samples(60), per_shard=9)
+    spec = str(tmp_path / "{00000..00006}.tar")
+    reference = epoch(loader(spec), 1)
+    assert len(reference) == 60 // 4 // 2  # 15 per stream, 2 per stream a batch
+    for workers, accum_steps in ((2, 1), (3, 4)):
+        other = epoch(loader(spec, workers=workers, accum_steps=accum_steps), 1)
+        assert len(other) == len(reference)
+        for a, b in zip(reference, other):
+            for key in ("images", "tokens", "params", "positions", "valid", "skipped"):
+                assert torch.equal(a[key], b[key]), (workers, key)
+    assert epoch(loader(spec), 1)[0]["positions"].tolist() == reference[0]["positions"].tolist()  # deterministic
+    assert epoch(loader(spec), 2)[0]["positions"].tolist() != reference[0]["positions"].tolist()  # reshuffled
+    assert epoch(loader(spec, seed=1), 1)[0]["positions"].tolist() != reference[0]["positions"].tolist()
 
 
 def corrupt_shards(folder):
-    """4 shards of 6 samples with known damage; returns (spec, good captions, expected skip counts)."""
+    """4 shards of 6 samples with known damage; returns (spec, {raw index in file order: reason})."""
     folder.mkdir()
     paths = write_shards(folder, samples(24), per_shard=6)
-    good = {caption(i) for i in range(24)}
 
     def rewrite(path, edit):
-        members = []
         with tarfile.open(path) as tar:
-            for m in tar.getmembers():
-                members.append((m.name, tar.extractfile(m).read()))
+            members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
         with tarfile.open(path, "w") as tar:
             for name, payload in edit(members):
                 info = tarfile.TarInfo(name)
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
 
-    # shard 0: sample 1 has garbage image bytes, sample 2 no caption, sample 3 no image
-    rewrite(paths[0], lambda ms: [(n, b"\xff\xd8 not a jpeg" if n == "000001.jpg" else b) for n, b in ms
-                                  if n not in ("000002.txt", "000003.jpg")])
-    good -= {caption(1), caption(2), caption(3)}
-    # shard 1: cut in the middle of sample 9's image: samples 6-8 survive, 9-11 are lost with the tar
+    # shard 0: sample 1 garbage image bytes, 2 no caption, 3 no image, 4 a caption that is not UTF-8
+    rewrite(paths[0], lambda ms: [(n, b"\xff\xd8 not a jpeg" if n == "000001.jpg" else b"\xff\xfe\xfa" if n == "000004.txt" else b)
+                                  for n, b in ms if n not in ("000002.txt", "000003.jpg")])
+    damage = {1: "bad_image", 2: "no_caption", 3: "no_image", 4: "bad_caption"}
+    # shard 1: cut in the middle of sample 9's image: 6-8 survive, 9-11 are lost (sizes.json says 6)
     with tarfile.open(paths[1]) as tar:
         cut = next(m for m in tar.getmembers() if m.name == "000009.jpg").offset_data + 100
     Path(paths[1]).write_bytes(Path(paths[1]).read_bytes()[:cut])
-    good -= {caption(i) for i in (9, 10, 11)}
-    # shard 3: not a tar at all
-    Path(paths[3]).write_bytes(b"this is not a tar file" * 30)
-    good -= {caption(i) for i in range(18, 24)}
-    expected = {"bad_image": 1, "no_caption": 1, "no_image": 1, "truncated_tar": 1, "unreadable_shard": 1, "bad_caption": 0}
-    return str(folder / "{00000..00003}.tar"), good, expected
+    damage.update({i: "truncated_shard" for i in (9, 10, 11)})
+    Path(paths[3]).write_bytes(b"this is not a tar file" * 30)  # shard 3: not a tar at all
+    damage.update({i: "unreadable_file" for i in range(18, 24)})
+    return str(folder / "{00000..00003}.tar"), damage
 
 
-def test_corrupt_data_is_skipped_and_counted_exactly(tmp_path, capfd):
-    spec, good, expected = corrupt_shards(tmp_path / "bad")
-    ds = shards.ShardDataset(spec, EVAL, shuffle_buffer=1)
-    assert set(captions_read(ds, workers=0)) == good
-    assert ds.skipped == expected
-    assert "00003.tar" in capfd.readouterr().err  # the unopenable shard is named
+def rank_epoch(out):
+    """Run by torchrun (2 gloo ranks): this rank's loader, as train_clip.py builds it, over one epoch."""
+    import common
 
-    # Through ShardLoader, with the 4 damaged shards among 4 good ones over 2 ranks x 2 workers: the
-    # counts made in the worker processes reach the main process with the batches, equal to the same
-    # streams read in this process. 6 batches of 2 per stream go past the end of every share (its
-    # shards hold >= 3 usable samples), so every kind of damage is met at least once.
-    write_shards(tmp_path / "bad", samples(24, start=100), per_shard=6, prefix="good-")
-    spec += "::" + str(tmp_path / "bad" / "good-{00000..00003}.tar")
-    totals = 0
-    for rank in range(2):
-        ds = shards.ShardDataset(spec, EVAL, shuffle_buffer=1, rank=rank, world_size=2)
-        sent = sum(batch["skipped"] for batch in shards.ShardLoader(ds, 2, 12, workers=2).epoch_batches(0))
-        reference = shards.ShardDataset(spec, EVAL, shuffle_buffer=1, rank=rank, world_size=2)
-        for stream in range(2):
-            for _ in zip(range(12), reference.samples(stream, 2, passes=None)):
-                pass
-        assert sent.tolist() == [reference.skipped[r] for r in shards.SKIP_REASONS]
-        totals = totals + sent
-    assert all(n >= 1 for reason, n in zip(shards.SKIP_REASONS, totals.tolist()) if reason != "bad_caption")
+    torch.set_num_threads(1)
+    d = common.setup_distributed("cpu")
+    spec = os.environ["SPEC"]
+    ours = shards.Loader(sources.list_units(spec, progress=False), MOCO, 8, 4, d.rank, d.world_size, workers=2, window=5)
+    batches = [{"positions": b["positions"].tolist(), "tokens": b["tokens"].tolist(), "skipped": b["skipped"].tolist()}
+               for b in ours.epoch_batches(0)]
+    Path(f"{out}.{d.rank}").write_text(json.dumps(batches))
+    # The loss of padded batches whose good rows differ between ranks (3 and 1 of 4): gradients of
+    # this rank's features, for the test to hold against one process's loss over the good rows alone.
+    import train_clip
+
+    images, texts, valid = padded_features()
+    mine = slice(4 * d.rank, 4 * d.rank + 4)
+    image, text = images[mine].clone().requires_grad_(), texts[mine].clone().requires_grad_()
+    loss = train_clip.contrastive_loss(image, text, torch.tensor(10.0), valid[mine])
+    loss.backward()  # through the all-gather: the sum over ranks' losses, which DDP then averages
+    torch.save({"loss": loss.detach(), "image": image.grad, "text": text.grad}, f"{out}.grad{d.rank}")
+    common.cleanup_distributed()
 
 
-def test_most_samples_failing_stops_with_an_error(tmp_path):
-    write_shards(tmp_path, ((f"{i:04d}", {"jpg": b"garbage", "txt": "x"}) for i in range(60)), per_shard=60)
-    ds = shards.ShardDataset(str(tmp_path / "00000.tar"), EVAL)
-    with pytest.raises(RuntimeError, match="most samples fail"):
-        list(ds)
+def padded_features():
+    g = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    return images, texts, torch.tensor([True, True, False, True, True, False, False, False])
 
 
-def test_mid_epoch_position_resumes_the_exact_batches(tmp_path):
-    write_shards(tmp_path, samples(48), per_shard=6)
-    ds = shards.ShardDataset(str(tmp_path / "{00000..00007}.tar"), data.image_transform(32, "moco"), shuffle_buffer=10)
-    loader = shards.ShardLoader(ds, batch_size=4, batches_per_epoch=9, workers=2)
-    full = list(loader.epoch_batches(3))
-    assert len(full) == 9
-    part = loader.epoch_batches(3)
-    for _ in range(5):
-        next(part)
-    state = loader.state()
-    assert state["batch"] == 5
-    rest = list(shards.ShardLoader(ds, 4, 9, workers=2).epoch_batches(3, state))  # a fresh loader, as after a restart
-    assert len(rest) == 4
-    for a, b in zip(rest, full[5:]):
-        assert torch.equal(a["images"], b["images"]) and torch.equal(a["tokens"], b["tokens"])  # same augmentation too
-    other_epoch = list(loader.epoch_batches(4))
-    assert not torch.equal(other_epoch[0]["tokens"], full[0]["tokens"])
+def test_each_good_sample_once_per_epoch_over_two_ranks_and_two_workers(tmp_path):
+    spec, damage = corrupt_shards(tmp_path / "bad")
+    write_shards(tmp_path / "good", samples(30, start=24), per_shard=6)
+    spec += "::" + str(tmp_path / "good" / "{00000..00004}.tar")  # 54 raw samples, 21 of them bad
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+                    "rank_epoch", str(tmp_path / "out")], check=True, env={**ENV, "SPEC": spec}, cwd=ROOT, timeout=180,
+                   capture_output=True)
+    ranks = [json.loads(Path(f"{tmp_path / 'out'}.{r}").read_text()) for r in range(2)]
+    one = epoch(loader(spec))  # one process, no workers: the reference order
+    plan = loader(spec).plan(0)
+    assert len(ranks[0]) == len(ranks[1]) == len(one) == plan.steps == 54 // 4 // 2  # 6 steps
+    by_tokens = {tuple(data.tokenize(caption(i))[0].tolist()): i for i in range(54)}
+    seen, skipped = [], collections.Counter()
+    for step, batch in enumerate(one):
+        positions = set()
+        for r in range(2):
+            row = ranks[r][step]
+            for raw, tokens in zip(row["positions"], row["tokens"]):
+                if raw >= 0:
+                    positions.add(raw)
+                    seen.append(by_tokens[tuple(tokens)])
+            skipped.update(dict(zip(sources.SKIP_REASONS, row["skipped"])))
+        assert positions == set(batch["positions"][batch["valid"]].tolist())  # the same global batch, in any split
+    # Which samples an epoch reads: the first 12 raw positions of each of the 4 streams (6 steps x 2),
+    # the rest (54 - 48) dropped and counted. Raw positions lie in the shuffled unit order.
+    read = {plan.raw_position(s, j) for s in range(4) for j in range(plan.used)}
+    assert len(read) == 48 and plan.dropped == 6
+    index_of = {}  # raw position -> sample number in the files
+    for u, unit in enumerate(plan.units):
+        base = {"bad": 0, "good": 24}["good" if "/good/" in unit.path else "bad"] + int(Path(unit.path).stem) * 6
+        for k in range(unit.samples):
+            index_of[plan.starts[u] + k] = base + k
+    expected_good = sorted(index_of[raw] for raw in read if index_of[raw] not in damage)
+    assert sorted(seen) == expected_good  # each good sample read exactly once
+    expected_skips = collections.Counter(damage[index_of[raw]] for raw in read if index_of[raw] in damage)
+    assert +skipped == expected_skips and sum(expected_skips.values()) >= 10
+    assert len(seen) + sum(skipped.values()) + plan.dropped == 54
+
+    # The loss over padded batches: the gradient of the large batch of the 4 good rows alone.
+    import train_clip
+
+    images, texts, valid = padded_features()
+    good_images, good_texts = images[valid].clone().requires_grad_(), texts[valid].clone().requires_grad_()
+    reference = train_clip.contrastive_loss(good_images, good_texts, torch.tensor(10.0))  # no padding at all
+    reference.backward()
+    grads = [torch.load(f"{tmp_path / 'out'}.grad{r}", weights_only=True) for r in range(2)]
+    assert abs(sum(g["loss"] for g in grads) / 2 - reference.item()) < 1e-6  # the loop's all-reduced loss
+    for key, good in (("image", good_images.grad), ("text", good_texts.grad)):
+        ours = torch.cat([grads[0][key], grads[1][key]])
+        torch.testing.assert_close(ours[valid] / 2, good, atol=1e-6, rtol=1e-5)  # DDP divides by world size
+        assert torch.equal(ours[~valid], torch.zeros_like(ours[~valid]))  # padding gets no gradient
 
 
-def test_write_shards_records_sizes(tmp_path):
-    write_shards(tmp_path, samples(7), per_shard=3, prefix="a-")
-    write_shards(tmp_path, samples(2, start=7), per_shard=3, prefix="b-")
-    import json
-    assert json.loads((tmp_path / "sizes.json").read_text()) == {"a-00000.tar": 3, "a-00001.tar": 3, "a-00002.tar": 1, "b-00000.tar": 2}
-    # Deterministic bytes: equal input, equal shard.
-    again = write_shards(tmp_path / "again", samples(7), per_shard=3, prefix="a-")
-    assert Path(again[0]).read_bytes() == (tmp_path / "a-00000.tar").read_bytes()
+def test_resume_never_opens_a_consumed_shard(tmp_path):
+    write_shards(tmp_path, samples(80), per_shard=4)  # 20 shards
+    spec = str(tmp_path / "{00000..00019}.tar")
+    full = epoch(loader(spec, workers=2), 1)
+    plan = loader(spec).plan(1)
+    start = 6
+    # Needed on resume: each stream's raw range from the start of the window that holds step 6 on.
+    needed = set()
+    for s in range(4):
+        first = s * plan.stream_length + (start * plan.per_stream // plan.window) * plan.window
+        for raw in range(first, s * plan.stream_length + plan.used):
+            needed.add(plan.locate(raw)[0])
+    consumed = [unit.path for u, unit in enumerate(plan.units) if u not in needed]
+    assert len(consumed) >= 8
+    for path in consumed:
+        Path(path).write_bytes(b"\0garbage" * 300)  # a shard opened now would count as unreadable
+    rest = epoch(loader(spec, workers=2), 1, start)
+    assert len(rest) == len(full) - start
+    for a, b in zip(rest, full[start:]):
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["tokens"], b["tokens"])
+        assert a["skipped"].sum() == 0
+
+
+def test_decoding_on_the_device_gives_the_same_samples(tmp_path):
+    """decode_on_device: JPEGs go to the main process encoded and torchvision.io.decode_jpeg decodes them
+    (nvjpeg on CUDA; its CPU decoder here); a PNG among them is decoded in the worker as usual."""
+    def pairs():
+        for i in range(40):
+            if i % 5:
+                yield f"{i:05d}", {"jpg": photo_jpeg(i, size=120), "txt": caption(i)}
+            else:
+                buffer = io.BytesIO()
+                Image.open(io.BytesIO(photo_jpeg(i, size=120))).save(buffer, "PNG")
+                yield f"{i:05d}", {"png": buffer.getvalue(), "txt": caption(i)}
+
+    write_shards(tmp_path, pairs(), per_shard=10)
+    spec, transform = str(tmp_path / "{00000..00003}.tar"), TrainTransform(48, "moco", draft=False)
+    plain = epoch(loader(spec, transform=transform))
+    on_device = epoch(loader(spec, transform=transform, workers=2, decode_on_device=True))
+    assert len(plain) == len(on_device) == 5
+    for a, b in zip(plain, on_device):
+        for key in ("positions", "params", "tokens", "valid"):
+            assert torch.equal(a[key], b[key]), key
+        assert (a["images"].float() - b["images"].float()).abs().mean() < 3  # grey levels: another resize
+
+
+def test_mostly_bad_shards_stop_with_an_error_naming_them(tmp_path):
+    write_shards(tmp_path, ((f"{i:04d}", {"jpg": b"garbage", "txt": "x"}) for i in range(80)), per_shard=40)
+    with pytest.raises(RuntimeError, match=r"most samples fail to load .*0000[01]\.tar"):
+        epoch(loader(str(tmp_path / "{00000..00001}.tar")))
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        loader(str(tmp_path / "nothing-here-{0..3}.tar"))
+
+
+def test_the_check_command_reads_batches_and_ends_in_json(tmp_path):
+    spec, _ = corrupt_shards(tmp_path / "bad")
+    result = subprocess.run([sys.executable, str(ROOT / "shards.py"), spec, "--batch_size=4", "--image_size=32",
+                             "--workers=1", "--batches=3", "--device=cpu"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["batches"] == 3 and 0 < report["samples"] <= 12 and report["samples_per_s"] > 0
+    assert sum(report["skipped"].values()) == 12 - report["samples"]
+    with pytest.raises(SystemExit, match="none-0.tar"):  # the same command in this process: a spec of missing files
+        shards.check([str(tmp_path / "none-{0..2}.tar")])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Through train_clip.py: resume with other workers and other ranks
+# ---------------------------------------------------------------------------------------------------
+
+
+def train_command(spec, out_dir, *extra):
+    return [sys.executable, str(ROOT / "train_clip.py"), str(ROOT / "configs" / "clip_tiny.yaml"), f"--train_data={spec}",
+            f"--out_dir={out_dir}", "--max_steps=8", "--batch_size=8", "--accum_steps=2", "--save_every=2",
+            "--log_every=1", "--shuffle_buffer=6", "--streams=4", *extra]
+
+
+def losses(out_dir):
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+def test_resume_with_other_workers_and_ranks(tmp_path):
+    write_shards(tmp_path / "shards", samples(48), per_shard=8)
+    spec = str(tmp_path / "shards" / "{00000..00005}.tar")  # 48 samples: 6 steps an epoch, 8 steps cross 2
+    subprocess.run(train_command(spec, tmp_path / "straight", "--workers=2"), check=True, env=ENV, capture_output=True, timeout=180)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(train_command(spec, killed, "--workers=2"), env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    while not (killed / "ckpt.pt").exists() and process.poll() is None:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)  # the trainer and its loader workers
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    saved = torch.load(killed / "ckpt.pt", weights_only=True)
+    assert 0 < saved["step"] < 6 and saved["data_position"] == {"epoch": 0, "step": saved["step"]}
+    shutil.copytree(killed, tmp_path / "two_ranks")
+
+    subprocess.run(train_command(spec, killed, "--workers=3"), check=True, env=ENV, capture_output=True, timeout=180)
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(killed / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 8 and a["data_position"] == b["data_position"] == {"epoch": 1, "step": 2}
+    for name, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][name]), name  # bit for bit, with 3 workers instead of 2
+
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    *train_command(spec, tmp_path / "two_ranks", "--workers=1")[1:]], check=True, env=ENV,
+                   capture_output=True, timeout=180)
+    c = torch.load(tmp_path / "two_ranks" / "ckpt.pt", weights_only=True)
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "two_ranks")
+    for step in range(saved["step"] + 1, 9):
+        assert abs(straight[step] - resumed[step]) < 1e-5, step  # the same global batches, split over 2 ranks
+    for name, value in a["state_dict"].items():
+        assert torch.allclose(value, c["state_dict"][name], atol=1e-4), name
+
+
+if __name__ == "__main__":
+    rank_epoch(sys.argv[2])

@@ -187,15 +187,15 @@ def test_sigkill_and_restart_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_two_ranks_count_bad_samples_into_the_summary(tmp_path):
-    # 4 shards of 10; the first sample of each has no caption. In file order (shuffle_buffer=1) each
-    # rank's one stream reads its 2 shards to the end in 9 steps of 2: 4 skipped in all.
+    # 4 shards of 10; the first sample of each has no caption. 4 streams of 10 raw positions each own
+    # one whole shard; unpermuted (shuffle_buffer=1) each reads its bad first sample at step 0: 4 skipped.
     def samples():
         for i in range(40):
             yield f"{i:05d}", ({"jpg": photo_jpeg(i)} if i % 10 == 0 else {"jpg": photo_jpeg(i), "txt": f"cat {i}"})
 
     write_shards(tmp_path / "shards", samples(), 10)
     command = run_command(tmp_path / "shards" / "{00000..00003}.tar", tmp_path / "run", "--max_steps=9", "--batch_size=4",
-                          "--accum_steps=1", "--shuffle_buffer=1", "--samples_per_epoch=36")
+                          "--accum_steps=1", "--shuffle_buffer=1", "--streams=4")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *command[1:]],
                    check=True, env=ENV, capture_output=True, timeout=120)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -1,0 +1,214 @@
+"""Stage 2's image augmentation, split between the loader's workers (host) and the training device.
+
+  transform = TrainTransform(224, "moco")
+  image, params = transform.host(jpeg_bytes, seed)      # in a worker: uint8 (3, 224, 224), params (P,)
+  images = transform.device(images, params)             # on the GPU, batched: float, CLIP-normalised
+
+Why a file of its own: the host half (decode, crop, resize, flip -> uint8) and the device half
+(colour jitter, grayscale, blur, normalisation, batched with per-sample parameters) are one
+augmentation that must stay in step, and data.py is already long. Every random choice of a sample is
+drawn in `host` from random.Random(seed), the sample's own seed (the loader derives it from seed,
+epoch and the sample's position), and travels as numbers in `params`: the device half draws nothing,
+so the result is the same whatever the number of workers or ranks, and a resumed run is exact.
+
+Kinds: "moco" is the PI fork's stage-2 recipe, MoCo v2 (Chen et al. 2020, moco/main_moco.py
+--aug-plus): RandomResizedCrop(scale 0.2-1), ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8 (each factor
+and the order of the four as torchvision draws them), RandomGrayscale p=0.2, Gaussian blur with
+sigma uniform in [0.1, 2.0] and p=0.5 (MoCo v2 blurs with PIL's ImageFilter.GaussianBlur(sigma); here
+an exact Gaussian of that sigma, 13 taps, on the device), horizontal flip. "train" is open_clip's
+RandomResizedCrop(scale 0.9-1); "eval" a centre square crop. Images are not bit-identical to
+torchvision's (JPEG draft decoding, one resize from the crop box): they are the same augmentation.
+"""
+import io
+import math
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from data import CLIP_MEAN, CLIP_STD
+
+# params columns, drawn in host(), read in device()
+JITTER, BRIGHTNESS, CONTRAST, SATURATION, HUE, ORDER, GRAY, SIGMA = range(8)
+NUM_PARAMS = 8
+ORDERS = torch.tensor([[a, b, c, d] for a in range(4) for b in range(4) for c in range(4) for d in range(4)
+                       if len({a, b, c, d}) == 4])  # (24, 4): the 4! orders of the jitter ops
+BLUR_RADIUS = 6  # taps each side: 3 sigma at MoCo's largest sigma, 2.0
+KINDS = ("moco", "train", "eval")
+
+
+def random_resized_crop_box(width, height, scale, ratio, rng):
+    """(left, top, right, bottom) as torchvision's RandomResizedCrop.get_params draws it (10 tries,
+    else the centre crop at the nearest allowed ratio), from a random.Random."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    w, h = (width, int(round(width / min(ratio)))) if in_ratio < min(ratio) else (
+        (int(round(height * max(ratio))), height) if in_ratio > max(ratio) else (width, height))
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+class TrainTransform:
+    """host(image, seed) -> (uint8 (3, S, S), float params (NUM_PARAMS,)); device(images, params) ->
+    normalised float (B, 3, S, S). `draft`: let libjpeg decode at 1/2, 1/4 or 1/8 scale when the crop
+    still has at least S pixels each way there (most of the decode time of large photos)."""
+
+    def __init__(self, image_size, kind="moco", draft=True):
+        if kind not in KINDS:
+            raise ValueError(f"unknown augment kind {kind!r}: expected one of {', '.join(KINDS)}")
+        self.image_size, self.kind, self.draft = image_size, kind, draft
+
+    def draw(self, width, height, seed):
+        """A sample's random choices: (crop box in pixels, params, flip). The order of the draws is
+        part of the format: a resumed run must draw the same numbers."""
+        rng = random.Random(seed)
+        if self.kind == "eval":
+            side = min(width, height)
+            box = ((width - side) // 2, (height - side) // 2, (width - side) // 2 + side, (height - side) // 2 + side)
+        else:
+            scale = (0.2, 1.0) if self.kind == "moco" else (0.9, 1.0)
+            box = random_resized_crop_box(width, height, scale, (3 / 4, 4 / 3), rng)
+        params, flip = torch.zeros(NUM_PARAMS), False
+        if self.kind == "moco":
+            params[JITTER] = rng.random() < 0.8
+            params[ORDER] = rng.randrange(24)
+            params[BRIGHTNESS], params[CONTRAST], params[SATURATION] = (rng.uniform(0.6, 1.4) for _ in range(3))
+            params[HUE] = rng.uniform(-0.1, 0.1)
+            params[GRAY] = rng.random() < 0.2
+            params[SIGMA] = rng.uniform(0.1, 2.0) if rng.random() < 0.5 else 0.0
+            flip = rng.random() < 0.5
+        return box, params, flip
+
+    def host(self, image, seed):
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            image = Image.open(io.BytesIO(image))
+        width, height = image.size
+        box, params, flip = self.draw(width, height, seed)
+        size = self.image_size
+        if self.draft and image.format == "JPEG":
+            shrink = min((box[2] - box[0]) / size, (box[3] - box[1]) / size)
+            if shrink >= 2:
+                image.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
+                sx, sy = image.size[0] / width, image.size[1] / height
+                box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+        crop = image.convert("RGB").resize((size, size), Image.BICUBIC, box=box)
+        if flip:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1).contiguous(), params
+
+    def host_encoded(self, image_bytes, seed):
+        """For decoding on the device: a JPEG's header only is read here; -> (bytes as a uint8 tensor,
+        (left, top, right, bottom, flip) float tensor, params), or host()'s result for other images."""
+        image = Image.open(io.BytesIO(image_bytes))
+        if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+            return self.host(image, seed)
+        box, params, flip = self.draw(*image.size, seed)
+        return torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8), torch.tensor([*box, flip], dtype=torch.float), params
+
+    def device_decode(self, jpegs, boxes, device):
+        """JPEGs decoded on `device` (torchvision.io.decode_jpeg: nvjpeg on CUDA), cropped, resized
+        (bicubic, antialiased) and flipped -> uint8 (n, 3, S, S). Close to host(), not bit-equal."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+        out = []
+        for image, (left, top, right, bottom, flip) in zip(decoded, boxes.tolist()):
+            crop = image[:, int(top):int(bottom), int(left):int(right)].unsqueeze(0).float()
+            crop = F.interpolate(crop, size=(self.image_size,) * 2, mode="bicubic", antialias=True, align_corners=False)
+            crop = crop.clamp(0, 255).round().to(torch.uint8)[0]
+            out.append(crop.flip(-1) if flip else crop)
+        return torch.stack(out)
+
+    def device(self, images, params):
+        """uint8 (B, 3, S, S) and params (B, NUM_PARAMS), both on the device -> float (B, 3, S, S)."""
+        x = images.float() / 255
+        if self.kind == "moco":
+            params = params.to(x.device)
+            x = color_jitter(x, params)
+            gray = params[:, GRAY] > 0
+            if gray.any():
+                x[gray] = grayscale(x[gray]).expand(-1, 3, -1, -1)
+            blurred = params[:, SIGMA] > 0
+            if blurred.any():
+                x[blurred] = gaussian_blur(x[blurred], params[blurred, SIGMA])
+        mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batched ops with one parameter per sample; each equals torchvision.transforms.functional's on float
+# images in [0, 1] (tests/test_augment.py holds them side by side).
+# ---------------------------------------------------------------------------------------------------
+
+
+def grayscale(x):
+    """(n, 3, H, W) -> (n, 1, H, W), ITU-R 601 weights as torchvision."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _blend(x, other, factor):
+    return (factor.view(-1, 1, 1, 1) * x + (1 - factor.view(-1, 1, 1, 1)) * other).clamp(0, 1)
+
+
+def adjust_hue(x, shift):
+    """Rotate the hue of each image by shift[i] (a fraction of the circle): RGB -> HSV, shift H, back.
+    HSV -> RGB in closed form: channel n in (R, G, B) = V - V*S*clamp(min(k, 4 - k), 0, 1) with
+    k = (n' + 6H) mod 6, n' = (5, 3, 1); V*S is max - min."""
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc  # (n, H, W)
+    d = torch.where(delta > 0, delta, torch.ones_like(delta))
+    r, g, b = ((maxc - x[:, c]) / d for c in range(3))
+    h = torch.where(maxc == x[:, 0], b - g, torch.where(maxc == x[:, 1], 2 + r - b, 4 + g - r))
+    h = torch.where(delta > 0, h / 6, torch.zeros_like(h)) + shift.view(-1, 1, 1)  # in (-1, 2): no % needed
+    h6 = (h - torch.floor(h)) * 6
+    k = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1) + h6.unsqueeze(1)
+    k = torch.where(k >= 6, k - 6, k)
+    return maxc.unsqueeze(1) - delta.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def _apply_op(op, x, factor):
+    if op == 0:
+        return (factor.view(-1, 1, 1, 1) * x).clamp(0, 1)  # brightness
+    if op == 1:
+        return _blend(x, grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), factor)  # contrast
+    if op == 2:
+        return _blend(x, grayscale(x), factor)  # saturation
+    return adjust_hue(x, factor)
+
+
+def color_jitter(x, params):
+    """torchvision's ColorJitter: brightness, contrast, saturation, hue in each sample's own order."""
+    on = params[:, JITTER] > 0
+    if not on.any():
+        return x
+    x = x.clone()
+    orders = ORDERS.to(x.device)[params[:, ORDER].long()]  # (B, 4)
+    for slot in range(4):
+        for op in range(4):
+            chosen = on & (orders[:, slot] == op)
+            if chosen.any():
+                x[chosen] = _apply_op(op, x[chosen], params[chosen, BRIGHTNESS + op])
+    return x
+
+
+def gaussian_blur(x, sigma):
+    """Separable Gaussian blur, one sigma per image; edges replicated as PIL's blur does."""
+    n, c, h, w = x.shape
+    taps = torch.arange(-BLUR_RADIUS, BLUR_RADIUS + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-(taps.view(1, -1) ** 2) / (2 * sigma.view(-1, 1).to(x.dtype) ** 2))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n * c, 13)
+    y = F.pad(x.reshape(1, n * c, h, w), (BLUR_RADIUS,) * 4, mode="replicate")
+    y = F.conv2d(y, kernel.view(n * c, 1, 1, -1), groups=n * c)
+    y = F.conv2d(y, kernel.view(n * c, 1, -1, 1), groups=n * c)
+    return y.view(n, c, h, w)
