@@ -19,6 +19,7 @@ Imports nothing of the model.
 """
 import contextlib
 import csv
+import errno
 import hashlib
 import json
 import math
@@ -260,8 +261,11 @@ def _write_cache(npy, meta, rows, shape, image_size, workers, csv_path, descript
     try:
         np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)  # header; a sparse file
         with open(tmp, "r+b") as f:
-            if hasattr(os, "posix_fallocate"):  # claim the disk now: a full disk during the build would
-                os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))  # kill the process (SIGBUS)
+            try:  # claim the disk now: running out of it while workers write a mapping kills them (SIGBUS)
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
+            except (AttributeError, OSError) as e:  # no posix_fallocate here, or a file system without it
+                if getattr(e, "errno", None) == errno.ENOSPC:
+                    raise
         # Triplets per work item: 8 at 224 px (~0.5 s for 768-px PNGs), more for small images.
         chunk = max(1, 8 * 224 * 224 // (image_size * image_size))
         writer = _CacheWriter(tmp, rows, image_size, chunk)
@@ -327,7 +331,7 @@ class NightsDataset(torch.utils.data.Dataset):
                 continue
             decodable.append(row)
         unreadable, self.cache_path = {}, None
-        if cache:
+        if cache and decodable:
             self.cache_path, unreadable = build_cache(self.root, base, decodable, self.image_size,
                                                       cache_dir or default_cache_dir(self.root), workers)
         unreadable = {i: reason for i, reason in unreadable.items() if decodable[i]["kept"]}
