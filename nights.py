@@ -230,19 +230,21 @@ def build_cache(root, split, rows, image_size, cache_dir, workers=0):
     stem = f"nights-{hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]}-{split}-{image_size}px"
     npy, meta = cache_dir / f"{stem}-{key}.npy", cache_dir / f"{stem}-{key}.json"
     shape = (len(rows), 3, 3, image_size, image_size)
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        (cache_dir / f"{stem}.lock").touch()
-    except OSError as e:
-        raise OSError(f"cannot write the NIGHTS decode cache in {cache_dir} ({e}): set cache_dir to a writable "
-                      "folder (the data set itself may stay read-only), or cache: false to decode every epoch") from None
-    with _exclusive(cache_dir / f"{stem}.lock"):
-        if not (meta.exists() and npy.exists()):
-            _write_cache(npy, meta, rows, shape, image_size, workers, csv_path, f"NIGHTS {split}: decoding into {cache_dir}")
-            for old in cache_dir.glob(f"{stem}-*"):
-                if old not in (npy, meta):
-                    old.unlink(missing_ok=True)
-        info = json.loads(meta.read_text())
+    if not (meta.exists() and npy.exists()):  # both appear only once a build is complete (os.replace)
+        lock = cache_dir / f"{stem}.lock"
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            open(lock, "a").close()
+        except OSError as e:
+            raise OSError(f"cannot write the NIGHTS decode cache in {cache_dir} ({e}): set cache_dir to a writable "
+                          "folder (the data set itself may stay read-only), or cache: false to decode every epoch") from None
+        with _exclusive(lock):
+            if not (meta.exists() and npy.exists()):  # no one else built it while we waited
+                _write_cache(npy, meta, rows, shape, image_size, workers, csv_path, f"NIGHTS {split}: decoding into {cache_dir}")
+                for old in cache_dir.glob(f"{stem}-*"):
+                    if old not in (npy, meta):
+                        old.unlink(missing_ok=True)
+    info = json.loads(meta.read_text())
     return npy, {int(i): reason for i, reason in info["unreadable"].items()}
 
 

@@ -69,14 +69,16 @@ def make_images(root, n, seed=0):
 
 
 def time_epoch(loader, epoch):
-    start = time.perf_counter()
+    """-> (seconds for the epoch, triplets, of those seconds the ones spent in model_input)."""
+    start, normalising, count = time.perf_counter(), 0.0, 0
     loader.batch_sampler.set_epoch(epoch)
-    count = 0
     for ref, left, right, p in loader:
+        began = time.perf_counter()
         for images in (ref, left, right):
-            model_input(images, "cpu")  # what the trainer does next (on the GPU there)
+            model_input(images, "cpu")  # what the trainer does next (on the GPU there, where it is ~free)
+        normalising += time.perf_counter() - began
         count += len(p)
-    return time.perf_counter() - start, count
+    return time.perf_counter() - start, count, normalising
 
 
 def vit_b32_forward_flops(image_size=224, patch=32, width=768, layers=12, embed=512):
@@ -123,24 +125,28 @@ def main(argv=None):
                "cache": train_loader(cached, args.batch_size, 0, args.workers)}
     for loader in loaders.values():
         time_epoch(loader, 0)  # warm-up: starts the workers (they then live across epochs)
-    seconds = {name: [] for name in loaders}
+    seconds, normalising = {name: [] for name in loaders}, {name: [] for name in loaders}
     for epoch in range(1, args.epochs + 1):
         for name, loader in loaders.items():
-            elapsed, count = time_epoch(loader, epoch)
+            elapsed, count, normalise = time_epoch(loader, epoch)
             seconds[name].append(elapsed)
+            normalising[name].append(normalise)
     per_epoch = {name: statistics.median(s) for name, s in seconds.items()}
+    loader_only = {name: statistics.median(a - b for a, b in zip(seconds[name], normalising[name])) for name in loaders}
     ratio = per_epoch["decode every epoch"] / per_epoch["cache"]
     for name, s in seconds.items():
         print(f"{name:>20}: {per_epoch[name]:.3f} s per epoch of {count} triplets (median of "
               f"{', '.join(f'{x:.3f}' for x in s)}), {count / per_epoch[name]:.0f} triplets/s")
     print(f"cache / decode every epoch: {ratio:.1f}x faster per epoch (goal >= 10x), with {args.workers} workers; "
           f"the build costs {build / per_epoch['decode every epoch']:.1f} decoding epochs, once")
+    print(f"of the cached epoch, {per_epoch['cache'] - loader_only['cache']:.3f} s is model_input on the CPU "
+          f"(on the device in training); the loader alone: {loader_only['cache']:.3f} s")
 
     # What the paper's recipe costs per epoch on one GPU (ESTIMATE: no GPU was measured).
     flops_per_triplet = 3 * 3 * vit_b32_forward_flops()  # 3 images; backward ~2x forward
     epoch_flops = PAPER["train_triplets"] * flops_per_triplet
     decode_per_triplet = per_epoch["decode every epoch"] * args.workers / count  # CPU-seconds
-    cached_per_triplet = per_epoch["cache"] * args.workers / count
+    cached_per_triplet = loader_only["cache"] * args.workers / count
     build_per_triplet = build * args.workers / len(cached)
     print(f"\nESTIMATE for the paper's recipe (ViT-B/32, {PAPER['train_triplets']:,} train triplets, "
           f"{PAPER['epochs']} epochs, batch {PAPER['batch_size']}), not measured on a GPU:")
@@ -152,7 +158,7 @@ def main(argv=None):
               f"{gpu * PAPER['epochs'] / 60:.1f} min for {PAPER['epochs']} epochs; it eats "
               f"{PAPER['train_triplets'] / gpu:,.0f} triplets/s")
     for cores in (16, 32):
-        print(f"  data on {cores} cores, from this machine's per-core rates: decoding every epoch "
+        print(f"  data on {cores} cores at this machine's per-core rates (slower when it is shared): decoding every epoch "
               f"{PAPER['train_triplets'] * decode_per_triplet / cores:.0f} s per epoch; from the cache "
               f"{PAPER['train_triplets'] * cached_per_triplet / cores:.1f} s per epoch "
               f"(+ a one-off build of ~{PAPER['train_triplets'] * build_per_triplet / cores:.0f} s)")
