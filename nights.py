@@ -240,7 +240,8 @@ def build_cache(root, split, rows, image_size, cache_dir, workers=0):
                           "folder (the data set itself may stay read-only), or cache: false to decode every epoch") from None
         with _exclusive(lock):
             if not (meta.exists() and npy.exists()):  # no one else built it while we waited
-                _write_cache(npy, meta, rows, shape, image_size, workers, csv_path, f"NIGHTS {split}: decoding into {cache_dir}")
+                _write_cache(npy, meta, rows, shape, image_size, workers, csv_path,
+                             f"NIGHTS {split}: decoding into {cache_dir}")
                 for old in cache_dir.glob(f"{stem}-*"):
                     if old not in (npy, meta):
                         old.unlink(missing_ok=True)

@@ -161,7 +161,8 @@ def test_reads_the_real_file_by_its_convention(tmp_path):
 
 
 def test_shares_counts_and_number_spellings_give_the_same_p(tmp_path):
-    expected = [n_right / (n_left + n_right) for n_left, n_right, split, _ in ROWS if split == "test" and n_left + n_right >= 6]
+    expected = [n_right / (n_left + n_right) for n_left, n_right, split, _ in ROWS
+                if split == "test" and n_left + n_right >= 6]
     spellings = {
         "shares (pandas)": lambda i, row: None,
         "counts": lambda i, row: i is not None and row.update(left_vote=str(ROWS[i][0]), right_vote=str(ROWS[i][1])),
@@ -203,7 +204,8 @@ def test_missing_column_is_named(tmp_path):
 
 
 def test_missing_table_says_where_it_comes_from(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"data.csv is missing: the folder does not exist\. .*nights\.zip.*dataset/nights"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"data.csv is missing: the folder does not exist\. .*nights\.zip.*dataset/nights"):
         NightsDataset(tmp_path / "nowhere", "train", SIZE)
     chunked = tmp_path / "dataset"  # what download_chunked_dataset.sh leaves: ref/ and distort/, no data.csv
     (chunked / "ref/000").mkdir(parents=True)
