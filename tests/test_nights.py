@@ -9,7 +9,7 @@ Proves that
     the SHARES of observers, votes the count, is_imagenet True/False; p = right_vote / (left_vote +
     right_vote) whether the votes are shares, counts, "1" or "1.0"; on photos with obvious variations
     an untrained tower scores >= 0.8 through stage 1's training loader (a left/right or share/count
-    mix-up scores ~0.5);
+    mix-up scores 0.5-0.6);
   - each bad input gets an error naming what is wrong (missing data.csv and where it comes from,
     missing column, bad value + csv line + column, missing or unreadable image + csv line, the latter
     found while the cache is built), and skip_missing drops and counts instead;
