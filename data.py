@@ -3,14 +3,13 @@
 Sections, in the order a sample meets them:
   tokenizer     CLIP's byte-pair encoding, id-for-id equal to OpenAI CLIP / open_clip
   transforms    image preprocessing for training and evaluation (CLIP's mean / std)
-  NIGHTS        2AFC triplets with human votes in DreamSim's layout (stage 1)
   benchmark     zero-shot task folders in CLIP_benchmark's on-disk format (evaluation)
-Stage 2's streaming loader is shards.py (formats: sources.py; its augmentation: augment.py).
+Stage 2's streaming loader is shards.py (formats: sources.py; its augmentation: augment.py). NIGHTS
+(stage 1's triplets, their decode cache and batch order) is nights.py.
 
 model.py never imports this file and this file never imports model.py: the data side and the model
 side meet only in the three scripts.
 """
-import csv
 import gzip
 import html
 import io
@@ -212,102 +211,6 @@ def image_transform(image_size, kind="eval"):
     else:
         raise ValueError(f"unknown transform kind {kind!r}: expected eval, train, nights or moco")
     return T.Compose([T.Lambda(_to_rgb), *steps, *normalize])
-
-
-# ---------------------------------------------------------------------------------------------------
-# NIGHTS triplets (DreamSim's layout)
-# ---------------------------------------------------------------------------------------------------
-
-# NIGHTS (DreamSim, Fu et al. 2023): triplets of Stable Diffusion images, a reference and two
-# variations, with the votes of human observers on which variation looks closer to the reference.
-#   nights/data.csv                         one row per triplet (columns read by name, any order)
-#   nights/ref/000/000.png                  the reference
-#   nights/distort/000/000_0.png, _1.png    the "left" (_0) and "right" (_1) variations
-# Paths in the csv are relative to the root. REFERENCE.md section 3.
-
-NIGHTS_SPLITS = ("train", "val", "test", "test_imagenet", "test_no_imagenet")
-NIGHTS_COLUMNS = ("left_vote", "right_vote", "votes", "ref_path", "left_path", "right_path", "split", "is_imagenet")
-
-
-def _csv_bool(value):
-    """is_imagenet is written True / False by pandas, 1 / 0 by other tools: accept each."""
-    text = value.strip().lower()
-    if text in ("true", "1", "1.0", "yes"):
-        return True
-    if text in ("false", "0", "0.0", "no"):
-        return False
-    raise ValueError(f"expected True/False/1/0, got {value!r}")
-
-
-def _csv_int(value):
-    number = float(value)  # "6" and "6.0" both occur in csv files written from dataframes
-    if not number.is_integer():
-        raise ValueError(f"expected a whole number, got {value!r}")
-    return int(number)
-
-
-class NightsDataset(torch.utils.data.Dataset):
-    """One split of NIGHTS -> items (ref, left, right, p), p = right_vote / votes: the share of
-    observers who judged the right image (`_1`) closer to the reference.
-
-    Rows with fewer than `min_votes` votes are dropped (6: the unanimous ~20k triplets the PI fork
-    trains on). test_imagenet / test_no_imagenet are the test rows filtered on is_imagenet.
-    A missing image is an error naming the file and its csv line, unless skip_missing, which drops
-    the row and counts it. `.counts` says how many rows of the split each filter removed.
-    """
-
-    def __init__(self, root, split, transform, min_votes=6, skip_missing=False):
-        if split not in NIGHTS_SPLITS:
-            raise ValueError(f"unknown NIGHTS split {split!r}; expected one of {', '.join(NIGHTS_SPLITS)}")
-        self.root, self.split, self.transform = Path(root), split, transform
-        csv_path = self.root / "data.csv"
-        if not csv_path.is_file():
-            raise FileNotFoundError(f"no NIGHTS table at {csv_path} (expected data.csv in data_root)")
-        base_split, imagenet = {"test_imagenet": ("test", True), "test_no_imagenet": ("test", False)}.get(split, (split, None))
-        self.rows, self.p = [], []  # rows: (csv line, ref path, left path, right path)
-        self.counts = {"in_split": 0, "few_votes": 0, "missing_images": 0, "triplets": 0}
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)  # quoted fields may hold commas, quotes and newlines
-            absent = [c for c in NIGHTS_COLUMNS if c not in (reader.fieldnames or [])]
-            if absent:
-                raise ValueError(f"{csv_path} lacks column(s) {', '.join(absent)} (found: {', '.join(reader.fieldnames or [])})")
-            for row in reader:
-                where = f"{csv_path} line {reader.line_num}"
-                try:
-                    if row["split"].strip() != base_split or (imagenet is not None and _csv_bool(row["is_imagenet"]) != imagenet):
-                        continue
-                    votes, right_vote = _csv_int(row["votes"]), _csv_int(row["right_vote"])
-                except (ValueError, AttributeError) as e:
-                    raise ValueError(f"{where}: {e}") from None
-                self.counts["in_split"] += 1
-                if votes < min_votes:
-                    self.counts["few_votes"] += 1
-                    continue
-                paths = [self.root / row[c].strip() for c in ("ref_path", "left_path", "right_path")]
-                missing = [str(p) for p in paths if not p.is_file()]
-                if missing:
-                    if not skip_missing:
-                        raise FileNotFoundError(f"{where}: image {missing[0]} does not exist (use skip_missing to drop such rows)")
-                    self.counts["missing_images"] += 1
-                    continue
-                self.rows.append((reader.line_num, *paths))
-                self.p.append(right_vote / votes)
-        self.p = torch.tensor(self.p, dtype=torch.float32)
-        self.counts["triplets"] = len(self.rows)
-
-    def __len__(self):
-        return len(self.rows)
-
-    def _image(self, path, line):
-        try:
-            with Image.open(path) as image:
-                return self.transform(image.convert("RGB"))
-        except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for truncated / foreign files
-            raise OSError(f"{self.root / 'data.csv'} line {line}: cannot read image {path}: {e}") from None
-
-    def __getitem__(self, i):
-        line, ref, left, right = self.rows[i]
-        return self._image(ref, line), self._image(left, line), self._image(right, line), self.p[i]
 
 
 # ---------------------------------------------------------------------------------------------------

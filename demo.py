@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 import yaml
 
-import data
 import evaluate
 import make_data
+import nights
 from model import create_model
 
 ROOT = Path(__file__).resolve().parent
@@ -88,7 +88,7 @@ def untrained_2afc(seed, nights_root, path):
     preset = yaml.safe_load((ROOT / "configs" / "demo_nights.yaml").read_text())["model"]
     torch.manual_seed(seed)
     model = create_model(preset)
-    test = data.NightsDataset(nights_root, "test", data.image_transform(model.config.image_size, "nights"))
+    test = nights.NightsDataset(nights_root, "test", model.config.image_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"test": evaluate.evaluate_nights(model, test, "cpu")}) + "\n")
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from common import autocast, default_precision, run_cli
 from data import BenchmarkTask, ImageFolderTask, image_transform, imagenet_classnames_and_templates, tokenize
 from model import load_checkpoint
+from nights import model_input
 from progress import progress as progress_bar
 
 
@@ -49,14 +50,15 @@ def nights_distances(visual, ref, left, right):
 
 @torch.no_grad()
 def evaluate_nights(model, dataset, device, batch_size=64, precision="fp32", workers=0):
-    """Mean 2AFC score of a CLIP's image embeddings on a NightsDataset (0.5 = chance, 1 = agrees
+    """Mean 2AFC score of a CLIP's image embeddings on a nights.NightsDataset (0.5 = chance, 1 = agrees
     with every observer)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for ref, left, right, p in progress_bar(loader, desc=f"2afc {dataset.split}", leave=False):
-        ref, left, right, p = (t.to(device, non_blocking=True) for t in (ref, left, right, p))
+        ref, left, right = (model_input(t, device) for t in (ref, left, right))  # uint8 -> normalised, on device
+        p = p.to(device)
         with autocast(device, precision):
             d0, d1 = nights_distances(model.visual, ref, left, right)
         total += two_afc_score(d0, d1, p).sum().item()

@@ -35,8 +35,11 @@ NIGHTS_CSV_COLUMNS = ["id", "left_vote", "right_vote", "votes", "ref_path", "lef
 def write_nights(root, triplets):
     """Write triplets in NIGHTS' layout (REFERENCE.md section 3): data.csv + ref/NNN/III.png +
     distort/NNN/III_0.png (left) and III_1.png (right). Each triplet is a dict with PIL images ref,
-    left, right, ints left_vote, right_vote, str split, bool is_imagenet, str prompt. The csv module
-    quotes prompts that hold commas or quotes. Returns the path of data.csv."""
+    left, right, ints left_vote, right_vote (how many observers chose each side), str split, bool
+    is_imagenet, str prompt. The csv holds them as DreamSim's data.csv does: left_vote / right_vote the
+    SHARE of observers who chose each side (1.0 / 0.0 when unanimous, floats written as pandas writes
+    them), votes the number of observers. The csv module quotes prompts that hold commas or quotes.
+    Returns the path of data.csv."""
     root = Path(root)
     rows = []
     for i, t in enumerate(triplets):
@@ -46,12 +49,13 @@ def write_nights(root, triplets):
         for column, image in zip(paths, (t["ref"], t["left"], t["right"])):
             (root / paths[column]).parent.mkdir(parents=True, exist_ok=True)
             image.save(root / paths[column])
-        rows.append({"id": i, "left_vote": t["left_vote"], "right_vote": t["right_vote"],
-                     "votes": t["left_vote"] + t["right_vote"], **paths, "split": t["split"],
+        votes = t["left_vote"] + t["right_vote"]
+        rows.append({"id": i, "left_vote": t["left_vote"] / votes, "right_vote": t["right_vote"] / votes,
+                     "votes": votes, **paths, "split": t["split"],
                      "is_imagenet": bool(t["is_imagenet"]), "prompt": t["prompt"]})
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "data.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=NIGHTS_CSV_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=NIGHTS_CSV_COLUMNS, lineterminator="\n")  # as pandas writes it
         writer.writeheader()
         writer.writerows(rows)
     return root / "data.csv"

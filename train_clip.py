@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import common
 import data
+import nights
 import shards
 import sources
 from augment import TrainTransform
@@ -214,8 +215,8 @@ def evaluate_now(model, cfg, device, precision):
             name, value = evaluate.main_metric(task, result)
             metrics[f"zeroshot/{task}/{name}"] = value
     if cfg.nights_root:
-        nights = data.NightsDataset(cfg.nights_root, "test", data.image_transform(model.config.image_size, "nights"))
-        metrics["nights/2afc"] = evaluate.evaluate_nights(model, nights, device, precision=precision)
+        triplets = nights.NightsDataset(cfg.nights_root, "test", model.config.image_size)
+        metrics["nights/2afc"] = evaluate.evaluate_nights(model, triplets, device, precision=precision)
     model.train()
     return metrics
 

@@ -11,8 +11,8 @@ the other way otherwise (REFERENCE.md section 2). Only the vision tower trains, 
 full CLIP (text tower at its random init), so it loads anywhere a CLIP checkpoint does.
 
 Start-up order: if out_dir holds ckpt.pt the run resumes from it exactly (weights, optimiser, step,
-RNG; the data order is a function of seed + epoch, so skipping the batches already seen reproduces
-it); otherwise weights come from `init` when given, else from a random init.
+RNG; the data order is a function of seed + epoch (nights.epoch_batches), so skipping the batches
+already seen reproduces it); otherwise weights come from `init` when given, else from a random init.
 Outputs in out_dir: ckpt.pt, metrics.jsonl (run header, one line per log interval and evaluation),
 summary.json (triplet counts and 2AFC score of every split).
 """
@@ -31,9 +31,9 @@ from progress import progress
 from common import (MetricsLog, all_reduce_sum, atomic_save, autocast, cleanup_distributed, cosine_lr,
                     default_precision, grad_scaler, load_config, load_training_state, param_groups, rng_state,
                     run_cli, run_header, seed_everything, set_rng_state, setup_distributed)
-from data import NIGHTS_SPLITS, NightsDataset, image_transform
 from evaluate import evaluate_nights, nights_distances
 from model import CLIP, CLIPConfig, check_state_dict, config_from_state_dict, create_model, model_config, read_checkpoint
+from nights import NIGHTS_SPLITS, NightsDataset, model_input, train_loader
 
 
 @dataclass
@@ -43,7 +43,9 @@ class Config:
     min_votes: int = 6  # keep rows with >= 6 votes: the unanimous ~20k triplets (PI fork)
     skip_missing: bool = False  # drop (and count) rows whose images are missing instead of stopping
     image_size: int | None = None  # input size; None: the model preset's (224 for ViT-B-32)
-    workers: int = 4  # data-loader processes per rank
+    cache: bool = True  # decode + resize every image once into a uint8 cache, not every epoch (nights.py)
+    cache_dir: str | None = None  # where the cache lives; None: <data_root>/cache. Set it for a read-only data_root
+    workers: int = 4  # data-loader processes per rank (they also build the cache)
     # model
     model: str = "ViT-B-32"  # model.py preset; the PI paper's backbone
     init: str | None = None  # start from this CLIP checkpoint instead of random weights
@@ -81,15 +83,6 @@ def hinge_loss(d0, d1, p, margin):
     is positive when the model finds right closer. mean(relu(margin - y * logit))."""
     y = torch.where(p > 0.5, 1.0, -1.0)
     return torch.relu(margin - y * (d0 - d1)).mean()
-
-
-def epoch_batches(n, batch_size, seed, epoch, rank=0, world_size=1):
-    """This rank's batches (lists of indices) for one epoch: a pure function of seed and epoch.
-    A fresh permutation is cut into global batches (a tail too short for one is dropped); rank r
-    takes every world_size-th index of each, as DistributedSampler does, so the ranks together see
-    exactly the global batch one process would."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    return [order[start + rank:start + batch_size:world_size] for start in range(0, n - batch_size + 1, batch_size)]
 
 
 def build_model(cfg):
@@ -134,8 +127,10 @@ def main(argv=None):
         visual = DistributedDataParallel(visual, device_ids=[dist.local_rank] if device.type == "cuda" else None)
 
     # ---- data -------------------------------------------------------------------------------------
-    transform = image_transform(model.config.image_size, "nights")
-    splits = {s: NightsDataset(cfg.data_root, s, transform, cfg.min_votes, cfg.skip_missing) for s in NIGHTS_SPLITS}
+    # With the cache, every image is decoded here, once (the first process to get there builds it,
+    # other ranks wait); later runs reuse it while the source files are unchanged.
+    splits = {s: NightsDataset(cfg.data_root, s, model.config.image_size, cfg.min_votes, cfg.skip_missing, cfg.cache,
+                               cfg.cache_dir, cfg.workers) for s in NIGHTS_SPLITS}
     train_set = splits["train"]
     if len(train_set) < cfg.batch_size:
         raise ValueError(f"{cfg.data_root}/data.csv has {len(train_set)} training triplets with >= {cfg.min_votes} "
@@ -144,6 +139,9 @@ def main(argv=None):
         train_set.p = train_set.p[torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed))]
     steps_per_epoch = len(train_set) // cfg.batch_size
     total_steps = cfg.epochs * steps_per_epoch
+    # Built once: its workers live across epochs; the batches stay a pure function of seed + epoch.
+    loader = train_loader(train_set, cfg.batch_size, cfg.seed, cfg.workers, dist.rank, dist.world_size,
+                          pin_memory=device.type == "cuda")
 
     # ---- optimiser --------------------------------------------------------------------------------
     # With weight_decay 0 AdamW is exactly Adam: the post-hoc control's optimiser.
@@ -176,12 +174,13 @@ def main(argv=None):
 
     counts = {s: d.counts for s, d in splits.items()}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    few_votes, missing = (sum(counts[s][k] for s in ("train", "val", "test")) for k in ("few_votes", "missing_images"))
+    few_votes, missing = (sum(counts[s][k] for s in ("train", "val", "test") for k in keys)
+                          for keys in (("few_votes",), ("missing_images", "unreadable_images")))
     log.write({**run_header(cfg), "precision": precision, "world_size": dist.world_size, "resumed_from_step": step,
                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "data": counts},
               f"{trainable:,} trainable parameters on {dist.world_size} x {device} ({precision}) | triplets: "
               + ", ".join(f"{s} {c['triplets']}" for s, c in counts.items())
-              + f" | dropped: {few_votes} rows with < {cfg.min_votes} votes, {missing} with missing images"
+              + f" | dropped: {few_votes} rows with < {cfg.min_votes} votes, {missing} with missing or unreadable images"
               + f" | {'resuming at' if step else 'starting at'} step {step} of {total_steps}")
 
     # ---- loop -------------------------------------------------------------------------------------
@@ -190,11 +189,10 @@ def main(argv=None):
     loss_sum, loss_count, clock = torch.zeros((), device=device), 0, time.time()
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
-        batches = epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch, dist.rank, dist.world_size)
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[position:], num_workers=cfg.workers,
-                                             pin_memory=device.type == "cuda")
+        loader.batch_sampler.set_epoch(epoch, position)
         for ref, left, right, p in loader:
-            ref, left, right, p = (t.to(device, non_blocking=True) for t in (ref, left, right, p))
+            ref, left, right = (model_input(t, device) for t in (ref, left, right))  # uint8 -> normalised, on device
+            p = p.to(device, non_blocking=True)
             lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr

@@ -28,6 +28,7 @@ import torch
 import data
 import demo
 import make_data as M
+import nights
 import sources
 import world
 from model import load_checkpoint
@@ -151,19 +152,20 @@ def test_demo_data_passes_the_real_readers(quick_run):
     with open(root / "nights" / "data.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == QUICK["triplets"]
-    transform = data.image_transform(32, "nights")
     for split in ("train", "val", "test"):
-        dataset = data.NightsDataset(root / "nights", split, transform, min_votes=6)
+        dataset = nights.NightsDataset(root / "nights", split, 32, min_votes=6)
         in_split = [r for r in rows if r["split"] == split]
         kept = [r for r in in_split if int(r["votes"]) >= 6]
         assert dataset.counts["in_split"] == len(in_split) and len(dataset) == len(kept) > 0
         ref, left, right, p = dataset[0]
         assert ref.shape == left.shape == right.shape == (3, 32, 32)
-        assert p == pytest.approx(int(kept[0]["right_vote"]) / int(kept[0]["votes"]))
-    imagenet = data.NightsDataset(root / "nights", "test_imagenet", transform)
-    other = data.NightsDataset(root / "nights", "test_no_imagenet", transform)
+        # The real convention: vote shares in left_vote / right_vote, the observer count in votes.
+        assert float(kept[0]["left_vote"]) + float(kept[0]["right_vote"]) == pytest.approx(1.0)
+        assert p == pytest.approx(float(kept[0]["right_vote"]))
+    imagenet = nights.NightsDataset(root / "nights", "test_imagenet", 32)
+    other = nights.NightsDataset(root / "nights", "test_no_imagenet", 32)
     assert len(imagenet) > 0 and len(other) > 0
-    assert len(imagenet) + len(other) == len(data.NightsDataset(root / "nights", "test", transform))
+    assert len(imagenet) + len(other) == len(nights.NightsDataset(root / "nights", "test", 32))
 
     # Shards: the kit's reader and the webdataset library see the same samples, equal to the stream.
     import webdataset as wds
