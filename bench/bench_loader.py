@@ -39,7 +39,7 @@ from augment import TrainTransform  # noqa: E402
 from make_data import write_shards  # noqa: E402
 
 
-def photos(n, seed=0):
+def photos(n, seed=0, quality=90):
     """JPEG photos with a long side of 400-500 px, different crops of scikit-image's pictures."""
     from skimage import data as skdata
 
@@ -53,7 +53,7 @@ def photos(n, seed=0):
         w, h = min(photo.width, long_side), min(photo.height, int(long_side * rng.uniform(0.66, 0.8)))
         x, y = int(rng.integers(0, photo.width - w + 1)), int(rng.integers(0, photo.height - h + 1))
         buffer = io.BytesIO()
-        photo.crop((x, y, x + w, y + h)).save(buffer, "JPEG", quality=90)
+        photo.crop((x, y, x + w, y + h)).save(buffer, "JPEG", quality=quality)
         yield f"{i:06d}", {"jpg": buffer.getvalue(), "txt": f"a photo of thing number {i} on a table, seen from above"}
 
 
