@@ -171,7 +171,14 @@ class _RankPieces(torch.utils.data.IterableDataset):
         """The samples of `group` [(stream, chunk), ...] at `step`, decoded; parts [(stream, chunk,
         good samples)] tell the main process where each stream's samples lie."""
         work, p = self.work, plan.per_stream
-        images, tokens, params, positions, parts = [], [], [], [], []
+        size = work.transform.image_size
+        # Crops are written straight into one uint8 tensor in shared memory: the DataLoader then sends
+        # a handle, and no list of crops, stacked copy or copy into shared memory doubles the piece.
+        capacity = sum(min(work.chunk_size, p - chunk * work.chunk_size) for _, chunk in group)
+        images, kept = torch.empty((capacity, 3, size, size), dtype=torch.uint8), 0
+        if torch.utils.data.get_worker_info() is not None:
+            images.share_memory_()
+        tokens, params, positions, parts = [], [], [], []
         jpegs, boxes, jpeg_rows = [], [], []  # decode_on_device: JPEGs still encoded, and their rows
         skipped, bad_sources = [0] * len(SKIP_REASONS), []
         for stream, chunk in group:
@@ -188,16 +195,16 @@ class _RankPieces(torch.utils.data.IterableDataset):
                     boxes.append(item[1])
                     jpeg_rows.append(len(positions))
                 else:
-                    images.append(item[0])
+                    images[kept] = item[0]
+                    kept += 1
                 tokens.append(item[-2])
                 params.append(item[-1])
                 positions.append(raw)
                 good += 1
             parts.append((stream, chunk, good))
-        size = work.transform.image_size
         return {
             "parts": parts, "step": step,
-            "images": torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8),
+            "images": images[:kept],  # a view: bad samples leave rows unused, never a copy
             "tokens": torch.stack(tokens) if tokens else torch.zeros(0, work.context_length, dtype=torch.long),
             "params": torch.stack(params) if params else torch.zeros(0, NUM_PARAMS),
             "positions": torch.tensor(positions, dtype=torch.long),

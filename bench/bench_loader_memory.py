@@ -17,10 +17,11 @@ photos repeated), and the consumer drops each batch after use, as a training ste
 Memory: the summed PSS (shared pages counted once) of the main process and its workers, sampled every
 10 ms by a thread, peak above the sum just before the first batch is asked for (the workers' start is
 inside it: tens of MB, < 0.3 copy at batch 1024). A batch of 1024 is 154 MB, so process noise is small.
-Design bound (uint8 copies, per rank): each worker builds a piece as a list of crops plus their stack,
-and its send moves the stack to shared memory (<= 2 pieces at once); the DataLoader keeps at most
-workers x prefetch pieces outstanding; the main process holds the one it is copying. A piece is at most
-one micro-batch (batch / accum) and at most a worker's share of a step.
+Design bound (uint8 copies, per rank): the DataLoader keeps at most workers x prefetch pieces
+outstanding, those being built included (a worker writes its crops straight into the piece's tensor in
+shared memory, so sending it copies nothing), and the main process holds the one it is moving to the
+device: (workers x prefetch + 1) pieces. A piece is at most one micro-batch (batch / accum) and at most
+a worker's share of a step.
 """
 import argparse
 import os
@@ -116,7 +117,7 @@ def main():
     print(f"batch {args.batch} at {args.image_size} px (one uint8 copy: {copy / 2**20:.0f} MiB), {args.workers} workers, "
           f"prefetch {args.prefetch}, {args.streams} streams x window {args.window}, {count} samples of {mb:.0f} KB")
     for (device, accum), (peak, piece, seconds, n) in results.items():
-        bound = (args.workers * (args.prefetch + 1) + 1) * piece * 3 * args.image_size ** 2 / copy
+        bound = (args.workers * args.prefetch + 1) * piece * 3 * args.image_size ** 2 / copy
         extra = "" if device == "meta" else " + the device side on the CPU: batch 1 + float32 4 + temporaries"
         print(f"device {device:4s} accum_steps {accum}: pieces of <= {piece} samples; peak host memory above start "
               f"{peak / copy:5.2f} uint8 batch copies ({peak / 2**20:.0f} MiB); design bound {bound:.2f}{extra} "
