@@ -16,7 +16,9 @@ photos repeated), and the consumer drops each batch after use, as a training ste
         temporaries) are then host memory too. For reference only.
 Memory: the summed PSS (shared pages counted once) of the main process and its workers, sampled every
 10 ms by a thread, peak above the sum just before the first batch is asked for (the workers' start is
-inside it: tens of MB, < 0.3 copy at batch 1024). A batch of 1024 is 154 MB, so process noise is small.
+inside it). A batch of 1024 is 154 MB, so process noise is small; what does not grow with the batch
+(the workers' own memory, about 50 MB each, their shuffle buffers) is measured too, as the same run at
+a batch of 4 x streams, and printed: it is part of the peaks, on top of the design bound.
 Design bound (uint8 copies, per rank): the DataLoader keeps at most workers x prefetch pieces
 outstanding, those being built included (a worker writes its crops straight into the piece's tensor in
 shared memory, so sending it copies nothing), and the main process holds the one it is moving to the
@@ -113,6 +115,8 @@ def main():
         spec = f"{tmp}/{{00000..{len(paths) - 1:05d}}}.tar"
         mb = sum(os.path.getsize(p) for p in paths) / count / 1024
         results = {(d, a): measure(spec, args, a, d) for d in args.devices for a in args.accum}
+        small = argparse.Namespace(**{**vars(args), "batch": args.streams * 4})
+        overhead = measure(spec, small, 1, "meta")[0]  # workers' own memory, the shuffle buffers: batch-free
     copy = args.batch * 3 * args.image_size ** 2
     print(f"batch {args.batch} at {args.image_size} px (one uint8 copy: {copy / 2**20:.0f} MiB), {args.workers} workers, "
           f"prefetch {args.prefetch}, {args.streams} streams x window {args.window}, {count} samples of {mb:.0f} KB")
@@ -122,6 +126,9 @@ def main():
         print(f"device {device:4s} accum_steps {accum}: pieces of <= {piece} samples; peak host memory above start "
               f"{peak / copy:5.2f} uint8 batch copies ({peak / 2**20:.0f} MiB); design bound {bound:.2f}{extra} "
               f"({n} batches, {seconds:.0f} s)")
+    print(f"the same at batch {args.streams * 4} (what does not grow with the batch: the workers' own memory, "
+          f"their shuffle buffers): {overhead / 2**20:.0f} MiB = {overhead / copy:.2f} copies of batch {args.batch}, "
+          "inside the peaks above")
     for device in args.devices:
         peaks = [results[device, a][0] / copy for a in args.accum]
         print(f"ratio device {device}: copies at accum_steps {' / '.join(map(str, args.accum))}: "
