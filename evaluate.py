@@ -2,15 +2,19 @@
 
   python evaluate.py --suite all                      # the paper's 31 zero-shot tasks
   python evaluate.py --ckpt pi.pt --ckpt base.pt --suite vtab --data-root DIR
+  python evaluate.py --probe A.pt B.pt --images FOLDER_OR_TASK    # feature-space probes (probes.py)
 
 Sections:
   NIGHTS 2AFC   DreamSim's two-alternative forced-choice score (stage 1's metric)
   zero-shot     CLIP_benchmark's classification and retrieval metrics, tasks, tables and the CLI
+  probes        CKA, representational similarity and linear probes live in probes.py (its docstring says
+                why); `--probe` hands the command line to it
 """
 import argparse
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -334,6 +338,9 @@ def _run_labels(paths):
 
 
 def main(argv=None):
+    if "--probe" in (sys.argv[1:] if argv is None else argv):  # the probes' own CLI (probes.py)
+        import probes
+        return probes.main(argv)
     parser = argparse.ArgumentParser(
         description="Zero-shot evaluation on CLIP_benchmark task folders, with a comparison table of the runs.")
     parser.add_argument("--ckpt", action="append", default=None,
