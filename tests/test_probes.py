@@ -93,7 +93,7 @@ def test_logistic_regression_equals_scikit_learn(C):
     from sklearn.linear_model import LogisticRegression
 
     x, y = _classes(240, torch.Generator().manual_seed(3))
-    weight, bias = probes.fit_logistic_regression(x, y, 4, C)
+    weight, bias = probes.fit_logistic_regression(x, y, 4, C, max_iter=1000, tolerance=1e-10)
     reference = LogisticRegression(C=C, tol=1e-10, max_iter=10_000).fit(x.double().numpy(), y.numpy())  # lbfgs, multinomial, L2
     ours = torch.softmax(x.double() @ weight + bias, 1).numpy()
     assert np.abs(ours - reference.predict_proba(x.double().numpy())).max() < 1e-5
