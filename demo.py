@@ -54,13 +54,15 @@ PLANS = {
     "full": dict(
         data=dict(size=64, triplets=6000, pairs=3000, per_class=40, retrieval=200, probe=200),
         stage1=[], stage2=[], posthoc=[],  # the config files hold the full settings
+        linear_probe="demo",  # every demo task with a train split
     ),
     "quick": dict(
         data=dict(size=32, triplets=300, pairs=256, per_class=6, retrieval=30, probe=40),
         stage1=["--epochs", "2", "--batch_size", "32", "--warmup_steps", "2"],
-        stage2=["--epochs", "1", "--max_steps", "6", "--batch_size", "32", "--warmup_steps", "2", "--eval_every", "3",
+        stage2=["--epochs", "1", "--max_steps", "6", "--batch_size", "32", "--warmup_steps", "2", "--eval_every", "6",
                 "--save_every", "3"],
         posthoc=["--epochs", "1", "--batch_size", "32"],
+        linear_probe="demo_colour,demo_size",
     ),
 }
 
@@ -151,7 +153,7 @@ def run_seed(seed, plan, data_root, out, control):
     _stale(probes, probed)
     seconds["probes"] = run_step(
         f"seed {seed}: probes of the feature space (CKA, similarity to the observers, linear probes)",
-        ["evaluate.py", "--probe", *map(str, probed), "--images", str(data_root / "probe"), "--linear-probe", "demo",
+        ["evaluate.py", "--probe", *map(str, probed), "--images", str(data_root / "probe"), "--linear-probe", plan["linear_probe"],
          "--data-root", str(tasks_root), "--out", str(probes)], probes)
     return seconds
 

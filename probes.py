@@ -110,16 +110,16 @@ def fit_logistic_regression(x, y, num_classes, C=1.0, max_iter=100, start=None, 
     x = x.double()
     weight = torch.zeros(x.shape[1], num_classes, dtype=torch.float64) if start is None else start[0].clone()
     bias = torch.zeros(num_classes, dtype=torch.float64) if start is None else start[1].clone()
-    weight.requires_grad_(True)
-    bias.requires_grad_(True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20,
                                   tolerance_grad=tolerance, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    one_hot = F.one_hot(y, num_classes).double()  # (N, K)
+    penalty = 1 / (C * len(x))
 
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(x @ weight + bias, y) + weight.square().sum() / (2 * C * len(x))
-        loss.backward()
-        return loss
+    def closure():  # the loss and its gradient by hand: half the cost of autograd on problems this small
+        logits = x @ weight + bias  # (N, K)
+        residual = (torch.softmax(logits, 1) - one_hot) / len(x)  # d(mean CE) / d logits
+        weight.grad, bias.grad = x.t() @ residual + penalty * weight, residual.sum(0)
+        return (logits.logsumexp(1) - (logits * one_hot).sum(1)).mean() + penalty / 2 * weight.square().sum()
 
     threads = torch.get_num_threads()
     if x.device.type == "cpu" and x.numel() < 2**22:
