@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data import BenchmarkTask, image_transform
@@ -158,17 +159,20 @@ def linear_probe(train_x, train_y, test_x, test_y, grid=PROBE_C_GRID, val_share=
 
 
 @torch.no_grad()
-def tower_features(model, images, device="cpu", batch_size=256):
-    """images (N, 3, S, S) -> {"block1": (N, W), ..., "embedding": (N, E)}: the class token after each
-    residual block of the vision tower (forward hooks) and the normalised projected embedding."""
+def tower_features(model, images, device="cpu", batch_size=256, workers=0):
+    """images: a tensor (N, 3, S, S), or a dataset of (image, label) items streamed in batches ->
+    {"block1": (N, W), ..., "embedding": (N, E)}: the class token after each residual block of the
+    vision tower (forward hooks) and the normalised projected embedding."""
     model.eval()
     captured, outputs = [], {}
     hooks = [block.register_forward_hook(lambda module, args, out: captured.append(out[:, 0].float().cpu()))
              for block in model.visual.transformer.resblocks]
+    batches = (images.split(batch_size) if torch.is_tensor(images) else
+               (x for x, _ in DataLoader(images, batch_size=batch_size, num_workers=workers)))
     try:
-        for start in range(0, len(images), batch_size):
+        for batch in batches:
             captured.clear()
-            embedding = model.encode_image(images[start:start + batch_size].to(device)).float().cpu()
+            embedding = model.encode_image(batch.to(device)).float().cpu()
             for k, token in enumerate(captured):
                 outputs.setdefault(f"block{k + 1}", []).append(token)
             outputs.setdefault("embedding", []).append(F.normalize(embedding, dim=-1))
@@ -179,22 +183,40 @@ def tower_features(model, images, device="cpu", batch_size=256):
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+DECODE_ONCE_BYTES = 2**30  # an image set up to this size (as float tensors) is decoded once for every checkpoint
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """A folder's image files, sorted by name -> (image, -1) items."""
+
+    def __init__(self, files, transform):
+        self.files, self.transform = files, transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return self.transform(Image.open(self.files[i])), -1
 
 
 def read_images(path, image_size, split="test"):
     """A folder of image files (sorted by name) or a CLIP_benchmark task folder (its `split`) ->
-    (images (N, 3, S, S) after the eval transform, labels or None)."""
+    (images, labels or None): images a tensor (N, 3, S, S) after the eval transform when they fit in
+    DECODE_ONCE_BYTES (decoded once, reused for every checkpoint), else the dataset, streamed."""
     path, transform = Path(path), image_transform(image_size, "eval")
     if (path / split / "nshards.txt").exists():
-        task = BenchmarkTask(path, transform, split=split)
-        items = [task[i] for i in range(len(task))]
-        labels = torch.tensor([label for _, label in items]) if task.task_type == "classification" else None
-        return torch.stack([image for image, _ in items]), labels
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else []
-    if not files:
-        raise FileNotFoundError(f"{path}: neither a CLIP_benchmark task folder ({split}/nshards.txt) nor a folder "
-                                f"of images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return torch.stack([transform(Image.open(f)) for f in files]), None
+        dataset = BenchmarkTask(path, transform, split=split)
+        labels = dataset.task_type == "classification"
+    else:
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else []
+        if not files:
+            raise FileNotFoundError(f"{path}: neither a CLIP_benchmark task folder ({split}/nshards.txt) nor a folder "
+                                    f"of images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        dataset, labels = ImageFiles(files, transform), False
+    if len(dataset) * 3 * image_size**2 * 4 > DECODE_ONCE_BYTES:  # streamed; the labels read in one pass
+        return dataset, torch.tensor([int(dataset[i][1]) for i in range(len(dataset))]) if labels else None
+    items = [dataset[i] for i in range(len(dataset))]
+    return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items]) if labels else None
 
 
 # ---------------------------------------------------------------------------------------------------

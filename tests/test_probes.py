@@ -141,7 +141,7 @@ def _save(model, path):
     return str(path)
 
 
-def test_cli_probes_checkpoints_on_a_task_and_an_image_folder(tmp_path, capsys):
+def test_cli_probes_checkpoints_on_a_task_and_an_image_folder(tmp_path, capsys, monkeypatch):
     import random
 
     rng = random.Random(0)
@@ -166,6 +166,15 @@ def test_cli_probes_checkpoints_on_a_task_and_an_image_folder(tmp_path, capsys):
     assert set(results["linear_probe"]["a"]["shapes"]) >= {"lp_acc1", "lp_mean_per_class_recall", "C"}
     assert out.with_suffix(".png").stat().st_size > 5_000
     assert "RSA a:" in capsys.readouterr().out
+    # Image sets too large to decode once are streamed for each checkpoint instead: the same numbers.
+    monkeypatch.setattr(probes, "DECODE_ONCE_BYTES", 0)
+    streamed = probes.run_probes([first, second], tmp_path / "probe", np.load(tmp_path / "probe" / "reference_distance.npy"),
+                                 ["shapes"], tmp_path / "tasks", progress=False)
+    flat = lambda tree, key="": {f"{key}/{k}": v for name, sub in tree.items()
+                                 for k, v in (flat(sub, name).items() if isinstance(sub, dict) else [(name, sub)])}
+    for probe in ("cka", "rsa", "linear_probe"):
+        assert flat(streamed[probe]) == pytest.approx(flat(results[probe]), abs=1e-6, nan_ok=True), probe
+    monkeypatch.undo()
     # The reference the demo writes is the observers' distance between the probe scenes, in file order.
     scenes = [json.loads(line) for line in (tmp_path / "probe" / "scenes.jsonl").read_text().splitlines()]
     reference = np.load(tmp_path / "probe" / "reference_distance.npy")
