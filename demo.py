@@ -1,8 +1,8 @@
 """The embedded default: the paper's whole experiment in miniature, on a CPU, in minutes.
 
-  python demo.py                      # one seed, ~5 minutes on 2 idle CPU cores (measured: 288 s)
-  python demo.py --seeds 0,1,2        # mean and spread over seeds, wins, and a verdict (~22 minutes)
-  python demo.py --quick              # the smallest end-to-end run (~1-2 minutes; what the tests run)
+  python demo.py                      # one seed, four arms, probes: ~7 minutes on 2 idle CPU cores (estimated)
+  python demo.py --seeds 0,1,2        # mean and spread over seeds, wins, and a verdict per comparison
+  python demo.py --quick              # the smallest end-to-end run (a few minutes; what the tests run)
 
 It runs the same scripts a GPU user runs, pointed at a generated world (world.py, written by make_data.py):
   1. data      make_data.make_demo_data: NIGHTS-format triplets judged by simulated observers,
