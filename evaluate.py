@@ -2,17 +2,21 @@
 
   python evaluate.py --suite all                      # the paper's 31 zero-shot tasks
   python evaluate.py --ckpt pi.pt --ckpt base.pt --ckpt ~/.cache/clip/ViT-B-32.pt --suite vtab --data-root DIR
+  python evaluate.py --probe A.pt B.pt --images FOLDER_OR_TASK    # feature-space probes (probes.py)
 
 Several checkpoints share one pass over each task's images. Checkpoint formats: model.load_checkpoint.
 
 Sections:
   NIGHTS 2AFC   DreamSim's two-alternative forced-choice score (stage 1's metric)
   zero-shot     CLIP_benchmark's classification and retrieval metrics, tasks, tables and the CLI
+  probes        CKA, representational similarity and linear probes live in probes.py (its docstring says
+                why); `--probe` hands the command line to it
 """
 import argparse
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -394,6 +398,9 @@ def _run_labels(paths):
 
 
 def main(argv=None):
+    if "--probe" in (sys.argv[1:] if argv is None else argv):  # the probes' own CLI (probes.py)
+        import probes
+        return probes.main(argv)
     parser = argparse.ArgumentParser(
         description="Zero-shot evaluation on CLIP_benchmark task folders, with a comparison table of the runs.")
     parser.add_argument("--ckpt", action="append", default=None,

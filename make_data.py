@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from progress import progress
-from world import demo_pairs, demo_tasks, demo_triplets
+from world import demo_pairs, demo_probe_scenes, demo_tasks, demo_triplets, perceptual_distance, render_scene
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -110,8 +110,9 @@ def _add_member(tar, name, data):
 
 
 def write_benchmark_task(root, samples, classnames=None, templates=None, task_type="classification",
-                         image_format="png", per_shard=10_000):
-    """Write one zero-shot task folder in CLIP_benchmark's published format (see data.BenchmarkTask).
+                         image_format="png", per_shard=10_000, split="test"):
+    """Write one split (test, or train for linear probes) of a task folder in CLIP_benchmark's published
+    format (see data.BenchmarkTask): root/<split>/nshards.txt and 0.tar ..., beside classnames.txt.
 
     samples: (PIL image, int label) for classification, (PIL image, [captions]) for retrieval,
     (PIL image, 0/1 sequence per class) for multilabel. Keys are s0000000, s0000001, ... as in
@@ -124,7 +125,7 @@ def write_benchmark_task(root, samples, classnames=None, templates=None, task_ty
     if image_format not in _SAVE_OPTIONS:
         raise ValueError(f"image_format must be one of {sorted(_SAVE_OPTIONS)}, got {image_format!r}")
     root = Path(root)
-    (root / "test").mkdir(parents=True, exist_ok=True)
+    (root / split).mkdir(parents=True, exist_ok=True)
     if task_type != "retrieval":
         (root / "classnames.txt").write_text("".join(f"{c}\n" for c in classnames))
         (root / "zeroshot_classification_templates.txt").write_text("".join(f"{t}\n" for t in templates))
@@ -135,7 +136,7 @@ def write_benchmark_task(root, samples, classnames=None, templates=None, task_ty
         if index % per_shard == 0:
             if tar is not None:
                 tar.close()
-            shards.append(root / "test" / f"{len(shards)}.tar")
+            shards.append(root / split / f"{len(shards)}.tar")
             tar = tarfile.open(shards[-1], "w")
         key = f"s{index:07d}"
         buffer = io.BytesIO()
@@ -154,7 +155,7 @@ def write_benchmark_task(root, samples, classnames=None, templates=None, task_ty
     if tar is None:
         raise ValueError(f"no samples given for {root}")
     tar.close()
-    (root / "test" / "nshards.txt").write_text(f"{len(shards)}\n")
+    (root / split / "nshards.txt").write_text(f"{len(shards)}\n")
     return [str(s) for s in shards]
 
 
@@ -170,13 +171,32 @@ def make_nights(root, n, seed, image_size=32):
                                    disable=n < 1000))
 
 
-def make_demo_data(root, seed=0, size=64, triplets=6000, pairs=3000, per_class=40, retrieval=200):
+def write_probe_set(root, scenes, size):
+    """The probes' image set: root/00000.png ... (the order of the images), scenes.jsonl (one scene a
+    line, same order) and reference_distance.npy, the observers' distance (world.perceptual_distance)
+    between every two of them (N x N, float64): the reference `evaluate.py --probe --images root`
+    compares a model's image distances with."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for i, scene in enumerate(scenes):
+        render_scene(scene, size).save(root / f"{i:05d}.png")
+    (root / "scenes.jsonl").write_text("".join(json.dumps(s, sort_keys=True) + "\n" for s in scenes))
+    reference = np.zeros((len(scenes), len(scenes)))
+    for i in range(len(scenes)):
+        for j in range(i + 1, len(scenes)):
+            reference[i, j] = reference[j, i] = perceptual_distance(scenes[i], scenes[j])
+    np.save(root / "reference_distance.npy", reference)
+
+
+def make_demo_data(root, seed=0, size=64, triplets=6000, pairs=3000, per_class=40, retrieval=200, probe=200):
     """Write the demo's whole data set under root, each piece with the writer of its real format:
       root/nights/                  NIGHTS layout (data.csv, ref/, distort/)   <- write_nights
       root/shards/                  image-text tar shards                       <- write_shards
-      root/tasks/wds_<task>/        CLIP_benchmark task folders                 <- write_benchmark_task
+      root/tasks/wds_<task>/        CLIP_benchmark task folders: test/ split, and train/ for the
+                                    generated classification tasks (the linear probe) <- write_benchmark_task
       root/tasks/tasks.txt          the task names, one a line: the `demo` suite of
                                     `evaluate.py --suite demo --data-root root/tasks`
+      root/probe/                   `probe` scenes, their images and observer distances <- write_probe_set
     A piece whose `done` file records the same settings is kept, so reruns cost nothing; a piece made
     with other settings, or cut short, is made again."""
     root = Path(root)
@@ -204,8 +224,12 @@ def make_demo_data(root, seed=0, size=64, triplets=6000, pairs=3000, per_class=4
             write_benchmark_task(folder / f"wds_{name}", task["samples"], classnames=task["classnames"],
                                  templates=task["templates"], task_type=task["task_type"])
         (folder / "tasks.txt").write_text("".join(f"{name}\n" for name in tasks))
+        for name, task in demo_tasks(seed, size, per_class, retrieval, split="train").items():
+            write_benchmark_task(folder / f"wds_{name}", task["samples"], classnames=task["classnames"],
+                                 templates=task["templates"], task_type=task["task_type"], split="train")
 
-    piece("tasks", {"per_class": per_class, "retrieval": retrieval}, build_tasks)
+    piece("tasks", {"per_class": per_class, "retrieval": retrieval, "train_per_class": per_class}, build_tasks)
+    piece("probe", {"probe": probe}, lambda folder: write_probe_set(folder, demo_probe_scenes(probe, seed), size))
     return root
 
 
@@ -221,11 +245,12 @@ def main(argv=None):
     parser.add_argument("--pairs", type=int, default=3000, help="image-caption pairs (stage 2)")
     parser.add_argument("--per-class", type=int, default=40, help="test images per class in each classification task")
     parser.add_argument("--retrieval", type=int, default=200, help="scenes in the retrieval task (5 captions each)")
+    parser.add_argument("--probe", type=int, default=200, help="scenes in the probes' image set (with observer distances)")
     args = parser.parse_args(argv)
     if args.nights:
         print(make_nights(args.nights, args.triplets, args.seed, args.size))
     else:
-        make_demo_data(args.out, args.seed, args.size, args.triplets, args.pairs, args.per_class, args.retrieval)
+        make_demo_data(args.out, args.seed, args.size, args.triplets, args.pairs, args.per_class, args.retrieval, args.probe)
 
 
 if __name__ == "__main__":

@@ -364,10 +364,12 @@ def _mnist_digits():
     return [(sheet.crop((28 * i, 28 * d, 28 * i + 28, 28 * d + 28)), d) for d in range(10) for i in range(sheet.width // 28)]
 
 
-def demo_tasks(seed=0, size=64, per_class=40, retrieval=200):
+def demo_tasks(seed=0, size=64, per_class=40, retrieval=200, split="test"):
     """The zero-shot tasks -> {name: dict(samples, classnames, templates, task_type)}. Scenes come from
-    their own random stream, so none of them is a training image."""
-    rng = random.Random(f"tasks-{seed}")
+    their own random stream, so none of them is a training image. split="train" gives the train split
+    of the classification tasks the linear probe fits (another stream: the test scenes stay the same);
+    retrieval and the 500 real MNIST digits have no train split."""
+    rng = random.Random(f"tasks-{seed}" if split == "test" else f"tasks-{split}-{seed}")
 
     def classify(attribute, classes, templates, **extra):
         samples = [(render_scene(sample_scene(rng, **extra, **{attribute: c}), size), label)
@@ -387,6 +389,8 @@ def demo_tasks(seed=0, size=64, per_class=40, retrieval=200):
         "demo_position": classify("position", POSITIONS, ["a shape at the {c}.", "a photo of an object at the {c}."], n_objects=1),
         "demo_count": count(["a photo of {c}.", "{c}."]),
     }
+    if split != "test":
+        return tasks
     scenes = [sample_scene(rng) for _ in range(retrieval)]
     tasks["demo_retrieval"] = dict(samples=[(render_scene(s, size), [caption(s, rng) for _ in range(5)]) for s in scenes],
                                    classnames=None, templates=None, task_type="retrieval")
@@ -394,3 +398,10 @@ def demo_tasks(seed=0, size=64, per_class=40, retrieval=200):
     tasks["demo_mnist"] = dict(samples=_mnist_digits(), classnames=list(DIGITS), templates=['a photo of the number: "{c}".'],
                                task_type="classification")
     return tasks
+
+
+def demo_probe_scenes(n=200, seed=0):
+    """n scenes of their own random stream for the feature-space probes (probes.py), whose pairwise
+    observer distance (perceptual_distance) is the reference the models' distances are compared with."""
+    rng = random.Random(f"probe-{seed}")
+    return [sample_scene(rng) for _ in range(n)]

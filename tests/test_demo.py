@@ -12,8 +12,13 @@ What is proved:
 - make_demo_data writes data that the kit's readers accept with the expected counts (NightsDataset,
   the shard reader cross-checked against the webdataset library, BenchmarkTask), and reuses it;
 - demo.py --quick runs every stage through the real scripts and leaves real results: stage-1
-  summaries and checkpoints (and the shuffled control), two stage-2 runs that differ only in their
-  vision initialisation, evaluation records for every task, the table, the plot; a rerun retrains nothing.
+  summaries and checkpoints (and the shuffled control), the four stage-2 arms (pi, baseline and shuffled
+  differ only in their vision initialisation; posthoc is the baseline's CLIP with only the vision qkv
+  weights changed), evaluation records for every arm and task, the probes, summary.json's schema,
+  the tables and the plots; a rerun retrains nothing;
+- the demo tasks have CLIP_benchmark's train split for the linear probe, and the probe set carries
+  the observers' distance of its scenes;
+- the real-scale control configs are nights.yaml's recipe with only the control changed.
 """
 import csv
 import json
@@ -24,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
+from PIL import Image
 
 import data
 import demo
@@ -193,6 +200,24 @@ def test_demo_data_passes_the_real_readers(quick_run):
             assert all(len(task[i][1]) == 5 for i in range(3))
         else:
             assert task.classnames == list("0123456789") and len(task) == 500
+    # The linear probe's train split (CLIP_benchmark's layout <task>/train/): the generated classification
+    # tasks have one of the same size as their test split, with other scenes; retrieval and MNIST none.
+    for name in names:
+        folder = root / "tasks" / f"wds_{name}"
+        assert (folder / "train" / "nshards.txt").exists() == (name in sizes)
+        if name in sizes:
+            train = data.BenchmarkTask(folder, None, split="train")
+            test = data.BenchmarkTask(folder, None)
+            assert len(train) == len(test) and train.classnames == test.classnames
+            assert sorted(train[i][1] for i in range(len(train))) == sorted(test[i][1] for i in range(len(test)))
+            assert train[0][0].tobytes() != test[0][0].tobytes()
+    # The probe set: QUICK["probe"] images, their scenes, and the observers' distance between them.
+    scenes = [json.loads(line) for line in (root / "probe" / "scenes.jsonl").read_text().splitlines()]
+    reference = np.load(root / "probe" / "reference_distance.npy")
+    assert len(scenes) == len(list((root / "probe").glob("*.png"))) == QUICK["probe"] == len(reference)
+    assert reference[0, 1] == pytest.approx(world.perceptual_distance(scenes[0], scenes[1]))
+    assert np.asarray(Image.open(root / "probe" / "00003.png").convert("RGB")).tobytes() == \
+        np.asarray(world.render_scene(scenes[3], QUICK["size"])).tobytes()
 
 
 def test_demo_data_is_reused(quick_run, capsys):
@@ -200,7 +225,7 @@ def test_demo_data_is_reused(quick_run, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
     M.make_demo_data(root, seed=0, **QUICK)
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == stamps
-    assert capsys.readouterr().out.count("reused") == 3
+    assert capsys.readouterr().out.count("reused") == 4
 
 
 def test_demo_runs_every_stage_and_reports(quick_run):
@@ -213,30 +238,74 @@ def test_demo_runs_every_stage_and_reports(quick_run):
         header = json.loads((seed / name / "metrics.jsonl").read_text().splitlines()[0])
         assert header["config"]["shuffle_labels"] is shuffled and header["config"]["model"] == "tiny"
         assert load_checkpoint(seed / name / "ckpt.pt").config.image_size == 32
-    # Stage 2: two runs of the same length, same seed and data, differing only in the vision init.
-    configs = {r: json.loads((seed / r / "metrics.jsonl").read_text().splitlines()[0])["config"] for r in ("pi", "baseline")}
+    # Stage 2: three runs of the same length, same seed and data, differing only in the vision init.
+    configs = {r: json.loads((seed / r / "metrics.jsonl").read_text().splitlines()[0])["config"]
+               for r in ("pi", "baseline", "shuffled")}
     assert configs["pi"]["init"] == str(seed / "stage1" / "ckpt.pt") and configs["baseline"]["init"] == ""
-    assert {k: v for k, v in configs["pi"].items() if k not in ("init", "out_dir")} == \
-        {k: v for k, v in configs["baseline"].items() if k not in ("init", "out_dir")}
-    for run in ("pi", "baseline"):
+    assert configs["shuffled"]["init"] == str(seed / "stage1_shuffled" / "ckpt.pt")
+    same = lambda c: {k: v for k, v in c.items() if k not in ("init", "out_dir")}
+    assert same(configs["pi"]) == same(configs["baseline"]) == same(configs["shuffled"])
+    for run in ("pi", "baseline", "shuffled"):
         summary = json.loads((seed / run / "summary.json").read_text())
         assert summary["steps"] == 6 and 0 <= summary["metrics"]["nights/2afc"] <= 1
         evals = [json.loads(l) for l in (seed / run / "metrics.jsonl").read_text().splitlines()[1:]]
-        assert [e["step"] for e in evals if "nights/2afc" in e] == [3, 6]
+        assert [e["step"] for e in evals if "nights/2afc" in e] == [6]
     pi, baseline = load_checkpoint(seed / "pi" / "ckpt.pt"), load_checkpoint(seed / "baseline" / "ckpt.pt")
     assert not torch.equal(pi.visual.conv1.weight, baseline.visual.conv1.weight)
-    # Evaluation: one record per (run, task), and the demo's summary holds the same main metrics.
+    # Post-hoc: the baseline's final CLIP, tuned on the same triplets with only the vision qkv weights moving.
+    header = json.loads((seed / "posthoc" / "metrics.jsonl").read_text().splitlines()[0])["config"]
+    assert header["posthoc"] is True and header["init"] == str(seed / "baseline" / "ckpt.pt")
+    assert header["data_root"] == str(data_root / "nights")
+    tuned, start = (torch.load(seed / r / "ckpt.pt", weights_only=True)["state_dict"] for r in ("posthoc", "baseline"))
+    changed = {k for k in start if not torch.equal(start[k], tuned[k])}
+    qkv = {k for k in start if k.startswith("visual.transformer.resblocks.") and k.endswith("attn.in_proj_weight")}
+    assert changed == qkv and len(qkv) == 2
+    # Evaluation: one record per (arm, task), and the demo's summary holds the same main metrics.
     records = json.loads((seed / "results.json").read_text())
     tasks = (data_root / "tasks" / "tasks.txt").read_text().split()
-    assert sorted((r["model"], r["dataset"]) for r in records) == sorted((m, t) for m in ("pi", "baseline") for t in tasks)
+    assert sorted((r["model"], r["dataset"]) for r in records) == sorted((m, t) for m in demo.ARMS for t in tasks)
     summary = json.loads((out / "summary.json").read_text())
+    per_seed = summary["per_seed"]["0"]
     for r in records:
-        value = summary["per_seed"]["0"]["zero_shot"][r["model"]][r["dataset"]]
+        value = per_seed["zero_shot"][r["model"]][r["dataset"]]
         assert value == pytest.approx(next(v for k, v in r["metrics"].items() if k in ("acc1", "mean_recall@1")))
+    # summary.json: today's schema, extended to four arms and the probes.
+    assert set(per_seed["zero_shot"]) == set(demo.ARMS) and all(set(per_seed["zero_shot"][a]) == set(tasks) for a in demo.ARMS)
+    assert set(per_seed["2afc"]) == set(demo.PROBED) and all(0 <= per_seed["2afc"][m]["test"] <= 1 for m in demo.PROBED)
+    stage2 = {r: json.loads((seed / r / "summary.json").read_text())["metrics"]["nights/2afc"] for r in ("pi", "baseline", "shuffled")}
+    assert {r: per_seed["2afc"][r]["test"] for r in stage2} == stage2
+    assert per_seed["2afc"]["posthoc"] == json.loads((seed / "posthoc" / "summary.json").read_text())["2afc"]
+    probed = json.loads((seed / "probes.json").read_text())
+    assert probed["checkpoints"] == [str(seed / m / "ckpt.pt") for m in demo.PROBED]
+    assert per_seed["probes"]["cka"] == probed["cka"] and len(probed["cka"]) == 21  # every pair of 7 towers
+    assert per_seed["probes"]["rsa"] == probed["rsa"] and set(probed["rsa"]) == set(demo.PROBED)
+    linear = demo.PLANS["quick"]["linear_probe"].split(",")  # (the full demo: every task with a train split)
+    assert {m: set(v) for m, v in per_seed["probes"]["linear_probe"].items()} == {m: set(linear) for m in demo.PROBED}
+    assert per_seed["probes"]["linear_probe"]["pi"]["demo_size"] == probed["linear_probe"]["pi"]["demo_size"]["lp_acc1"]
+    assert per_seed["probes"]["n_images"] == QUICK["probe"]
     table = (out / "results.md").read_text()
     assert all(f"| {t} |" in table for t in tasks) and "Verdict:" in table and "shuffled votes" in table
-    assert (out / "demo.png").stat().st_size > 10_000
+    assert all(f"PI - {a}" in table and f"PI vs {a}:" in table for a in ("baseline", "shuffled", "posthoc"))
+    assert "observer-distance rho" in table and "Linear CKA" in table and "post-hoc" in table
+    assert (out / "demo.png").stat().st_size > 10_000 and (out / "probes.png").stat().st_size > 10_000
     # A rerun retrains and re-evaluates nothing.
     stamps = {p: p.stat().st_mtime_ns for p in seed.rglob("*") if p.is_file()}
     demo.main(["--quick", "--out", str(out), "--data", str(data_root)])
     assert {p: p.stat().st_mtime_ns for p in seed.rglob("*") if p.is_file()} == stamps
+
+
+def test_real_scale_control_configs_change_only_the_control():
+    from common import load_config
+    from train_triplet import Config
+
+    root = Path(demo.__file__).parent / "configs"
+    read = lambda name: yaml.safe_load((root / name).read_text())
+    nights, shuffled = read("nights.yaml"), read("nights_shuffled.yaml")
+    recipe = lambda cfg: {k: v for k, v in cfg.items() if k not in ("shuffle_labels", "out_dir")}
+    assert recipe(shuffled) == recipe(nights) and "shuffle_labels" not in nights
+    assert shuffled["shuffle_labels"] is True and shuffled["out_dir"] != nights["out_dir"]
+    for name in ("nights_shuffled.yaml", "nights_posthoc.yaml", "demo_posthoc.yaml"):
+        load_config(Config, [str(root / name)])  # every key is one train_triplet.py knows, of the right type
+    for name in ("nights_posthoc.yaml", "demo_posthoc.yaml"):  # the paper's control: qkv only, Adam, the same hinge
+        cfg = read(name)
+        assert cfg["posthoc"] is True and cfg["weight_decay"] == 0 and cfg["margin"] == nights["margin"]
