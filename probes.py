@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from data import BenchmarkTask, image_transform
 from evaluate import classification_metrics, resolve_tasks, task_dir
 from model import load_checkpoint
-from progress import progress
+from progress import progress as progress_bar
 
 # Letters: N images, D features (block width or embedding size), K classes.
 
@@ -241,7 +241,7 @@ def run_probes(checkpoints, images, reference=None, probe_tasks=(), data_root=".
     features, results = {}, {"n_images": None, "cka": {}, "linear_probe": {}}
     if reference is not None:
         results["rsa"] = {}
-    for label, path in progress(list(zip(labels, checkpoints)), desc="probes", disable=not progress):
+    for label, path in progress_bar(list(zip(labels, checkpoints)), desc="probes", disable=not progress):
         model = load_checkpoint(path, quickgelu=quickgelu).to(device)
         size = model.config.image_size
         probe_images, _ = decoded(str(images), size, lambda s: read_images(images, s))
