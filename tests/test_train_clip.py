@@ -42,11 +42,12 @@ def global_batch(n=8, seed=0):
     return images, tokens
 
 
-def one_step(model, images, tokens, accum_steps):
-    """The loop's optimiser step, as train_clip.main does it: returns the loss."""
-    optimizer = torch.optim.AdamW(common.param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
-    loss = train_clip.accumulate_gradients(model, images, tokens, accum_steps, FP32, common.grad_scaler("cpu", "fp32"))
-    optimizer.step()
+def one_step(model, images, tokens, accum_steps, forward=None, ddp=None):
+    """One optimiser step as the loop runs it (train_clip.train_step, lr 1e-3): returns the loss."""
+    cfg = train_clip.Config(accum_steps=accum_steps, lr=1e-3, weight_decay=0.1, grad_clip=0.0)
+    optimizer = train_clip.make_optimizer(model, cfg, "cpu")
+    loss = train_clip.train_step(model, forward or model, ddp, optimizer, common.grad_scaler("cpu", "fp32"), FP32,
+                                 images, tokens, cfg.lr, cfg)
     return loss.item()
 
 
@@ -96,10 +97,10 @@ def ddp_worker(out):
         image, text, scale = model(images[mine], tokens[mine])
         reference = ClipLoss(local_loss=True, gather_with_grad=True, rank=d.rank, world_size=d.world_size)(image, text, scale)
         assert torch.allclose(train_clip.contrastive_loss(image, text, scale), reference, atol=1e-6)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    forward, ddp = common.wrap_model(model, d)  # as train_clip.main wraps it
     results, grads = {}, None
     for accum_steps in (1, 2):
-        loss = one_step(ddp, images[mine], tokens[mine], accum_steps)
+        loss = one_step(model, images[mine], tokens[mine], accum_steps, forward, ddp)
         results[accum_steps] = common.all_reduce_sum([loss], "cpu")[0] / d.world_size
         grads = grads or {name: p.grad.clone() for name, p in model.named_parameters()}  # after the first step
     if d.is_main:
