@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from common import autocast, default_precision
 from data import BenchmarkTask, ImageFolderTask, image_transform, imagenet_classnames_and_templates, tokenize
-from model import load_checkpoint
+from model import load_checkpoint, nights_distances
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -32,15 +32,6 @@ def two_afc_score(d0, d1, p):
     """DreamSim's 2AFC score per triplet: the share of observers the metric agrees with.
     d0 = d(ref, left), d1 = d(ref, right), p = share of observers who chose right. A tie scores 0.5."""
     return (d0 < d1) * (1 - p) + (d1 < d0) * p + (d0 == d1) * 0.5
-
-
-def nights_distances(visual, ref, left, right):
-    """Perceptual distances d = 1 - cos of the projected image embeddings (PI fork, DreamSim):
-    (d(ref, left), d(ref, right)), each (B,). One forward over the 3B images, so that under DDP
-    each step is one forward and one backward; `visual` maps (B, 3, S, S) -> (B, E)."""
-    features = F.normalize(visual(torch.cat([ref, left, right])).float(), dim=-1)  # (3B, E)
-    f_ref, f_left, f_right = features.chunk(3)  # 3 x (B, E)
-    return 1 - (f_ref * f_left).sum(-1), 1 - (f_ref * f_right).sum(-1)
 
 
 @torch.no_grad()
