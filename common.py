@@ -367,8 +367,9 @@ def check_resume(ckpt_path, saved, current, keys):
     checkpoint was written with: resuming would splice two different runs into one. `saved` and
     `current` map keys to values (the configs, plus derived facts such as the number of training
     samples); settings not in `keys` (logging, workers where they do not change the order, evaluation,
-    save_every, ...) may change freely. The error names every changed key with both values."""
-    changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    save_every, ...) may change freely. The error names every changed key with both values. A key the
+    checkpoint does not record (written before the key existed) is not compared."""
+    changed = [f"{k}: {saved[k]!r} -> {current.get(k)!r}" for k in keys if k in saved and saved[k] != current.get(k)]
     if changed:
         raise UserError(f"{ckpt_path} is a run with other settings ({'; '.join(changed)}): resume it with the "
                         f"saved values, or start afresh with another out_dir (or move {ckpt_path} away)")
@@ -385,9 +386,9 @@ class StopSignal:
     killing it. The loop calls `stop_now()` at each step boundary: every rank gets the same answer (one
     rank may see the signal a step later than another), then the main rank saves and all exit 0.
     The check is one tiny all-reduce on the CPU (gloo) group: no GPU synchronisation.
-    A second signal kills at once. Install it before any DataLoader worker starts: forked workers then
-    inherit the handler and ignore the signal too (SLURM signals every process of the job), rather
-    than dying under the loader. `with StopSignal() as stop:` restores the old handlers on exit."""
+    A second signal kills at once. SLURM signals every process of the job, loader workers included, and
+    torch's workers die of SIGTERM unless it comes from their parent: every loader of the kit passes
+    worker_init_fn=ignore_stop_signals, so they leave the signal to the loop instead of dying under it. `with StopSignal() as stop:` restores the old handlers on exit."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -411,10 +412,17 @@ class StopSignal:
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)  # None: set outside Python
 
     def stop_now(self, d):
         return any_rank(self.received is not None, d)
+
+
+def ignore_stop_signals(worker_id=None):
+    """A DataLoader worker_init_fn: the worker ignores SIGTERM / SIGINT and leaves stopping to the
+    main process (it still exits when the main process shuts the loader down or dies)."""
+    for s in StopSignal.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 class NonFiniteLoss(UserError):
@@ -428,7 +436,8 @@ class LossWatch:
     NonFiniteLoss if any rank saw a non-finite loss since the start. So a checkpoint never holds a
     state that a non-finite loss has touched, and the batches after the last save are not counted as
     consumed: a restart repeats them from the last good state. The price: up to log_every steps run
-    on after a blow-up before the loop notices (their result is discarded).
+    on after a blow-up before the loop notices (their result is discarded). `interval_mean()` gives the
+    log its mean loss (one more all-reduce, at log steps only).
 
     `lr_at(step)` names the learning rate of the step in the message."""
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common import autocast, default_precision
+from common import autocast, default_precision, ignore_stop_signals
 from data import BenchmarkTask, ImageFolderTask, image_transform, imagenet_classnames_and_templates, tokenize
 from model import load_checkpoint, nights_distances
 
@@ -38,7 +38,8 @@ def two_afc_score(d0, d1, p):
 def evaluate_nights(model, dataset, device, batch_size=64, precision="fp32", workers=0):
     """Mean 2AFC score of a CLIP's image embeddings on a NightsDataset (0.5 = chance, 1 = agrees
     with every observer)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    # Workers leave SIGTERM / SIGINT to the main process (a trainer evaluating stops after it).
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, worker_init_fn=ignore_stop_signals)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -192,7 +193,7 @@ def evaluate_task(model, task_dir, device, batch_size=64, workers=0, precision="
     name = Path(task_dir).name
     retrieval = task.task_type == "retrieval"
     loader = DataLoader(task, batch_size=batch_size, num_workers=workers, shuffle=False,
-                        pin_memory=torch.device(device).type == "cuda",
+                        pin_memory=torch.device(device).type == "cuda", worker_init_fn=ignore_stop_signals,
                         collate_fn=_collate_captions if retrieval else None)
     if not retrieval:
         classifier = zero_shot_classifier(model, task.classnames, task.templates, device, precision, progress=progress)

@@ -287,13 +287,13 @@ class ShardLoader:
     Non-resampled streams that run out mid-epoch continue with a fresh shuffle of their shards.
     """
 
-    def __init__(self, dataset, batch_size, batches_per_epoch, workers=0, pin_memory=False):
+    def __init__(self, dataset, batch_size, batches_per_epoch, workers=0, pin_memory=False, worker_init_fn=None):
         self.num_streams = max(1, workers)
         self.batches = _StreamBatches(dataset, batch_size, batches_per_epoch, self.num_streams)
         self.batches_per_epoch = batches_per_epoch
         self.loader = torch.utils.data.DataLoader(
             self.batches, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None, worker_init_fn=worker_init_fn)
         self.epoch, self.batch, self.consumed = 0, 0, [0] * self.num_streams
 
     def state(self):

@@ -235,6 +235,7 @@ def evaluate_now(model, cfg, d, precision):
 
 
 def write_summary(out_dir, step, cfg, skipped_by_reason, metrics, ckpt_path):
+    """out_dir/summary.json: what a finished run did and its last evaluation."""
     summary = {"steps": step, "samples_seen": step * cfg.batch_size, "samples_skipped": sum(skipped_by_reason.values()),
                "skipped_by_reason": skipped_by_reason, "metrics": metrics, "checkpoint": str(ckpt_path)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -242,7 +243,7 @@ def write_summary(out_dir, step, cfg, skipped_by_reason, metrics, ckpt_path):
 
 
 def main(argv):
-    with common.StopSignal() as stop:  # before any loader worker forks: they inherit it
+    with common.StopSignal() as stop:  # SIGTERM / SIGINT: stop at a step boundary, saved
         train(argv, stop)
 
 
@@ -325,7 +326,8 @@ def train(argv, stop):
     dataset = shards.ShardDataset(
         shard_paths, data.image_transform(model.config.image_size, cfg.augment), context_length=model.config.context_length,
         seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, rank=d.rank, world_size=world)
-    loader = shards.ShardLoader(dataset, cfg.batch_size // world, steps_per_epoch, cfg.workers, d.device.type == "cuda")
+    loader = shards.ShardLoader(dataset, cfg.batch_size // world, steps_per_epoch, cfg.workers, d.device.type == "cuda",
+                                worker_init_fn=common.ignore_stop_signals)  # workers leave SIGTERM to the loop
 
     saved_step = step
 

@@ -124,8 +124,24 @@ def make_optimizer(model, cfg, device):
                              eps=cfg.eps, fused=torch.device(device).type == "cuda")
 
 
+def train_step(forward, optimizer, scaler, amp, ref, left, right, p, lr, cfg):
+    """One optimiser step of stage 1 (as train_clip.train_step is stage 2's): set the lr, embed the
+    three images of each triplet in one forward, hinge loss, backward, step (through the fp16 scaler,
+    a no-op otherwise). Returns the loss as a tensor on the device (no host sync)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with amp:
+        d0, d1 = nights_distances(forward, ref, left, right)
+    loss = hinge_loss(d0, d1, p, cfg.margin)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss
+
+
 def main(argv=None):
-    with common.StopSignal() as stop:  # before any loader worker forks: they inherit it
+    with common.StopSignal() as stop:  # SIGTERM / SIGINT: stop at a step boundary, saved
         return train(sys.argv[1:] if argv is None else argv, stop)
 
 
@@ -231,17 +247,10 @@ def train(argv, stop):
         epoch, position = divmod(step, steps_per_epoch)
         batches = epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch, d.rank, d.world_size)
         loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[position:], num_workers=cfg.workers,
-                                             pin_memory=device.type == "cuda")
+                                             pin_memory=device.type == "cuda",
+                                             worker_init_fn=common.ignore_stop_signals)  # SIGTERM is the loop's
         for ref, left, right, p in common.prefetch_to_device(loader, device):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step + 1)
-            with amp:
-                d0, d1 = nights_distances(forward, ref, left, right)
-            loss = hinge_loss(d0, d1, p, cfg.margin)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss = train_step(forward, optimizer, scaler, amp, ref, left, right, p, lr_at(step + 1), cfg)
             step += 1
             watch.add(loss, step)
             bar.update()
