@@ -282,7 +282,16 @@ def test_rerun_of_a_finished_run_changes_nothing_and_a_changed_setting_is_refuse
     assert {name: (straight / name).read_bytes() for name in before} == before
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(clip_run, tmp_path, monkeypatch):
+@pytest.fixture
+def one_thread():
+    """A tiny model trained in-process: more threads only contend on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(clip_run, tmp_path, monkeypatch, one_thread):
     command, _ = clip_run
     real_step, losses = train_clip.train_step, []
 
