@@ -18,8 +18,9 @@ counts 14.78 GFLOP per image-text pair forward (REFERENCE.md section 5) and 44.1
 without accumulation; accumulation adds its cached forward (58.9 at accum > 1). MFU counts the step's
 FLOPs without checkpointing (what the algorithm needs); HFU counts what the GPU runs, including
 checkpointing's recomputation (about 2/3 of a forward: torch's non-reentrant checkpoint stops
-recomputing once the saved tensors are back). Peak: --peak-tflops, the GPU's dense bf16 TFLOP/s
-(default: the H200 / H100 SXM datasheet's 989; REFERENCE.md section 11 quotes ~790 measured on a matmul).
+recomputing once the saved tensors are back). Peak: the GPU's dense bf16 TFLOP/s from its datasheet
+(PEAK_TFLOPS, matched on the device name; H100 / H200 SXM 989, REFERENCE.md section 11 quotes ~790
+measured on a matmul), or --peak-tflops.
 """
 import argparse
 import dataclasses
@@ -38,6 +39,9 @@ import train_clip  # noqa: E402
 from model import create_model  # noqa: E402
 
 EOT = 49407
+# Dense bf16 tensor-core peak, TFLOP/s, from NVIDIA's datasheets (SXM parts; PCIe / NVL ones are lower:
+# pass --peak-tflops). Matched in this order against torch.cuda.get_device_name().
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 
 
 def synthetic_batch(n, config, device):
@@ -152,19 +156,24 @@ def main(argv=None):
     parser.add_argument("--config", default=str(ROOT / "configs" / "yfcc15m.yaml"), help="train_clip config: model, batch, accum_steps")
     parser.add_argument("--micro-batch", type=int, default=0, help="pairs per micro-batch (default: batch_size / accum_steps)")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, TFLOP/s")
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="the GPU's dense bf16 peak, TFLOP/s (default: PEAK_TFLOPS by name)")
     parser.add_argument("--out", default="gpu_bench.json")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model, micro-batch 4, 2 steps, no compile, no fit search")
     args = parser.parse_args(argv)
     cfg = common.load_config(train_clip.Config, [args.config])
     if args.dry_run:
         device, precision, compiles, steps, warmup = "cpu", "fp32", (False,), 2, 1
+        args.peak_tflops = args.peak_tflops or 1.0  # a CPU has no bf16 tensor-core peak: MFU is a placeholder
         cfg = dataclasses.replace(cfg, model="tiny", batch_size=8, accum_steps=2)
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no GPU visible: use --dry-run to check the script on the CPU")
         common.setup_distributed("cuda")  # what the trainer sets on CUDA (TF32)
         device, precision, compiles, steps, warmup = "cuda", "bf16", (False, True), args.steps, 3
+        name = torch.cuda.get_device_name()
+        args.peak_tflops = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
+        if not args.peak_tflops:
+            raise SystemExit(f"no bf16 peak known for {name}: pass --peak-tflops (its datasheet's dense bf16 TFLOP/s)")
     micro = args.micro_batch or (4 if args.dry_run else cfg.batch_size // cfg.accum_steps)
     accums = sorted({1, cfg.accum_steps})
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run: numbers mean nothing)",
