@@ -1,7 +1,7 @@
 """The plumbing both trainers share, so that neither copies it nor imports the other.
 
   config        typed dataclass configs from YAML + `--key=value` overrides, errors that name the key
-  distributed   single process by default, DDP when torchrun sets RANK
+  distributed   single process by default, DDP when torchrun sets RANK; DDP + compile wrapping
   precision     one autocast path (bf16 / fp16 / fp32) and the GradScaler that fp16 alone needs
   optimiser     AdamW parameter groups with CLIP's weight-decay exclusions, warmup + cosine schedule
   checkpoints   atomic saves, RNG state capture, the resume check both trainers apply
@@ -10,8 +10,10 @@
   logging       run header (code version, libraries, hardware), metrics.jsonl, run_cli and UserError
 
 Why a third shared file: model.py imports nothing of the kit and data.py holds only data helpers
-(the house rules), yet the two trainers share ~400 lines of this; copying it would let them drift.
-It is one responsibility (a training run's plumbing) and longer than ~400 lines for that reason.
+(the house rules), yet the two trainers share all of this; copying it would let them drift. It is
+one responsibility, a training run's plumbing, and past ~400 lines because both trainers' fault
+handling lives here (once, for both) rather than in each loop. If it grows further, the natural cut
+is config + run_cli (what every script's command line needs) apart from the rest.
 """
 import contextlib
 import dataclasses
