@@ -102,8 +102,10 @@ def test_checkpoint_loads_anywhere_and_only_vision_trained(nights, trained):
     model = load_checkpoint(trained / "ckpt.pt")
     summary = json.loads((trained / "summary.json").read_text())
     val = NightsDataset(nights, "val", image_transform(model.config.image_size, "nights"))
-    # The same embeddings as in training: the same score (up to float summation order).
-    assert evaluate_nights(model, val, "cpu") == pytest.approx(summary["2afc"]["val"], abs=1e-6)
+    # The same embeddings as in training: the same score. At training's eval_batch_size (256, from
+    # nights_tiny.yaml): at another batch size float sums differ and a near-tie triplet can flip (measured:
+    # 0.66028 at 64 vs 0.65981 at 256, with main's code and this branch's alike).
+    assert evaluate_nights(model, val, "cpu", 256) == pytest.approx(summary["2afc"]["val"], abs=1e-6)
     torch.manual_seed(42)
     initial = create_model("tiny", image_size=SIZE).state_dict()
     for key, value in model.state_dict().items():
