@@ -1,14 +1,19 @@
 """The plumbing both trainers share, so that neither copies it nor imports the other.
 
   config        typed dataclass configs from YAML + `--key=value` overrides, errors that name the key
-  distributed   single process by default, DDP when torchrun sets RANK
+  distributed   single process by default, DDP when torchrun sets RANK; DDP + compile wrapping
   precision     one autocast path (bf16 / fp16 / fp32) and the GradScaler that fp16 alone needs
   optimiser     AdamW parameter groups with CLIP's weight-decay exclusions, warmup + cosine schedule
-  checkpoints   atomic saves and RNG state capture for exact resume
-  logging       run header (code version, libraries, hardware) and metrics.jsonl
+  checkpoints   atomic saves, RNG state capture, the resume check both trainers apply
+  faults        SIGTERM / SIGINT stop at a step boundary agreed by all ranks; non-finite losses caught
+                without a host sync per step; the next batch copied to the GPU while the step runs
+  logging       run header (code version, libraries, hardware), metrics.jsonl, run_cli and UserError
 
 Why a third shared file: model.py imports nothing of the kit and data.py holds only data helpers
-(the house rules), yet the two trainers share ~200 lines of this; copying it would let them drift.
+(the house rules), yet the two trainers share all of this; copying it would let them drift. It is
+one responsibility, a training run's plumbing, and past ~400 lines because both trainers' fault
+handling lives here (once, for both) rather than in each loop. If it grows further, the natural cut
+is config + run_cli (what every script's command line needs) apart from the rest.
 """
 import contextlib
 import dataclasses
@@ -18,8 +23,10 @@ import math
 import os
 import platform
 import random
+import signal
 import subprocess
 import sys
+import threading
 import types
 import typing
 from pathlib import Path
@@ -37,6 +44,33 @@ from tqdm import tqdm
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
+class UserError(ValueError):
+    """A mistake of the user's that the kit itself detected (a config key or value, missing data, a
+    resume that would splice two runs): run_cli prints its message as one line, without a traceback.
+    Anything else, including a ValueError raised inside torch or numpy, keeps its traceback.
+    (A ValueError, so that code catching the old ValueErrors keeps working.)"""
+
+
+class UserFileNotFound(UserError, FileNotFoundError):
+    """A file the user named (a config, data, a checkpoint) does not exist."""
+
+
+@contextlib.contextmanager
+def user_input():
+    """Around a call into model.py or data.py that reads what the user named (a preset, a checkpoint,
+    a data folder): its FileNotFoundError / ValueError is the user's mistake. model.py imports nothing of
+    the kit, so it cannot raise UserError itself; the caller, which knows the input came from the user,
+    converts. The original exception stays chained (PI_TRACEBACK=1 shows it)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except FileNotFoundError as e:
+        raise UserFileNotFound(str(e)) from e
+    except ValueError as e:
+        raise UserError(str(e)) from e
+
+
 def _coerce(value, annotation, key, source):
     """Check / convert one value to the field's type; strings (from the command line) are parsed."""
     optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
@@ -44,7 +78,7 @@ def _coerce(value, annotation, key, source):
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
             return None
-        raise ValueError(f"{source}: {key} must be of type {base.__name__}, got nothing")
+        raise UserError(f"{source}: {key} must be of type {base.__name__}, got nothing")
     try:
         if base is bool:
             if isinstance(value, bool):
@@ -65,7 +99,7 @@ def _coerce(value, annotation, key, source):
                 raise ValueError
             return str(value)
     except ValueError:
-        raise ValueError(f"{source}: {key} must be of type {base.__name__}, got {value!r}") from None
+        raise UserError(f"{source}: {key} must be of type {base.__name__}, got {value!r}") from None
     raise TypeError(f"config field {key} has an unsupported type {annotation}")
 
 
@@ -86,30 +120,30 @@ def load_config(cls, argv, default_path=None, aliases=None):
             key, eq, value = arg[2:].partition("=")
             if not eq:
                 if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                    raise ValueError(f"command line: --{key} needs a value")
+                    raise UserError(f"command line: --{key} needs a value")
                 value, i = argv[i + 1], i + 1
             key = (aliases or {}).get(key, key).replace("-", "_")
             overrides.append((key, value))
         elif path is default_path and arg.endswith((".yaml", ".yml")):
             path = arg
         else:
-            raise ValueError(f"command line: unexpected argument {arg!r} (expected CONFIG.yaml and --key=value)")
+            raise UserError(f"command line: unexpected argument {arg!r} (expected CONFIG.yaml and --key=value)")
         i += 1
     values = {}
     if path is not None:
         if not os.path.exists(path):
-            raise FileNotFoundError(f"config file {path} does not exist")
+            raise UserFileNotFound(f"config file {path} does not exist")
         with open(path) as f:
             loaded = yaml.safe_load(f) or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of key: value at the top level")
+            raise UserError(f"{path}: expected a mapping of key: value at the top level")
         for key, value in loaded.items():
             if key not in names:
-                raise ValueError(f"{path}: unknown key {key!r}; known keys: {', '.join(sorted(names))}")
+                raise UserError(f"{path}: unknown key {key!r}; known keys: {', '.join(sorted(names))}")
             values[key] = _coerce(value, hints[key], key, path)
     for key, value in overrides:
         if key not in names:
-            raise ValueError(f"command line: unknown key --{key}; known keys: {', '.join(sorted(names))}")
+            raise UserError(f"command line: unknown key --{key}; known keys: {', '.join(sorted(names))}")
         values[key] = _coerce(value, hints[key], key, "command line")
     return cls(**values)
 
@@ -119,12 +153,21 @@ def load_config(cls, argv, default_path=None, aliases=None):
 # ---------------------------------------------------------------------------------------------------
 
 
+# Ranks wait for each other on a CPU (gloo) group with this timeout where one rank works alone: the
+# main rank's evaluation (an ImageNet-sized task can outlast NCCL's default 10 minutes), its checkpoint
+# save. No NCCL operation is pending meanwhile, so NCCL's watchdog does not fire; a rank that dies is
+# noticed by torchrun, which stops the others.
+WAIT_TIMEOUT = datetime.timedelta(hours=4)
+
+
 @dataclasses.dataclass
 class Dist:
+    """The distributed state both trainers call `d`: which process this is, and where it computes."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    control: object = None  # a gloo group for CPU-side agreement (stop flags, waiting for the main rank)
 
     @property
     def is_main(self):
@@ -137,10 +180,15 @@ class Dist:
 
 def setup_distributed(device=""):
     """One process on `device` (cuda when present, if empty), or DDP when torchrun set RANK:
-    nccl on GPUs, gloo on the CPU. No process group is made for a single process."""
+    nccl on GPUs, gloo on the CPU. No process group is made for a single process. On CUDA, fp32
+    matmuls and convolutions use TF32 (what every fast CLIP trainer does; bf16 autocast covers most
+    matmuls anyway)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but no CUDA GPU is visible; use --device=cpu")
+        raise UserError("device=cuda was asked for but no CUDA GPU is visible; use --device=cpu")
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
     if "RANK" not in os.environ:
         return Dist(device=torch.device(device))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -148,9 +196,11 @@ def setup_distributed(device=""):
     if device.startswith("cuda"):
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-        return Dist(rank, world_size, local_rank, torch.device("cuda", local_rank))
-    dist.init_process_group("gloo")
-    return Dist(rank, world_size, local_rank, torch.device("cpu"))
+        device = torch.device("cuda", local_rank)
+    else:
+        dist.init_process_group("gloo")
+        device = torch.device("cpu")
+    return Dist(rank, world_size, local_rank, device, dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT))
 
 
 def cleanup_distributed():
@@ -158,12 +208,49 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
-def all_reduce_sum(values, device):
-    """Sum a list of numbers over ranks (identity on one process)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def all_reduce_sum(values, device, dtype=torch.float64):
+    """Sum a list of numbers over ranks (identity on one process). dtype=torch.int64 for counts and
+    positions, which float64 holds exactly only up to 2**53 (and float32 only up to 2**24)."""
+    t = torch.tensor(values, dtype=dtype, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
+
+
+def any_rank(flag, d):
+    """True on every rank when `flag` is true on any: one tiny all-reduce on the CPU group, so asking
+    at every step costs no GPU synchronisation."""
+    if not d.enabled:
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=d.control)
+    return bool(t.item())
+
+
+def wait_for_main(d):
+    """Every rank waits here until the main one arrives (after its evaluation), up to WAIT_TIMEOUT."""
+    if d.enabled:
+        dist.barrier(group=d.control)
+
+
+def wrap_model(module, d, compile=False, compile_backend="inductor"):
+    """-> (forward, ddp): what runs the training forward, and the DistributedDataParallel under it
+    (None on one process). DDP first, then compile (PyTorch's recommended order); `ddp` is kept apart
+    because torch.compile(DDP(m)) is no longer a DistributedDataParallel, and accumulation needs
+    ddp.no_sync(). gradient_as_bucket_view: gradients live in DDP's buckets, one copy fewer."""
+    ddp = None
+    if d.enabled:
+        device_ids = [d.local_rank] if d.device.type == "cuda" else None
+        ddp = torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True)
+    forward = ddp if ddp is not None else module
+    if compile:
+        forward = torch.compile(forward, backend=compile_backend)
+    return forward, ddp
+
+
+def no_sync(ddp, skip):
+    """ddp.no_sync() when `skip` (a micro-batch whose gradients are only accumulated), else nothing."""
+    return ddp.no_sync() if ddp is not None and skip else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -178,7 +265,7 @@ def default_precision(device):
 def autocast(device, precision):
     """The one mixed-precision path: autocast for bf16 / fp16, nothing for fp32."""
     if precision not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"precision must be bf16, fp16 or fp32, got {precision!r}")
+        raise UserError(f"precision must be bf16, fp16 or fp32, got {precision!r}")
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -228,15 +315,16 @@ def seed_everything(seed):
 
 
 def rng_state():
-    """Every RNG the loop draws from, in types that torch.load(weights_only=True) accepts."""
+    """Every RNG the loop draws from, in types that torch.load(weights_only=True) accepts. On CUDA only
+    the current device's generator: a run resumed where fewer (or other) GPUs are visible still loads."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
         "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -245,8 +333,11 @@ def set_rng_state(state):
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # checkpoints before this kit kept one state per visible GPU
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 def _to_tuple(x):
@@ -270,7 +361,179 @@ def load_training_state(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"cannot resume from {path}: {e}. Move it away to start afresh.") from e
+        raise UserError(f"cannot resume from {path}: {e}. Move it away to start afresh.") from e
+
+
+def check_resume(ckpt_path, saved, current, keys):
+    """Refuse to resume when a setting that changes the run's trajectory differs from the one its
+    checkpoint was written with: resuming would splice two different runs into one. `saved` and
+    `current` map keys to values (the configs, plus derived facts such as the number of training
+    samples); settings not in `keys` (logging, workers where they do not change the order, evaluation,
+    save_every, ...) may change freely. The error names every changed key with both values. A key the
+    checkpoint does not record (written before the key existed) is not compared."""
+    changed = [f"{k}: {saved[k]!r} -> {current.get(k)!r}" for k in keys if k in saved and saved[k] != current.get(k)]
+    if changed:
+        raise UserError(f"{ckpt_path} is a run with other settings ({'; '.join(changed)}): resume it with the "
+                        f"saved values, or start afresh with another out_dir (or move {ckpt_path} away)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Faults: preemption, non-finite losses; and the host-to-device copy
+# ---------------------------------------------------------------------------------------------------
+
+
+class StopSignal:
+    """SIGTERM (what SLURM and other schedulers send before they kill a job; torchrun forwards it to
+    every rank and waits 30 s before SIGKILL) and SIGINT (Ctrl-C) ask the run to stop instead of
+    killing it. The loop calls `stop_now()` at each step boundary: every rank gets the same answer (one
+    rank may see the signal a step later than another), then the main rank saves and all exit 0.
+    The check is one tiny all-reduce on the CPU (gloo) group: no GPU synchronisation.
+    A second signal kills at once. SLURM signals every process of the job, loader workers included, and
+    torch's workers die of SIGTERM unless it comes from their parent: every loader of the kit passes
+    worker_init_fn=ignore_stop_signals, so they leave the signal to the loop instead of dying under it. `with StopSignal() as stop:` restores the old handlers on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received, self.previous = None, {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None or os.getpid() != self.pid:  # a second signal; or a forked worker
+            if os.getpid() == self.pid:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
+        self.received = signal.Signals(signum).name
+        tqdm.write(f"{self.received} received: stopping after this step with a checkpoint (again to kill now)")
+
+    def __enter__(self):
+        self.pid = os.getpid()
+        if threading.current_thread() is threading.main_thread():  # signals can only be set there
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)  # None: set outside Python
+
+    def stop_now(self, d):
+        return any_rank(self.received is not None, d)
+
+
+def ignore_stop_signals(worker_id=None):
+    """A DataLoader worker_init_fn: the worker ignores SIGTERM / SIGINT and leaves stopping to the
+    main process (it still exits when the main process shuts the loader down or dies)."""
+    for s in StopSignal.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or infinite: the run stopped without saving over its last good checkpoint."""
+
+
+class LossWatch:
+    """Each step's loss kept on the device: a running sum for the log, and the first step whose loss
+    was not finite. Nothing is read back to the host per step (a .item() per step stalls the GPU's
+    queue); `check()` at log steps and before every evaluation and save does one all-reduce and raises
+    NonFiniteLoss if any rank saw a non-finite loss since the start. So a checkpoint never holds a
+    state that a non-finite loss has touched, and the batches after the last save are not counted as
+    consumed: a restart repeats them from the last good state. The price: up to log_every steps run
+    on after a blow-up before the loop notices (their result is discarded). `interval_mean()` gives the
+    log its mean loss (one more all-reduce, at log steps only).
+
+    `lr_at(step)` names the learning rate of the step in the message."""
+
+    NONE = 2**62
+
+    def __init__(self, d, lr_at):
+        self.d, self.lr_at = d, lr_at
+        self.total = torch.zeros((), dtype=torch.float64, device=d.device)
+        self.first_bad = torch.full((), self.NONE, dtype=torch.int64, device=d.device)
+        self.steps = 0
+
+    def add(self, loss, step):
+        """The loss of optimiser step number `step` (counting from 1), this rank's value."""
+        loss = loss.detach()
+        self.total += loss.double()
+        self.first_bad = torch.where(torch.isfinite(loss), self.first_bad, self.first_bad.clamp(max=step))
+        self.steps += 1
+
+    def check(self, ckpt_path, saved_step):
+        """Raise NonFiniteLoss if any rank's loss has not been finite (every rank raises together)."""
+        first_bad = self.first_bad.clone()
+        if self.d.enabled:
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+        step = int(first_bad.item())
+        if step != self.NONE:
+            raise NonFiniteLoss(
+                f"non-finite loss at step {step} (lr {self.lr_at(step):.3g}): stopped without saving; {ckpt_path} "
+                + (f"still holds step {saved_step}, the last good state" if saved_step else "was not written")
+                + ". Try a lower lr or more warmup_steps, grad_clip=1.0 where the trainer has it, or precision=bf16 "
+                "or fp32 instead of fp16; then rerun (it resumes from the checkpoint), or start afresh in another out_dir")
+
+    def interval_mean(self):
+        """The mean loss over the steps since the last call and over ranks (None if none); resets."""
+        total = self.total.clone()
+        if self.d.enabled:
+            dist.all_reduce(total)
+        mean = total.item() / self.steps / self.d.world_size if self.steps else None
+        self.total.zero_()
+        self.steps = 0
+        return mean
+
+
+def to_device(batch, device):
+    """A batch (a tensor, or a dict / list / tuple holding tensors and other values) with every tensor
+    moved to `device`, asynchronously where the source is pinned."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def _tensors(batch):
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, dict):
+        for v in batch.values():
+            yield from _tensors(v)
+    elif isinstance(batch, (list, tuple)):
+        for v in batch:
+            yield from _tensors(v)
+
+
+def prefetch_to_device(batches, device):
+    """Yields the batches of `batches` already on `device` (any structure to_device takes). On CUDA the
+    next batch's host-to-device copy is issued on a side stream before the current one is handed out,
+    so it overlaps the current step's compute (the loader should pin its memory); record_stream keeps
+    the allocator from reusing a batch's memory while the compute stream still reads it. Elsewhere it
+    is a plain .to(device)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        for batch in batches:
+            yield to_device(batch, device)
+        return
+    stream, compute, done = torch.cuda.Stream(device), torch.cuda.current_stream(device), object()
+    iterator = iter(batches)
+
+    def issue():
+        batch = next(iterator, done)
+        if batch is done:
+            return done
+        with torch.cuda.stream(stream):
+            return to_device(batch, device)
+
+    upcoming = issue()
+    while upcoming is not done:
+        batch = upcoming
+        compute.wait_stream(stream)
+        for t in _tensors(batch):
+            t.record_stream(compute)
+        upcoming = issue()
+        yield batch
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -319,11 +582,12 @@ class MetricsLog:
 
 
 def run_cli(main):
-    """A script's entry point: main(sys.argv[1:]). A mistake of the user's (a missing file, a bad key
-    or value) prints one line naming it instead of a traceback; PI_TRACEBACK=1 shows the traceback."""
+    """A script's entry point: main(sys.argv[1:]). A UserError (a mistake of the user's that the kit
+    detected: a missing file, a bad key or value, a resume that does not fit) prints one line naming
+    it instead of a traceback; PI_TRACEBACK=1 shows the traceback. Every other error keeps its own."""
     try:
         main(sys.argv[1:])
-    except (FileNotFoundError, ValueError) as e:
+    except UserError as e:
         if os.environ.get("PI_TRACEBACK"):
             raise
         sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")

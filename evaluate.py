@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common import autocast, default_precision, run_cli
+from common import autocast, default_precision, ignore_stop_signals, run_cli
 from data import BenchmarkTask, ImageFolderTask, image_transform, imagenet_classnames_and_templates, tokenize
-from model import load_checkpoint
+from model import load_checkpoint, nights_distances
 from nights import model_input
 from progress import progress as progress_bar
 
@@ -43,20 +43,12 @@ def two_afc_score(d0, d1, p):
     return (d0 < d1) * (1 - p) + (d1 < d0) * p + (d0 == d1) * 0.5
 
 
-def nights_distances(visual, ref, left, right):
-    """Perceptual distances d = 1 - cos of the projected image embeddings (PI fork, DreamSim):
-    (d(ref, left), d(ref, right)), each (B,). One forward over the 3B images, so that under DDP
-    each step is one forward and one backward; `visual` maps (B, 3, S, S) -> (B, E)."""
-    features = F.normalize(visual(torch.cat([ref, left, right])).float(), dim=-1)  # (3B, E)
-    f_ref, f_left, f_right = features.chunk(3)  # 3 x (B, E)
-    return 1 - (f_ref * f_left).sum(-1), 1 - (f_ref * f_right).sum(-1)
-
-
 @torch.no_grad()
 def evaluate_nights(model, dataset, device, batch_size=64, precision="fp32", workers=0):
     """Mean 2AFC score of a CLIP's image embeddings on a nights.NightsDataset (0.5 = chance, 1 = agrees
     with every observer)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    # Workers leave SIGTERM / SIGINT to the main process (a trainer evaluating stops after it).
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, worker_init_fn=ignore_stop_signals)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -232,7 +224,7 @@ def evaluate_models(models, task_dir, device, batch_size=64, workers=0, precisio
     name = Path(task_dir).name
     retrieval = task.task_type == "retrieval"
     loader = DataLoader(task, batch_size=batch_size, num_workers=workers, shuffle=False,
-                        pin_memory=torch.device(device).type == "cuda",
+                        pin_memory=torch.device(device).type == "cuda", worker_init_fn=ignore_stop_signals,
                         collate_fn=_collate_captions if retrieval else None)
     was_training = [m.training for m in models]
     for m in models:

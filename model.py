@@ -1,11 +1,12 @@
 """CLIP, from scratch: a Vision Transformer, a causal text transformer, and the two joined.
 
 Read bottom-up: attention -> MLP -> residual block -> transformer -> vision tower -> text tower ->
-CLIP -> presets -> checkpoint loading. The state-dict keys and shapes are exactly those of OpenAI CLIP
-and open_clip's `CLIP` class (REFERENCE.md section 5), so a state dict moves between them unchanged.
-This file imports nothing of the kit. It runs past the kit's ~400 lines on purpose: the last section
-reads every checkpoint format users hold (kit, open_clip, safetensors, OpenAI's TorchScript), and it
-belongs here because every loader needs it and this file may import nothing of the kit.
+CLIP (and stage 1's perceptual distances) -> presets -> checkpoint loading. The state-dict keys and
+shapes are exactly those of OpenAI CLIP and open_clip's `CLIP` class (REFERENCE.md section 5), so a
+state dict moves between them unchanged. This file imports nothing of the kit. It runs past the kit's
+~400 lines on purpose: the last section reads every checkpoint format users hold (kit, open_clip,
+safetensors, OpenAI's TorchScript), and it belongs here because every loader needs it and this file
+may import nothing of the kit.
 
 Letters used in shape comments:
   B batch, N tokens (patches + 1 class token, or text positions), D width of a tower,
@@ -200,6 +201,16 @@ class CLIP(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+
+def nights_distances(visual, ref, left, right):
+    """Perceptual distances d = 1 - cos of the projected image embeddings (PI fork, DreamSim):
+    (d(ref, left), d(ref, right)), each (B,). One forward over the 3B images, so that under DDP
+    each step is one forward and one backward; `visual` maps (B, 3, S, S) -> (B, E). Stage 1's
+    forward (train_triplet.py) and the 2AFC score (evaluate.py) both call it: one definition."""
+    features = F.normalize(visual(torch.cat([ref, left, right])).float(), dim=-1)  # (3B, E)
+    f_ref, f_left, f_right = features.chunk(3)  # 3 x (B, E)
+    return 1 - (f_ref * f_left).sum(-1), 1 - (f_ref * f_right).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------------

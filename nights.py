@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
-from tqdm import tqdm
 
 from data import CLIP_MEAN, CLIP_STD
+from progress import progress
 
 # ---------------------------------------------------------------------------------------------------
 # The table (DreamSim's layout, REFERENCE.md section 3)
@@ -274,7 +274,7 @@ def _write_cache(npy, meta, rows, shape, image_size, workers, csv_path, descript
         writer = _CacheWriter(tmp, rows, image_size, chunk)
         loader = torch.utils.data.DataLoader(writer, batch_size=None, num_workers=workers, collate_fn=_keep)
         unreadable = {}
-        with tqdm(total=len(rows), desc=description, unit="triplet", disable=len(rows) < 1000) as bar:
+        with progress(total=len(rows), desc=description, unit="triplet", disable=len(rows) < 1000) as bar:
             for done, bad in loader:
                 for i, reason in bad:
                     unreadable[i] = reason
@@ -409,8 +409,9 @@ class EpochBatches(torch.utils.data.Sampler):
         return max(0, self.n // self.batch_size - self.start)
 
 
-def train_loader(dataset, batch_size, seed, workers=0, rank=0, world_size=1, pin_memory=False):
+def train_loader(dataset, batch_size, seed, workers=0, rank=0, world_size=1, pin_memory=False, worker_init_fn=None):
     """Stage 1's training loader: EpochBatches over `dataset`, built once for the whole run; set the
     epoch with loader.batch_sampler.set_epoch(epoch, start) before iterating it."""
     return torch.utils.data.DataLoader(dataset, batch_sampler=EpochBatches(len(dataset), batch_size, seed, rank, world_size),
-                                       num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+                                       num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
+                                       worker_init_fn=worker_init_fn)

@@ -284,7 +284,7 @@ class Loader:
 
     def __init__(self, units, transform, batch_size, streams=64, rank=0, world_size=1, workers=0, accum_steps=1,
                  seed=0, window=1000, context_length=77, device="cpu", image_column="images", text_column="texts",
-                 prefetch=2, decode_on_device=False):
+                 prefetch=2, decode_on_device=False, worker_init_fn=None):
         if batch_size % streams or streams % world_size:
             raise ValueError(f"streams ({streams}) must divide batch_size ({batch_size}) and be divisible by the "
                              f"number of ranks ({world_size}): set streams to e.g. {math.gcd(batch_size, 64)}")
@@ -295,7 +295,8 @@ class Loader:
         self.pieces = _RankPieces(self.work)
         self.dataloader = torch.utils.data.DataLoader(
             self.pieces, batch_size=None, num_workers=workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None)
+            persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
+            worker_init_fn=worker_init_fn)  # the trainer's: workers leave SIGTERM / SIGINT to its loop
         self.good, self.bad, self.bad_sources = 0, 0, []
 
     def plan(self, epoch):

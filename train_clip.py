@@ -5,14 +5,16 @@ vision tower.
   torchrun --nproc_per_node=8 train_clip.py configs/yfcc15m.yaml --init stage1/ckpt.pt
   python train_clip.py configs/yfcc15m.yaml --train_data='/data/{00000..00099}.tar' --batch_size=1024
 
-Without CONFIG, configs/yfcc15m.yaml. Without --init: the random-initialisation baseline, with the same
-seed, text tower and data order as the PI run, so the two differ only in the vision tower's start.
-Starting the same command again on the same out_dir resumes exactly where it stopped, mid-epoch.
+Without CONFIG, the Config defaults below (the paper's recipe, as configs/yfcc15m.yaml spells out with
+sources). Without --init: the random-initialisation baseline, with the same seed, text tower and data
+order as the PI run, so the two differ only in the vision tower's start.
+Starting the same command again on the same out_dir resumes exactly where it stopped, mid-epoch; with a
+setting that changes the run (TRAJECTORY_KEYS) it refuses and names it; on a finished run it does
+nothing. SIGTERM / SIGINT stop it at the next step boundary with a checkpoint (exit 0).
 
-The story: config -> setup -> data -> model (resume, else --init, else random) -> optimiser -> loop
-(accumulated contrastive step, schedule, logging, checkpoints, periodic evaluation) -> summary.
+The story: config -> setup -> checkpoint (resume check, finished?) -> data -> model (resume, else
+--init, else random) -> optimiser -> loop (train_step, logging, evaluation, checkpoints, stop) -> summary.
 """
-import contextlib
 import dataclasses
 import json
 import math
@@ -23,11 +25,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import common
-import data
 import nights
 import shards
 import sources
@@ -35,9 +35,6 @@ from augment import TrainTransform
 from model import check_activation, check_state_dict, create_model, model_config, read_checkpoint
 from progress import progress
 
-ROOT = Path(__file__).resolve().parent
-DEFAULT_CONFIG = ROOT / "configs" / "yfcc15m.yaml"
-ORDER_KEYS = ("seed", "batch_size", "streams", "shuffle_buffer")  # with the units' counts, they fix the data order
 
 
 @dataclass
@@ -49,19 +46,20 @@ class Config:
     model: str = "ViT-B-32"  # a preset of model.py
     epochs: int = 32
     max_steps: int = 0  # stop after this many optimiser steps (0: epochs decide)
-    batch_size: int = 4096  # GLOBAL batch: the same whatever the number of ranks
-    accum_steps: int = 1  # split each rank's batch into this many micro-batches (same result, less memory)
+    batch_size: int = 6144  # GLOBAL batch: the same whatever the number of ranks
+    accum_steps: int = 6  # split each rank's batch into this many micro-batches (same result, less memory)
     lr: float = 5e-4
     warmup_steps: int = 2500
     weight_decay: float = 0.1
     grad_clip: float = 0.0  # max global gradient norm (0: off)
-    save_every: int = 1000  # steps between checkpoints (and always at the end)
+    save_every: int = 500  # steps between checkpoints (and always at the end, and on SIGTERM / SIGINT)
     seed: int = 0
     device: str = ""  # cuda when present, else cpu
     precision: str = ""  # bf16 / fp16 / fp32; default bf16 on cuda, fp32 on cpu
     workers: int = 8  # DataLoader worker processes per rank
     grad_checkpointing: bool = False
-    compile: bool = False
+    compile: bool = False  # torch.compile the training forward (DDP first, then compile)
+    compile_backend: str = "inductor"  # torch.compile backend; aot_eager captures graphs without code generation
     init: str = ""  # checkpoint whose vision tower starts the run (stage 1's ckpt.pt, open_clip, OpenAI)
     init_text: bool = False  # also take the text tower (and logit scale) from `init`
     augment: str = "moco"  # moco (the PI fork, MoCo v2), train (open_clip's default) or eval (no augmentation)
@@ -69,11 +67,22 @@ class Config:
     #                    must divide batch_size and be divisible by the number of ranks
     shuffle_buffer: int = 1000  # each stream permutes its samples in windows of this many (held undecoded)
     decode_on_device: bool = False  # cuda: JPEGs decoded by nvjpeg (torchvision.io.decode_jpeg), not in the workers
-    eval_every: int = 0  # steps between evaluations (0: only at the end)
+    eval_every: int = 2000  # steps between evaluations (0: only at the end)
     eval_tasks: str = ""  # comma-separated zero-shot tasks, e.g. "cifar100,cifar10"
-    eval_data_root: str = ""
+    eval_data_root: str = "data/clip_benchmark"  # evaluate.py's default too
     nights_root: str = ""  # NIGHTS folder: log the 2AFC score at each evaluation
     log_every: int = 50
+
+
+# Settings that change what a run computes: resuming with another value would splice two runs, so
+# common.check_resume refuses it. Everything else (log_every, save_every, eval_*, nights_root,
+# grad_checkpointing, compile, device, out_dir, workers, the number of ranks) may change between a run's
+# starts: the sample order depends on (seed, epoch, streams, shuffle_buffer, batch_size) and the units'
+# counts only (shards.py). train_data may move, not change: data_units / data_samples (the units and
+# samples found) are compared instead of its path. precision is compared as resolved.
+TRAJECTORY_KEYS = ("model", "epochs", "max_steps", "batch_size", "accum_steps", "lr", "warmup_steps", "weight_decay",
+                   "grad_clip", "seed", "init", "init_text", "augment", "streams", "shuffle_buffer", "decode_on_device",
+                   "image_column", "text_column", "precision", "data_units", "data_samples")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -125,7 +134,7 @@ def gather_mask(valid):
     return torch.cat(parts)
 
 
-def accumulate_gradients(model, images, tokens, accum_steps, amp, scaler, valid=None):
+def accumulate_gradients(model, images, tokens, accum_steps, amp, scaler, ddp=None, valid=None):
     """Gradients of the contrastive loss of the whole batch, in `accum_steps` micro-batches.
 
     A contrastive loss cannot average micro-batch losses: every pair's negatives are the whole batch.
@@ -133,8 +142,10 @@ def accumulate_gradients(model, images, tokens, accum_steps, amp, scaler, valid=
     each micro-batch with gradients, put its fresh features among the cached ones, and backward the
     full loss. Micro-batch j's backward yields dL/df_j * df_j/dtheta; their sum is dL/dtheta exactly.
     logit_scale enters every re-forward, so it keeps its gradient in one of them only (the last,
-    where DDP synchronises); open_clip lets it accumulate accum_steps times. `valid`: see
-    contrastive_loss. Returns the loss.
+    where DDP synchronises); open_clip lets it accumulate accum_steps times. `model` runs the forward
+    (plain, DDP or compiled); `ddp` is the DistributedDataParallel under it, if any, whose no_sync()
+    keeps the non-last micro-batches from all-reducing. `valid` (n,) marks the rows that hold a sample
+    (a batch is padded after bad samples; see contrastive_loss). Returns the loss (a tensor: no host sync).
     """
     if accum_steps == 1:
         with amp:
@@ -147,8 +158,7 @@ def accumulate_gradients(model, images, tokens, accum_steps, amp, scaler, valid=
     cached_images, cached_texts = [c[0] for c in cached], [c[1] for c in cached]
     for j in range(accum_steps):
         last = j == accum_steps - 1
-        no_sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
-        with no_sync:
+        with common.no_sync(ddp, skip=not last):
             with amp:
                 image_features, text_features, logit_scale = model(image_chunks[j], token_chunks[j])
                 all_images = torch.cat(cached_images[:j] + [image_features] + cached_images[j + 1:])  # (n, E)
@@ -156,6 +166,33 @@ def accumulate_gradients(model, images, tokens, accum_steps, amp, scaler, valid=
                 loss = contrastive_loss(all_images, all_texts, logit_scale if last else logit_scale.detach(), valid)
             scaler.scale(loss).backward()
     return loss.detach()
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW as the PI fork and open_clip run it; fused (one kernel for all parameters) on CUDA."""
+    return torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+                             fused=torch.device(device).type == "cuda")
+
+
+def train_step(model, forward, ddp, optimizer, scaler, amp, images, tokens, lr, cfg, valid=None):
+    """One optimiser step, exactly as the loop runs it and bench/gpu_bench.py times it: set the lr,
+    accumulate the whole batch's gradients in cfg.accum_steps micro-batches, clip (grad_clip), step
+    (through the fp16 scaler, a no-op otherwise), clamp the temperature. `model` is the plain CLIP
+    (parameters, logit scale), `forward` what runs it (DDP and / or compiled), `ddp` the DDP handle.
+    `valid`: the rows that hold a sample (None: all). Returns the loss as a tensor on the device:
+    reading it is the caller's choice (a host sync)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss = accumulate_gradients(forward, images, tokens, cfg.accum_steps, amp, scaler, ddp, valid)
+    if cfg.grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))  # temperature >= 0.01 (CLIP)
+    return loss
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -171,8 +208,8 @@ def list_units(cfg, argv, d):
             return sources.list_units(cfg.train_data, progress=d.is_main, image_column=cfg.image_column,
                                       text_column=cfg.text_column)
         except FileNotFoundError as e:
-            source = next((a for a in argv if a.endswith((".yaml", ".yml"))), str(DEFAULT_CONFIG))
-            raise FileNotFoundError(
+            source = next((a for a in argv if a.endswith((".yaml", ".yml"))), "the Config defaults")
+            raise common.UserFileNotFound(
                 f"train_data: {e} (train_data={cfg.train_data!r}, from {source} or the command line). Put the data "
                 f"there, or point elsewhere with --train_data='/path/to/{{00000..00099}}.tar' (or .parquet; several "
                 "specs joined by '::')") from None
@@ -188,77 +225,118 @@ def list_units(cfg, argv, d):
 def load_init(model, path, include_text):
     """The vision tower (and with include_text, everything) from any CLIP checkpoint model.load_checkpoint
     reads; one that records the other activation than this model's is an error naming both."""
-    state_dict, stored = read_checkpoint(path)
-    if stored is not None:
-        check_activation(f"--init {path}", stored["quickgelu"], model.config.quickgelu)
+    with common.user_input():
+        state_dict, stored = read_checkpoint(path)
+        if stored is not None:
+            check_activation(f"--init {path}", stored["quickgelu"], model.config.quickgelu)
     taken = {k: v for k, v in state_dict.items() if include_text or k.startswith("visual.")}
     missing = [k for k in model.state_dict() if k.startswith("visual.") and k not in taken]
     if missing:
-        raise ValueError(f"--init {path}: no vision tower for this model, missing {missing[:5]}{' ...' * (len(missing) > 5)}")
-    check_state_dict(model, {**model.state_dict(), **taken}, f"--init {path} (for model {model.config})")
+        raise common.UserError(f"--init {path}: no vision tower for this model, missing {missing[:5]}{' ...' * (len(missing) > 5)}")
+    with common.user_input():
+        check_state_dict(model, {**model.state_dict(), **taken}, f"--init {path} (for model {model.config})")
     model.load_state_dict(taken, strict=False)
     return len(taken)
 
 
-def evaluate_now(model, cfg, device, precision):
-    """Zero-shot tasks and NIGHTS 2AFC on the main process -> flat {metric: value}. evaluate.py is
-    imported only when something is asked for, so a run without evaluation needs nothing of it."""
+def evaluate_now(model, cfg, d, precision):
+    """Zero-shot tasks and NIGHTS 2AFC on the main process -> flat {metric: value}; the other ranks wait
+    on the CPU group, whose timeout (common.WAIT_TIMEOUT) is far above any evaluation's time. evaluate.py
+    is imported only when something is asked for, so a run without evaluation needs nothing of it."""
     tasks = [t.strip() for t in cfg.eval_tasks.split(",") if t.strip()]
-    if not tasks and not cfg.nights_root:
-        return {}
-    import evaluate
-
     metrics = {}
-    model.eval()
-    if tasks:
-        for task, result in evaluate.run_tasks(model, tasks, cfg.eval_data_root, device, precision=precision).items():
-            name, value = evaluate.main_metric(task, result)
-            metrics[f"zeroshot/{task}/{name}"] = value
-    if cfg.nights_root:
-        triplets = nights.NightsDataset(cfg.nights_root, "test", model.config.image_size)
-        metrics["nights/2afc"] = evaluate.evaluate_nights(model, triplets, device, precision=precision)
-    model.train()
+    if d.is_main and (tasks or cfg.nights_root):
+        import evaluate
+
+        model.eval()
+        if tasks:
+            results = evaluate.run_tasks(model, tasks, cfg.eval_data_root, d.device, workers=cfg.workers, precision=precision)
+            for task, result in results.items():
+                name, value = evaluate.main_metric(task, result)
+                metrics[f"zeroshot/{task}/{name}"] = value
+        if cfg.nights_root:
+            triplets = nights.NightsDataset(cfg.nights_root, "test", model.config.image_size)
+            metrics["nights/2afc"] = evaluate.evaluate_nights(model, triplets, d.device, precision=precision, workers=cfg.workers)
+        model.train()
+    common.wait_for_main(d)
     return metrics
 
 
+def write_summary(out_dir, step, cfg, skipped_by_reason, metrics, ckpt_path):
+    """out_dir/summary.json: what a finished run did and its last evaluation."""
+    summary = {"steps": step, "samples_seen": step * cfg.batch_size, "samples_skipped": sum(skipped_by_reason.values()),
+               "skipped_by_reason": skipped_by_reason, "metrics": metrics, "checkpoint": str(ckpt_path)}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
 def main(argv):
+    with common.StopSignal() as stop:  # SIGTERM / SIGINT: stop at a step boundary, saved
+        train(argv, stop)
+
+
+def train(argv, stop):
     # --- config and setup -------------------------------------------------------------------------
-    cfg = common.load_config(Config, argv, default_path=DEFAULT_CONFIG)
+    cfg = common.load_config(Config, argv)
     d = common.setup_distributed(cfg.device)
     precision = cfg.precision or common.default_precision(d.device)
     amp = common.autocast(d.device, precision)
     world = d.world_size
     if cfg.batch_size % (world * cfg.accum_steps):
-        raise ValueError(f"batch_size {cfg.batch_size} must divide into {world} rank(s) x {cfg.accum_steps} accum_steps")
-    units = list_units(cfg, argv, d)
+        raise common.UserError(f"batch_size {cfg.batch_size} must divide into {world} rank(s) x {cfg.accum_steps} accum_steps")
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "ckpt.pt"
     log = common.MetricsLog(out_dir, d.is_main)
 
+    # --- checkpoint: a finished run is left as it is -----------------------------------------------
+    state = common.load_training_state(ckpt_path) if ckpt_path.exists() else None
+    if state is not None and state["step"] >= state["schedule"]["total_steps"]:
+        if d.is_main and not (out_dir / "summary.json").exists():  # killed between the last save and this
+            write_summary(out_dir, state["step"], cfg, state["samples_skipped"], state["metrics"], ckpt_path)
+        if d.is_main:
+            tqdm.write(f"{out_dir} holds a finished run ({state['step']} steps): nothing to do "
+                       "(use another out_dir for a new run)")
+        common.cleanup_distributed()
+        return
+
     # --- data -------------------------------------------------------------------------------------
     # The sample order depends on (seed, epoch, streams, shuffle_buffer, batch_size) and the units'
     # counts, not on ranks or workers (shards.py); the data position is (epoch, step), two integers.
     # Images leave the workers as uint8 crops; jitter, grayscale, blur and normalisation run on the device.
-    shape = model_config(cfg.model)
-    loader = shards.Loader(units, TrainTransform(shape.image_size, cfg.augment), cfg.batch_size, cfg.streams, d.rank,
-                           world, cfg.workers, cfg.accum_steps, cfg.seed, cfg.shuffle_buffer, shape.context_length,
-                           d.device, cfg.image_column, cfg.text_column, decode_on_device=cfg.decode_on_device)
+    units = list_units(cfg, argv, d)
+    with common.user_input():  # a bad preset name
+        shape = model_config(cfg.model)
+    with common.user_input():  # streams that do not fit the batch or the ranks
+        loader = shards.Loader(units, TrainTransform(shape.image_size, cfg.augment), cfg.batch_size, cfg.streams, d.rank,
+                               world, cfg.workers, cfg.accum_steps, cfg.seed, cfg.shuffle_buffer, shape.context_length,
+                               d.device, cfg.image_column, cfg.text_column, decode_on_device=cfg.decode_on_device,
+                               worker_init_fn=common.ignore_stop_signals)  # workers leave SIGTERM to the loop
     plan = loader.plan(0)
-    steps_per_epoch = plan.steps
-    if steps_per_epoch == 0:
-        raise ValueError(f"train_data: {plan.total} samples do not fill one batch of {cfg.batch_size}: lower batch_size")
+    run_facts = {"precision": precision, "data_units": len(units), "data_samples": plan.total}
+    if state is not None:  # the resume check: nothing that changes the trajectory may change
+        common.check_resume(ckpt_path, {**state["config"], **state.get("run", {})},
+                            {**dataclasses.asdict(cfg), **run_facts}, TRAJECTORY_KEYS)
+    if plan.steps == 0:
+        raise common.UserError(f"train_data: {plan.total} samples do not fill one batch of {cfg.batch_size}: lower batch_size")
     if d.is_main:
-        tqdm.write(f"data: {len(units)} units, {plan.total} samples; an epoch is {steps_per_epoch} steps of "
+        tqdm.write(f"data: {len(units)} units, {plan.total} samples; an epoch is {plan.steps} steps of "
                    f"{cfg.batch_size} over {cfg.streams} streams ({plan.dropped} samples left over each epoch)")
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    schedule = {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "total_steps": cfg.max_steps or cfg.epochs * plan.steps,
+                "steps_per_epoch": plan.steps}
+    if state is not None:
+        schedule.update(state["schedule"])  # equal by the resume check; the checkpoint's is authoritative
+    steps_per_epoch, total_steps = schedule["steps_per_epoch"], schedule["total_steps"]
+
+    def lr_at(step):  # the lr of optimiser step number `step` (counting from 1)
+        return common.cosine_lr(step - 1, schedule["lr"], schedule["warmup_steps"], schedule["total_steps"])
 
     # --- model: resume, else --init, else random --------------------------------------------------
     # The random init is drawn first in every case, so the baseline and the PI run share the text
     # tower and (seeded separately, inside the loader) the data order.
     common.seed_everything(cfg.seed)
-    model = create_model(cfg.model)
-    state = common.load_training_state(ckpt_path) if ckpt_path.exists() else None
+    with common.user_input():
+        model = create_model(cfg.model)
     if state is not None:
         model.load_state_dict(state["state_dict"])
         if d.is_main:
@@ -269,100 +347,92 @@ def main(argv):
             tqdm.write(f"initialised {n} tensors from {cfg.init}")
     model.to(d.device).train()
     model.set_grad_checkpointing(cfg.grad_checkpointing)
-    optimizer = torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = make_optimizer(model, cfg, d.device)
     scaler = common.grad_scaler(d.device, precision)
-    step, skipped = 0, torch.zeros(len(shards.SKIP_REASONS), dtype=torch.float64)
+    step, skipped = 0, torch.zeros(len(shards.SKIP_REASONS), dtype=torch.int64)
     position = {"epoch": 0, "step": 0}  # the next step to take: exact ints, valid for any ranks and workers
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         common.set_rng_state(state["rng"])
         step, position = state["step"], state["data_position"]
-        saved_data = {**{k: state["config"].get(k) for k in ORDER_KEYS}, "units": state.get("data_units"),
-                      "samples": state.get("data_samples")}
-        for key, now in {**{k: getattr(cfg, k) for k in ORDER_KEYS}, "units": len(units), "samples": plan.total}.items():
-            if saved_data[key] != now:  # the data may move (train_data), not change
-                raise ValueError(f"{ckpt_path} was written with {key}={saved_data[key]!r}, now {key}={now!r}: the data "
-                                 f"order would change. Resume with the same {key if key in ORDER_KEYS else 'data'}, or start a fresh out_dir")
         if d.is_main:  # the saved count is the sum over ranks: one rank carries it on
-            skipped += torch.tensor([state["samples_skipped"][r] for r in shards.SKIP_REASONS], dtype=torch.float64)
-    train_model = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.enabled else model
-    train_model = torch.compile(train_model) if cfg.compile else train_model  # `model` stays uncompiled for saving
+            skipped += torch.tensor([state["samples_skipped"][r] for r in shards.SKIP_REASONS], dtype=torch.int64)
+    forward, ddp = common.wrap_model(model, d, cfg.compile, cfg.compile_backend)  # `model` stays plain for saving
+
+    saved_step = step
 
     def save(metrics):
-        skipped_total = common.all_reduce_sum(skipped.tolist(), d.device)
+        skipped_total = common.all_reduce_sum(skipped.tolist(), d.device, torch.int64)
         if d.is_main:
             common.atomic_save({
                 "state_dict": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-                "config": dataclasses.asdict(cfg), "metrics": metrics, "step": step,
+                "config": dataclasses.asdict(cfg), "run": run_facts, "metrics": metrics, "step": step,
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": common.rng_state(),
-                "schedule": {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "total_steps": total_steps},
-                "data_position": dict(position), "data_units": len(units), "data_samples": plan.total,
-                "samples_skipped": dict(zip(shards.SKIP_REASONS, map(int, skipped_total))),
+                "schedule": schedule, "data_position": dict(position),
+                "samples_skipped": dict(zip(shards.SKIP_REASONS, skipped_total)),
             }, ckpt_path)
-        return skipped_total
+        common.wait_for_main(d)  # no rank runs ahead (and into a NCCL timeout) while the main one writes
+        return dict(zip(shards.SKIP_REASONS, skipped_total))
 
     # --- the loop ---------------------------------------------------------------------------------
     if d.is_main:
         log.write({**common.run_header(cfg), "resumed_from_step": step, "total_steps": total_steps,
                    "steps_per_epoch": steps_per_epoch, "samples_per_epoch": plan.total, "dropped_per_epoch": plan.dropped,
-                   "world_size": world, "precision": precision,
-                   "params": model.num_params()})
+                   "world_size": world, "precision": precision, "params": model.num_params()})
     bar = progress(total=total_steps, initial=step, disable=not d.is_main, desc="train", dynamic_ncols=True)
-    epoch, metrics = position["epoch"], {}
-    interval = {"loss": 0.0, "steps": 0, "wait": 0.0, "start": time.perf_counter()}
+    epoch, metrics = position["epoch"], state["metrics"] if state is not None else {}
+    watch = common.LossWatch(d, lr_at)  # losses stay on the device; read at log, evaluation and save steps
+    interval = {"steps": 0, "wait": 0.0, "start": time.perf_counter()}
     while step < total_steps:
         ready = time.perf_counter()
+        # The loader puts each worker's pieces on the device as they arrive (pinned memory, non_blocking
+        # copies of uint8), so the next batch's copies are queued while the host is not waiting.
         for batch in loader.epoch_batches(epoch, position["step"] if position["epoch"] == epoch else 0):
             interval["wait"] += time.perf_counter() - ready
             skipped += batch["skipped"]
             images = loader.transform.device(batch["images"], batch["params"])  # uint8 -> augmented, normalised
-            tokens = batch["tokens"]
-            lr = common.cosine_lr(step, cfg.lr, cfg.warmup_steps, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            loss = accumulate_gradients(train_model, images, tokens, cfg.accum_steps, amp, scaler, batch["valid"])
-            loss = common.all_reduce_sum([loss.item()], d.device)[0] / world  # every rank stops together
-            if not math.isfinite(loss):
-                save(metrics)
-                raise FloatingPointError(
-                    f"non-finite loss {loss} at step {step} (lr {lr:.3g}); saved the state before this step to "
-                    f"{ckpt_path}. Try a lower lr, grad_clip=1, or precision=bf16 / fp32 instead of fp16")
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))  # temperature >= 0.01 (CLIP)
+            loss = train_step(model, forward, ddp, optimizer, scaler, amp, images, batch["tokens"], lr_at(step + 1), cfg,
+                              batch["valid"])
             step += 1
             last_of_epoch = batch["step"] + 1 == steps_per_epoch
             position = {"epoch": epoch + 1, "step": 0} if last_of_epoch else {"epoch": epoch, "step": batch["step"] + 1}
+            watch.add(loss, step)
             bar.update()
-            interval["loss"] += loss
             interval["steps"] += 1
 
-            if step % cfg.log_every == 0 or step == total_steps:
+            log_now = step % cfg.log_every == 0 or step == total_steps
+            eval_now = (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps
+            stop_now = stop.stop_now(d) and step < total_steps
+            save_now = step % cfg.save_every == 0 or step == total_steps or stop_now
+            if log_now or eval_now or save_now:
+                watch.check(ckpt_path, saved_step)  # nothing non-finite is logged as good, evaluated or saved
+            if log_now:
                 seconds = time.perf_counter() - interval["start"]
-                skipped_total = common.all_reduce_sum(skipped.tolist(), d.device)
-                record = {"step": step, "epoch": epoch, "loss": interval["loss"] / interval["steps"], "lr": lr,
+                skipped_total = common.all_reduce_sum(skipped.tolist(), d.device, torch.int64)
+                record = {"step": step, "epoch": epoch, "loss": watch.interval_mean(), "lr": lr_at(step),
                           "logit_scale": model.logit_scale.exp().item(), "samples_per_s": interval["steps"] * cfg.batch_size / seconds,
                           "data_wait": interval["wait"] / seconds, "samples_seen": step * cfg.batch_size,
                           "samples_skipped": int(sum(skipped_total))}
-                log.write(record, f"step {step}/{total_steps}  loss {record['loss']:.4f}  lr {lr:.3g}  scale "
+                log.write(record, f"step {step}/{total_steps}  loss {record['loss']:.4f}  lr {record['lr']:.3g}  scale "
                           f"{record['logit_scale']:.1f}  {record['samples_per_s']:.0f} samples/s  data wait "
                           f"{100 * record['data_wait']:.0f}%  skipped {record['samples_skipped']}")
-                interval = {"loss": 0.0, "steps": 0, "wait": 0.0, "start": time.perf_counter()}
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
-                metrics = evaluate_now(model, cfg, d.device, precision) if d.is_main else {}
+                interval = {"steps": 0, "wait": 0.0, "start": time.perf_counter()}
+            if eval_now:
+                metrics = evaluate_now(model, cfg, d, precision)
                 if metrics:
                     log.write({"step": step, **metrics}, f"eval at step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                if d.enabled:
-                    dist.barrier()  # other ranks wait for the main one's evaluation
                 interval["start"] = time.perf_counter()  # timings exclude evaluation
-            if step % cfg.save_every == 0 or step == total_steps:
-                save(metrics)
+            if save_now:
+                skipped_by_reason = save(metrics)
+                saved_step = step
+            if stop_now:
+                bar.close()
+                if d.is_main:
+                    tqdm.write(f"stopped by {stop.received or 'another rank'} at step {step} of {total_steps}, saved "
+                               f"{ckpt_path}; run the same command to resume")
+                common.cleanup_distributed()
+                return
             if step >= total_steps:
                 break
             ready = time.perf_counter()
@@ -371,12 +441,8 @@ def main(argv):
     bar.close()
 
     # --- summary ----------------------------------------------------------------------------------
-    skipped_total = common.all_reduce_sum(skipped.tolist(), d.device)
     if d.is_main:
-        summary = {"steps": step, "samples_seen": step * cfg.batch_size, "samples_skipped": int(sum(skipped_total)),
-                   "skipped_by_reason": dict(zip(shards.SKIP_REASONS, map(int, skipped_total))), "metrics": metrics,
-                   "checkpoint": str(ckpt_path)}
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        summary = write_summary(out_dir, step, cfg, skipped_by_reason, metrics, ckpt_path)
         tqdm.write(f"done: {step} steps, {summary['samples_seen']} samples seen, {summary['samples_skipped']} skipped")
     common.cleanup_distributed()
 

@@ -11,29 +11,28 @@ the other way otherwise (REFERENCE.md section 2). Only the vision tower trains, 
 full CLIP (text tower at its random init), so it loads anywhere a CLIP checkpoint does.
 
 Start-up order: if out_dir holds ckpt.pt the run resumes from it exactly (weights, optimiser, step,
-RNG; the data order is a function of seed + epoch (nights.epoch_batches), so skipping the batches
-already seen reproduces it); otherwise weights come from `init` when given, else from a random init.
+RNG, schedule; the data order is a function of seed + epoch (nights.epoch_batches), so skipping the
+batches already seen reproduces it) after common.check_resume has refused any changed TRAJECTORY_KEYS; a finished run is
+left as it is. Otherwise weights come from `init` when given, else from a random init. SIGTERM /
+SIGINT stop it at the next step boundary with a checkpoint (exit 0).
 Outputs in out_dir: ckpt.pt, metrics.jsonl (run header, one line per log interval and evaluation),
 summary.json (triplet counts and 2AFC score of every split).
 """
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from progress import progress
+from tqdm import tqdm
 
-from common import (MetricsLog, all_reduce_sum, atomic_save, autocast, cleanup_distributed, cosine_lr,
-                    default_precision, grad_scaler, load_config, load_training_state, param_groups, rng_state,
-                    run_cli, run_header, seed_everything, set_rng_state, setup_distributed)
-from evaluate import evaluate_nights, nights_distances
-from model import CLIP, CLIPConfig, check_state_dict, config_from_state_dict, create_model, model_config, read_checkpoint
-from nights import NIGHTS_SPLITS, NightsDataset, model_input, train_loader
+import common
+import evaluate
+import nights
+from model import CLIP, CLIPConfig, check_state_dict, config_from_state_dict, create_model, model_config, nights_distances, read_checkpoint
+from progress import progress
 
 
 @dataclass
@@ -51,6 +50,8 @@ class Config:
     init: str | None = None  # start from this CLIP checkpoint instead of random weights
     posthoc: bool = False  # the paper's control: train only the vision qkv weights of a trained CLIP
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
+    compile: bool = False  # torch.compile the vision tower's training forward (DDP first, then compile)
+    compile_backend: str = "inductor"  # torch.compile backend; aot_eager captures graphs without code generation
     # optimisation (PI fork's stage-1 recipe, REFERENCE.md section 2)
     epochs: int = 32
     batch_size: int = 768  # global: each of N ranks takes batch_size / N
@@ -73,9 +74,12 @@ class Config:
     stop_after_steps: int | None = None  # save and stop at this step (the schedule still spans all epochs)
 
 
-# Settings that change what a run computes: resuming with different values would splice two runs.
+# Settings that change what a run computes: resuming with different values would splice two runs, so
+# common.check_resume refuses it. Everything else (workers, log_every, save_every, eval_batch_size,
+# stop_after_steps, grad_checkpointing, compile, device, the number of ranks) may change between starts;
+# precision is compared as resolved, train_triplets (the training set's size) as found.
 TRAJECTORY_KEYS = ("model", "image_size", "init", "posthoc", "epochs", "batch_size", "lr", "weight_decay", "beta1",
-                   "beta2", "eps", "warmup_steps", "margin", "shuffle_labels", "seed", "min_votes")
+                   "beta2", "eps", "warmup_steps", "margin", "shuffle_labels", "seed", "min_votes", "precision")
 
 
 def hinge_loss(d0, d1, p, margin):
@@ -88,15 +92,16 @@ def hinge_loss(d0, d1, p, margin):
 def build_model(cfg):
     """A CLIP with only the parameters stage 1 trains left trainable: the whole vision tower, or for
     the post-hoc control only the qkv projections of the vision blocks."""
-    if cfg.init:
-        state_dict, stored = read_checkpoint(cfg.init)
-        # Architecture from the checkpoint's record; a raw state dict gets the preset's activation.
-        config = CLIPConfig(**stored) if stored else config_from_state_dict(state_dict, model_config(cfg.model).quickgelu)
-        model = CLIP(config)
-        check_state_dict(model, state_dict, cfg.init)
-        model.load_state_dict(state_dict)
-    else:
-        model = create_model(cfg.model, **({"image_size": cfg.image_size} if cfg.image_size else {}))
+    with common.user_input():  # a bad preset name or init checkpoint is the user's to fix
+        if cfg.init:
+            state_dict, stored = read_checkpoint(cfg.init)
+            # Architecture from the checkpoint's record; a raw state dict gets the preset's activation.
+            config = CLIPConfig(**stored) if stored else config_from_state_dict(state_dict, model_config(cfg.model).quickgelu)
+            model = CLIP(config)
+            check_state_dict(model, state_dict, cfg.init)
+            model.load_state_dict(state_dict)
+        else:
+            model = create_model(cfg.model, **({"image_size": cfg.image_size} if cfg.image_size else {}))
     for name, param in model.named_parameters():
         if cfg.posthoc:
             param.requires_grad = name.startswith("visual.transformer.") and name.endswith("attn.in_proj_weight")
@@ -106,153 +111,199 @@ def build_model(cfg):
     return model
 
 
+def make_optimizer(model, cfg, device):
+    """AdamW over the trainable parameters; fused (one kernel for all parameters) on CUDA. With
+    weight_decay 0 it is exactly Adam: the post-hoc control's optimiser."""
+    return torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps, fused=torch.device(device).type == "cuda")
+
+
+def train_step(forward, optimizer, scaler, amp, ref, left, right, p, lr, cfg):
+    """One optimiser step of stage 1 (as train_clip.train_step is stage 2's): set the lr, embed the
+    three images of each triplet in one forward, hinge loss, backward, step (through the fp16 scaler,
+    a no-op otherwise). Returns the loss as a tensor on the device (no host sync)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with amp:
+        d0, d1 = nights_distances(forward, ref, left, right)
+    loss = hinge_loss(d0, d1, p, cfg.margin)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss
+
+
 def main(argv=None):
+    with common.StopSignal() as stop:  # SIGTERM / SIGINT: stop at a step boundary, saved
+        return train(sys.argv[1:] if argv is None else argv, stop)
+
+
+def train(argv, stop):
     # ---- setup ------------------------------------------------------------------------------------
-    cfg = load_config(Config, sys.argv[1:] if argv is None else argv)
+    cfg = common.load_config(Config, argv)
     if cfg.posthoc and not cfg.init:
-        raise ValueError("posthoc: true fine-tunes a trained CLIP: give its checkpoint with --init=PATH")
-    dist = setup_distributed(cfg.device)
-    device, precision = dist.device, cfg.precision or default_precision(dist.device)
-    if cfg.batch_size % dist.world_size:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {dist.world_size} processes")
+        raise common.UserError("posthoc: true fine-tunes a trained CLIP: give its checkpoint with --init=PATH")
+    d = common.setup_distributed(cfg.device)
+    device, precision = d.device, cfg.precision or common.default_precision(d.device)
+    amp = common.autocast(device, precision)
+    if cfg.batch_size % d.world_size:
+        raise common.UserError(f"batch_size {cfg.batch_size} is not divisible by the {d.world_size} processes")
     out_dir, ckpt_path = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt.pt"
     out_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)  # the same random init on every rank
-    log = MetricsLog(out_dir, enabled=dist.is_main)
+    log = common.MetricsLog(out_dir, enabled=d.is_main)
+
+    # ---- checkpoint: the resume check; a finished run is left as it is ----------------------------
+    state = common.load_training_state(ckpt_path) if ckpt_path.exists() else None
+    if state is not None:
+        saved = {**state["config"], **state.get("run", {})}
+        common.check_resume(ckpt_path, saved, {**dataclasses.asdict(cfg), "precision": precision}, TRAJECTORY_KEYS)
+        if "schedule" in state and state["step"] >= state["schedule"]["total_steps"] and (out_dir / "summary.json").exists():
+            if d.is_main:
+                tqdm.write(f"{out_dir} holds a finished run ({state['step']} steps): nothing to do "
+                           "(use another out_dir for a new run)")
+            common.cleanup_distributed()
+            return state["metrics"]
+    common.seed_everything(cfg.seed)  # the same random init on every rank
 
     # ---- model ------------------------------------------------------------------------------------
     model = build_model(cfg).to(device)
-    visual = model.visual  # all that trains; DDP wraps just this tower
-    if dist.enabled:
-        visual = DistributedDataParallel(visual, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+    # All that trains is the vision tower: DDP (and compile) wrap just it; `model` stays plain for saving.
+    forward, ddp = common.wrap_model(model.visual, d, cfg.compile, cfg.compile_backend)
 
     # ---- data -------------------------------------------------------------------------------------
     # With the cache, every image is decoded here, once (the first process to get there builds it,
     # other ranks wait); later runs reuse it while the source files are unchanged.
-    splits = {s: NightsDataset(cfg.data_root, s, model.config.image_size, cfg.min_votes, cfg.skip_missing, cfg.cache,
-                               cfg.cache_dir, cfg.workers) for s in NIGHTS_SPLITS}
+    with common.user_input():  # a missing data.csv or image, a bad row: named by nights.py
+        splits = {s: nights.NightsDataset(cfg.data_root, s, model.config.image_size, cfg.min_votes, cfg.skip_missing,
+                                          cfg.cache, cfg.cache_dir, cfg.workers) for s in nights.NIGHTS_SPLITS}
     train_set = splits["train"]
     if len(train_set) < cfg.batch_size:
-        raise ValueError(f"{cfg.data_root}/data.csv has {len(train_set)} training triplets with >= {cfg.min_votes} "
-                         f"votes, fewer than one batch of {cfg.batch_size}")
+        raise common.UserError(f"{cfg.data_root}/data.csv has {len(train_set)} training triplets with >= {cfg.min_votes} "
+                               f"votes, fewer than one batch of {cfg.batch_size}")
     if cfg.shuffle_labels:
         train_set.p = train_set.p[torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed))]
+    run_facts = {"precision": precision, "train_triplets": len(train_set)}
     steps_per_epoch = len(train_set) // cfg.batch_size
-    total_steps = cfg.epochs * steps_per_epoch
+    schedule = {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "total_steps": cfg.epochs * steps_per_epoch,
+                "steps_per_epoch": steps_per_epoch}
+    if state is not None:  # the same data (the order is a permutation of this many triplets); the saved schedule
+        common.check_resume(ckpt_path, {**state["config"], **state.get("run", {})}, run_facts, ["train_triplets"])
+        schedule.update(state.get("schedule", {}))
+    steps_per_epoch, total_steps = schedule["steps_per_epoch"], schedule["total_steps"]
     # Built once: its workers live across epochs; the batches stay a pure function of seed + epoch.
-    loader = train_loader(train_set, cfg.batch_size, cfg.seed, cfg.workers, dist.rank, dist.world_size,
-                          pin_memory=device.type == "cuda")
+    loader = nights.train_loader(train_set, cfg.batch_size, cfg.seed, cfg.workers, d.rank, d.world_size,
+                                 pin_memory=device.type == "cuda",
+                                 worker_init_fn=common.ignore_stop_signals)  # SIGTERM is the loop's
 
-    # ---- optimiser --------------------------------------------------------------------------------
-    # With weight_decay 0 AdamW is exactly Adam: the post-hoc control's optimiser.
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  eps=cfg.eps)
-    scaler = grad_scaler(device, precision)
+    def lr_at(step):  # the lr of optimiser step number `step` (counting from 1)
+        return common.cosine_lr(step - 1, schedule["lr"], schedule["warmup_steps"], total_steps)
 
-    # ---- resume -----------------------------------------------------------------------------------
+    # ---- optimiser and resume ---------------------------------------------------------------------
+    optimizer = make_optimizer(model, cfg, device)
+    scaler = common.grad_scaler(device, precision)
     step, metrics = 0, {}
-    if ckpt_path.exists():
-        state = load_training_state(ckpt_path)
-        changed = [f"{k}: {state['config'].get(k)!r} -> {getattr(cfg, k)!r}" for k in TRAJECTORY_KEYS
-                   if state["config"].get(k) != getattr(cfg, k)]
-        if changed:
-            raise ValueError(f"{ckpt_path} is a run with other settings ({'; '.join(changed)}): "
-                             "use another out_dir, or the same settings to resume it")
+    if state is not None:
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        common.set_rng_state(state["rng"])
         step, metrics = state["step"], state["metrics"]
+    saved_step = step
 
     def save():
-        if dist.is_main:
+        if d.is_main:
             epoch, batch = divmod(step, steps_per_epoch)
-            atomic_save({"state_dict": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-                         "config": dataclasses.asdict(cfg), "metrics": metrics, "step": step,
-                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-                         "data_position": {"epoch": epoch, "batch": batch}}, ckpt_path)
+            common.atomic_save({"state_dict": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                                "config": dataclasses.asdict(cfg), "run": run_facts, "metrics": metrics, "step": step,
+                                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": common.rng_state(),
+                                "schedule": schedule, "data_position": {"epoch": epoch, "batch": batch}}, ckpt_path)
+        common.wait_for_main(d)  # no rank runs ahead (and into a NCCL timeout) while the main one writes
+        return step
 
-    counts = {s: d.counts for s, d in splits.items()}
+    def evaluate_val():  # on the main rank; the others wait on the CPU group (common.WAIT_TIMEOUT)
+        if d.is_main:
+            metrics["val"] = evaluate.evaluate_nights(model, splits["val"], device, cfg.eval_batch_size, precision, cfg.workers)
+            log.write({"step": step, "epoch": step // steps_per_epoch, "val_2afc": metrics["val"]},
+                      f"epoch {step // steps_per_epoch}: val 2AFC {metrics['val']:.4f}")
+        common.wait_for_main(d)
+
+    counts = {s: split.counts for s, split in splits.items()}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     few_votes, missing = (sum(counts[s][k] for s in ("train", "val", "test") for k in keys)
                           for keys in (("few_votes",), ("missing_images", "unreadable_images")))
-    log.write({**run_header(cfg), "precision": precision, "world_size": dist.world_size, "resumed_from_step": step,
+    log.write({**common.run_header(cfg), "precision": precision, "world_size": d.world_size, "resumed_from_step": step,
                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "data": counts},
-              f"{trainable:,} trainable parameters on {dist.world_size} x {device} ({precision}) | triplets: "
+              f"{trainable:,} trainable parameters on {d.world_size} x {device} ({precision}) | triplets: "
               + ", ".join(f"{s} {c['triplets']}" for s, c in counts.items())
               + f" | dropped: {few_votes} rows with < {cfg.min_votes} votes, {missing} with missing or unreadable images"
               + f" | {'resuming at' if step else 'starting at'} step {step} of {total_steps}")
 
     # ---- loop -------------------------------------------------------------------------------------
-    visual.train()
-    bar = progress(total=total_steps, initial=step, desc="stage 1", disable=not dist.is_main)
-    loss_sum, loss_count, clock = torch.zeros((), device=device), 0, time.time()
+    forward.train()
+    bar = progress(total=total_steps, initial=step, desc="stage 1", disable=not d.is_main)
+    watch = common.LossWatch(d, lr_at)  # losses stay on the device; read at log, evaluation and save steps
+    loss_count, clock = 0, time.time()
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         loader.batch_sampler.set_epoch(epoch, position)
-        for ref, left, right, p in loader:
-            ref, left, right = (model_input(t, device) for t in (ref, left, right))  # uint8 -> normalised, on device
-            p = p.to(device, non_blocking=True)
-            lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast(device, precision):
-                d0, d1 = nights_distances(visual, ref, left, right)
-            loss = hinge_loss(d0, d1, p, cfg.margin)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        for ref, left, right, p in common.prefetch_to_device(loader, device):
+            ref, left, right = (nights.model_input(t, device) for t in (ref, left, right))  # uint8 -> normalised
+            loss = train_step(forward, optimizer, scaler, amp, ref, left, right, p, lr_at(step + 1), cfg)
             step += 1
+            watch.add(loss, step)
             bar.update()
-            loss_sum += loss.detach()
             loss_count += 1
 
-            if step % cfg.log_every == 0 or step == total_steps:
-                total_loss, = all_reduce_sum([loss_sum.item()], device)
-                mean_loss = total_loss / loss_count / dist.world_size
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"loss is {mean_loss} at step {step}: stopping (lower lr?)")
+            log_now = step % cfg.log_every == 0 or step == total_steps
+            epoch_end = step % steps_per_epoch == 0
+            stop_now = (stop.stop_now(d) or step == cfg.stop_after_steps) and step < total_steps
+            save_now = (epoch_end or step % cfg.save_every == 0 or stop_now) and step < total_steps
+            if log_now or epoch_end or save_now:
+                watch.check(ckpt_path, saved_step)  # nothing non-finite is logged as good, evaluated or saved
+            if log_now:
+                mean_loss = watch.interval_mean()
                 rate = loss_count * cfg.batch_size / (time.time() - clock)
-                log.write({"step": step, "epoch": step / steps_per_epoch, "loss": mean_loss, "lr": lr,
+                log.write({"step": step, "epoch": step / steps_per_epoch, "loss": mean_loss, "lr": lr_at(step),
                            "samples_per_s": rate},
-                          f"step {step}/{total_steps} | loss {mean_loss:.4f} | lr {lr:.2e} | {rate:.0f} triplets/s")
-                loss_sum.zero_()
+                          f"step {step}/{total_steps} | loss {mean_loss:.4f} | lr {lr_at(step):.2e} | {rate:.0f} triplets/s")
                 loss_count, clock = 0, time.time()
 
             paused = time.time()  # evaluation and saving do not count in triplets/s
-            epoch_end = step % steps_per_epoch == 0
-            if epoch_end and dist.is_main and len(splits["val"]):
-                metrics["val"] = evaluate_nights(model, splits["val"], device, cfg.eval_batch_size, precision, cfg.workers)
-                log.write({"step": step, "epoch": step // steps_per_epoch, "val_2afc": metrics["val"]},
-                          f"epoch {step // steps_per_epoch}: val 2AFC {metrics['val']:.4f}")
+            if epoch_end and len(splits["val"]):
+                evaluate_val()
             if step == total_steps:
                 break  # the final evaluation and save follow
-            if epoch_end or step % cfg.save_every == 0 or step == cfg.stop_after_steps:
-                save()
-            if step == cfg.stop_after_steps:
+            if save_now:
+                saved_step = save()
+            if stop_now:
                 bar.close()
-                cleanup_distributed()
+                if d.is_main:
+                    reason = stop.received or ("stop_after_steps" if step == cfg.stop_after_steps else "another rank")
+                    tqdm.write(f"stopped by {reason} at step {step} of {total_steps}, saved {ckpt_path}; "
+                               "run the same command to resume")
+                common.cleanup_distributed()
                 return metrics
             clock += time.time() - paused
     bar.close()
 
     # ---- final evaluation and save ----------------------------------------------------------------
-    if dist.is_main:
+    if d.is_main:
         for split, dataset in splits.items():
             if len(dataset):
-                metrics[split] = evaluate_nights(model, dataset, device, cfg.eval_batch_size, precision, cfg.workers)
+                metrics[split] = evaluate.evaluate_nights(model, dataset, device, cfg.eval_batch_size, precision, cfg.workers)
         sizes = {s: len(splits[s]) for s in ("test_imagenet", "test_no_imagenet") if s in metrics}
         if sizes:  # "nights_total": the size-weighted mean of the two test subsets (DreamSim)
             metrics["total"] = sum(metrics[s] * n for s, n in sizes.items()) / sum(sizes.values())
-        save()
-        summary = {"n_triplets": {s: len(d) for s, d in splits.items()}, "2afc": metrics, "data": counts,
+    save()
+    if d.is_main:
+        summary = {"n_triplets": {s: len(split) for s, split in splits.items()}, "2afc": metrics, "data": counts,
                    "steps": step, "model_config": dataclasses.asdict(model.config)}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.write({"step": step, "2afc": metrics}, "2AFC " + ", ".join(f"{s} {v:.4f}" for s, v in metrics.items()))
-    cleanup_distributed()
+    common.cleanup_distributed()
     return metrics
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    common.run_cli(main)

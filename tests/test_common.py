@@ -120,3 +120,50 @@ def test_autocast_and_scaler():
     assert not common.grad_scaler("cpu", "bf16").is_enabled()
     with pytest.raises(ValueError, match="precision"):
         common.autocast("cpu", "fp8")
+
+
+def test_resume_check_names_every_changed_key():
+    saved, current = {"lr": 1e-3, "batch_size": 8, "log_every": 5}, {"lr": 1e-2, "batch_size": 16, "log_every": 1}
+    common.check_resume("out/ckpt.pt", saved, {**saved, "log_every": 1}, ["lr", "batch_size"])  # log_every may change
+    with pytest.raises(common.UserError) as error:
+        common.check_resume("out/ckpt.pt", saved, current, ["lr", "batch_size"])
+    message = str(error.value)
+    assert "out/ckpt.pt" in message and "lr: 0.001 -> 0.01" in message and "batch_size: 8 -> 16" in message
+    assert "log_every" not in message and "another out_dir" in message
+
+
+def test_loss_watch_names_the_first_non_finite_step_and_its_lr():
+    watch = common.LossWatch(common.Dist(), lr_at=lambda step: 0.1 * step)
+    for step, loss in enumerate([1.0, 3.0], start=1):
+        watch.add(torch.tensor(loss), step)
+    watch.check("ckpt.pt", saved_step=0)  # all finite: nothing raised
+    assert watch.interval_mean() == 2.0 and watch.interval_mean() is None
+    for step, loss in enumerate([1.0, float("inf"), float("nan"), 1.0], start=3):
+        watch.add(torch.tensor(loss), step)
+    with pytest.raises(common.NonFiniteLoss, match=r"step 4 \(lr 0.4\).*ckpt.pt still holds step 2"):
+        watch.check("ckpt.pt", saved_step=2)
+
+
+def test_run_cli_one_line_for_user_errors_only(monkeypatch):
+    def user_mistake(argv):
+        raise common.UserError("config.yaml: lr must be of type float, got 'fast'")
+
+    def kit_bug(argv):
+        raise ValueError("not enough values to unpack")  # e.g. from inside torch or numpy: keeps its traceback
+
+    monkeypatch.setattr("sys.argv", ["train_x.py"])
+    monkeypatch.delenv("PI_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        common.run_cli(user_mistake)
+    assert exit_.value.code == "train_x.py: error: config.yaml: lr must be of type float, got 'fast'"
+    with pytest.raises(ValueError, match="not enough values"):
+        common.run_cli(kit_bug)
+    with pytest.raises(common.UserFileNotFound):  # what a trainer raises for a file of the user's
+        with common.user_input():
+            open("/nonexistent/data.csv")
+
+
+def test_prefetch_keeps_the_batch_structure():
+    batches = [{"images": torch.ones(2, 3), "meta": [torch.zeros(1), "key"]}, (torch.ones(1), 7)]
+    out = list(common.prefetch_to_device(iter(batches), "cpu"))
+    assert out[0]["meta"][1] == "key" and out[1][1] == 7 and torch.equal(out[0]["images"], torch.ones(2, 3))

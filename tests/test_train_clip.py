@@ -1,12 +1,16 @@
-"""train_clip.py: the contrastive loss, accumulation, DDP, and exact resume after SIGKILL.
+"""train_clip.py: the contrastive loss, accumulation, DDP, compile, and runs under faults.
 
 Proves: the loss equals open_clip's ClipLoss on the same features, on one process and as the local
 loss of 2 DDP ranks; `torchrun --nproc_per_node=2` (gloo, CPU) gives the same loss and the same
 weights after an AdamW step as one process with the same global batch; cached-feature accumulation
-over 4 micro-batches gives the same weights as the whole batch at once; `--init` takes the vision
-tower only, and the text tower starts as in the baseline; a run killed with SIGKILL after a
-checkpoint and restarted with the same command ends bit-for-bit equal to one that never stopped; bad
-samples are counted over both ranks into summary.json. All fp32 on the CPU with the tiny preset.
+over 4 micro-batches gives the same weights as the whole batch at once; torch.compile over DDP with
+accumulation (no_sync through the kept DDP handle) equals the eager run on 2 ranks; `--init` takes the
+vision tower only, and the text tower starts as in the baseline; a run killed with SIGKILL after a
+checkpoint, or stopped with SIGTERM (sent to the trainer and its loader worker, as a scheduler does)
+and restarted with the same command ends bit-for-bit equal to one that never stopped; rerunning a
+finished run changes nothing; a changed setting is refused by name; a non-finite loss stops the run
+with the last good checkpoint intact; bad samples are counted over both ranks into summary.json.
+All fp32 on the CPU with the tiny preset.
 """
 import io
 import json
@@ -27,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
 import train_clip  # noqa: E402
-from make_data import write_shards  # noqa: E402
+from make_data import make_nights, write_shards  # noqa: E402
 from model import create_model  # noqa: E402
 
 FP32 = common.autocast("cpu", "fp32")
@@ -42,11 +46,12 @@ def global_batch(n=8, seed=0):
     return images, tokens
 
 
-def one_step(model, images, tokens, accum_steps):
-    """The loop's optimiser step, as train_clip.main does it: returns the loss."""
-    optimizer = torch.optim.AdamW(common.param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
-    loss = train_clip.accumulate_gradients(model, images, tokens, accum_steps, FP32, common.grad_scaler("cpu", "fp32"))
-    optimizer.step()
+def one_step(model, images, tokens, accum_steps, forward=None, ddp=None):
+    """One optimiser step as the loop runs it (train_clip.train_step, lr 1e-3): returns the loss."""
+    cfg = train_clip.Config(accum_steps=accum_steps, lr=1e-3, weight_decay=0.1, grad_clip=0.0)
+    optimizer = train_clip.make_optimizer(model, cfg, "cpu")
+    loss = train_clip.train_step(model, forward or model, ddp, optimizer, common.grad_scaler("cpu", "fp32"), FP32,
+                                 images, tokens, cfg.lr, cfg)
     return loss.item()
 
 
@@ -96,15 +101,51 @@ def ddp_worker(out):
         image, text, scale = model(images[mine], tokens[mine])
         reference = ClipLoss(local_loss=True, gather_with_grad=True, rank=d.rank, world_size=d.world_size)(image, text, scale)
         assert torch.allclose(train_clip.contrastive_loss(image, text, scale), reference, atol=1e-6)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    forward, ddp = common.wrap_model(model, d)  # as train_clip.main wraps it
     results, grads = {}, None
     for accum_steps in (1, 2):
-        loss = one_step(ddp, images[mine], tokens[mine], accum_steps)
+        loss = one_step(model, images[mine], tokens[mine], accum_steps, forward, ddp)
         results[accum_steps] = common.all_reduce_sum([loss], "cpu")[0] / d.world_size
         grads = grads or {name: p.grad.clone() for name, p in model.named_parameters()}  # after the first step
     if d.is_main:
         torch.save({"loss": results, "grads": grads, "state_dict": model.state_dict()}, out)
     common.cleanup_distributed()
+
+
+def compile_worker(out):
+    """Run by torchrun in test_compile_with_ddp_and_accumulation_equals_eager: two steps of the loop's
+    train_step with accum_steps=2 and clipping, eager and compiled, each wrapped as train_clip.main wraps."""
+    torch.set_num_threads(1)
+    d = common.setup_distributed("cpu")
+    images, tokens = global_batch(8, seed=1)
+    mine = slice(4 * d.rank, 4 * d.rank + 4)
+    cfg = train_clip.Config(accum_steps=2, lr=1e-3, weight_decay=0.1, grad_clip=1.0)
+    results = {}
+    for compiled in (False, True):
+        model = tiny_model()
+        # aot_eager: dynamo's graph capture, DDP's graph splitting at bucket boundaries and AOTAutograd's
+        # joint forward-backward graph, i.e. everything of compile that touches DDP and no_sync; only
+        # inductor's C++ code generation is left out (it would take minutes on 2 shared cores).
+        forward, ddp = common.wrap_model(model, d, compile=compiled, compile_backend="aot_eager")
+        optimizer = train_clip.make_optimizer(model, cfg, "cpu")
+        losses = [train_clip.train_step(model, forward, ddp, optimizer, common.grad_scaler("cpu", "fp32"), FP32,
+                                        images[mine], tokens[mine], cfg.lr, cfg).item() for _ in range(2)]
+        results[compiled] = {"losses": losses, "state_dict": model.state_dict()}
+    if d.is_main:
+        torch.save(results, out)
+    common.cleanup_distributed()
+
+
+def test_compile_with_ddp_and_accumulation_equals_eager(tmp_path):
+    out = tmp_path / "compile.pt"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    __file__, "compile", str(out)], check=True, env=ENV, cwd=ROOT, timeout=300)
+    results = torch.load(out, weights_only=True)
+    eager, compiled = results[False], results[True]
+    assert compiled["losses"] == pytest.approx(eager["losses"], abs=1e-5)
+    for name, value in eager["state_dict"].items():
+        assert torch.allclose(compiled["state_dict"][name], value, atol=ADAM_ATOL), name
+    assert any(not torch.equal(value, tiny_model().state_dict()[name]) for name, value in eager["state_dict"].items())
 
 
 def test_two_ranks_equal_one_process(tmp_path):
@@ -156,13 +197,41 @@ def run_command(shards, out_dir, *extra):
             "--accum_steps=2", "--save_every=4", "--log_every=5", "--workers=1", "--shuffle_buffer=16", *extra]
 
 
-def test_sigkill_and_restart_equals_an_uninterrupted_run(tmp_path):
-    write_shards(tmp_path / "shards", ((f"{i:05d}", {"jpg": photo_jpeg(i), "txt": f"cat photo {i}"}) for i in range(60)), 10)
-    shards = str(tmp_path / "shards" / "{00000..00005}.tar")  # 60 samples: 7 steps an epoch, 20 steps cross 3 epochs
-    subprocess.run(run_command(shards, tmp_path / "straight"), check=True, env=ENV, capture_output=True, timeout=120)
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory):
+    """60 samples in 6 shards (7 steps an epoch: 20 steps cross 3 epochs), a small NIGHTS folder for the
+    final evaluation (so summary.json has metrics), and one uninterrupted run: `command(out_dir, *extra)`
+    and the run's folder."""
+    root = tmp_path_factory.mktemp("clip")
+    write_shards(root / "shards", ((f"{i:05d}", {"jpg": photo_jpeg(i), "txt": f"cat photo {i}"}) for i in range(60)), 10)
+    make_nights(root / "nights", 100, seed=2, image_size=32)
+    shards = str(root / "shards" / "{00000..00005}.tar")
 
+    def command(out_dir, *extra):
+        return run_command(shards, out_dir, f"--nights_root={root / 'nights'}", *extra)
+
+    subprocess.run(command(root / "straight"), check=True, env=ENV, capture_output=True, timeout=120)
+    return command, root / "straight"
+
+
+def assert_same_run(a_dir, b_dir):
+    a = torch.load(a_dir / "ckpt.pt", weights_only=True)
+    b = torch.load(b_dir / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 20
+    for name, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][name]), name  # bit for bit
+    for i, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg_sq"], b["optimizer"]["state"][i]["exp_avg_sq"])
+    assert a["data_position"] == b["data_position"] and a["metrics"] == b["metrics"]
+    summary = json.loads((b_dir / "summary.json").read_text())
+    assert summary["steps"] == 20 and summary["samples_seen"] == 160 and summary["samples_skipped"] == 0
+    assert summary["metrics"] == json.loads((a_dir / "summary.json").read_text())["metrics"]
+
+
+def test_sigkill_and_restart_equals_an_uninterrupted_run(clip_run, tmp_path):
+    command, straight = clip_run
     killed = tmp_path / "killed"
-    process = subprocess.Popen(run_command(shards, killed), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    process = subprocess.Popen(command(killed), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     while not (killed / "ckpt.pt").exists() and process.poll() is None:
         time.sleep(0.01)
@@ -170,20 +239,76 @@ def test_sigkill_and_restart_equals_an_uninterrupted_run(tmp_path):
     assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     stopped_at = torch.load(killed / "ckpt.pt", weights_only=True)["step"]
     assert 0 < stopped_at < 20 and stopped_at % 7 != 0  # a mid-epoch checkpoint
-    subprocess.run(run_command(shards, killed), check=True, env=ENV, capture_output=True, timeout=120)
-
-    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
-    b = torch.load(killed / "ckpt.pt", weights_only=True)
-    assert a["step"] == b["step"] == 20
-    for name, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][name]), name  # bit for bit
-    for i, state in a["optimizer"]["state"].items():
-        assert torch.equal(state["exp_avg_sq"], b["optimizer"]["state"][i]["exp_avg_sq"])
-    assert a["data_position"] == b["data_position"]
-    summary = json.loads((killed / "summary.json").read_text())
-    assert summary["steps"] == 20 and summary["samples_seen"] == 160 and summary["samples_skipped"] == 0
-    header = json.loads((tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[0])
+    subprocess.run(command(killed), check=True, env=ENV, capture_output=True, timeout=120)
+    assert_same_run(straight, killed)
+    header = json.loads((straight / "metrics.jsonl").read_text().splitlines()[0])
     assert header["config"]["max_steps"] == 20 and "git_commit" in header
+
+
+def test_sigterm_saves_at_the_step_and_restart_equals_an_uninterrupted_run(clip_run, tmp_path):
+    command, straight = clip_run
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen(command(stopped), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    log = stopped / "metrics.jsonl"
+    while process.poll() is None and not (log.exists() and '"loss"' in log.read_text()):  # step 5 is logged
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGTERM)  # the trainer and its loader worker, as a scheduler signals a job
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    state = torch.load(stopped / "ckpt.pt", weights_only=True)
+    assert 5 <= state["step"] < 20, "the run finished before the signal"
+    assert f"stopped by SIGTERM at step {state['step']} of 20" in out
+    assert not (stopped / "summary.json").exists()  # not finished
+    subprocess.run(command(stopped), check=True, env=ENV, capture_output=True, timeout=120)
+    assert_same_run(straight, stopped)
+
+
+def test_rerun_of_a_finished_run_changes_nothing_and_a_changed_setting_is_refused(clip_run):
+    command, straight = clip_run
+    before = {name: (straight / name).read_bytes() for name in ("ckpt.pt", "summary.json")}
+    assert json.loads(before["summary.json"])["metrics"]["nights/2afc"] > 0
+    # Settings that do not change the run may differ: still a finished run, left as it is.
+    rerun = subprocess.run(command(straight, "--log_every=1", "--save_every=2", "--eval_every=3"), env=ENV,
+                           capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0 and "nothing to do" in rerun.stdout, rerun.stderr
+    assert {name: (straight / name).read_bytes() for name in before} == before
+    refused = subprocess.run(command(straight, "--lr=0.01", "--accum_steps=4"), env=ENV, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    message = refused.stderr.strip()
+    assert "\n" not in message and message.startswith("train_clip.py: error:")  # run_cli's one line
+    assert "lr: 0.001 -> 0.01" in message and "accum_steps: 2 -> 4" in message and "another out_dir" in message
+    assert {name: (straight / name).read_bytes() for name in before} == before
+
+
+@pytest.fixture
+def one_thread():
+    """A tiny model trained in-process: more threads only contend on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(clip_run, tmp_path, monkeypatch, one_thread):
+    command, _ = clip_run
+    real_step, losses = train_clip.train_step, []
+
+    def poisoned(*args):  # from step 6 on the loss (only) is NaN: the weights stay good, as after a spike
+        loss = real_step(*args)
+        losses.append(loss)
+        return loss * float("nan") if len(losses) >= 6 else loss
+
+    monkeypatch.setattr(train_clip, "train_step", poisoned)
+    saves = []
+    monkeypatch.setattr(common, "atomic_save", lambda obj, path, save=common.atomic_save: (saves.append(obj["step"]), save(obj, path)))
+    out = tmp_path / "nan"
+    with pytest.raises(common.NonFiniteLoss, match=r"non-finite loss at step 6 \(lr 0.0003\).*still holds step 4"):
+        train_clip.main(command(out)[2:])
+    # Checked at step 8's save (no host sync per step), yet named exactly; the save of step 8 never happened.
+    assert len(losses) == 8 and saves == [4]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4 and not (out / "summary.json").exists()
 
 
 def test_two_ranks_count_bad_samples_into_the_summary(tmp_path):
@@ -204,4 +329,4 @@ def test_two_ranks_count_bad_samples_into_the_summary(tmp_path):
 
 
 if __name__ == "__main__":
-    ddp_worker(sys.argv[1])
+    compile_worker(sys.argv[2]) if sys.argv[1] == "compile" else ddp_worker(sys.argv[1])

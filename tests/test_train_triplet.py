@@ -6,20 +6,26 @@ Proves that
     observers' structure is what is learned, not some artefact of the images);
   - ckpt.pt is the kit's checkpoint: model.load_checkpoint reads it, reproduces the reported val
     score, and its text tower is still the random init (only the vision tower trained);
-  - a run stopped mid-epoch and started again ends with bit-identical weights to one that never stopped;
+  - a run stopped mid-epoch (stop_after_steps, or SIGTERM sent to the running script) and started again
+    ends with bit-identical weights to one that never stopped; rerunning a finished run changes
+    nothing; a changed setting is refused by name; a non-finite loss stops the run, names its step and
+    leaves the last good checkpoint as it was;
   - the post-hoc control changes only the vision blocks' attn.in_proj_weight;
   - DDP with 2 processes (torchrun, gloo) reaches the same weights as 1 process with the same global batch.
 """
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+import common
 import train_triplet
 from evaluate import evaluate_nights
 from make_data import make_nights
@@ -121,6 +127,60 @@ def test_stop_and_resume_gives_identical_weights(small_nights, tmp_path):
     assert json.loads((tmp_path / "resumed/summary.json").read_text())["2afc"] == resumed["metrics"] == straight["metrics"]
     with pytest.raises(ValueError, match=r"other settings \(lr: 0.0003 -> 0.01\)"):
         run(small_nights, tmp_path / "resumed", *args, "--lr=0.01")
+    # A finished run: rerunning it (settings that do not change the run may differ) changes nothing.
+    before = {name: (tmp_path / "resumed" / name).read_bytes() for name in ("ckpt.pt", "summary.json", "metrics.jsonl")}
+    metrics, _ = run(small_nights, tmp_path / "resumed", *args, "--log_every=1", "--workers=1")
+    assert metrics == straight["metrics"]
+    assert {name: (tmp_path / "resumed" / name).read_bytes() for name in before} == before
+
+
+@pytest.fixture
+def one_thread():
+    """The in-process runs on the thread count of the script's subprocess (OMP_NUM_THREADS=1): the
+    number of threads changes the order of float sums, and the comparison is bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_sigterm_saves_at_the_step_and_restart_is_exact(small_nights, tmp_path, one_thread):
+    args = [f"--data_root={small_nights}", "--epochs=4", "--batch_size=32", "--log_every=1", "--workers=1"]
+    run(small_nights, tmp_path / "straight", *args)
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen([sys.executable, str(ROOT / "train_triplet.py"), *TINY, *args, f"--out_dir={stopped}"],
+                               cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = stopped / "metrics.jsonl"
+    while process.poll() is None and not (log.exists() and '"loss"' in log.read_text()):  # a step is logged
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGTERM)  # the trainer and its loader worker, as a scheduler signals a job
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    state = torch.load(stopped / "ckpt.pt", weights_only=True)
+    assert 1 <= state["step"] < 12, "the run finished before the signal"
+    assert f"stopped by SIGTERM at step {state['step']} of 12" in out and not (stopped / "summary.json").exists()
+    run(small_nights, stopped, *args)
+    straight = torch.load(tmp_path / "straight/ckpt.pt", weights_only=True)
+    resumed = torch.load(stopped / "ckpt.pt", weights_only=True)
+    assert straight["step"] == resumed["step"] == 12 and straight["metrics"] == resumed["metrics"]
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_nights, tmp_path, monkeypatch):
+    real_loss, losses = train_triplet.hinge_loss, []
+
+    def poisoned(*args):  # the loss of step 4 (only) is NaN, as in a one-step spike
+        losses.append(real_loss(*args))
+        return losses[-1] * float("nan") if len(losses) == 4 else losses[-1]
+
+    monkeypatch.setattr(train_triplet, "hinge_loss", poisoned)
+    with pytest.raises(common.NonFiniteLoss, match=r"non-finite loss at step 4 \(lr 0.00012\).*still holds step 3"):
+        run(small_nights, tmp_path, "--epochs=2", "--batch_size=32", "--log_every=100")  # 3 steps an epoch
+    # Found at the next check (the last step: no host sync per step), yet named exactly; the checkpoint
+    # is the one of step 3 (epoch end), nothing was saved after the bad step.
+    assert len(losses) == 6 and torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
 
 
 def test_posthoc_trains_only_vision_qkv(small_nights, trained, tmp_path):

@@ -1,0 +1,51 @@
+"""bench/gpu_bench.py: its FLOP counts against the published ViT-B/32 figures, its batch search, and a
+dry run of the whole script on the CPU (tiny model) through train_clip.train_step, the trainer's step.
+
+The reference numbers are REFERENCE.md section 5's (open_clip's model profile): ViT-B/32 takes
+14.78 GFLOP per image-text pair forward and ~44 per pair for a training step (forward + backward).
+"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import gpu_bench  # noqa: E402
+
+
+def test_flops_of_vit_b32_match_the_published_figures():
+    forward = gpu_bench.forward_flops("ViT-B-32", 2) / 2
+    assert forward == pytest.approx(14.78e9, rel=0.002)
+    step = gpu_bench.step_flops("ViT-B-32", 2, 1, False) / 2
+    assert step == pytest.approx(44e9, rel=0.01)
+    # Accumulation adds its cached no-grad forward; checkpointing recomputes part of one (counted for HFU).
+    assert gpu_bench.step_flops("ViT-B-32", 2, 2, False) / 2 - step == pytest.approx(forward, rel=0.01)
+    recomputed = gpu_bench.step_flops("ViT-B-32", 2, 1, True) / 2 - step
+    assert 0.5 * forward < recomputed < forward
+
+
+def test_largest_fitting_batch_search():
+    probes = []
+
+    def fits(n):
+        probes.append(n)
+        return n <= 1000
+
+    assert gpu_bench.largest_fitting(fits, 256, 64) == 960
+    assert len(probes) < 12
+    assert gpu_bench.largest_fitting(lambda n: False, 256, 64) is None
+
+
+def test_dry_run(tmp_path):
+    torch.set_num_threads(1)  # tiny steps: threads only contend on a shared machine
+    results = gpu_bench.main(["--dry-run", "--out", str(tmp_path / "bench.json")])
+    assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(results))
+    runs = {(r["grad_checkpointing"], r["accum_steps"]): r for r in results["runs"]}
+    assert set(runs) == {(False, 1), (False, 2), (True, 1), (True, 2)}
+    assert all(r["samples_per_s"] > 0 and r["mfu"] > 0 for r in runs.values())
+    assert runs[(True, 1)]["hfu"] > runs[(True, 1)]["mfu"] and runs[(False, 1)]["hfu"] == runs[(False, 1)]["mfu"]
+    assert runs[(False, 2)]["gflop_per_pair"] > runs[(False, 1)]["gflop_per_pair"]
