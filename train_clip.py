@@ -83,6 +83,7 @@ class Config:
 TRAJECTORY_KEYS = ("model", "epochs", "max_steps", "batch_size", "accum_steps", "lr", "warmup_steps", "weight_decay",
                    "grad_clip", "seed", "init", "init_text", "augment", "streams", "shuffle_buffer", "decode_on_device",
                    "image_column", "text_column", "precision", "data_units", "data_samples")
+DATA_FACTS = ("data_units", "data_samples")  # found in train_data at start-up, compared once it is read
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,8 +290,12 @@ def train(argv, stop):
     ckpt_path = out_dir / "ckpt.pt"
     log = common.MetricsLog(out_dir, d.is_main)
 
-    # --- checkpoint: a finished run is left as it is -----------------------------------------------
+    # --- checkpoint: the resume check (settings here, the data below); a finished run is left as it is
     state = common.load_training_state(ckpt_path) if ckpt_path.exists() else None
+    saved = {**state["config"], **state.get("run", {})} if state is not None else None
+    if state is not None:
+        common.check_resume(ckpt_path, saved, {**dataclasses.asdict(cfg), "precision": precision},
+                            [k for k in TRAJECTORY_KEYS if k not in DATA_FACTS])
     if state is not None and state["step"] >= state["schedule"]["total_steps"]:
         if d.is_main and not (out_dir / "summary.json").exists():  # killed between the last save and this
             write_summary(out_dir, state["step"], cfg, state["samples_skipped"], state["metrics"], ckpt_path)
@@ -314,9 +319,8 @@ def train(argv, stop):
                                worker_init_fn=common.ignore_stop_signals)  # workers leave SIGTERM to the loop
     plan = loader.plan(0)
     run_facts = {"precision": precision, "data_units": len(units), "data_samples": plan.total}
-    if state is not None:  # the resume check: nothing that changes the trajectory may change
-        common.check_resume(ckpt_path, {**state["config"], **state.get("run", {})},
-                            {**dataclasses.asdict(cfg), **run_facts}, TRAJECTORY_KEYS)
+    if state is not None:  # the same data: its units and samples (it may have moved to another path)
+        common.check_resume(ckpt_path, saved, run_facts, DATA_FACTS)
     if plan.steps == 0:
         raise common.UserError(f"train_data: {plan.total} samples do not fill one batch of {cfg.batch_size}: lower batch_size")
     if d.is_main:
