@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common import autocast, default_precision, ignore_stop_signals, run_cli
+from common import autocast, default_precision, ignore_stop_signals, run_cli, user_input
 from data import BenchmarkTask, ImageFolderTask, image_transform, imagenet_classnames_and_templates, tokenize
 from model import load_checkpoint, nights_distances
 from nights import model_input
@@ -435,7 +435,8 @@ def main(argv=None):
     models = []
     for label, path in zip(labels, checkpoints):
         quickgelu = True if args.quickgelu is not None and (not args.quickgelu or path in args.quickgelu) else None
-        models.append(load_checkpoint(path, quickgelu=quickgelu).to(args.device))
+        with user_input():  # a missing or foreign file, a contradicted activation: the user's to fix
+            models.append(load_checkpoint(path, quickgelu=quickgelu).to(args.device))
         print(f"{label}: {path}, {models[-1].num_params() / 1e6:.1f}M parameters, "
               f"{'QuickGELU' if models[-1].config.quickgelu else 'GELU'}, {models[-1].config.image_size} px")
     print(f"{len(tasks)} tasks, {precision}, {len(models)} checkpoint(s) in one pass over each task's images")

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from data import BenchmarkTask, image_transform
 from evaluate import classification_metrics, resolve_tasks, task_dir
+from common import user_input
 from model import load_checkpoint
 from progress import progress as progress_bar
 
@@ -242,7 +243,8 @@ def run_probes(checkpoints, images, reference=None, probe_tasks=(), data_root=".
     if reference is not None:
         results["rsa"] = {}
     for label, path in progress_bar(list(zip(labels, checkpoints)), desc="probes", disable=not progress):
-        model = load_checkpoint(path, quickgelu=quickgelu).to(device)
+        with user_input():  # a missing or foreign file: the user's to fix
+            model = load_checkpoint(path, quickgelu=quickgelu).to(device)
         size = model.config.image_size
         probe_images, _ = decoded(str(images), size, lambda s: read_images(images, s))
         results["n_images"] = len(probe_images)
