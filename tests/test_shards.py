@@ -28,7 +28,6 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
-from skimage import data as skdata
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,29 +35,13 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import shards  # noqa: E402
 import sources  # noqa: E402
+from test_sources import caption, photo_jpeg  # noqa: E402  (one set of real-photo samples for both files)
+from test_sources import pairs as samples  # noqa: E402
 from augment import TrainTransform  # noqa: E402
 from make_data import write_shards  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 MOCO = TrainTransform(16, "moco")
-
-
-def photo_jpeg(i, size=40):
-    """A real-photo crop (scikit-image's astronaut), different for each i, as JPEG bytes."""
-    photo = skdata.astronaut()
-    y, x = (37 * i) % (photo.shape[0] - size), (53 * i) % (photo.shape[1] - size)
-    buffer = io.BytesIO()
-    Image.fromarray(photo[y : y + size, x : x + size]).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def caption(i):
-    return f"a photo, number {i}"
-
-
-def samples(n, start=0):
-    for i in range(start, start + n):
-        yield f"{i:06d}", {"jpg": photo_jpeg(i), "txt": caption(i)}
 
 
 def loader(spec, batch_size=8, streams=4, workers=0, transform=MOCO, **kwargs):
