@@ -101,18 +101,25 @@ def tiny(tmp_path_factory):
     return net, path
 
 
-def _open_clip_twin(net, tmp_path):
-    """open_clip's CLIP with the kit model's weights, its eval transform and its tokenizer."""
+def register_open_clip_config(c, folder, name):
+    """Register the kit's CLIPConfig `c` with open_clip as model `name` (its JSON config written into
+    `folder`), so open_clip can build the same architecture by name."""
     import open_clip
 
-    c = net.config
     cfg = {"embed_dim": c.embed_dim, "quick_gelu": c.quickgelu,
            "vision_cfg": {"image_size": c.image_size, "layers": c.vision_layers, "width": c.vision_width,
                           "patch_size": c.patch_size, "head_width": c.vision_width // c.vision_heads},
            "text_cfg": {"context_length": c.context_length, "vocab_size": c.vocab_size, "width": c.text_width,
                         "heads": c.text_heads, "layers": c.text_layers}}
-    (tmp_path / "pi-test-tiny.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path / "pi-test-tiny.json")
+    (Path(folder) / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(Path(folder) / f"{name}.json")
+
+
+def _open_clip_twin(net, tmp_path):
+    """open_clip's CLIP with the kit model's weights, its eval transform and its tokenizer."""
+    import open_clip
+
+    register_open_clip_config(net.config, tmp_path, "pi-test-tiny")
     reference, _, preprocess = open_clip.create_model_and_transforms("pi-test-tiny")
     reference.load_state_dict(net.state_dict())
     return reference.eval(), preprocess, open_clip.get_tokenizer("pi-test-tiny")

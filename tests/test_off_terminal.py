@@ -9,8 +9,6 @@ Proves:
 - With stderr going to a file (a scheduler's log), train_clip.py and evaluate.py write whole lines:
   no carriage return anywhere, and the progress lines still say how far each stage got.
 """
-import io
-import json
 import os
 import subprocess
 import sys
@@ -28,23 +26,19 @@ import data  # noqa: E402
 import model as kit_model  # noqa: E402
 import train_clip  # noqa: E402
 from make_data import write_benchmark_task, write_shards  # noqa: E402
+from test_evaluate import register_open_clip_config  # noqa: E402
+from test_sources import photo_jpeg  # noqa: E402
+
+COFFEE = skdata.coffee()
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-
-def _jpeg(i, size=40):
-    photo = skdata.coffee()
-    y, x = (17 * i) % (photo.shape[0] - size), (31 * i) % (photo.shape[1] - size)
-    buffer = io.BytesIO()
-    Image.fromarray(photo[y:y + size, x:x + size]).save(buffer, "JPEG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One short train_clip.py run (4 steps of the tiny preset) with stdout and stderr to files."""
     root = tmp_path_factory.mktemp("run")
-    write_shards(root / "shards", ((f"{i:05d}", {"jpg": _jpeg(i), "txt": f"a cup of coffee {i}"}) for i in range(32)), 16)
+    write_shards(root / "shards", ((f"{i:05d}", {"jpg": photo_jpeg(i, photo=COFFEE), "txt": f"a cup of coffee {i}"}) for i in range(32)), 16)
     command = [sys.executable, str(ROOT / "train_clip.py"), str(ROOT / "configs" / "clip_tiny.yaml"),
                f"--train_data={root}/shards/{{00000..00001}}.tar", f"--out_dir={root / 'out'}", "--max_steps=4",
                "--batch_size=8", "--save_every=4", "--log_every=2", "--workers=0", "--shuffle_buffer=8"]
@@ -58,14 +52,7 @@ def test_open_clip_loads_the_trainers_checkpoint_as_it_is(run, tmp_path):
 
     ckpt = run / "out" / "ckpt.pt"
     ours = kit_model.load_checkpoint(ckpt)
-    c = ours.config
-    config = {"embed_dim": c.embed_dim, "quick_gelu": c.quickgelu,
-              "vision_cfg": {"image_size": c.image_size, "layers": c.vision_layers, "width": c.vision_width,
-                             "patch_size": c.patch_size, "head_width": c.vision_width // c.vision_heads},
-              "text_cfg": {"context_length": c.context_length, "vocab_size": c.vocab_size, "width": c.text_width,
-                           "heads": c.text_heads, "layers": c.text_layers}}
-    (tmp_path / "pi-tiny.json").write_text(json.dumps(config))
-    open_clip.add_model_config(tmp_path / "pi-tiny.json")
+    register_open_clip_config(ours.config, tmp_path, "pi-tiny")
     theirs, _, preprocess = open_clip.create_model_and_transforms("pi-tiny", pretrained=str(ckpt))
     theirs.eval()
     images = torch.stack([preprocess(Image.fromarray(skdata.chelsea())), preprocess(Image.fromarray(skdata.astronaut()))])
