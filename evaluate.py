@@ -4,7 +4,7 @@
   python evaluate.py --ckpt pi.pt --ckpt base.pt --ckpt ~/.cache/clip/ViT-B-32.pt --suite vtab --data-root DIR
   python evaluate.py --probe A.pt B.pt --images FOLDER_OR_TASK    # feature-space probes (probes.py)
 
-Several checkpoints share one pass over each task's images. Checkpoint formats: model.load_checkpoint.
+Several checkpoints share one pass over each task's images. Checkpoint formats: checkpoints.load_checkpoint.
 
 Sections:
   NIGHTS 2AFC   DreamSim's two-alternative forced-choice score (stage 1's metric)
@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from common import autocast, default_precision, ignore_stop_signals, run_cli, user_input
 from data import BenchmarkTask, ImageFolderTask, image_transform, imagenet_classnames_and_templates, tokenize
-from model import load_checkpoint, nights_distances
+from checkpoints import load_checkpoint
+from model import nights_distances
 from nights import model_input
 from progress import progress as progress_bar
 

@@ -1,26 +1,17 @@
 """CLIP, from scratch: a Vision Transformer, a causal text transformer, and the two joined.
 
 Read bottom-up: attention -> MLP -> residual block -> transformer -> vision tower -> text tower ->
-CLIP (and stage 1's perceptual distances) -> presets -> checkpoint loading. The state-dict keys and
-shapes are exactly those of OpenAI CLIP and open_clip's `CLIP` class (REFERENCE.md section 5), so a
-state dict moves between them unchanged. This file imports nothing of the kit. It runs past the kit's
-~400 lines on purpose: the last section reads every checkpoint format users hold (kit, open_clip,
-safetensors, OpenAI's TorchScript), and it belongs here because every loader needs it and this file
-may import nothing of the kit.
+CLIP (and stage 1's perceptual distances) -> presets. The state-dict keys and shapes are exactly those
+of OpenAI CLIP (github openai/CLIP, clip/model.py) and open_clip's `CLIP` class (github
+mlfoundations/open_clip, src/open_clip/model.py), so a state dict moves between them unchanged. This
+file imports nothing of the kit; checkpoints.py reads every checkpoint format users hold into it.
 
 Letters used in shape comments:
   B batch, N tokens (patches + 1 class token, or text positions), D width of a tower,
   H attention heads, Dh = D / H width of one head, E joint embedding dim, T context length.
 """
-import collections
-import io
-import json
 import math
-import os
-import pickle
-import zipfile
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -107,7 +98,7 @@ class Transformer(nn.Module):
         return x
 
     def init_openai_(self, width, layers):
-        """OpenAI's normal init for the text transformer (REFERENCE.md section 5)."""
+        """OpenAI's normal init for the text transformer (github openai/CLIP clip/model.py, CLIP.initialize_parameters)."""
         attn_std = width**-0.5
         proj_std = width**-0.5 * (2 * layers) ** -0.5
         fc_std = (2 * width) ** -0.5
@@ -227,7 +218,7 @@ PRESETS = {
         text_width=768, text_layers=12, text_heads=12,
     ),
     # CPU presets. `tiny` is for tests (~7.6M parameters, 6.3M of them the token table); `small` for
-    # the embedded default (64 px, the size REFERENCE.md section 11 times at ~50-150 img/s on 2 cores).
+    # the embedded default (64 px, measured at ~50-150 img/s on 2 cores).
     "tiny": dict(
         embed_dim=64, image_size=32, patch_size=8, vision_width=128, vision_layers=2, vision_heads=2,
         text_width=128, text_layers=2, text_heads=2,
@@ -259,227 +250,3 @@ def create_model(name="ViT-B-32", **overrides):
     else:
         config = model_config(name, **overrides)
     return CLIP(config)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------------
-# read_checkpoint tells the accepted files apart by their content, not their name:
-#   torch.save files: the kit's {"state_dict", "model_config", ...training state}, open_clip training
-#     checkpoints {"epoch", "name", "state_dict", ...}, raw state dicts (open_clip's hub file
-#     open_clip_pytorch_model.bin, OpenAI / open_clip weights saved with torch.save);
-#   safetensors files (open_clip's hub open_clip_model.safetensors, or any with these keys);
-#   OpenAI's TorchScript archives (~/.cache/clip/ViT-B-32.pt), whose tensors are read without
-#     running the archive (see _read_torchscript).
-# The state dict keys are the same in all of them (REFERENCE.md section 5), up to the prefixes below.
-
-_PREFIXES = ("module.", "_orig_mod.")  # added by DDP and by torch.compile
-_OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
-_STORAGE_DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-                   "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-                   "BoolStorage": torch.bool}
-ACCEPTED = ("the kit's ckpt.pt, an open_clip checkpoint or hub file (.bin, .safetensors), OpenAI's TorchScript "
-            "archive, or a torch.save / safetensors state dict with OpenAI / open_clip keys")
-
-
-class _ScriptObject:
-    """Stands in for a TorchScript module while its pickle is read: keeps the attributes, runs nothing."""
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-class _TorchScriptReader(pickle.Unpickler):
-    """Reads a TorchScript archive's data.pkl (the module tree and its tensors) with an allow-list:
-    TorchScript classes become _ScriptObject, tensors are rebuilt from the archive's data/ entries, and
-    any other global is refused (standard pickle "restricting globals"), so no code of the file runs."""
-
-    def __init__(self, archive, prefix):
-        super().__init__(io.BytesIO(archive.read(f"{prefix}/data.pkl")))
-        self.archive, self.prefix, self.class_names = archive, prefix, set()
-
-    def find_class(self, module, name):
-        if module.startswith("__torch__."):
-            self.class_names.add(name)
-            return type(name, (_ScriptObject,), {})
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return lambda storage, offset, size, stride, *_: storage.as_strided(size, stride, offset)
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _STORAGE_DTYPES[name]
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        raise pickle.UnpicklingError(f"it holds {module}.{name}, which is neither a module nor a tensor")
-
-    def persistent_load(self, pid):  # ("storage", dtype, key, location, numel) -> flat tensor
-        _, dtype, key, _, _ = pid
-        data = bytearray(self.archive.read(f"{self.prefix}/data/{key}"))
-        return torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-
-
-def _read_torchscript(archive, prefix, path):
-    """-> (state dict, quickgelu True / False from the activation modules' class names, or None)."""
-    reader = _TorchScriptReader(archive, prefix)
-    try:
-        root = reader.load()
-    except (pickle.UnpicklingError, KeyError, ValueError, TypeError) as e:
-        raise ValueError(f"{path} is a TorchScript archive whose weights cannot be read without running it ({e}). "
-                         "If you trust it, convert it once (torch.jit.load runs the archive's code): python -c "
-                         f"\"import torch; torch.save(torch.jit.load('{path}', map_location='cpu').state_dict(), "
-                         "'weights.pt')\" and load weights.pt") from None
-
-    def tensors(obj, prefix=""):
-        for name, value in (obj.state.items() if isinstance(getattr(obj, "state", None), dict) else ()):
-            if isinstance(value, torch.Tensor) and name != "attn_mask":  # the causal mask, no weight
-                yield prefix + name, value
-            elif isinstance(value, _ScriptObject):
-                yield from tensors(value, f"{prefix}{name}.")
-
-    names = reader.class_names
-    return dict(tensors(root)), (True if "QuickGELU" in names else False if "GELU" in names else None)
-
-
-def _is_safetensors(path):  # 8-byte little-endian header length, then the JSON header
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)
-
-
-def _open_clip_hub_quickgelu(path):
-    """open_clip's hub repositories keep open_clip_config.json beside the weights: its recorded
-    activation (model_cfg.quick_gelu), or None when there is no such file."""
-    config = Path(path).parent / "open_clip_config.json"
-    if Path(path).name not in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin") or not config.exists():
-        return None
-    try:
-        return bool(json.loads(config.read_text()).get("model_cfg", {}).get("quick_gelu", False))
-    except (ValueError, AttributeError) as e:
-        raise ValueError(f"{config} (beside {path}) is not open_clip's config JSON: {e}") from None
-
-
-def read_checkpoint(path):
-    """Load any accepted checkpoint file (see above) without running code from it -> (clean state dict,
-    model config dict the file records, else None). torch.load runs with weights_only=True; a TorchScript
-    archive is read by _read_torchscript, never by torch.jit.load, which would compile and run its code."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    stored_config, quickgelu = None, _open_clip_hub_quickgelu(path)
-    try:
-        if _is_safetensors(path):
-            from safetensors.torch import load_file
-
-            obj = load_file(path)
-        elif zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
-            with zipfile.ZipFile(path) as archive:
-                prefix = next(n for n in archive.namelist() if n.endswith("/data.pkl")).rsplit("/", 1)[0]
-                obj, quickgelu = _read_torchscript(archive, prefix, path)
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if isinstance(e, ValueError) and str(path) in str(e):  # already names the file and what to do
-            raise
-        raise ValueError(f"{path} is not a readable checkpoint (truncated, or another format?): {e}. "
-                         f"Accepted: {ACCEPTED}") from e
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        stored_config = obj.get("model_config")
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} holds no CLIP state dict (expected a dict of tensors, or one under 'state_dict'). "
-                         f"Accepted: {ACCEPTED}")
-    state_dict = {}
-    for key, value in obj.items():
-        while key.startswith(_PREFIXES):
-            key = key.split(".", 1)[1]
-        if key not in _OPENAI_SCALARS:
-            state_dict[key] = value
-    if stored_config is None and quickgelu is not None:  # the file records its activation, not a config
-        try:
-            stored_config = asdict(config_from_state_dict(state_dict, quickgelu))
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
-    return state_dict, stored_config
-
-
-def _count_layers(state_dict, prefix):  # prefix "...resblocks." -> number of distinct block indices
-    return len({k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)})
-
-
-def config_from_state_dict(state_dict, quickgelu=False):
-    """Infer a CLIPConfig from tensor shapes (heads assumed width / 64, as in every CLIP preset)."""
-    required = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj", "token_embedding.weight",
-                "positional_embedding", "text_projection"]
-    missing = [k for k in required if k not in state_dict]
-    if missing:
-        raise ValueError(f"not a CLIP ViT state dict: missing {missing}")
-    vision_width, _, patch_size, _ = state_dict["visual.conv1.weight"].shape
-    grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    vocab_size, text_width = state_dict["token_embedding.weight"].shape
-    return CLIPConfig(
-        embed_dim=state_dict["visual.proj"].shape[1],
-        image_size=patch_size * grid,
-        patch_size=patch_size,
-        vision_width=vision_width,
-        vision_layers=_count_layers(state_dict, "visual.transformer.resblocks."),
-        vision_heads=vision_width // 64,
-        context_length=state_dict["positional_embedding"].shape[0],
-        vocab_size=vocab_size,
-        text_width=text_width,
-        text_layers=_count_layers(state_dict, "transformer.resblocks."),
-        text_heads=text_width // 64,
-        quickgelu=quickgelu,
-    )
-
-
-def check_state_dict(model, state_dict, path="state dict"):
-    """Raise one error listing every missing, unexpected and wrongly shaped key (no partial loads)."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [f"{k}: {tuple(state_dict[k].shape)} != {tuple(v.shape)}"
-             for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
-    problems = [f"{name} ({len(keys)}): {keys[:5]}{' ...' if len(keys) > 5 else ''}"
-                for name, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
-                if keys]
-    if problems:
-        raise ValueError(f"{path} does not fit the model: " + "; ".join(problems))
-
-
-def check_activation(path, recorded, quickgelu):
-    """Raise when a file records one activation and the caller asks for the other (quickgelu None: no ask)."""
-    if quickgelu is not None and bool(quickgelu) != bool(recorded):
-        name = {True: "QuickGELU", False: "GELU"}
-        raise ValueError(f"{path} records the {name[bool(recorded)]} activation (quickgelu={bool(recorded)}), but "
-                         f"{name[bool(quickgelu)]} was asked for (quickgelu={bool(quickgelu)}); weights run with the "
-                         "other activation silently lose accuracy. Use the recorded one (drop the setting, or pick the model "
-                         "preset with that activation, e.g. ViT-B-32-quickgelu).")
-
-
-def load_checkpoint(path, quickgelu=None):
-    """Any accepted CLIP checkpoint (see read_checkpoint) -> CLIP in eval mode, on the CPU.
-
-    The architecture comes from the stored config when there is one, else from tensor shapes; the
-    `module.` / `_orig_mod.` prefixes of DDP / torch.compile are stripped. The activation is an explicit
-    setting. A file that records it (the kit's model_config; OpenAI's archives, by their QuickGELU
-    modules; open_clip hub files by open_clip_config.json beside them) is loaded with it, and quickgelu
-    True / False against the record is an error naming both. A file that records none (a state dict,
-    a bare safetensors file) is GELU unless quickgelu=True, which OpenAI-trained weights need.
-
-    Security: torch.load runs with weights_only=True and safetensors holds only tensors. OpenAI's
-    archives are TorchScript, which torch.jit.load would compile and run (a file from the internet
-    could do anything then); the kit instead reads only their module tree and tensors with a restricted
-    unpickler and refuses anything else, at the cost of handling only archives made of modules and
-    tensors (every OpenAI CLIP archive is). The error for one it cannot read says how to convert it.
-    """
-    state_dict, stored = read_checkpoint(path)
-    if stored is not None:
-        config = CLIPConfig(**stored)
-        check_activation(path, config.quickgelu, quickgelu)
-    else:
-        try:
-            config = config_from_state_dict(state_dict, bool(quickgelu))
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
-    model = CLIP(config)
-    check_state_dict(model, state_dict, str(path))
-    model.load_state_dict(state_dict)
-    return model.eval()

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from data import BenchmarkTask, image_transform
 from evaluate import classification_metrics, resolve_tasks, task_dir
 from common import user_input
-from model import load_checkpoint
+from checkpoints import load_checkpoint
 from progress import progress as progress_bar
 
 # Letters: N images, D features (block width or embedding size), K classes.

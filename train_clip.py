@@ -32,7 +32,8 @@ import nights
 import shards
 import sources
 from augment import TrainTransform
-from model import check_activation, check_state_dict, create_model, model_config, read_checkpoint
+from checkpoints import check_activation, check_state_dict, read_checkpoint
+from model import create_model, model_config
 from progress import progress
 
 
@@ -224,7 +225,7 @@ def list_units(cfg, argv, d):
 
 
 def load_init(model, path, include_text):
-    """The vision tower (and with include_text, everything) from any CLIP checkpoint model.load_checkpoint
+    """The vision tower (and with include_text, everything) from any CLIP checkpoint checkpoints.load_checkpoint
     reads; one that records the other activation than this model's is an error naming both."""
     with common.user_input():
         state_dict, stored = read_checkpoint(path)

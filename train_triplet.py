@@ -31,7 +31,8 @@ from tqdm import tqdm
 import common
 import evaluate
 import nights
-from model import CLIP, CLIPConfig, check_state_dict, config_from_state_dict, create_model, model_config, nights_distances, read_checkpoint
+from checkpoints import check_state_dict, config_from_state_dict, read_checkpoint
+from model import CLIP, CLIPConfig, create_model, model_config, nights_distances
 from progress import progress
 
 

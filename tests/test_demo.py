@@ -38,7 +38,7 @@ import make_data as M
 import nights
 import sources
 import world
-from model import load_checkpoint
+from checkpoints import load_checkpoint
 
 
 def _two_afc(d0, d1, p):

@@ -1,4 +1,4 @@
-"""model.py is OpenAI CLIP / open_clip's CLIP, written from scratch.
+"""model.py is OpenAI CLIP / open_clip's CLIP, written from scratch, and checkpoints.py reads the files users hold.
 
 Proved against open_clip (test-only reference): with the same state dict, encode_image and
 encode_text agree to 1e-5 in fp32 for ViT-B-32, ViT-B-32-quickgelu, ViT-B-16 and a small custom size;
@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 
+import checkpoints as C
 import model as M
 
 open_clip = pytest.importorskip("open_clip")
@@ -134,7 +135,7 @@ def features(model):
 
 
 def assert_loads_same(path, model, **kwargs):
-    loaded = M.load_checkpoint(path, **kwargs)
+    loaded = C.load_checkpoint(path, **kwargs)
     assert not loaded.training
     assert loaded.config == model.config
     for a, b in zip(features(loaded), features(model)):
@@ -158,14 +159,14 @@ def test_raw_and_prefixed_state_dicts(tiny, tmp_path):
     torch.save({"epoch": 1, "name": "run", "state_dict": {"module._orig_mod." + k: v for k, v in tiny.state_dict().items()}}, wrapped)
     assert_loads_same(wrapped, tiny, quickgelu=True)
     # without quickgelu=True, a file that records no activation loads as GELU
-    assert M.load_checkpoint(raw).config.quickgelu is False
+    assert C.load_checkpoint(raw).config.quickgelu is False
 
 
 def test_open_clip_state_dict_loads(tmp_path):
     reference = open_clip.create_model("ViT-B-32", pretrained=None).eval()
     path = tmp_path / "b32.pt"
     torch.save(reference.state_dict(), path)
-    ours = M.load_checkpoint(path)
+    ours = C.load_checkpoint(path)
     assert ours.config == M.model_config("ViT-B-32")
     assert_same_features(ours, reference, 224)
 
@@ -206,13 +207,13 @@ def test_bad_checkpoints_get_clear_errors(tiny, tmp_path, case, message):
             sd["visual.extra"] = torch.zeros(1)
         torch.save({"state_dict": sd, "model_config": asdict(tiny.config)}, path)
     with pytest.raises(ValueError, match=message) as error:
-        M.load_checkpoint(path)
+        C.load_checkpoint(path)
     assert str(path) in str(error.value)
 
 
 def test_missing_file_and_unknown_preset(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        M.load_checkpoint(tmp_path / "nope.pt")
+        C.load_checkpoint(tmp_path / "nope.pt")
     with pytest.raises(ValueError, match="unknown model 'ViT-X'"):
         M.create_model("ViT-X")
     with pytest.raises(ValueError, match="unknown model setting"):
@@ -244,11 +245,11 @@ def test_open_clip_hub_files_load(tmp_path):
     reference = open_clip.create_model("pi-tiny-quickgelu").eval()  # what open_clip's hub export expects
     save_for_hf(reference, _NoTokenizerFiles(), open_clip_tiny_config(True), tmp_path / "hub")
     for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-        ours = M.load_checkpoint(tmp_path / "hub" / name)
+        ours = C.load_checkpoint(tmp_path / "hub" / name)
         assert ours.config.quickgelu is True  # recorded in the open_clip_config.json beside it
         assert_same_features(ours, reference, 32)
         with pytest.raises(ValueError, match=f"{name} records the QuickGELU activation .* but GELU was asked for"):
-            M.load_checkpoint(tmp_path / "hub" / name, quickgelu=False)
+            C.load_checkpoint(tmp_path / "hub" / name, quickgelu=False)
 
 
 def test_safetensors_file_with_openai_keys(tiny, tmp_path):
@@ -257,10 +258,10 @@ def test_safetensors_file_with_openai_keys(tiny, tmp_path):
     path = tmp_path / "weights.safetensors"
     save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, path)
     assert_loads_same(path, tiny, quickgelu=True)  # a bare file records no activation: it is asked for
-    assert M.load_checkpoint(path).config.quickgelu is False
+    assert C.load_checkpoint(path).config.quickgelu is False
     save_file({"weight": torch.zeros(3)}, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="other.safetensors: not a CLIP ViT state dict"):
-        M.load_checkpoint(tmp_path / "other.safetensors")
+        C.load_checkpoint(tmp_path / "other.safetensors")
 
 
 def _openai_style_archive(path, quick_gelu):
@@ -281,12 +282,12 @@ def test_torchscript_archive_loads_without_running_it(tmp_path, monkeypatch, qui
     path = tmp_path / "ViT-tiny.pt"
     reference = _openai_style_archive(path, quick_gelu)
     monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load was called"))
-    ours = M.load_checkpoint(path)
+    ours = C.load_checkpoint(path)
     assert ours.config.quickgelu is quick_gelu  # from the archive's activation modules
     assert_same_features(ours, reference, 32)
     wrong = {True: "GELU", False: "QuickGELU"}[quick_gelu]
     with pytest.raises(ValueError, match=f"but {wrong} was asked for"):
-        M.load_checkpoint(path, quickgelu=not quick_gelu)
+        C.load_checkpoint(path, quickgelu=not quick_gelu)
 
 
 def test_torchscript_archive_with_other_objects_is_refused(tmp_path):
@@ -299,4 +300,4 @@ def test_torchscript_archive_with_other_objects_is_refused(tmp_path):
         archive.writestr("evil/data.pkl", pickle.dumps(os.system, protocol=2))  # a global that would run code
         archive.writestr("evil/constants.pkl", pickle.dumps((), protocol=2))
     with pytest.raises(ValueError, match=r"evil.pt is a TorchScript archive .*(posix|os)\.system.*torch.jit.load runs the archive"):
-        M.load_checkpoint(path)
+        C.load_checkpoint(path)

@@ -22,6 +22,7 @@ from skimage import data as skdata
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import checkpoints as kit_checkpoints  # noqa: E402
 import data  # noqa: E402
 import model as kit_model  # noqa: E402
 import train_clip  # noqa: E402
@@ -51,7 +52,7 @@ def test_open_clip_loads_the_trainers_checkpoint_as_it_is(run, tmp_path):
     import open_clip
 
     ckpt = run / "out" / "ckpt.pt"
-    ours = kit_model.load_checkpoint(ckpt)
+    ours = kit_checkpoints.load_checkpoint(ckpt)
     register_open_clip_config(ours.config, tmp_path, "pi-tiny")
     theirs, _, preprocess = open_clip.create_model_and_transforms("pi-tiny", pretrained=str(ckpt))
     theirs.eval()

@@ -4,7 +4,7 @@ Proves that
   - training on the simulated observers' votes lifts 2AFC clearly above its random-init value (which
     is already ~0.6: random features see colour), while the same run on shuffled labels does not (the
     observers' structure is what is learned, not some artefact of the images);
-  - ckpt.pt is the kit's checkpoint: model.load_checkpoint reads it, reproduces the reported val
+  - ckpt.pt is the kit's checkpoint: checkpoints.load_checkpoint reads it, reproduces the reported val
     score, and its text tower is still the random init (only the vision tower trained);
   - a run stopped mid-epoch (stop_after_steps, or SIGTERM sent to the running script) and started again
     ends with bit-identical weights to one that never stopped; rerunning a finished run changes
@@ -29,7 +29,8 @@ import common
 import train_triplet
 from evaluate import evaluate_nights
 from make_data import make_nights
-from model import create_model, load_checkpoint
+from checkpoints import load_checkpoint
+from model import create_model
 from nights import NightsDataset
 
 ROOT = Path(__file__).resolve().parents[1]
