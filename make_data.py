@@ -1,13 +1,17 @@
-"""Makes data in the kit's three real formats, for runs without the real datasets.
+"""Makes data in the kit's real formats, for runs without the real datasets.
 
   python make_data.py --out data/demo            # the embedded demo's whole data set
   python make_data.py --nights data/nights_tiny --triplets 1500 --size 32   # NIGHTS triplets only
+  python make_data.py --out data/demo --studies  # and the studies' stimuli (demo.py --study does it)
 
 Writers (one per real format, so that made data goes through the same loaders as real data):
   NIGHTS        data.csv + ref/ + distort/ in DreamSim's layout
   tar shards    image-text shards in the webdataset / img2dataset format
   benchmark     zero-shot task folders in CLIP_benchmark's on-disk format
-and the embedded demo's data set, fed from the generated world in world.py.
+  THINGS        triplet_dataset/*.txt + unique_id.txt + images/ in THINGS-data's layout
+  RDM           rdms/<name>.npy (N x N) + images.txt, an fMRI-style dissimilarity matrix per "area"
+and the embedded demo's data set, fed from the generated world in world.py, with the studies'
+stimuli: one image per concept, odd-one-out trials, and two simulated brain areas (early, late).
 Imports nothing of the model.
 """
 import argparse
@@ -21,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from progress import progress
-from world import demo_pairs, demo_probe_scenes, demo_tasks, demo_triplets, perceptual_distance, render_scene
+from world import (demo_concepts, demo_odd_one_out, demo_pairs, demo_probe_scenes, demo_tasks, demo_triplets,
+                   perceptual_distance, render_scene)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -33,7 +38,8 @@ NIGHTS_CSV_COLUMNS = ["id", "left_vote", "right_vote", "votes", "ref_path", "lef
 
 
 def write_nights(root, triplets):
-    """Write triplets in NIGHTS' layout (REFERENCE.md section 3): data.csv + ref/NNN/III.png +
+    """Write triplets in NIGHTS' layout (DreamSim's dataset, github ssundaram21/dreamsim, dataset/nights:
+    data.csv + ref/NNN/III.png +
     distort/NNN/III_0.png (left) and III_1.png (right). Each triplet is a dict with PIL images ref,
     left, right, ints left_vote, right_vote (how many observers chose each side), str split, bool
     is_imagenet, str prompt. The csv holds them as DreamSim's data.csv does: left_vote / right_vote the
@@ -160,6 +166,39 @@ def write_benchmark_task(root, samples, classnames=None, templates=None, task_ty
 
 
 # ---------------------------------------------------------------------------------------------------
+# THINGS odd-one-out writer, and the RDM writer
+# ---------------------------------------------------------------------------------------------------
+
+THINGS_SPLITS = ("trainset", "validationset", "testset1")
+
+
+def write_things(root, unique_ids, images, trials):
+    """Write odd-one-out trials in THINGS-data's layout (Hebart et al. 2023, OSF f5rn6: folder
+    triplet_dataset/ and variables/unique_id.txt): root/triplet_dataset/<split>.txt, three 0-based
+    concept indices a line, whitespace-separated, the odd one out LAST; root/unique_id.txt, the concept
+    ids in the files' index order (not alphabetical in THINGS, nor here); root/images/<id>.png, one
+    image per concept as the behavioural task showed. trials: {split: [(i, j, odd), ...]}."""
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "triplet_dataset").mkdir(exist_ok=True)
+    for unique_id, image in zip(unique_ids, images):
+        image.save(root / "images" / f"{unique_id}.png")
+    (root / "unique_id.txt").write_text("".join(f"{u}\n" for u in unique_ids))
+    for split, rows in trials.items():
+        (root / "triplet_dataset" / f"{split}.txt").write_text("".join(f"{i} {j} {odd}\n" for i, j, odd in rows))
+
+
+def write_rdm(root, name, matrix, image_paths=None):
+    """An RDM as the kit reads it (data_format=rdm): root/rdms/<name>.npy, N x N float64, and, when
+    given, root/images.txt with the N image paths (relative to root) in the matrix's row order."""
+    root = Path(root)
+    (root / "rdms").mkdir(parents=True, exist_ok=True)
+    np.save(root / "rdms" / f"{name}.npy", np.asarray(matrix, dtype=np.float64))
+    if image_paths is not None:
+        (root / "images.txt").write_text("".join(f"{p}\n" for p in image_paths))
+
+
+# ---------------------------------------------------------------------------------------------------
 # The demo's data set (its world: world.py)
 # ---------------------------------------------------------------------------------------------------
 
@@ -188,6 +227,20 @@ def write_probe_set(root, scenes, size):
     np.save(root / "reference_distance.npy", reference)
 
 
+def _piece(folder, settings, build):
+    """Build one piece of a data set in `folder` unless its `done` file records the same settings; a
+    piece made with other settings, or cut short (no `done`), is made again from scratch."""
+    wanted = json.dumps(settings, sort_keys=True)
+    done = folder / "done"
+    if done.exists() and done.read_text() == wanted:
+        print(f"{folder}: exists, reused")
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    build(folder)
+    done.write_text(wanted)
+
+
 def make_demo_data(root, seed=0, size=64, triplets=6000, pairs=3000, per_class=40, retrieval=200, probe=200):
     """Write the demo's whole data set under root, each piece with the writer of its real format:
       root/nights/                  NIGHTS layout (data.csv, ref/, distort/)   <- write_nights
@@ -201,18 +254,7 @@ def make_demo_data(root, seed=0, size=64, triplets=6000, pairs=3000, per_class=4
     with other settings, or cut short, is made again."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-
-    def piece(name, settings, build):
-        folder, wanted = root / name, json.dumps({"seed": seed, "size": size, **settings}, sort_keys=True)
-        done = folder / "done"
-        if done.exists() and done.read_text() == wanted:
-            print(f"{folder}: exists, reused")
-            return
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        build(folder)
-        done.write_text(wanted)
-
+    piece = lambda name, settings, build: _piece(root / name, {"seed": seed, "size": size, **settings}, build)
     piece("nights", {"triplets": triplets}, lambda folder: write_nights(
         folder, progress(demo_triplets(triplets, seed, size), total=triplets, desc="demo NIGHTS triplets")))
     piece("shards", {"pairs": pairs}, lambda folder: write_shards(
@@ -233,6 +275,112 @@ def make_demo_data(root, seed=0, size=64, triplets=6000, pairs=3000, per_class=4
     return root
 
 
+# The studies' simulated brain areas. An fMRI RDM is a dissimilarity between the response patterns a
+# brain area gives two images, measured with noise. The demo has no brain; it has two areas whose
+# dissimilarity is, by construction, what their names claim:
+#   early  a low-level, retinotopic area (as V1): the Euclidean distance between the two images'
+#          colours averaged over a 16 x 16 grid of blocks (4 x 4 pixels at 64 px), so it sees where
+#          colour is in the image, not what the object is;
+#   late   a high-level area (as object-selective cortex): the observers' perceptual distance
+#          (world.perceptual_distance), which weighs what the object is and its colour a lot and where
+#          it sits little;
+# each plus measurement noise: a symmetric Gaussian per pair of images, its sd AREA_NOISE times the
+# sd of that area's noise-free dissimilarities (the same relative noise for both areas).
+AREAS = ("early", "late")
+AREA_NOISE = 0.5
+AREA_GRID = 16
+
+
+def early_area_distance(images):
+    """N images -> (N, N) Euclidean distance of their block-averaged RGB (AREA_GRID x AREA_GRID blocks)."""
+    pixels = np.stack([np.asarray(im.convert("RGB"), dtype=np.float64) / 255 for im in images])  # (N, H, W, 3)
+    n, height, width, _ = pixels.shape
+    by, bx = height // AREA_GRID, width // AREA_GRID
+    pooled = pixels[:, :by * AREA_GRID, :bx * AREA_GRID].reshape(n, AREA_GRID, by, AREA_GRID, bx, 3).mean((2, 4)).reshape(n, -1)
+    squared = (pooled ** 2).sum(1)
+    return np.sqrt(np.maximum(squared[:, None] + squared[None] - 2 * pooled @ pooled.T, 0)) * (1 - np.eye(n))
+
+
+def late_area_distance(scenes):
+    """N scenes -> (N, N) observers' perceptual distance (world.perceptual_distance, mean weights)."""
+    n = len(scenes)
+    distance = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            distance[i, j] = distance[j, i] = perceptual_distance(scenes[i], scenes[j])
+    return distance
+
+
+def measured(rdm, rng, noise=AREA_NOISE):
+    """`rdm` as a noisy measurement sees it: + symmetric Gaussian noise (sd = noise x the sd of the
+    off-diagonal entries), zero diagonal."""
+    n = len(rdm)
+    upper = np.triu(rng.normal(0, noise * rdm[np.triu_indices(n, 1)].std(), (n, n)), 1)
+    return rdm + upper + upper.T
+
+
+def _ranks(values):
+    """Ranks with ties averaged (as scipy.stats.rankdata)."""
+    order = values.argsort(kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values))
+    _, inverse = np.unique(values, return_inverse=True)
+    return (np.bincount(inverse, ranks) / np.bincount(inverse))[inverse]
+
+
+def rdm_spearman(a, b):
+    """Spearman correlation of the upper triangles of two N x N matrices."""
+    upper = np.triu_indices(len(a), 1)
+    return float(np.corrcoef(_ranks(a[upper]), _ranks(b[upper]))[0, 1])
+
+
+def write_stimuli(root, unique_ids, scenes, size, seed, trials=None):
+    """One stimulus set: images/<id>.png and images.txt (in unique_id order), both areas' measured RDMs
+    (rdms/early.npy, rdms/late.npy), and with `trials` THINGS' files for the same images. areas.json
+    says what each area's RDM is: its Spearman correlation with the noise-free pixel distance and with
+    the observers' distance, and with the other area."""
+    images = [render_scene(scene, size) for scene in scenes]
+    if trials is not None:
+        write_things(root, unique_ids, images, trials)
+    else:
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        for unique_id, image in zip(unique_ids, images):
+            image.save(root / "images" / f"{unique_id}.png")
+    (root / "scenes.jsonl").write_text("".join(json.dumps(s, sort_keys=True) + "\n" for s in scenes))
+    truth = {"early": early_area_distance(images), "late": late_area_distance(scenes)}
+    rdms = {name: measured(truth[name], np.random.default_rng([seed, k])) for k, name in enumerate(AREAS)}
+    paths = [f"images/{u}.png" for u in unique_ids]
+    for name, rdm in rdms.items():
+        write_rdm(root, name, rdm, paths)
+    report = {name: {"spearman_with_pixel_distance": rdm_spearman(rdm, truth["early"]),
+                     "spearman_with_observer_distance": rdm_spearman(rdm, truth["late"])} for name, rdm in rdms.items()}
+    report["early_vs_late"] = rdm_spearman(rdms["early"], rdms["late"])
+    (root / "areas.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
+def make_study_data(root, seed=0, size=64, concepts=400, trials=(1500, 300, 600), heldout=200):
+    """The studies' stimuli beside the demo's data (make_demo_data), each piece reused like its pieces:
+      root/stimuli/        `concepts` images, one per concept; THINGS-data's files with odd-one-out
+                           trials (trainset, validationset, testset1 counts from `trials`) judged by the
+                           demo's observers; images.txt and rdms/{early,late}.npy over the same images
+      root/stimuli_test/   `heldout` other scenes with their own area RDMs: where the final towers'
+                           RSA with each area is scored, on images no stage-1 source trained on"""
+    root = Path(root)
+
+    def stimuli(folder):
+        unique_ids, scenes = demo_concepts(concepts, seed)
+        write_stimuli(folder, unique_ids, scenes, size, seed,
+                      trials=demo_odd_one_out(scenes, dict(zip(THINGS_SPLITS, trials)), seed))
+
+    def stimuli_test(folder):
+        unique_ids, scenes = demo_concepts(heldout, seed, stream="heldout")
+        write_stimuli(folder, unique_ids, scenes, size, seed + 1)
+
+    _piece(root / "stimuli", {"seed": seed, "size": size, "concepts": concepts, "trials": list(trials)}, stimuli)
+    _piece(root / "stimuli_test", {"seed": seed, "size": size, "heldout": heldout}, stimuli_test)
+    return root
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Write the embedded demo's data set (NIGHTS triplets, image-text shards, zero-shot tasks), "
@@ -246,11 +394,15 @@ def main(argv=None):
     parser.add_argument("--per-class", type=int, default=40, help="test images per class in each classification task")
     parser.add_argument("--retrieval", type=int, default=200, help="scenes in the retrieval task (5 captions each)")
     parser.add_argument("--probe", type=int, default=200, help="scenes in the probes' image set (with observer distances)")
+    parser.add_argument("--studies", action="store_true",
+                        help="also the studies' stimuli: THINGS-format odd-one-out trials and the early / late area RDMs")
     args = parser.parse_args(argv)
     if args.nights:
         print(make_nights(args.nights, args.triplets, args.seed, args.size))
     else:
         make_demo_data(args.out, args.seed, args.size, args.triplets, args.pairs, args.per_class, args.retrieval, args.probe)
+        if args.studies:
+            make_study_data(args.out, args.seed, args.size)
 
 
 if __name__ == "__main__":

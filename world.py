@@ -1,9 +1,11 @@
 """The demo world: generated scenes whose perceptual structure is known by construction.
 
-Used by make_data.py to make the embedded demo's data in the kit's three real formats (DEMO.md):
+Used by make_data.py to make the embedded demo's data in the kit's real formats (docs/demo.md):
   demo_triplets   NIGHTS-style triplets (a scene and two variations) judged by simulated observers
   demo_pairs      captioned scenes for image-text shards
   demo_tasks      zero-shot tasks: shape, colour, size, position, count, retrieval, real MNIST digits
+  demo_concepts   one scene per "concept", and odd-one-out trials on them judged by the same observers
+                  (THINGS-style, for `python demo.py --study sources`)
 Why a file of its own: make_data.py holds the writers of the real formats; this file holds only the
 world they are fed from (what a scene is, how it looks, how observers judge it, how it is described),
 which is long enough to read on its own. It imports nothing of the kit.
@@ -18,7 +20,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 # A world of generated scenes whose perceptual structure is known by construction, so that the
-# paper's whole experiment runs in miniature on a CPU (DEMO.md): stage-1 triplets judged by simulated
+# paper's whole experiment runs in miniature on a CPU (docs/demo.md): stage-1 triplets judged by simulated
 # observers, stage-2 captioned scenes and zero-shot tasks, each written by the writer of its real
 # format above, so the demo's data goes through exactly the loaders real data goes through.
 #
@@ -52,7 +54,7 @@ IMAGENET_HALF = frozenset(SHAPES[::2] + DIGITS[::2])
 
 # How much a change of each attribute moves a scene perceptually: what the object is and its colour
 # matter a lot, an object appearing or vanishing most, where it sits and how big it is little. This is
-# the demo's assumption about people (DEMO.md), not a measurement; its point is that it differs from
+# the demo's assumption about people (docs/demo.md), not a measurement; its point is that it differs from
 # pixel distance, which a moved or resized object changes a lot. Colour and position gaps are graded
 # (red is nearer orange than blue), the rest all-or-nothing.
 PERCEPTUAL_WEIGHTS = {
@@ -178,6 +180,53 @@ def observer_votes(ref, left, right, observers, rng):
     if len(set(said_right)) == 1:
         said_right += [judge(o) for o in panel[3:3 + rng.randint(3, 7)]]
     return len(said_right) - sum(said_right), sum(said_right)
+
+
+def odd_one_out(scenes, observer, rng):
+    """Which of three scenes `observer` calls the odd one out (0, 1 or 2), as THINGS' participants did:
+    the item outside the pair that looks most alike to them. Each of the three pair distances is seen
+    with the observer's own noise, as in observer_votes."""
+    pairs = ((0, 1), (1, 2), (0, 2))
+    seen = [perceptual_distance(scenes[a], scenes[b], observer["weights"]) + rng.gauss(0, observer["noise"])
+            for a, b in pairs]
+    closest = pairs[min(range(3), key=seen.__getitem__)]
+    return 3 - sum(closest)
+
+
+def concept_name(scene, taken):
+    """A THINGS-style unique id for a scene, from its first object ("red_star", "blue_digit7"); a
+    repeated name gets a number, as THINGS numbers its homonyms ("bat1", "bat2")."""
+    obj = scene["objects"][0]
+    base = f"{obj['colour']}_{'digit' + obj['shape'] if obj['shape'] in DIGITS else obj['shape']}"
+    taken[base] = taken.get(base, 0) + 1
+    return base if taken[base] == 1 else f"{base}{taken[base]}"
+
+
+def demo_concepts(n, seed=0, stream="concepts"):
+    """n scenes of their own random stream, one image per "concept" as in the THINGS odd-one-out task,
+    with their unique ids in generation order (which is not alphabetical, as THINGS' is not). Another
+    `stream` gives other scenes (the held-out stimuli of the studies' RSA)."""
+    rng = random.Random(f"{stream}-{seed}")
+    scenes, taken = [sample_scene(rng) for _ in range(n)], {}
+    return [concept_name(s, taken) for s in scenes], scenes
+
+
+def demo_odd_one_out(scenes, counts, seed=0):
+    """Odd-one-out trials on `scenes` -> {split: [(i, j, odd), ...]} with `counts[split]` trials each:
+    three distinct concepts drawn at random (as THINGS drew its triplets), judged by one observer of
+    the same pool that votes on the NIGHTS-style triplets (make_observers on demo_triplets' stream),
+    the odd one written LAST as THINGS-data's triplet files do."""
+    observers = make_observers(random.Random(f"nights-{seed}"))
+    rng = random.Random(f"oddoneout-{seed}")
+    trials = {}
+    for split, count in counts.items():
+        trials[split] = []
+        for _ in range(count):
+            chosen = rng.sample(range(len(scenes)), 3)
+            odd = odd_one_out([scenes[c] for c in chosen], rng.choice(observers), rng)
+            pair = [c for k, c in enumerate(chosen) if k != odd]
+            trials[split].append((*pair, chosen[odd]))
+    return trials
 
 
 # Rendering: shapes are drawn as masks at 4x the output size and downsampled, for smooth edges.
