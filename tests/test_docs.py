@@ -15,6 +15,7 @@ Everything is read with `ast` and regular expressions: no kit module is imported
 well under a second.
 """
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def code_texts(text):
     return texts
 
 
+@functools.lru_cache(maxsize=None)
 def _module_flags(path):
     """(flags, is_config_script) of one kit script, read from its source."""
     tree = ast.parse(path.read_text())
@@ -68,6 +70,7 @@ def _module_flags(path):
     return flags, config_script
 
 
+@functools.lru_cache(maxsize=None)
 def script_flags(script):
     """Flags `python SCRIPT` accepts: its own, and those of the kit modules it imports (evaluate.py
     hands `--probe` to probes.py's parser)."""
