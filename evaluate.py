@@ -29,7 +29,7 @@ from common import autocast, default_precision, ignore_stop_signals, run_cli, us
 from data import BenchmarkTask, ImageFolderTask, image_transform, imagenet_classnames_and_templates, tokenize
 from checkpoints import load_checkpoint
 from model import nights_distances
-from nights import model_input
+from triplets import model_input
 from progress import progress as progress_bar
 
 
@@ -46,8 +46,8 @@ def two_afc_score(d0, d1, p):
 
 @torch.no_grad()
 def evaluate_nights(model, dataset, device, batch_size=64, precision="fp32", workers=0):
-    """Mean 2AFC score of a CLIP's image embeddings on a nights.NightsDataset (0.5 = chance, 1 = agrees
-    with every observer)."""
+    """Mean 2AFC score of a CLIP's image embeddings on a stage-1 split (nights.NightsDataset or any
+    triplets.TripletDataset), triplet by triplet (0.5 = chance, 1 = agrees with every observer)."""
     # Workers leave SIGTERM / SIGINT to the main process (a trainer evaluating stops after it).
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, worker_init_fn=ignore_stop_signals)
     was_training = model.training
@@ -62,6 +62,62 @@ def evaluate_nights(model, dataset, device, batch_size=64, precision="fp32", wor
         count += len(p)
     model.train(was_training)
     return total / max(count, 1)
+
+
+# ---- Any stage-1 source (triplets.TripletDataset) ----
+# Sources whose rows share images (THINGS: 1,854 concepts in 4.7M trials; an RDM's N images) are scored
+# by embedding each image once: the same distances as evaluate_nights computes triplet by triplet
+# (tests/test_alignment.py checks the two agree), thousands of times fewer forwards.
+
+
+@torch.no_grad()
+def embed_images(model, dataset, device, batch_size=256, precision="fp32"):
+    """Every image of a TripletDataset (dataset.images, from its cache) -> (M, E) float32 unit vectors."""
+    was_training = model.training
+    model.eval()
+    features = []
+    for start in progress_bar(range(0, len(dataset.images), batch_size), desc=f"embed {dataset.split}", leave=False):
+        batch = torch.stack([dataset.image(k) for k in range(start, min(start + batch_size, len(dataset.images)))])
+        with autocast(device, precision):
+            x = model.visual(model_input(batch, device))
+        features.append(F.normalize(x.float(), dim=-1).cpu())
+    model.train(was_training)
+    return torch.cat(features) if features else torch.zeros(0, 0)
+
+
+def two_afc_from_embeddings(features, rows, p):
+    """Mean 2AFC score of rows (N, 3) = (ref, left, right) image indices into unit vectors features (M, E)."""
+    ref, left, right = (features[rows[:, c]] for c in range(3))
+    d0, d1 = 1 - (ref * left).sum(-1), 1 - (ref * right).sum(-1)
+    return two_afc_score(d0, d1, p).mean().item()
+
+
+def evaluate_triplets(model, dataset, device, batch_size=64, precision="fp32", workers=0):
+    """Mean 2AFC score on any stage-1 split: triplet by triplet (evaluate_nights) when each row has its
+    own images (NIGHTS, BAPPS), else from one embedding per image."""
+    if len(dataset.images) >= 3 * len(dataset):
+        return evaluate_nights(model, dataset, device, batch_size, precision, workers)
+    return two_afc_from_embeddings(embed_images(model, dataset, device, batch_size, precision), dataset.rows, dataset.p)
+
+
+def odd_one_out_choice(features, trials):
+    """trials (T, 3) of image indices -> (T,) the column the model picks as the odd one out: the item
+    outside the most similar pair (Hebart et al. 2020/2023; the same rule as cblearn's and gLocal's)."""
+    a, b, c = (features[trials[:, k]] for k in range(3))
+    pair_similarity = torch.stack([(b * c).sum(-1), (a * c).sum(-1), (a * b).sum(-1)], 1)  # column k: the pair without k
+    return pair_similarity.argmax(1)
+
+
+def odd_one_out_accuracy(model, dataset, device, batch_size=256, precision="fp32", features=None):
+    """THINGS split -> {"accuracy": share of trials whose odd one (the LAST column) the model picks,
+    chance 1/3; "ceiling_normalised": (accuracy - 1/3) / (0.6767 - 1/3), 1 = as good as the between-
+    subject noise ceiling (brain-score's hebart2023 normalisation)}."""
+    from triplet_sources import THINGS_CEILING, served_trials  # the readers import nights, not this file
+    trials = torch.as_tensor(served_trials(dataset))
+    if features is None:
+        features = embed_images(model, dataset, device, batch_size, precision)
+    accuracy = (odd_one_out_choice(features, trials) == 2).double().mean().item() if len(trials) else float("nan")
+    return {"accuracy": accuracy, "ceiling_normalised": (accuracy - 1 / 3) / (THINGS_CEILING - 1 / 3)}
 
 
 # ---------------------------------------------------------------------------------------------------
