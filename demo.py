@@ -3,6 +3,8 @@
   python demo.py                      # one seed, four arms, probes: ~9 minutes on 2 CPU cores (measured ~520 s)
   python demo.py --seeds 0,1,2        # mean and spread over seeds, wins, and a verdict per comparison
   python demo.py --quick              # the smallest end-to-end run (a few minutes; what the tests run)
+  python demo.py --study efficiency   # follow-up studies (demo_studies.py): how many triplets PI needs,
+  python demo.py --study sources      # and whether odd-one-out trials or "brain area" RDMs do as well as votes
 
 It runs the same scripts a GPU user runs, pointed at a generated world (world.py, written by make_data.py):
   1. data      make_data.make_demo_data: NIGHTS-format triplets judged by simulated observers,
@@ -168,11 +170,19 @@ def main(argv=None):
     parser.add_argument("--no-control", action="store_true",
                         help="skip the two control arms: the shuffled-vote stage 1 and its stage 2, and the post-hoc "
                              "tuning (saves ~2.5 minutes a seed on 2 idle cores, estimated from the step times)")
+    parser.add_argument("--study", choices=("efficiency", "sources"), default=None,
+                        help="run a follow-up study instead of the demo (demo_studies.py): efficiency = PI from 10-100%% "
+                             "of the triplets; sources = votes vs odd-one-out vs early / late area RDMs; "
+                             "output in OUT/studies/<study>")
     args = parser.parse_args(argv)
     plan = PLANS["quick" if args.quick else "full"]
     suffix = "_quick" if args.quick else ""
     out, data_root = Path(args.out or f"runs/demo{suffix}"), Path(args.data or f"data/demo{suffix}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if args.study:
+        import demo_studies  # imports this module back for the steps and plans
+        return demo_studies.main(args.study, seeds, args.quick, out / "studies" / args.study, data_root,
+                                 argv if argv is not None else sys.argv[1:])
     start = time.time()
 
     print(f"== data: {data_root}", flush=True)

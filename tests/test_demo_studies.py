@@ -13,15 +13,28 @@ What is proved:
   barely the observers' distance, the late area's the other way round; each is square, symmetric,
   finite, zero on the diagonal, with one image per row listed in images.txt; the rank correlation
   that says so equals scipy's;
+- the studies' data passes the readers a user's real data goes through (triplet_sources.open_splits,
+  as train_triplet.py calls it): THINGS gives two rows per trial, the odd one always the farther
+  side, over images/<unique_id>.png in unique_id order; the RDM reader's rows follow the written RDM
+  (the side with the smaller dissimilarity is the closer one) over images.txt's images;
+- `python demo.py --study efficiency --quick` and `--study sources --quick` run every arm through the
+  real scripts: nested fractions train on growing counts up to the whole split, every source of the
+  sources study on the same matched budget, each stage 1 on the data_format and data it names;
+  results.md names every arm, summary.json holds every score of every arm, the plots are written; a
+  rerun retrains and rescores nothing.
 """
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.stats
 from PIL import Image
 
+import demo
+import demo_studies
 import make_data as M
+import triplet_sources
 import world
 
 QUICK_STIMULI = dict(concepts=40, trials=(60, 30, 60), heldout=30)
@@ -98,3 +111,100 @@ def test_areas_are_what_their_names_claim(stimuli, folder):
     assert rho(rdms["early"], pixel) < 0.99 and rho(rdms["late"], observers) < 0.99
     areas = json.loads((root / "areas.json").read_text())
     assert areas["early"]["spearman_with_pixel_distance"] == pytest.approx(rho(rdms["early"], pixel))
+
+
+@pytest.fixture(scope="module")
+def quick_studies(tmp_path_factory):
+    """Both studies' --quick runs on one shared data folder, as a user runs them."""
+    root = tmp_path_factory.mktemp("study_runs")
+    out, data_root = root / "runs", root / "data"
+    for study in demo_studies.STUDIES:
+        demo.main(["--study", study, "--quick", "--out", str(out), "--data", str(data_root)])
+    return out / "studies", data_root
+
+
+def test_study_data_passes_the_readers_users_run(quick_studies):
+    _, data_root = quick_studies
+    stimuli = data_root / "stimuli"
+    unique_ids = (stimuli / "unique_id.txt").read_text().split()
+    things = triplet_sources.open_splits("things", stimuli, 32)
+    trials = np.loadtxt(stimuli / "triplet_dataset" / "trainset.txt", dtype=int)
+    train = things["train"]
+    assert [Path(p).name for p in train.images] == [f"{u}.png" for u in unique_ids]
+    assert len(train) == 2 * len(trials)
+    rows, p = np.asarray(train.rows), np.asarray(train.p)
+    i, j, odd = trials.T
+    assert np.array_equal(rows[0::2], np.stack([i, j, odd], 1)) and np.array_equal(rows[1::2], np.stack([j, i, odd], 1))
+    assert not p.any()  # the odd one (right) is never the closer side
+    for area in M.AREAS:
+        rdm = np.load(stimuli / "rdms" / f"{area}.npy")
+        split = triplet_sources.open_splits("rdm", stimuli, 32, rdm=area)["train"]
+        assert [Path(x).name for x in split.images] == [f"{u}.png" for u in unique_ids]  # images.txt order
+        rows, p = np.asarray(split.rows), np.asarray(split.p)
+        ref, left, right = rows.T
+        assert len(rows) >= demo_studies.STUDY_PLANS["quick"]["budget"]
+        assert np.array_equal(p == 1, rdm[ref, right] < rdm[ref, left])
+
+
+def _summary(quick_studies, study):
+    out, _ = quick_studies
+    return json.loads((out / study / "summary.json").read_text()), (out / study / "results.md").read_text()
+
+
+def _stage1_config(quick_studies, study, folder):
+    out, _ = quick_studies
+    header = json.loads((out / study / "seed0" / f"stage1_{folder}" / "metrics.jsonl").read_text().splitlines()[0])
+    return header["config"]
+
+
+@pytest.mark.parametrize("study", demo_studies.STUDIES)
+def test_study_reports_every_arm(quick_studies, study):
+    summary, results = _summary(quick_studies, study)
+    arms = list(demo_studies.ARMS[study])
+    assert summary["arms"] == arms and summary["seeds"] == [0]
+    assert "| task | " + " | ".join(arms) + " |" in results
+    seed = summary["per_seed"]["0"]
+    tasks = json.loads((quick_studies[0] / study / "seed0" / "results.json").read_text())
+    assert set(seed["zero_shot"]) == set(arms) and all(len(seed["zero_shot"][a]) == 7 for a in arms)
+    assert len(tasks) == 7 * len(arms)
+    for tower in ("final", "stage1"):  # stage1's baseline: the untrained network
+        assert set(seed[tower]) == set(arms)
+        for scores in seed[tower].values():
+            assert 0 <= scores["2afc"] <= 1 and 0 <= scores["odd_one_out"] <= 1
+            assert -1 <= scores["rsa_early"] <= 1 and -1 <= scores["rsa_late"] <= 1
+    assert (quick_studies[0] / study / f"{study}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_efficiency_trains_on_nested_fractions_up_to_the_whole_split(quick_studies):
+    summary, _ = _summary(quick_studies, "efficiency")
+    counts = summary["per_seed"]["0"]["n_triplets"]
+    whole = len(triplet_sources.open_splits("nights", quick_studies[1] / "nights", 32)["train"])
+    assert counts["10%"] < counts["25%"] < counts["50%"] < counts["100%"] == whole and counts["baseline"] == 0
+    for arm, folder in demo_studies.ARMS["efficiency"].items():
+        if arm != "baseline":
+            config = _stage1_config(quick_studies, "efficiency", folder)
+            assert (config["data_format"], config["triplet_fraction"]) == ("nights", demo_studies.FRACTIONS[arm])
+
+
+def test_sources_train_every_signal_on_the_same_budget(quick_studies):
+    summary, results = _summary(quick_studies, "sources")
+    budget = demo_studies.STUDY_PLANS["quick"]["budget"]
+    counts = summary["per_seed"]["0"]["n_triplets"]
+    assert {a: c for a, c in counts.items() if a != "baseline"} == {a: budget for a in counts if a != "baseline"}
+    expected = {"votes": ("nights", "nights", ""), "shuffled": ("nights", "nights", ""), "odd-one-out": ("things", "stimuli", ""),
+                "early": ("rdm", "stimuli", "early"), "late": ("rdm", "stimuli", "late")}
+    for arm, (data_format, folder, rdm) in expected.items():
+        config = _stage1_config(quick_studies, "sources", demo_studies.ARMS["sources"][arm])
+        assert (config["data_format"], Path(config["data_root"]).name, config["rdm"]) == (data_format, folder, rdm)
+        assert config["max_triplets"] == budget and config["shuffle_labels"] == (arm == "shuffled")
+    assert "| early | " in results and "| late | " in results  # what each area is
+
+
+def test_a_rerun_reuses_every_run(quick_studies, capsys):
+    out, data_root = quick_studies
+    before = {p: p.stat().st_mtime for p in (out / "sources" / "seed0").rglob("*") if p.is_file()}
+    demo.main(["--study", "sources", "--quick", "--out", str(out.parent), "--data", str(data_root)])
+    steps = [line for line in capsys.readouterr().out.splitlines() if line.startswith("== sources, seed 0")]
+    assert len(steps) == 2 * 6 - 1 + 2 and all("finished earlier" in line for line in steps)  # runs, evaluate, alignment
+    after = {p: p.stat().st_mtime for p in (out / "sources" / "seed0").rglob("*") if p.is_file()}
+    assert after == before

@@ -42,6 +42,15 @@ def anchors(page):
     return found
 
 
+def expand_braces(pattern):
+    """configs/nights_{5,10}pct.yaml -> [configs/nights_5pct.yaml, configs/nights_10pct.yaml]."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if not match:
+        return [pattern]
+    return [name for option in match.group(1).split(",")
+            for name in expand_braces(pattern[:match.start()] + option + pattern[match.end():])]
+
+
 def code_texts(text):
     """What pages write as code: fenced blocks' lines, indented blocks' lines, inline code spans."""
     texts = []
@@ -143,9 +152,9 @@ def test_links_point_at_files_and_headings_that_exist(page):
 def test_named_kit_files_exist(page):
     text = page.read_text()
     folders = "|".join(re.escape(f) for f in KIT_FOLDERS)
-    named = set(re.findall(rf"(?<![\w./~-])((?:{folders})/[\w.*/-]*[\w*])", text))
+    named = set(re.findall(rf"(?<![\w./~-])((?:{folders})/[\w.*/{{}},-]*[\w*}}])", text))
     named |= set(re.findall(r"(?<![\w./~-])([A-Za-z_]\w*\.py)\b", text))
-    missing = [name for name in sorted(named) if not list(ROOT.glob(name))]
+    missing = [name for pattern in sorted(named) for name in expand_braces(pattern) if not list(ROOT.glob(name))]
     assert not missing, f"{page_id(page)} names files that do not exist: {missing}"
 
 
