@@ -80,6 +80,9 @@ def run_step(title, command, done_file):
     if result.returncode != 0:
         raise SystemExit(f"demo: {title} failed (exit code {result.returncode}); command:\n  {' '.join(command)}\n"
                          "Rerun demo.py to resume where it stopped.")
+    if not done_file.exists():  # a trainer stopped by SIGTERM saves and exits 0 before it has finished
+        raise SystemExit(f"demo: {title} stopped before it finished ({done_file} was not written); "
+                         "rerun demo.py to resume where it stopped.")
     return time.time() - start
 
 

@@ -208,3 +208,12 @@ def test_a_rerun_reuses_every_run(quick_studies, capsys):
     assert len(steps) == 2 * 6 - 1 + 2 and all("finished earlier" in line for line in steps)  # runs, evaluate, alignment
     after = {p: p.stat().st_mtime for p in (out / "sources" / "seed0").rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_a_step_that_exits_0_unfinished_stops_the_demo(tmp_path):
+    """A trainer stopped by SIGTERM saves a checkpoint and exits 0 before it has finished: the demo and
+    the studies (demo.run_step) must stop there, not train the next stage from a half-trained tower."""
+    with pytest.raises(SystemExit, match="stopped before it finished"):
+        demo.run_step("a step", ["-c", "pass"], tmp_path / "summary.json")
+    (tmp_path / "summary.json").write_text("{}")
+    assert demo.run_step("a step", ["-c", "pass"], tmp_path / "summary.json") == 0.0  # finished earlier: reused
