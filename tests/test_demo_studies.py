@@ -17,11 +17,12 @@ What is proved:
   as train_triplet.py calls it): THINGS gives two rows per trial, the odd one always the farther
   side, over images/<unique_id>.png in unique_id order; the RDM reader's rows follow the written RDM
   (the side with the smaller dissimilarity is the closer one) over images.txt's images;
-- `python demo.py --study efficiency --quick` and `--study sources --quick` run every arm through the
-  real scripts: nested fractions train on growing counts up to the whole split, every source of the
-  sources study on the same matched budget, each stage 1 on the data_format and data it names;
-  results.md names every arm, summary.json holds every score of every arm, the plots are written; a
-  rerun retrains and rescores nothing.
+- every arm's stage-1 command (quick and full) is one train_triplet.py's typed config accepts, and
+  trains on the data format, data, fraction or matched budget the arm names;
+- `python demo.py --study efficiency --quick` and `--study sources --quick` run through the real
+  scripts (on a subset of arms, one per code path, for CI's time): the fraction and the budget reach
+  the trainer, summary.json holds every score of every arm run, results.md and the plot are written;
+  a rerun retrains and rescores nothing; the report and the plot name every arm of each study.
 """
 import json
 from pathlib import Path
@@ -113,13 +114,22 @@ def test_areas_are_what_their_names_claim(stimuli, folder):
     assert areas["early"]["spearman_with_pixel_distance"] == pytest.approx(rho(rdms["early"], pixel))
 
 
+# The end-to-end runs take a subset of each study's arms, one per code path (CI's time: every arm would
+# double it): efficiency a fraction and the baseline; sources a THINGS source, an RDM source and the
+# baseline. Every arm's stage-1 command is checked without running it (test_every_arm_...), and the
+# report and plot with every arm on synthetic numbers.
+RUN_ARMS = {"efficiency": ("10%", "baseline"), "sources": ("odd-one-out", "late", "baseline")}
+
+
 @pytest.fixture(scope="module")
 def quick_studies(tmp_path_factory):
-    """Both studies' --quick runs on one shared data folder, as a user runs them."""
+    """Both studies' --quick runs on one shared data folder, as a user runs them (on RUN_ARMS)."""
     root = tmp_path_factory.mktemp("study_runs")
     out, data_root = root / "runs", root / "data"
-    for study in demo_studies.STUDIES:
-        demo.main(["--study", study, "--quick", "--out", str(out), "--data", str(data_root)])
+    with pytest.MonkeyPatch.context() as patch:
+        for study in demo_studies.STUDIES:
+            patch.setitem(demo_studies.ARMS, study, {a: demo_studies.ARMS[study][a] for a in RUN_ARMS[study]})
+            demo.main(["--study", study, "--quick", "--out", str(out), "--data", str(data_root)])
     return out / "studies", data_root
 
 
@@ -146,6 +156,52 @@ def test_study_data_passes_the_readers_users_run(quick_studies):
         assert np.array_equal(p == 1, rdm[ref, right] < rdm[ref, left])
 
 
+@pytest.mark.parametrize("study", demo_studies.STUDIES)
+@pytest.mark.parametrize("size", ["quick", "full"])
+def test_every_arm_trains_on_the_source_it_names(study, size, tmp_path):
+    """Each arm's stage-1 command, as train_triplet.py parses it (its typed config: an unknown key or a
+    bad value is an error): the data format, data and amount each arm claims."""
+    import common
+    import train_triplet
+    data_root = tmp_path / "data"
+    budget = demo_studies.STUDY_PLANS[size]["budget"]
+    for arm in demo_studies.ARMS[study]:
+        command = demo_studies.stage1_command(study, arm, 0, demo.PLANS[size], demo_studies.STUDY_PLANS[size], data_root)
+        if arm == "baseline":
+            assert command is None
+            continue
+        assert command[:2] == ["train_triplet.py", "configs/demo_nights.yaml"]
+        config = common.load_config(train_triplet.Config, command[1:])
+        got = (config.data_format, Path(config.data_root).name, config.rdm, config.shuffle_labels)
+        if study == "efficiency":
+            assert got == ("nights", "nights", "", False) and config.max_triplets == 0
+            assert config.triplet_fraction == demo_studies.FRACTIONS[arm]
+        else:
+            expected = {"votes": ("nights", "nights", "", False), "shuffled": ("nights", "nights", "", True),
+                        "odd-one-out": ("things", "stimuli", "", False), "early": ("rdm", "stimuli", "early", False),
+                        "late": ("rdm", "stimuli", "late", False)}[arm]
+            assert got == expected and config.max_triplets == budget and config.triplet_fraction == 1.0
+
+
+@pytest.mark.parametrize("study", demo_studies.STUDIES)
+def test_report_and_plot_name_every_arm(study, tmp_path):
+    tasks = ("demo_shape", "demo_retrieval")
+    rng = np.random.default_rng(0)
+    per_seed = {seed: {"zero_shot": {a: {t: rng.random() for t in tasks} for a in demo_studies.ARMS[study]},
+                       "final": {a: {k: rng.random() for k in demo_studies.ALIGNMENT} for a in demo_studies.ARMS[study]},
+                       "stage1": {a: {k: rng.random() for k in demo_studies.ALIGNMENT} for a in demo_studies.ARMS[study]},
+                       "n_triplets": {a: 10 * (k + 1) for k, a in enumerate(demo_studies.ARMS[study])}} for seed in (0, 1, 2)}
+    areas = {a: {"spearman_with_pixel_distance": 0.5, "spearman_with_observer_distance": 0.5} for a in M.AREAS}
+    table = demo_studies.report(study, per_seed, areas)
+    assert "| task | " + " | ".join(demo_studies.ARMS[study]) + " |" in table
+    for arm in demo_studies.ARMS[study]:
+        assert f"\n| {arm} | " in table  # a row of the final towers' alignment table
+        if arm != "baseline":
+            assert f"{arm} - baseline" in table and f"- {arm} vs baseline:" in table
+    png = demo_studies.plot(study, per_seed, tmp_path / f"{study}.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def _summary(quick_studies, study):
     out, _ = quick_studies
     return json.loads((out / study / "summary.json").read_text()), (out / study / "results.md").read_text()
@@ -158,15 +214,15 @@ def _stage1_config(quick_studies, study, folder):
 
 
 @pytest.mark.parametrize("study", demo_studies.STUDIES)
-def test_study_reports_every_arm(quick_studies, study):
+def test_study_runs_and_reports_its_arms(quick_studies, study):
     summary, results = _summary(quick_studies, study)
-    arms = list(demo_studies.ARMS[study])
+    arms = list(RUN_ARMS[study])
     assert summary["arms"] == arms and summary["seeds"] == [0]
     assert "| task | " + " | ".join(arms) + " |" in results
     seed = summary["per_seed"]["0"]
-    tasks = json.loads((quick_studies[0] / study / "seed0" / "results.json").read_text())
+    records = json.loads((quick_studies[0] / study / "seed0" / "results.json").read_text())
     assert set(seed["zero_shot"]) == set(arms) and all(len(seed["zero_shot"][a]) == 7 for a in arms)
-    assert len(tasks) == 7 * len(arms)
+    assert len(records) == 7 * len(arms)
     for tower in ("final", "stage1"):  # stage1's baseline: the untrained network
         assert set(seed[tower]) == set(arms)
         for scores in seed[tower].values():
@@ -175,37 +231,27 @@ def test_study_reports_every_arm(quick_studies, study):
     assert (quick_studies[0] / study / f"{study}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_efficiency_trains_on_nested_fractions_up_to_the_whole_split(quick_studies):
+def test_fractions_and_budgets_reach_the_trainer(quick_studies):
+    import triplets
     summary, _ = _summary(quick_studies, "efficiency")
-    counts = summary["per_seed"]["0"]["n_triplets"]
     whole = len(triplet_sources.open_splits("nights", quick_studies[1] / "nights", 32)["train"])
-    assert counts["10%"] < counts["25%"] < counts["50%"] < counts["100%"] == whole and counts["baseline"] == 0
-    for arm, folder in demo_studies.ARMS["efficiency"].items():
-        if arm != "baseline":
-            config = _stage1_config(quick_studies, "efficiency", folder)
-            assert (config["data_format"], config["triplet_fraction"]) == ("nights", demo_studies.FRACTIONS[arm])
-
-
-def test_sources_train_every_signal_on_the_same_budget(quick_studies):
+    assert summary["per_seed"]["0"]["n_triplets"] == {"10%": len(triplets.nested_subset(whole, 0, 0.1, 0)), "baseline": 0}
+    assert _stage1_config(quick_studies, "efficiency", "pct10")["triplet_fraction"] == 0.1
     summary, results = _summary(quick_studies, "sources")
     budget = demo_studies.STUDY_PLANS["quick"]["budget"]
-    counts = summary["per_seed"]["0"]["n_triplets"]
-    assert {a: c for a, c in counts.items() if a != "baseline"} == {a: budget for a in counts if a != "baseline"}
-    expected = {"votes": ("nights", "nights", ""), "shuffled": ("nights", "nights", ""), "odd-one-out": ("things", "stimuli", ""),
-                "early": ("rdm", "stimuli", "early"), "late": ("rdm", "stimuli", "late")}
-    for arm, (data_format, folder, rdm) in expected.items():
-        config = _stage1_config(quick_studies, "sources", demo_studies.ARMS["sources"][arm])
-        assert (config["data_format"], Path(config["data_root"]).name, config["rdm"]) == (data_format, folder, rdm)
-        assert config["max_triplets"] == budget and config["shuffle_labels"] == (arm == "shuffled")
+    assert summary["per_seed"]["0"]["n_triplets"] == {"odd-one-out": budget, "late": budget, "baseline": 0}
+    assert (_stage1_config(quick_studies, "sources", "late")["data_format"], _stage1_config(quick_studies, "sources", "late")["rdm"]) == ("rdm", "late")
     assert "| early | " in results and "| late | " in results  # what each area is
 
 
 def test_a_rerun_reuses_every_run(quick_studies, capsys):
     out, data_root = quick_studies
     before = {p: p.stat().st_mtime for p in (out / "sources" / "seed0").rglob("*") if p.is_file()}
-    demo.main(["--study", "sources", "--quick", "--out", str(out.parent), "--data", str(data_root)])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(demo_studies.ARMS, "sources", {a: demo_studies.ARMS["sources"][a] for a in RUN_ARMS["sources"]})
+        demo.main(["--study", "sources", "--quick", "--out", str(out.parent), "--data", str(data_root)])
     steps = [line for line in capsys.readouterr().out.splitlines() if line.startswith("== sources, seed 0")]
-    assert len(steps) == 2 * 6 - 1 + 2 and all("finished earlier" in line for line in steps)  # runs, evaluate, alignment
+    assert len(steps) == 2 + 3 + 2 and all("finished earlier" in line for line in steps)  # stage 1s, 2s, evaluate, scores
     after = {p: p.stat().st_mtime for p in (out / "sources" / "seed0").rglob("*") if p.is_file()}
     assert after == before
 
