@@ -1,4 +1,6 @@
-"""CLIP, from scratch: a Vision Transformer, a causal text transformer, and the two joined.
+"""CLIP, from scratch: a Vision Transformer, a causal text transformer, and the two joined; as options,
+the PI authors' variant (bidirectional mean-pooled text tower, their logit scale and init: preset
+ViT-B-32-authors), with OpenAI's CLIP the default.
 
 Read bottom-up: attention -> MLP -> residual block -> transformer -> vision tower -> text tower ->
 CLIP (and stage 1's perceptual distances) -> presets. The state-dict keys and shapes are exactly those
@@ -108,6 +110,19 @@ class Transformer(nn.Module):
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
+    def init_authors_(self, width, layers):
+        """The PI authors' init of a transformer, either tower (DeCLIP-style: github cheesepuff90/Brain_Initialization
+        src/model.py, initialize_parameters of VisionTransformer and TextTransformer): qkv N(0, width^-0.5),
+        attention out-projection and MLP out N(0, width^-0.5 (2 layers)^-0.5), MLP in N(0, (2 width)^-0.5), as
+        OpenAI's text init; their qkv and out-projection are nn.Linear, whose biases start at nn.Linear's
+        default U(-width^-0.5, width^-0.5), where nn.MultiheadAttention's layout starts them at 0. The MLP
+        biases are nn.Linear's default in both codes (drawn when the block was built)."""
+        self.init_openai_(width, layers)
+        bound = width**-0.5  # nn.Linear's bias bound: 1 / sqrt(fan_in), fan_in = width for qkv and out-projection
+        for block in self.resblocks:
+            nn.init.uniform_(block.attn.in_proj_bias, -bound, bound)
+            nn.init.uniform_(block.attn.out_proj.bias, -bound, bound)
+
 
 class VisionTransformer(nn.Module):
     """Image (B, 3, S, S) -> projected class-token feature (B, E), not normalised."""
@@ -151,6 +166,21 @@ class CLIPConfig:
     text_layers: int = 12
     text_heads: int = 8
     quickgelu: bool = False  # activation: QuickGELU (OpenAI weights) or nn.GELU (open_clip "ViT-B-32")
+    # How the text tower reads a caption, and where training starts. OpenAI's CLIP is the default; the
+    # "-authors" presets set them as the PI authors' code builds its model (github
+    # cheesepuff90/Brain_Initialization src/model.py, config/modelconfig/vit_b_32.json). None changes a
+    # state-dict key or shape, so a checkpoint loads into either; only the outputs differ.
+    text_attention: str = "causal"  # "causal": each position sees itself and earlier ones (OpenAI) | "bidirectional"
+    text_pooling: str = "eot"  # "eot": the end-of-text token's output (OpenAI) | "mean": over ids != text_pad_id
+    text_pad_id: int = 0  # the id "mean" leaves out: 0 pads open_clip's / the kit's token ids (the authors' pad_id)
+    init_logit_scale: float = math.log(1 / 0.07)  # ln of the starting logit scale: OpenAI's temperature 0.07
+    init: str = "openai"  # "openai" | "authors" (DeCLIP-style standard deviations: CLIP.init_authors_)
+
+    def __post_init__(self):  # a misspelt option would silently build OpenAI's model: refuse it, naming the field
+        choices = {"text_attention": ("causal", "bidirectional"), "text_pooling": ("eot", "mean"), "init": ("openai", "authors")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model setting {name}={getattr(self, name)!r} is not one of {allowed}")
 
 
 class CLIP(nn.Module):
@@ -163,14 +193,34 @@ class CLIP(nn.Module):
         # The text tower's modules sit at the top level (no `text.` prefix), as in OpenAI's CLIP.
         self.token_embedding = nn.Embedding(c.vocab_size, c.text_width)
         self.positional_embedding = nn.Parameter(torch.empty(c.context_length, c.text_width))
-        self.transformer = Transformer(c.text_width, c.text_layers, c.text_heads, c.quickgelu, causal=True)
+        self.transformer = Transformer(c.text_width, c.text_layers, c.text_heads, c.quickgelu,
+                                       causal=c.text_attention == "causal")
         self.ln_final = nn.LayerNorm(c.text_width)
         self.text_projection = nn.Parameter(torch.empty(c.text_width, c.embed_dim))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # temperature 0.07, used as exp()
+        self.logit_scale = nn.Parameter(torch.tensor(c.init_logit_scale))  # used as exp(): OpenAI's 1 / 0.07
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=c.text_width**-0.5)
         self.transformer.init_openai_(c.text_width, c.text_layers)
+        if c.init == "authors":  # drawn after OpenAI's init, so OpenAI's draws (and models) stay as they were
+            self.init_authors_()
+
+    def init_authors_(self):
+        """Every weight as the PI authors' code draws it (github cheesepuff90/Brain_Initialization src/model.py:
+        VisionTransformer.__init__ / initialize_parameters, TextTransformer.initialize_parameters). Vision:
+        class embedding N(0, 1) (torch.randn, where OpenAI scales it by width^-0.5), positional embedding
+        N(0, 0.01), projection N(0, width^-0.5), blocks by Transformer.init_authors_; the patch convolution
+        keeps PyTorch's default in both codes. Text: token embedding N(0, 0.02), positional embedding
+        N(0, 0.01), projection N(0, width^-0.5) (OpenAI's values too), blocks by Transformer.init_authors_."""
+        c, visual = self.config, self.visual
+        nn.init.normal_(visual.class_embedding, std=1.0)
+        nn.init.normal_(visual.positional_embedding, std=0.01)
+        nn.init.normal_(visual.proj, std=c.vision_width**-0.5)
+        visual.transformer.init_authors_(c.vision_width, c.vision_layers)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=c.text_width**-0.5)
+        self.transformer.init_authors_(c.text_width, c.text_layers)
 
     def set_grad_checkpointing(self, enable=True):
         self.visual.transformer.grad_checkpointing = enable
@@ -182,9 +232,16 @@ class CLIP(nn.Module):
     def encode_text(self, tokens):  # (B, T) int64 -> (B, E), unit length
         x = self.token_embedding(tokens) + self.positional_embedding.to(self.token_embedding.weight.dtype)
         x = self.ln_final(self.transformer(x))  # (B, T, D)
-        # Pool at the end-of-text token. argmax finds it because EOT (49407) is the largest id in
-        # CLIP's vocabulary and every tokenised text holds exactly one.
-        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # (B, D)
+        if self.config.text_pooling == "mean":
+            # The authors' pooling: the mean over the positions whose id is not the pad id. With the kit's
+            # zero-padded ids that is the caption's own tokens (start, words, end); ids padded with EOT
+            # (49407, as Hugging Face's CLIP tokenizer pads) are averaged over all T positions.
+            keep = (tokens != self.config.text_pad_id).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+            x = (x * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1)  # (B, D); an all-pad row gives 0, not NaN
+        else:
+            # Pool at the end-of-text token. argmax finds it because EOT (49407) is the largest id in
+            # CLIP's vocabulary and every tokenised text holds one (the first, if padded with EOT).
+            x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # (B, D)
         return F.normalize(x @ self.text_projection, dim=-1)
 
     def forward(self, images, tokens):
@@ -228,6 +285,15 @@ PRESETS = {
         text_width=256, text_layers=6, text_heads=4,
     ),
 }
+# The PI authors' model as their code builds it (github cheesepuff90/Brain_Initialization src/model.py with
+# config/modelconfig/vit_b_32.json; read, not run). Their text tower builds a causal mask and never passes it
+# to the blocks (bidirectional attention); it pools the mean over ids != text_cfg.pad_id (0), not the EOT token
+# (the json's "pool_type": "argmax" is never read); the json's init_logit_scale is 4.60517 = ln(100); their
+# init is DeCLIP's (CLIP.init_authors_); quick_gelu false (nn.GELU). The unused mask looks like a mistake:
+# it is reproduced here only as an option, so that their numbers can be reproduced and the difference measured.
+AUTHORS = dict(text_attention="bidirectional", text_pooling="mean", text_pad_id=0, init_logit_scale=4.60517, init="authors")
+PRESETS["ViT-B-32-authors"] = dict(PRESETS["ViT-B-32"], **AUTHORS)
+PRESETS["tiny-authors"] = dict(PRESETS["tiny"], **AUTHORS)  # tests and the demo's authors' arms
 
 
 def model_config(name="ViT-B-32", **overrides):
