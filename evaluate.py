@@ -175,10 +175,32 @@ def _collate_captions(batch):  # retrieval: stack the images, keep each image's 
     return torch.stack([image for image, _ in batch]), [captions for _, captions in batch]
 
 
+PROMPT_PADDINGS = ("zeros", "eot")
+
+
+def prompt_tokens(texts, context_length, padding="zeros"):
+    """Token ids (N, T) of prompts or captions. "zeros" (the default): the kit's and open_clip's ids, 0 after
+    the end-of-text token, as CLIP_benchmark tokenizes for open_clip models and as the PI authors' training
+    captions are padded. "eot": every position after it holds the end-of-text id 49407 too, as Hugging Face's
+    CLIPTokenizer pads with padding="max_length" (its pad token is <|endoftext|>), which the PI authors'
+    zero-shot evaluation uses (github cheesepuff90/Brain_Initialization src/model.py CLIP.tokenize). A
+    mean-pooled text tower (model text_pooling "mean", pad id 0) then averages all T positions of a prompt,
+    where training averaged a caption's own tokens; their CIFAR numbers were measured so. An EOT-pooled
+    (OpenAI) model gives the same features either way: argmax finds the first EOT, and causal attention keeps
+    the positions after it out. evaluate.py's --prompt-padding sets it per model (model.prompt_padding)."""
+    if padding not in PROMPT_PADDINGS:
+        raise ValueError(f"prompt padding {padding!r} is not one of {PROMPT_PADDINGS}")
+    tokens = tokenize(texts, context_length=context_length)  # (N, T)
+    if padding == "eot":
+        end = tokens.argmax(dim=-1, keepdim=True)  # the end-of-text position (49407 is the largest id)
+        tokens = tokens.masked_fill(torch.arange(tokens.shape[1]) > end, 49407)
+    return tokens
+
+
 @torch.no_grad()
 def _encode_texts(model, texts, device, precision, batch_size, desc, show):
     """list of str -> (N, E) float32 unit vectors on the CPU, encoded in batches."""
-    tokens = tokenize(texts, context_length=model.config.context_length)  # (N, T)
+    tokens = prompt_tokens(texts, model.config.context_length, getattr(model, "prompt_padding", "zeros"))  # (N, T)
     features = []
     for start in progress_bar(range(0, len(tokens), batch_size), desc=desc, leave=False, disable=not show):
         with autocast(device, precision):
@@ -412,6 +434,12 @@ def main(argv=None):
     parser.add_argument("--quickgelu", nargs="*", default=None, metavar="CKPT",
                         help="QuickGELU activation (OpenAI-trained weights) for every --ckpt, or for the CKPTs named; "
                              "needed only for files that record no activation (a checkpoint that records GELU is an error)")
+    parser.add_argument("--prompt-padding", choices=PROMPT_PADDINGS, default="zeros",
+                        help="zeros: CLIP_benchmark's protocol, ids zero-padded (default; with the PI authors' "
+                             "mean-pooled model, prompts are pooled as their training pooled captions). eot: pad "
+                             "with the end-of-text id as the PI authors' evaluation does (Hugging Face's "
+                             "CLIPTokenizer), so their model averages all 77 positions: reproduces their CIFAR "
+                             "numbers. Same features for OpenAI-style (EOT-pooled) models. See docs/authors-model.md")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward (default: 64)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers (default: up to 4)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda when present")
@@ -438,6 +466,7 @@ def main(argv=None):
         quickgelu = True if args.quickgelu is not None and (not args.quickgelu or path in args.quickgelu) else None
         with user_input():  # a missing or foreign file, a contradicted activation: the user's to fix
             models.append(load_checkpoint(path, quickgelu=quickgelu).to(args.device))
+        models[-1].prompt_padding = args.prompt_padding  # read by _encode_texts (prompt_tokens)
         print(f"{label}: {path}, {models[-1].num_params() / 1e6:.1f}M parameters, "
               f"{'QuickGELU' if models[-1].config.quickgelu else 'GELU'}, {models[-1].config.image_size} px")
     print(f"{len(tasks)} tasks, {precision}, {len(models)} checkpoint(s) in one pass over each task's images")
