@@ -7,11 +7,10 @@ What these tests prove:
 - With the authors' mean-pooled model, "eot" makes each class vector the mean over all 77 positions of a
   bidirectional tower: computed by hand from open_clip's text tower (no causal mask, unpooled) on the same
   weights; with an OpenAI (EOT-pooled, causal) model the two paddings give the same classifier.
-- The command line passes the option through: `evaluate.py --prompt-padding eot` reports the metrics of
-  that classifier, and the default reports those of the zero-padded one.
+- The command line passes the option through: `evaluate.py --ckpt THEIR.ckpt --prompt-padding eot` (a Lightning
+  checkpoint of theirs) reports the metrics of that classifier, and the default those of the zero-padded one.
 """
 import json
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -21,7 +20,8 @@ import evaluate
 import model as M
 from make_data import write_benchmark_task
 from test_evaluate import _photo
-from test_model_authors import open_clip_text_tower_without_causal_mask
+from checkpoints import load_checkpoint
+from test_model_authors import TheirCLIP, open_clip_text_tower_without_causal_mask, save_lightning_checkpoint
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -67,11 +67,12 @@ def test_openai_model_is_unaffected():
 
 
 def test_cli_option_reaches_the_classifier(tmp_path, monkeypatch):
+    """Their checkpoint, evaluated their way: a Lightning checkpoint of theirs (test_model_authors' layout)."""
     photos = [(_photo(name, crop), label) for label, name in enumerate(["astronaut", "chelsea", "coffee"]) for crop in range(4)]
     write_benchmark_task(tmp_path / "wds_photos", photos, CLASSES, TEMPLATES, image_format="jpg")
     torch.manual_seed(0)
-    model = M.create_model("tiny-authors").eval()
-    torch.save({"state_dict": model.state_dict(), "model_config": asdict(model.config)}, tmp_path / "authors.pt")
+    save_lightning_checkpoint(TheirCLIP(M.model_config("tiny")).eval(), tmp_path / "authors.pt", monkeypatch)
+    model = load_checkpoint(tmp_path / "authors.pt")
     seen, prompt_tokens = [], evaluate.prompt_tokens
     monkeypatch.setattr(evaluate, "prompt_tokens", lambda texts, length, padding: seen.append(padding) or prompt_tokens(texts, length, padding))
     for padding in ("zeros", "eot"):
