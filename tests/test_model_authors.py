@@ -331,3 +331,24 @@ def test_authors_configs_load_and_the_defaults_stay_openai():
     assert (stage2.model, stage2.batch_size, stage2.contrastive_batch, stage2.grad_clip, stage2.eps) == (
         "ViT-B-32-authors", 6144, 1024, 3.0, 1e-8)
     assert stage2.lr_schedule == "authors"
+
+
+def test_trainer_tunes_their_checkpoint_post_hoc(theirs, tmp_path, monkeypatch):
+    """The path users run: train_triplet.py --init THEIR.ckpt --posthoc=true (the paper's post-hoc control on
+    their trained CLIP). The run keeps the authors' settings and changes only the vision qkv weights."""
+    from pathlib import Path
+
+    import train_triplet
+    from make_data import make_nights
+
+    root = Path(__file__).resolve().parent.parent
+    nights = tmp_path / "nights"
+    make_nights(nights, 120, seed=1, image_size=32)
+    save_lightning_checkpoint(theirs, tmp_path / "last.ckpt", monkeypatch)
+    train_triplet.main([str(root / "configs/nights_tiny.yaml"), f"--data_root={nights}", f"--out_dir={tmp_path / 'run'}",
+                        "--epochs=1", "--batch_size=32", f"--init={tmp_path / 'last.ckpt'}", "--posthoc=true", "--lr=1e-3",
+                        "--weight_decay=0"])
+    before, after = C.load_checkpoint(tmp_path / "last.ckpt"), C.load_checkpoint(tmp_path / "run" / "ckpt.pt")
+    assert after.config == before.config == M.model_config("tiny-authors")
+    changed = {k for k, v in before.state_dict().items() if not torch.equal(v, after.state_dict()[k])}
+    assert changed == {f"visual.transformer.resblocks.{i}.attn.in_proj_weight" for i in range(2)}
