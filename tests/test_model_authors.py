@@ -321,8 +321,11 @@ def test_authors_configs_load_and_the_defaults_stay_openai():
     root = Path(__file__).resolve().parent.parent
     stage1 = common.load_config(train_triplet.Config, [str(root / "configs/nights_authors.yaml")])
     assert (stage1.model, stage1.seed, stage1.eps, stage1.batch_size) == ("ViT-B-32-authors", 42, 1e-8, 768)
+    read = lambda name: yaml.safe_load((root / "configs" / name).read_text())  # noqa: E731
     for name in ("nights.yaml", "yfcc15m.yaml"):
-        assert yaml.safe_load((root / "configs" / name).read_text())["model"] == "ViT-B-32"
+        assert read(name)["model"] == "ViT-B-32"
+    recipe = lambda cfg: {k: v for k, v in cfg.items() if k not in ("model", "out_dir")}  # noqa: E731
+    assert recipe(read("nights_authors.yaml")) == recipe(read("nights.yaml"))  # stage 1: only the model differs
     needed = {"eps", "contrastive_batch", "lr_schedule"}  # stage-2 recipe keys (issue 17)
     missing = needed - {f.name for f in dataclasses.fields(train_clip.Config)}
     if missing:
