@@ -342,6 +342,7 @@ class Loader:
                     first += n
             ordered = [got[s, c] for s in work.local_streams for c in range(work.chunks)]  # canonical order
             batch = {k: torch.cat([o[k] for o in ordered]) for k in ordered[0]}
+            slots = self._slots(plan, {s: sum(len(got[s, c]["positions"]) for c in range(work.chunks)) for s in work.local_streams})
             n, pad = len(batch["positions"]), self.rank_batch - len(batch["positions"])
             self.good, self.bad = self.good + n, self.bad + int(skipped.sum())
             if self.bad >= MIN_SAMPLES_BEFORE_FAILING and self.bad > self.good:
@@ -351,7 +352,16 @@ class Loader:
             if pad:
                 batch = {k: torch.cat([v, v.new_full((pad, *v.shape[1:]), -1 if k == "positions" else 0)]) for k, v in batch.items()}
             batch["valid"] = batch["positions"] >= 0
-            yield {**batch, "skipped": skipped, "step": step}
+            yield {**batch, "slots": slots, "skipped": skipped, "step": step}
+
+    def _slots(self, plan, good):
+        """Each row's position in the GLOBAL batch, which names its contrastive group (contrastive.py):
+        stream s's share is positions s * p ... s * p + p - 1; its `good[s]` samples take the first of
+        them and the padding rows (at the batch's end) the rest, so no rank or worker count moves a row."""
+        p = plan.per_stream
+        filled = [torch.arange(s * p, s * p + good[s]) for s in self.work.local_streams]
+        empty = [torch.arange(s * p + good[s], s * p + p) for s in self.work.local_streams]
+        return torch.cat(filled + empty).to(self.device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------------
