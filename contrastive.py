@@ -140,7 +140,7 @@ def accumulate_gradients(model, images, tokens, accum_steps, amp, scaler, ddp=No
             loss = contrastive_loss(*model(images, tokens), **loss_of)
         scaler.scale(loss).backward()
         return loss.detach()
-    image_chunks, token_chunks = images.chunk(accum_steps), tokens.chunk(accum_steps)
+    image_chunks, token_chunks = images.tensor_split(accum_steps), tokens.tensor_split(accum_steps)  # sizes differ by <= 1
     with torch.no_grad(), amp:
         cached = [model(i, t)[:2] for i, t in zip(image_chunks, token_chunks)]
     cached_images, cached_texts = [c[0] for c in cached], [c[1] for c in cached]

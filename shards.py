@@ -6,7 +6,8 @@
       images = loader.transform.device(batch["images"], batch["params"])   # augmented, normalised
 
   python shards.py SPEC [--batch_size N] [--image_size S] [--augment KIND] [--workers W] [--batches K]
-                        [--device D]     # reads K batches as the trainer would; last line: JSON
+                        [--device D]     # reads K batches as the trainer would; last line: JSON with the
+                                         # workers' delivery rate apart from the device half's
 
 The order of an epoch is a function of (seed, epoch) and the units' sample counts alone, never of
 the number of ranks or workers (the idea of MosaicML streaming's elastic determinism):
@@ -400,24 +401,39 @@ def check(argv=None):
               f"{streams} streams ({plan.dropped} left over)", file=sys.stderr)
         if plan.steps == 0:
             raise ValueError(f"{args.spec}: {plan.total} samples do not fill one batch of {args.batch_size}")
+        # Two halves, timed apart. Delivery: the workers decode, crop and tokenise, and the batch reaches
+        # --device: what a GPU would be fed (timed from the start, the workers' start-up included, so a
+        # short run reads low, never high). Device: augmentation and normalisation on --device, timed
+        # afterwards on the last batch. On a CPU-only machine the device half runs on the same cores and
+        # would otherwise hide the delivery rate.
         skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
         batches, samples, start = 0, 0, time.perf_counter()
         bar = tqdm(total=min(args.batches, plan.steps), desc="batches", file=sys.stderr)
         for batch in loader.epoch_batches(args.epoch):
-            images = loader.transform.device(batch["images"], batch["params"])
-            if images.device.type == "cuda":
-                torch.cuda.synchronize()
             batches, samples, skipped = batches + 1, samples + int(batch["valid"].sum()), skipped + batch["skipped"]
             bar.update()
             bar.set_postfix({r: n for r, n in zip(SKIP_REASONS, skipped.tolist()) if n})
             if batches >= args.batches:
                 break
+        delivery_seconds = time.perf_counter() - start
         bar.close()
+        repeats, device_start = min(args.batches, 5), time.perf_counter()
+        for _ in range(repeats):
+            images = loader.transform.device(batch["images"], batch["params"])
+            if images.device.type == "cuda":
+                torch.cuda.synchronize()
+        device_rate = repeats * len(batch["images"]) / (time.perf_counter() - device_start)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
-    seconds = time.perf_counter() - start
-    print(json.dumps({"batches": batches, "samples": samples, "samples_per_s": round(samples / seconds, 1),
-                      "seconds": round(seconds, 2), "skipped": dict(zip(SKIP_REASONS, skipped.tolist())),
+    delivery_rate = samples / max(delivery_seconds, 1e-9)
+    print(f"delivery: {delivery_rate:.0f} samples/s from {max(args.workers, 1)} worker(s) ({delivery_rate / max(args.workers, 1):.0f} "
+          f"each); device half on {args.device}: {device_rate:.0f} samples/s", file=sys.stderr)
+    print(json.dumps({"batches": batches, "samples": samples,
+                      "delivery_samples_per_s": round(delivery_rate, 1),
+                      "delivery_samples_per_s_per_worker": round(delivery_rate / max(args.workers, 1), 1),
+                      "device_samples_per_s": round(device_rate, 1),
+                      "samples_per_s": round(1 / (1 / max(delivery_rate, 1e-9) + 1 / device_rate), 1),  # one after the other
+                      "seconds": round(delivery_seconds, 2), "skipped": dict(zip(SKIP_REASONS, skipped.tolist())),
                       "units": len(units), "samples_per_epoch": plan.total, "steps_per_epoch": plan.steps,
                       "dropped_per_epoch": plan.dropped, "image_mean": round(float(images.float().mean()), 4)}))
 

@@ -140,8 +140,9 @@ def train_step(model, forward, ddp, optimizer, scaler, amp, images, tokens, lr, 
 
 def resolve_config(cfg, world):
     """The config with its derived defaults filled in (streams), checked against the number of ranks."""
-    if cfg.batch_size % (world * cfg.accum_steps):
-        raise common.UserError(f"batch_size {cfg.batch_size} must divide into {world} rank(s) x {cfg.accum_steps} accum_steps")
+    if cfg.batch_size % world or cfg.batch_size // world < cfg.accum_steps:  # micro-batches may differ by a row
+        raise common.UserError(f"batch_size {cfg.batch_size} must divide into {world} rank(s) of at least {cfg.accum_steps} "
+                               "(accum_steps) rows each")
     if not cfg.streams:  # what divides the batch, as `python shards.py` picks: --batch_size=16 runs on any config
         cfg = dataclasses.replace(cfg, streams=math.gcd(64, cfg.batch_size))
     if 0 < cfg.contrastive_batch < cfg.batch_size and cfg.batch_size % cfg.contrastive_batch:
