@@ -5,8 +5,9 @@ vision tower.
   torchrun --nproc_per_node=8 train_clip.py configs/yfcc15m.yaml --init stage1/ckpt.pt
   python train_clip.py configs/yfcc15m.yaml --train_data='/data/{00000..00099}.tar' --batch_size=1024
 
-Without CONFIG, the Config defaults below (the paper's recipe, as configs/yfcc15m.yaml spells out with
-sources). Without --init: the random-initialisation baseline, with the same seed, text tower and data
+Without CONFIG, the Config defaults below (the paper's model, data and schedule with the kit's exact
+large-batch objective; configs/yfcc15m.yaml is the authors' recipe, every value with its source, and
+docs/stage2-recipes.md compares them). Without --init: the random-initialisation baseline, with the same seed, text tower and data
 order as the PI run, so the two differ only in the vision tower's start.
 Starting the same command again on the same out_dir resumes exactly where it stopped, mid-epoch; with a
 setting that changes the run (TRAJECTORY_KEYS) it refuses and names it; on a finished run it does
@@ -14,6 +15,11 @@ nothing. SIGTERM / SIGINT stop it at the next step boundary with a checkpoint (e
 
 The story: config -> setup -> checkpoint (resume check, finished?) -> data -> model (resume, else
 --init, else random) -> optimiser -> loop (train_step, logging, evaluation, checkpoints, stop) -> summary.
+
+Beside it, each with one responsibility, so that this file stays readable in one sitting:
+contrastive.py (the loss, over the whole batch or groups of it, and its cached-feature accumulation),
+validation.py (which units train and which are held out, and the held-out score), tracking.py
+(TensorBoard / W&B beside metrics.jsonl), shards.py (the data order).
 """
 import dataclasses
 import json
