@@ -21,6 +21,7 @@ Why a file of its own: train_clip.py keeps the run; evaluate.py owns the zero-sh
 metrics; this is the bit between them (a split of the training data, scored with evaluate.py's
 retrieval metric), imported by train_clip.py only.
 """
+import functools
 import hashlib
 import os
 
@@ -67,6 +68,11 @@ def split_units(units, data_fraction=1.0, max_samples=0, val_samples=0):
     return [u for i, u in enumerate(units) if i in chosen], [units[i] for i in held]
 
 
+def _decode_rows(transform, images, rows):
+    """A DataLoader's collate_fn (a module-level function: picklable where workers are spawned)."""
+    return torch.stack([transform.host(images[i], 0)[0] for i in rows])
+
+
 class HeldOutPairs:
     """The first `count` good pairs of the held-out units, read once and kept undecoded (JPEG bytes
     and tokens: ~20 kB a pair), decoded with the evaluation transform (centre crop) at each score."""
@@ -91,8 +97,6 @@ class HeldOutPairs:
     def __len__(self):
         return len(self.images)
 
-    def _decoded(self, i):
-        return self.transform.host(self.images[i], 0)[0]
 
     @torch.no_grad()
     def score(self, model, device, amp, batch_size=256, workers=0):
@@ -104,7 +108,7 @@ class HeldOutPairs:
         was_training = model.training
         model.eval()
         loader = torch.utils.data.DataLoader(range(len(self)), batch_size=batch_size, num_workers=workers,
-                                             collate_fn=lambda rows: torch.stack([self._decoded(i) for i in rows]))
+                                             collate_fn=functools.partial(_decode_rows, self.transform, self.images))
         image_features, text_features, first = [], [], 0
         for images in loader:
             images = self.transform.device(images.to(device), torch.zeros(len(images), NUM_PARAMS, device=device))
