@@ -61,7 +61,7 @@ def split_units(units, data_fraction=1.0, max_samples=0, val_samples=0):
         target = min(target, max_samples)
     chosen, count = set(), 0
     for i in rest:
-        if count >= target:
+        if count >= target and (data_fraction < 1 or max_samples):  # the default keeps every unit, empty ones too
             break
         chosen.add(i)
         count += units[i].samples

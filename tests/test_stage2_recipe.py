@@ -63,6 +63,8 @@ def test_the_split_depends_on_names_and_counts_only():
     assert validation.split_units(units(), 1.0, 25, 0)[0] != validation.split_units(units(), 1.0, 35, 0)[0]
     assert sum(u.samples for u in validation.split_units(units(), 1.0, 25, 0)[0]) == 30  # whole units up to >= 25
     assert validation.split_units(units(), 1.0, 0, 0) == (units(), [])  # the default: everything trains
+    with_empty = units() + [sources.Unit("/data/a/empty13.tar", -1, 0)]  # no sample, and last in hash order
+    assert validation.split_units(with_empty, 1.0, 0, 0) == (with_empty, [])  # (data_units: resumes still match)
     with pytest.raises(ValueError, match="val_samples=200"):
         validation.split_units(units(), 1.0, 0, 200)
 
