@@ -6,7 +6,8 @@
       images = loader.transform.device(batch["images"], batch["params"])   # augmented, normalised
 
   python shards.py SPEC [--batch_size N] [--image_size S] [--augment KIND] [--workers W] [--batches K]
-                        [--device D]     # reads K batches as the trainer would; last line: JSON
+                        [--device D]     # reads K batches as the trainer would; last line: JSON with the
+                                         # workers' delivery rate apart from the device half's
 
 The order of an epoch is a function of (seed, epoch) and the units' sample counts alone, never of
 the number of ranks or workers (the idea of MosaicML streaming's elastic determinism):
@@ -342,6 +343,7 @@ class Loader:
                     first += n
             ordered = [got[s, c] for s in work.local_streams for c in range(work.chunks)]  # canonical order
             batch = {k: torch.cat([o[k] for o in ordered]) for k in ordered[0]}
+            slots = self._slots(plan, {s: sum(len(got[s, c]["positions"]) for c in range(work.chunks)) for s in work.local_streams})
             n, pad = len(batch["positions"]), self.rank_batch - len(batch["positions"])
             self.good, self.bad = self.good + n, self.bad + int(skipped.sum())
             if self.bad >= MIN_SAMPLES_BEFORE_FAILING and self.bad > self.good:
@@ -351,7 +353,16 @@ class Loader:
             if pad:
                 batch = {k: torch.cat([v, v.new_full((pad, *v.shape[1:]), -1 if k == "positions" else 0)]) for k, v in batch.items()}
             batch["valid"] = batch["positions"] >= 0
-            yield {**batch, "skipped": skipped, "step": step}
+            yield {**batch, "slots": slots, "skipped": skipped, "step": step}
+
+    def _slots(self, plan, good):
+        """Each row's position in the GLOBAL batch, which names its contrastive group (contrastive.py):
+        stream s's share is positions s * p ... s * p + p - 1; its `good[s]` samples take the first of
+        them and the padding rows (at the batch's end) the rest, so no rank or worker count moves a row."""
+        p = plan.per_stream
+        filled = [torch.arange(s * p, s * p + good[s]) for s in self.work.local_streams]
+        empty = [torch.arange(s * p + good[s], s * p + p) for s in self.work.local_streams]
+        return torch.cat(filled + empty).to(self.device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -390,24 +401,39 @@ def check(argv=None):
               f"{streams} streams ({plan.dropped} left over)", file=sys.stderr)
         if plan.steps == 0:
             raise ValueError(f"{args.spec}: {plan.total} samples do not fill one batch of {args.batch_size}")
+        # Two halves, timed apart. Delivery: the workers decode, crop and tokenise, and the batch reaches
+        # --device: what a GPU would be fed (timed from the start, the workers' start-up included, so a
+        # short run reads low, never high). Device: augmentation and normalisation on --device, timed
+        # afterwards on the last batch. On a CPU-only machine the device half runs on the same cores and
+        # would otherwise hide the delivery rate.
         skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
         batches, samples, start = 0, 0, time.perf_counter()
         bar = tqdm(total=min(args.batches, plan.steps), desc="batches", file=sys.stderr)
         for batch in loader.epoch_batches(args.epoch):
-            images = loader.transform.device(batch["images"], batch["params"])
-            if images.device.type == "cuda":
-                torch.cuda.synchronize()
             batches, samples, skipped = batches + 1, samples + int(batch["valid"].sum()), skipped + batch["skipped"]
             bar.update()
             bar.set_postfix({r: n for r, n in zip(SKIP_REASONS, skipped.tolist()) if n})
             if batches >= args.batches:
                 break
+        delivery_seconds = time.perf_counter() - start
         bar.close()
+        repeats, device_start = min(args.batches, 5), time.perf_counter()
+        for _ in range(repeats):
+            images = loader.transform.device(batch["images"], batch["params"])
+            if images.device.type == "cuda":
+                torch.cuda.synchronize()
+        device_rate = repeats * len(batch["images"]) / (time.perf_counter() - device_start)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
-    seconds = time.perf_counter() - start
-    print(json.dumps({"batches": batches, "samples": samples, "samples_per_s": round(samples / seconds, 1),
-                      "seconds": round(seconds, 2), "skipped": dict(zip(SKIP_REASONS, skipped.tolist())),
+    delivery_rate = samples / max(delivery_seconds, 1e-9)
+    print(f"delivery: {delivery_rate:.0f} samples/s from {max(args.workers, 1)} worker(s) ({delivery_rate / max(args.workers, 1):.0f} "
+          f"each); device half on {args.device}: {device_rate:.0f} samples/s", file=sys.stderr)
+    print(json.dumps({"batches": batches, "samples": samples,
+                      "delivery_samples_per_s": round(delivery_rate, 1),
+                      "delivery_samples_per_s_per_worker": round(delivery_rate / max(args.workers, 1), 1),
+                      "device_samples_per_s": round(device_rate, 1),
+                      "samples_per_s": round(1 / (1 / max(delivery_rate, 1e-9) + 1 / device_rate), 1),  # one after the other
+                      "seconds": round(delivery_seconds, 2), "skipped": dict(zip(SKIP_REASONS, skipped.tolist())),
                       "units": len(units), "samples_per_epoch": plan.total, "steps_per_epoch": plan.steps,
                       "dropped_per_epoch": plan.dropped, "image_mean": round(float(images.float().mean()), 4)}))
 

@@ -263,6 +263,8 @@ def test_the_check_command_reads_batches_and_ends_in_json(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["batches"] == 3 and 0 < report["samples"] <= 12 and report["samples_per_s"] > 0
+    assert report["delivery_samples_per_s_per_worker"] == report["delivery_samples_per_s"] > report["samples_per_s"] > 0
+    assert report["device_samples_per_s"] > report["samples_per_s"]  # the two halves timed apart, then in sequence
     assert sum(report["skipped"].values()) == 12 - report["samples"]
     with pytest.raises(SystemExit, match="none-0.tar"):  # the same command in this process: a spec of missing files
         shards.check([str(tmp_path / "none-{0..2}.tar")])
