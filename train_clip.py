@@ -63,7 +63,7 @@ class Config:
     lr_schedule: str = "cosine"  # cosine (warmup, then to 0 at the end) or authors (as their code runs: see lr_function)
     warmup_steps: int = 2500
     weight_decay: float = 0.1
-    adam_eps: float = 1e-6  # AdamW's eps (the PI authors' configs: 1e-8)
+    eps: float = 1e-6  # AdamW's eps (the PI authors' configs: 1e-8)
     grad_clip: float = 0.0  # max global gradient norm (0: off)
     save_every: int = 500  # steps between checkpoints (and always at the end, and on SIGTERM / SIGINT)
     seed: int = 0
@@ -100,7 +100,7 @@ class Config:
 # counts only (shards.py). train_data may move, not change: data_units / data_samples (the units and
 # samples found) are compared instead of its path. precision is compared as resolved.
 TRAJECTORY_KEYS = ("model", "epochs", "max_steps", "batch_size", "accum_steps", "contrastive_batch", "lr", "lr_schedule",
-                   "warmup_steps", "weight_decay", "adam_eps", "data_fraction", "max_samples", "val_samples", "grad_clip", "seed", "init", "init_text", "augment", "streams", "shuffle_buffer", "decode_on_device",
+                   "warmup_steps", "weight_decay", "eps", "data_fraction", "max_samples", "val_samples", "grad_clip", "seed", "init", "init_text", "augment", "streams", "shuffle_buffer", "decode_on_device",
                    "image_column", "text_column", "precision", "data_units", "data_samples")
 DATA_FACTS = ("data_units", "data_samples")  # found in train_data at start-up, compared once it is read
 
@@ -112,7 +112,7 @@ DATA_FACTS = ("data_units", "data_samples")  # found in train_data at start-up, 
 
 def make_optimizer(model, cfg, device):
     """AdamW as the PI fork and open_clip run it; fused (one kernel for all parameters) on CUDA."""
-    return torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=cfg.adam_eps,
+    return torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=cfg.eps,
                              fused=torch.device(device).type == "cuda")
 
 

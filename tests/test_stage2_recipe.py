@@ -37,7 +37,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MOD
 # The authors' stage-2 values, by key of declip_yfcc15m_litdata_vitb32.json, as the kit's keys.
 AUTHORS_JSON = {"lr": 5e-4,                # optimizer.lr
                 "weight_decay": 0.1,       # optimizer.weight_decay
-                "adam_eps": 1e-8,          # optimizer.eps
+                "eps": 1e-8,               # optimizer.eps
                 "warmup_steps": 2500,      # scheduler.warmup_steps
                 "grad_clip": 3.0,          # gradient_clip_val
                 "epochs": 32,              # epochs
