@@ -130,20 +130,40 @@ class TrainTransform:
         return torch.stack(out)
 
     def device(self, images, params):
-        """uint8 (B, 3, S, S) and params (B, NUM_PARAMS), both on the device -> float (B, 3, S, S)."""
+        """uint8 (B, 3, S, S) and params (B, NUM_PARAMS), both on the device -> float (B, 3, S, S).
+        No host syncs: every per-sample choice is a torch.where mask, not a Python `if` on a device
+        value or a boolean-mask index (each of those makes the host wait for the step in flight), and
+        constants come from a per-device cache, not a fresh host-to-device copy each call
+        (tests/test_augment_device.py counts them). Samples an op skips pass through it unchanged,
+        bit for bit."""
         x = images.float() / 255
         if self.kind == "moco":
-            params = params.to(x.device)
+            params = params.to(x.device, non_blocking=True)
             x = color_jitter(x, params)
-            gray = params[:, GRAY] > 0
-            if gray.any():
-                x[gray] = grayscale(x[gray]).expand(-1, 3, -1, -1)
-            blurred = params[:, SIGMA] > 0
-            if blurred.any():
-                x[blurred] = gaussian_blur(x[blurred], params[blurred, SIGMA])
-        mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+            gray = (params[:, GRAY] > 0).view(-1, 1, 1, 1)
+            x = torch.where(gray, grayscale(x).expand_as(x), x)
+            sigma = params[:, SIGMA]
+            blurred = (sigma > 0).view(-1, 1, 1, 1)
+            x = torch.where(blurred, gaussian_blur(x, torch.where(sigma > 0, sigma, 1.0)), x)  # 1.0: any sigma > 0, unused
+        constants = device_constants(x.device)
+        return (x - constants["mean"]) / constants["std"]
+
+
+_CONSTANTS = {}
+
+
+def device_constants(device):
+    """The augmentation's constant tensors on `device`, made once per device (a host-to-device copy
+    each call would wait for the step in flight)."""
+    if device not in _CONSTANTS:
+        _CONSTANTS[device] = {
+            "mean": torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1),
+            "std": torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1),
+            "orders": ORDERS.to(device),
+            "hue_offsets": torch.tensor([5.0, 3.0, 1.0], device=device).view(1, 3, 1, 1),
+            "taps": torch.arange(-BLUR_RADIUS, BLUR_RADIUS + 1, device=device, dtype=torch.float),
+        }
+    return _CONSTANTS[device]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -172,40 +192,49 @@ def adjust_hue(x, shift):
     h = torch.where(maxc == x[:, 0], b - g, torch.where(maxc == x[:, 1], 2 + r - b, 4 + g - r))
     h = torch.where(delta > 0, h / 6, torch.zeros_like(h)) + shift.view(-1, 1, 1)  # in (-1, 2): no % needed
     h6 = (h - torch.floor(h)) * 6
-    k = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1) + h6.unsqueeze(1)
+    k = device_constants(x.device)["hue_offsets"].to(x.dtype) + h6.unsqueeze(1)
     k = torch.where(k >= 6, k - 6, k)
     return maxc.unsqueeze(1) - delta.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
+def jitter_slot(x, op, factors):
+    """One slot of every sample's jitter order: sample i gets op[i] (0 brightness, 1 contrast,
+    2 saturation, 3 hue, -1 none) with factor factors[i, op[i]], factors = params[:, BRIGHTNESS:HUE + 1].
+    The three linear ops are one blend, factor * x + (1 - factor) * other, as torchvision writes each
+    (other: 0 for brightness, the image's mean gray for contrast, its gray for saturation); a sample
+    with another op gets factor 1 and other 0, which leaves it bit for bit unchanged. Hue goes through
+    torch.where (its RGB -> HSV -> RGB round trip is not exact). All of it on the whole batch: no
+    boolean-mask indexing, so no host sync."""
+    linear = (op >= 0) & (op < 3)
+    factor = torch.where(linear, factors.gather(1, op.clamp(0, 2).unsqueeze(1)).squeeze(1), 1.0)
+    gray = grayscale(x)  # (B, 1, H, W)
+    other = torch.where((op == 1).view(-1, 1, 1, 1), gray.mean(dim=(-3, -2, -1), keepdim=True),
+                        torch.where((op == 2).view(-1, 1, 1, 1), gray, 0.0))
+    x = _blend(x, other, factor)
+    return torch.where((op == 3).view(-1, 1, 1, 1), adjust_hue(x, factors[:, 3]), x)
+
+
 def _apply_op(op, x, factor):
-    if op == 0:
-        return (factor.view(-1, 1, 1, 1) * x).clamp(0, 1)  # brightness
-    if op == 1:
-        return _blend(x, grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), factor)  # contrast
-    if op == 2:
-        return _blend(x, grayscale(x), factor)  # saturation
-    return adjust_hue(x, factor)
+    """One op, one factor per image, on every image of the batch (what jitter_slot does per sample)."""
+    factors = factor.view(-1, 1).expand(-1, 4)
+    return jitter_slot(x, torch.full((len(x),), op, device=x.device), factors)
 
 
 def color_jitter(x, params):
-    """torchvision's ColorJitter: brightness, contrast, saturation, hue in each sample's own order."""
+    """torchvision's ColorJitter: brightness, contrast, saturation, hue in each sample's own order
+    (a sample with the jitter off passes through unchanged)."""
     on = params[:, JITTER] > 0
-    if not on.any():
-        return x
-    x = x.clone()
-    orders = ORDERS.to(x.device)[params[:, ORDER].long()]  # (B, 4)
+    orders = device_constants(x.device)["orders"][params[:, ORDER].long()]  # (B, 4)
+    factors = params[:, BRIGHTNESS:HUE + 1].to(x.dtype)
     for slot in range(4):
-        for op in range(4):
-            chosen = on & (orders[:, slot] == op)
-            if chosen.any():
-                x[chosen] = _apply_op(op, x[chosen], params[chosen, BRIGHTNESS + op])
+        x = jitter_slot(x, torch.where(on, orders[:, slot], -1), factors)
     return x
 
 
 def gaussian_blur(x, sigma):
     """Separable Gaussian blur, one sigma per image; edges replicated as PIL's blur does."""
     n, c, h, w = x.shape
-    taps = torch.arange(-BLUR_RADIUS, BLUR_RADIUS + 1, device=x.device, dtype=x.dtype)
+    taps = device_constants(x.device)["taps"].to(x.dtype)
     kernel = torch.exp(-(taps.view(1, -1) ** 2) / (2 * sigma.view(-1, 1).to(x.dtype) ** 2))
     kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n * c, 13)
     y = F.pad(x.reshape(1, n * c, h, w), (BLUR_RADIUS,) * 4, mode="replicate")
