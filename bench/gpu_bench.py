@@ -10,8 +10,9 @@ Parts (--parts; each result is printed and appended to OUT's .jsonl as it comes,
 failing part loses only what was running):
   ceiling   the measured bf16 matmul TFLOP/s (8192^3), printed beside the datasheet's dense peak;
   eager     train_clip.train_step with grad checkpointing off / on, at accum_steps 1 and the config's;
+            and TrainTransform.device (the augmentation's GPU half) on one step's batch, ms;
   compiled  the config's step (its checkpointing, its accum_steps) through common.wrap_model's compile,
-            compiled once; warmup_s holds the compile time;
+            compiled once (warmup_s holds the compile time); and the augmentation compiled;
   fit       the largest micro-batch at the config's accum_steps, without / with checkpointing.
 What is timed is train_clip.train_step itself (lr set, zero_grad, accumulate_gradients with its cached
 no-grad forward, clipping, the scaler's step, the logit clamp), with train_clip.make_optimizer's fused
@@ -157,6 +158,19 @@ def time_steps(parts, cfg, images, tokens, steps, warmup=3):
     seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return seconds, peak
+
+
+def time_calls(call, device, repeats):
+    """Seconds one call(), after a first untimed one, takes on average over `repeats`, waiting for the device."""
+    call()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
 
 
 def largest_fitting(fits, start, granularity, max_probes=12):
@@ -309,11 +323,26 @@ def main(argv=None):
         if device == "cuda":
             torch.cuda.empty_cache()
 
+    def augmentation(compiled):
+        """TrainTransform.device on one step's batch (micro-batch x the config's accum_steps): ms per
+        batch, eager or compiled (its torch.where form has no data-dependent shapes: one graph)."""
+        image_size = model_config(cfg.model).image_size
+        images, params, _ = synthetic_loader_batch(micro * cfg.accum_steps, model_config(cfg.model), device)
+        transform = TrainTransform(image_size, cfg.augment)
+        run = torch.compile(transform.device) if compiled else transform.device
+        begun = time.perf_counter()
+        run(images, params)
+        seconds = time_calls(lambda: run(images, params), device, max(2, steps // 2))
+        log({"augmentation": cfg.augment, "compile": compiled, "batch": len(images), "ms_per_batch": seconds * 1e3,
+             "warmup_s": time.perf_counter() - begun - seconds * max(2, steps // 2)})
+
     if "eager" in parts:
         for checkpointing in (False, True):
             measure(checkpointing, False, accums)
+        augmentation(False)
     if "compiled" in parts:  # compiled once: the step the config trains with
         measure(cfg.grad_checkpointing, True, [cfg.accum_steps])
+        augmentation(True)
     if "fit" in parts:
         starts = [int(x) for x in args.fit_start.split(",")]
         for checkpointing, start in zip((False, True), starts):
