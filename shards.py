@@ -326,7 +326,7 @@ class Loader:
                 first += good
             piece["parts"] = parts
             new_row = {r: r - sum(d < r for d in dropped) for r in range(n) if r not in dropped}
-            rows = [new_row[r] for i, r in enumerate(rows) if i not in set(failed)]
+            rows = [new_row[r] for r in rows if r not in dropped]
             n -= len(dropped)
         size = self.transform.image_size
         images = torch.empty((n, 3, size, size), dtype=torch.uint8, device=self.device)
