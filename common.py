@@ -178,6 +178,17 @@ class Dist:
         return self.world_size > 1
 
 
+def enable_tf32():
+    """fp32 matmuls and convolutions in TF32, through the calls every torch from 2.9 on reads both ways:
+    set_float32_matmul_precision("high") and cudnn.allow_tf32. Setting the newer per-backend
+    `fp32_precision` instead makes torch 2.11 .. 2.14 raise when anything reads the older getters
+    (`torch.backends.cuda.matmul.allow_tf32`, `get_float32_matmul_precision`), as inductor's
+    max-autotune does ("mix of the legacy and new APIs"); set this way, both kinds of getter answer
+    (tests/test_gpu_session.py reads them all)."""
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def setup_distributed(device=""):
     """One process on `device` (cuda when present, if empty), or DDP when torchrun set RANK:
     nccl on GPUs, gloo on the CPU. No process group is made for a single process. On CUDA, fp32
@@ -187,8 +198,7 @@ def setup_distributed(device=""):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("device=cuda was asked for but no CUDA GPU is visible; use --device=cpu")
     if device.startswith("cuda"):
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        enable_tf32()
     if "RANK" not in os.environ:
         return Dist(device=torch.device(device))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

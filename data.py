@@ -18,7 +18,6 @@ import os
 import tarfile
 from pathlib import Path
 
-import ftfy
 import numpy as np
 import regex
 import torch
@@ -62,9 +61,21 @@ def bytes_to_unicode():
     return table
 
 
+def fix_text(text):
+    """ftfy.fix_text, imported where it is first needed: a machine without ftfy (such as a GPU image
+    with its own preinstalled software) can still import the kit and train on pre-tokenised or
+    synthetic data; text that needs cleaning then fails here with the way out."""
+    try:
+        import ftfy
+    except ImportError:
+        raise ImportError("CLIP's text cleaning needs ftfy (requirements.txt): `pip install ftfy==6.3.1`, or offline "
+                          "carry its wheel and wcwidth's as docs/gpu-session.md shows") from None
+    return ftfy.fix_text(text)
+
+
 def clean_text(text):
     """CLIP's cleaning: fix mojibake, undo double HTML escaping, collapse whitespace, lowercase."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    text = html.unescape(html.unescape(fix_text(text))).strip()
     return " ".join(text.split()).lower()  # str.split(): the whitespace set open_clip collapses
 
 

@@ -307,16 +307,40 @@ class Loader:
     def steps_per_epoch(self):
         return self.plan(0).steps  # the same every epoch: it depends on the total count only
 
-    def _decode_on_device(self, piece, host_images):
-        """A piece's rows in order: those decoded in the worker, and its JPEGs decoded here."""
-        rows, n = torch.tensor(piece["jpeg_rows"]), len(piece["positions"])
+    def _decode_on_device(self, piece):
+        """A piece's images on the device, in row order: those its worker decoded, and its JPEGs decoded
+        here. A JPEG that does not decode is counted as bad_image and its row dropped from the piece (its
+        tokens, params, position and part), as a worker drops an image PIL cannot read. Rows are placed
+        with index_copy_ and pinned, non-blocking index copies: nothing here waits for the step in flight."""
+        jpegs = list(piece["jpegs"].split(piece["jpeg_lengths"]))
+        decoded, failed = self.transform.device_decode(jpegs, piece["boxes"], self.device)
+        rows, n = piece["jpeg_rows"], len(piece["positions"])
+        if failed:
+            dropped = {rows[i] for i in failed}
+            keep = torch.tensor([r for r in range(n) if r not in dropped], dtype=torch.long)
+            for key in ("tokens", "params", "positions"):
+                piece[key] = piece[key][keep]
+            piece["skipped"][SKIP_REASONS.index("bad_image")] += len(dropped)
+            parts, first = [], 0
+            for stream, chunk, good in piece["parts"]:
+                parts.append((stream, chunk, good - sum(first <= r < first + good for r in dropped)))
+                first += good
+            piece["parts"] = parts
+            new_row = {r: r - sum(d < r for d in dropped) for r in range(n) if r not in dropped}
+            rows = [new_row[r] for r in rows if r not in dropped]
+            n -= len(dropped)
         size = self.transform.image_size
         images = torch.empty((n, 3, size, size), dtype=torch.uint8, device=self.device)
-        on_host = torch.ones(n, dtype=torch.bool)
-        on_host[rows] = False
-        images[on_host.to(self.device)] = host_images
-        jpegs = list(piece["jpegs"].split(piece["jpeg_lengths"]))
-        images[rows.to(self.device)] = self.transform.device_decode(jpegs, piece["boxes"], self.device)
+        jpeg_rows = set(rows)
+        host_rows = [r for r in range(n) if r not in jpeg_rows]
+        pinned = self.device.type == "cuda"
+        if host_rows:
+            host_images = piece["images"].to(self.device, non_blocking=True)
+            index = torch.tensor(host_rows, dtype=torch.long, pin_memory=pinned).to(self.device, non_blocking=True)
+            images.index_copy_(0, index, host_images)
+        if rows:
+            index = torch.tensor(rows, dtype=torch.long, pin_memory=pinned).to(self.device, non_blocking=True)
+            images.index_copy_(0, index, decoded)
         return images
 
     def epoch_batches(self, epoch, start_step=0):
@@ -332,11 +356,11 @@ class Loader:
                 assert piece["step"] == step, (piece["step"], step)  # the round robin is in step
                 if not piece["parts"]:
                     continue
-                skipped += piece["skipped"]
                 self.bad_sources = (self.bad_sources + [s for s in piece["bad_sources"] if s not in self.bad_sources])[-5:]
-                on_device = {k: piece[k].to(self.device, non_blocking=True) for k in ("images", "tokens", "params", "positions")}
-                if piece["jpeg_rows"]:
-                    on_device["images"] = self._decode_on_device(piece, on_device["images"])
+                images = self._decode_on_device(piece) if piece["jpeg_rows"] else None  # may drop undecodable rows
+                skipped += piece["skipped"]
+                on_device = {k: piece[k].to(self.device, non_blocking=True) for k in ("tokens", "params", "positions")}
+                on_device["images"] = piece["images"].to(self.device, non_blocking=True) if images is None else images
                 first = 0
                 for stream, chunk, n in piece["parts"]:
                     got[stream, chunk] = {k: v[first:first + n] for k, v in on_device.items()}

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (torch.distributed.nn.functional.all_gather: not imported by the line above)
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -193,11 +194,13 @@ def list_units(cfg, argv, d):
                 f"there, or point elsewhere with --train_data='/path/to/{{00000..00099}}.tar' (or .parquet; several "
                 "specs joined by '::')") from None
 
+    # The wait is on the CPU (gloo) group with its long timeout: a first counting pass over many
+    # shards can outlast NCCL's default 10 minutes, and no GPU work is pending meanwhile.
     if d.enabled and not d.is_main:
-        dist.barrier()
+        dist.barrier(group=d.control)
     found = units()
     if d.enabled and d.is_main:
-        dist.barrier()
+        dist.barrier(group=d.control)
     return found
 
 

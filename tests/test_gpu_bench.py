@@ -49,3 +49,12 @@ def test_dry_run(tmp_path):
     assert all(r["samples_per_s"] > 0 and r["mfu"] > 0 for r in runs.values())
     assert runs[(True, 1)]["hfu"] > runs[(True, 1)]["mfu"] and runs[(False, 1)]["hfu"] == runs[(False, 1)]["mfu"]
     assert runs[(False, 2)]["gflop_per_pair"] > runs[(False, 1)]["gflop_per_pair"]
+    # Issue 22: every result is a JSON line as it comes (a timeout loses only what was running), the
+    # matmul ceiling is measured, and one fit probe ran the trainer's sequence (uint8 batch,
+    # augmentation, step at accum_steps 2) without and with checkpointing.
+    lines = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
+    assert "matmul_ceiling_tflops" in lines[1] and results["measured_tflops"] > 0
+    assert [r for r in lines if "step_s" in r] == results["runs"]
+    probes = [r for r in lines if r.get("probe") == "fit"]
+    assert [(p["grad_checkpointing"], p["accum_steps"], p["fits"]) for p in probes] == [(False, 2, True), (True, 2, True)]
+    assert results["largest_micro_batch"] == {"plain": 4, "checkpointing": 4}
