@@ -72,7 +72,9 @@ def contrastive_loss(image_features, text_features, logit_scale, valid=None, slo
     by the world size, which DDP's average divides out): the gradient of the large batch of good
     samples, however the good ones fall over ranks. (With groups and padding, groups then weigh by
     their good rows; without padding every group weighs the same.)"""
-    if group_size and slots is not None:
+    if group_size:
+        if slots is None:  # silently contrasting the whole batch would be another objective
+            raise ValueError("contrastive groups need each row's position in the global batch (slots)")
         return _grouped_loss(image_features, text_features, logit_scale, valid, slots, group_size)
     n, rank = image_features.shape[0], dist.get_rank() if dist.is_initialized() else 0
     all_images, all_texts = gather(image_features), gather(text_features)  # (N, E)

@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401  (torch.distributed.nn.functional.all_gather: not imported by the line above)
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import common

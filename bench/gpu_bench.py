@@ -142,9 +142,11 @@ def time_steps(parts, cfg, images, tokens, steps, warmup=3):
     """Seconds a train_step takes, averaged over `steps` after `warmup`, and the peak memory (GiB)."""
     model, forward, ddp, optimizer, scaler, amp = parts
     device = images.device
+    slots = torch.arange(images.shape[0], device=device)  # one process: row i is position i (contrastive groups)
 
     def one():
-        return train_clip.train_step(model, forward, ddp, optimizer, scaler, amp, images, tokens, cfg.lr, cfg)
+        return train_clip.train_step(model, forward, ddp, optimizer, scaler, amp, images, tokens, cfg.lr, cfg,
+                                     slots=slots)
 
     for _ in range(warmup):
         one()
@@ -219,7 +221,8 @@ def fits_in_training(cfg, device, precision, checkpointing, log=print):
             model, forward, ddp, optimizer, scaler, amp = parts
             batch = synthetic_loader_batch(n * cfg.accum_steps, model.config, device)
             images = transform.device(batch[0], batch[1])
-            loss = train_clip.train_step(model, forward, ddp, optimizer, scaler, amp, images, batch[2], cfg.lr, step_cfg)
+            loss = train_clip.train_step(model, forward, ddp, optimizer, scaler, amp, images, batch[2], cfg.lr, step_cfg,
+                                         slots=torch.arange(images.shape[0], device=device))
             ok = bool(torch.isfinite(loss))
         except torch.cuda.OutOfMemoryError:
             ok = False
