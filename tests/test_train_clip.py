@@ -112,14 +112,32 @@ def ddp_worker(out):
     common.cleanup_distributed()
 
 
+def recorded_step(model, forward, ddp, optimizer, images, tokens, cfg):
+    """train_step as the loop calls it -> (loss, {name: gradient}), the gradients as the optimiser is
+    about to use them (a step pre-hook: after accumulation, DDP's average and clipping, before AdamW)."""
+    seen = {}
+
+    def record(optimizer_, args, kwargs):
+        seen.update({name: p.grad.detach().clone() for name, p in model.named_parameters()})
+
+    handle = optimizer.register_step_pre_hook(record)
+    loss = train_clip.train_step(model, forward, ddp, optimizer, common.grad_scaler("cpu", "fp32"), FP32, images, tokens,
+                                 cfg.lr, cfg).item()
+    handle.remove()
+    return loss, seen
+
+
 def compile_worker(out):
     """Run by torchrun in test_compile_with_ddp_and_accumulation_equals_eager: two steps of the loop's
-    train_step with accum_steps=2 and clipping, eager and compiled, each wrapped as train_clip.main wraps."""
+    train_step with accum_steps=2, eager and compiled, each wrapped as train_clip.main wraps; the
+    gradients of each step are recorded before the optimiser uses them."""
     torch.set_num_threads(1)
     d = common.setup_distributed("cpu")
     images, tokens = global_batch(8, seed=1)
     mine = slice(4 * d.rank, 4 * d.rank + 4)
-    cfg = train_clip.Config(accum_steps=2, lr=1e-3, weight_decay=0.1, grad_clip=1.0)
+    # No clipping: clipping (like Adam) divides out a constant factor in the gradients, so a path that
+    # doubles them would reach the same weights. The raw gradients show it.
+    cfg = train_clip.Config(accum_steps=2, lr=1e-3, weight_decay=0.1, grad_clip=0.0)
     results = {}
     for compiled in (False, True):
         model = tiny_model()
@@ -128,12 +146,25 @@ def compile_worker(out):
         # inductor's C++ code generation is left out (it would take minutes on 2 shared cores).
         forward, ddp = common.wrap_model(model, d, compile=compiled, compile_backend="aot_eager")
         optimizer = train_clip.make_optimizer(model, cfg, "cpu")
-        losses = [train_clip.train_step(model, forward, ddp, optimizer, common.grad_scaler("cpu", "fp32"), FP32,
-                                        images[mine], tokens[mine], cfg.lr, cfg).item() for _ in range(2)]
-        results[compiled] = {"losses": losses, "state_dict": model.state_dict()}
+        steps = [recorded_step(model, forward, ddp, optimizer, images[mine], tokens[mine], cfg) for _ in range(2)]
+        results[compiled] = {"losses": [loss for loss, _ in steps], "grads": [grads for _, grads in steps],
+                             "state_dict": model.state_dict()}
     if d.is_main:
         torch.save(results, out)
     common.cleanup_distributed()
+
+
+# Gradients of the same batch agree to fp32 rounding of the sums' order, measured as a share of each
+# tensor's largest gradient: compiled (aot_eager) vs eager 0 (bit-equal); 2 ranks x 2 micro-batches vs
+# one process 1.1e-6. A path that doubles or halves a gradient, or counts the logit scale twice, is off
+# by 50-100% of it.
+GRAD_RTOL = 1e-5
+
+
+def assert_same_gradients(ours, reference, what):
+    for name, expected in reference.items():
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(ours[name], expected, rtol=0, atol=GRAD_RTOL * scale + 1e-12, msg=f"{what}: {name}")
 
 
 def test_compile_with_ddp_and_accumulation_equals_eager(tmp_path):
@@ -142,7 +173,16 @@ def test_compile_with_ddp_and_accumulation_equals_eager(tmp_path):
                     __file__, "compile", str(out)], check=True, env=ENV, cwd=ROOT, timeout=300)
     results = torch.load(out, weights_only=True)
     eager, compiled = results[False], results[True]
-    assert compiled["losses"] == pytest.approx(eager["losses"], abs=1e-5)
+    # The eager run's first gradients are the whole batch's on one process (no DDP, no accumulation).
+    torch.set_num_threads(1)
+    images, tokens = global_batch(8, seed=1)
+    model = tiny_model()
+    _, whole_batch = recorded_step(model, model, None, train_clip.make_optimizer(model, train_clip.Config(), "cpu"),
+                                   images, tokens, train_clip.Config(accum_steps=1, lr=1e-3, weight_decay=0.1, grad_clip=0.0))
+    assert_same_gradients(eager["grads"][0], whole_batch, "eager, 2 ranks x 2 micro-batches vs 1 process")
+    for step in range(2):  # the second step's gradients also depend on the first step's update
+        assert_same_gradients(compiled["grads"][step], eager["grads"][step], f"compiled vs eager, step {step + 1}")
+    assert compiled["losses"] == pytest.approx(eager["losses"], abs=1e-6)
     for name, value in eager["state_dict"].items():
         assert torch.allclose(compiled["state_dict"][name], value, atol=ADAM_ATOL), name
     assert any(not torch.equal(value, tiny_model().state_dict()[name]) for name, value in eager["state_dict"].items())
