@@ -173,7 +173,7 @@ def tokenize(texts, context_length=CONTEXT_LENGTH):
 # Image transforms
 # ---------------------------------------------------------------------------------------------------
 
-# CLIP's normalisation statistics (OpenAI CLIP, REFERENCE.md section 7).
+# CLIP's normalisation statistics (OpenAI CLIP: github openai/CLIP, clip/clip.py _transform).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -228,7 +228,8 @@ def image_transform(image_size, kind="eval"):
 # CLIP_benchmark task folders
 # ---------------------------------------------------------------------------------------------------
 
-# A task folder, as CLIP_benchmark publishes every task (REFERENCE.md section 10):
+# A task folder, as CLIP_benchmark publishes every task (github LAION-AI/CLIP_benchmark,
+# clip_benchmark/datasets/builder.py build_wds_dataset; its clip-benchmark/wds_* sets on the Hugging Face hub):
 #   <root>/test/nshards.txt, <root>/test/0.tar ... (N-1).tar, classnames.txt,
 #   zeroshot_classification_templates.txt, dataset_type.txt (absent = classification).
 # Samples are grouped the way webdataset groups them: the key is a member's path up to the first dot

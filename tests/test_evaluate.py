@@ -383,7 +383,11 @@ def test_cli_records_table_and_defaults(tasks, tiny, tmp_path, monkeypatch, caps
         ("baseline", "photos", "zeroshot_classification"), ("baseline", "captions", "zeroshot_retrieval")]
     assert set(records[0]) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
     assert records[1]["metrics"] == evaluate.evaluate_task(net, tasks / "wds_captions", "cpu", progress=False)
-    assert Image.open(tmp_path / "results.png").size[0] > 0  # the chart beside the JSON (matplotlib is required)
+    # The chart beside the JSON (matplotlib is required) holds bars of both runs, in matplotlib's first
+    # two default colours (C0 #1f77b4 for the first run, C1 #ff7f0e for the second).
+    chart = np.asarray(Image.open(tmp_path / "results.png").convert("RGB"))
+    for colour in ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)):
+        assert (chart == colour).all(-1).sum() > 100, colour
     shutil.rmtree(tmp_path / "runs")
     with pytest.raises(SystemExit):
         evaluate.main(["--data-root", str(tasks)])

@@ -6,19 +6,20 @@ Proves that
     observers' structure is what is learned, not some artefact of the images);
   - ckpt.pt is the kit's checkpoint: checkpoints.load_checkpoint reads it, reproduces the reported val
     score, and its text tower is still the random init (only the vision tower trained);
-  - a run stopped mid-epoch (stop_after_steps, or SIGTERM sent to the running script) and started again
+  - a run stopped mid-epoch (stop_after_steps, or SIGTERM sent to the running script at a known step:
+    tests/hold_at_step.py holds it there) and started again
     ends with bit-identical weights to one that never stopped; rerunning a finished run changes
     nothing; a changed setting is refused by name; a non-finite loss stops the run, names its step and
     leaves the last good checkpoint as it was;
   - the post-hoc control changes only the vision blocks' attn.in_proj_weight;
-  - DDP with 2 processes (torchrun, gloo) reaches the same weights as 1 process with the same global batch.
+  - DDP with 2 processes (torchrun --standalone, gloo: a free port, never a fixed one) reaches the same
+    weights as 1 process with the same global batch.
 """
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ import torch
 import yaml
 
 import common
+import hold_at_step  # tests/: holds a trainer at a step
 import train_triplet
 from evaluate import evaluate_nights
 from make_data import make_nights
@@ -149,18 +151,19 @@ def test_sigterm_saves_at_the_step_and_restart_is_exact(small_nights, tmp_path, 
     args = [f"--data_root={small_nights}", "--epochs=4", "--batch_size=32", "--log_every=1", "--workers=1"]
     run(small_nights, tmp_path / "straight", *args)
     stopped = tmp_path / "stopped"
-    process = subprocess.Popen([sys.executable, str(ROOT / "train_triplet.py"), *TINY, *args, f"--out_dir={stopped}"],
-                               cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    log = stopped / "metrics.jsonl"
-    while process.poll() is None and not (log.exists() and '"loss"' in log.read_text()):  # a step is logged
-        time.sleep(0.01)
+    # Held before step 5 (tests/hold_at_step.py; 3 steps an epoch): the signal comes mid epoch 1 at a
+    # known step, not wherever a polling loop happens to notice the log.
+    process, go = hold_at_step.start("train_triplet.py", [*TINY, *args, f"--out_dir={stopped}"], 5, cwd=ROOT,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
     os.killpg(process.pid, signal.SIGTERM)  # the trainer and its loader worker, as a scheduler signals a job
+    os.write(go, b"G")  # step 5 runs; the trainer stops at its end
+    os.close(go)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
     state = torch.load(stopped / "ckpt.pt", weights_only=True)
-    assert 1 <= state["step"] < 12, "the run finished before the signal"
-    assert f"stopped by SIGTERM at step {state['step']} of 12" in out and not (stopped / "summary.json").exists()
+    assert state["step"] == 5 and state["data_position"] == {"epoch": 1, "batch": 2}
+    assert "stopped by SIGTERM at step 5 of 12" in out and not (stopped / "summary.json").exists()
     run(small_nights, stopped, *args)
     straight = torch.load(tmp_path / "straight/ckpt.pt", weights_only=True)
     resumed = torch.load(stopped / "ckpt.pt", weights_only=True)
@@ -197,7 +200,7 @@ def test_ddp_two_processes_match_one(small_nights, tmp_path):
     args = ["--epochs=2", "--batch_size=32", f"--data_root={small_nights}"]
     run(small_nights, tmp_path / "one", *args)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     "train_triplet.py", *TINY, *args, f"--out_dir={tmp_path / 'two'}"],
                    cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
     one = torch.load(tmp_path / "one/ckpt.pt", weights_only=True)
