@@ -69,7 +69,7 @@ def evaluate_nights(model, dataset, device, batch_size=64, precision="fp32", wor
 # ---------------------------------------------------------------------------------------------------
 
 # Metric definitions follow CLIP_benchmark 1.6.2 (metrics/zeroshot_classification.py,
-# zeroshot_retrieval.py) and the main metric per task follows DataComp (REFERENCE.md section 10).
+# zeroshot_retrieval.py) and the main metric per task follows DataComp (github mlfoundations/datacomp, tasklist.yml, main_metric).
 # "In the top k" is decided the way CLIP_benchmark decides it: torch.topk per query, on the same
 # blocks of queries and the same device it uses. Where scores tie exactly (COCO and Flickr30k repeat
 # captions across images; a task may repeat an image), which of the tied candidates makes the top k is

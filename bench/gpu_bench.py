@@ -28,7 +28,7 @@ full steps; every probe is logged with its peak memory.
 
 FLOPs are counted, not assumed: torch.utils.flop_counter counts the matmuls, convolutions and
 attention of one train_step on the meta device (no memory, no time), at the same batch. ViT-B/32
-counts 14.78 GFLOP per image-text pair forward (REFERENCE.md section 5) and 44.1 per pair for a step
+counts 14.78 GFLOP per image-text pair forward (open_clip's docs/model_profile.csv, row ViT-B-32) and 44.1 per pair for a step
 without accumulation; accumulation adds its cached forward (58.9 at accum > 1). MFU counts the step's
 FLOPs without checkpointing (what the algorithm needs); HFU counts what the GPU runs, including
 checkpointing's recomputation (about 2/3 of a forward: torch's non-reentrant checkpoint stops
