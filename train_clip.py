@@ -32,7 +32,7 @@ import nights
 import shards
 import sources
 from augment import TrainTransform
-from checkpoints import check_activation, check_state_dict, read_checkpoint
+from checkpoints import check_activation, check_state_dict, optional_key, read_checkpoint
 from model import create_model, model_config
 from progress import progress
 
@@ -232,7 +232,7 @@ def load_init(model, path, include_text):
         if stored is not None:
             check_activation(f"--init {path}", stored["quickgelu"], model.config.quickgelu)
     taken = {k: v for k, v in state_dict.items() if include_text or k.startswith("visual.")}
-    missing = [k for k in model.state_dict() if k.startswith("visual.") and k not in taken]
+    missing = [k for k in model.state_dict() if k.startswith("visual.") and k not in taken and not optional_key(k)]
     if missing:
         raise common.UserError(f"--init {path}: no vision tower for this model, missing {missing[:5]}{' ...' * (len(missing) > 5)}")
     with common.user_input():
