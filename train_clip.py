@@ -59,6 +59,11 @@ class Config:
     precision: str = ""  # bf16 / fp16 / fp32; default bf16 on cuda, fp32 on cpu
     workers: int = 8  # DataLoader worker processes per rank
     grad_checkpointing: bool = False
+    # DDP with a ResNet tower: BatchNorm statistics over the global batch (SyncBatchNorm, GPUs only)
+    # instead of each rank's share. The PI authors' RN50 configs set it (github cheesepuff90/Brain_Initialization,
+    # config/trainingconfig/perceptual_init_yfcc15m_resnet50.json "distributed.sync_batchnorm": true);
+    # open_clip's default is off (its --use-bn-sync flag).
+    sync_batchnorm: bool = False
     compile: bool = False  # torch.compile the training forward (DDP first, then compile)
     compile_backend: str = "inductor"  # torch.compile backend; aot_eager captures graphs without code generation
     init: str = ""  # checkpoint whose vision tower starts the run (stage 1's ckpt.pt, open_clip, OpenAI)
@@ -363,7 +368,7 @@ def train(argv, stop):
         step, position = state["step"], state["data_position"]
         if d.is_main:  # the saved count is the sum over ranks: one rank carries it on
             skipped += torch.tensor([state["samples_skipped"][r] for r in shards.SKIP_REASONS], dtype=torch.int64)
-    forward, ddp = common.wrap_model(model, d, cfg.compile, cfg.compile_backend)  # `model` stays plain for saving
+    forward, ddp = common.wrap_model(model, d, cfg.compile, cfg.compile_backend, cfg.sync_batchnorm)  # `model` stays plain for saving
 
     saved_step = step
 

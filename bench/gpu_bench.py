@@ -1,8 +1,10 @@
 """Stage 2's training step on one GPU as the trainer runs it: samples/s, MFU / HFU, peak memory, and the
-largest micro-batch that fits, for ViT-B/32 in bf16 (under 5 minutes on an H100 / H200).
+largest micro-batch that fits, for ViT-B/32 (or the config's / --model's tower, e.g. RN50) in bf16 (under
+5 minutes on an H100 / H200).
 
   python bench/gpu_bench.py [--config configs/yfcc15m.yaml] [--micro-batch 1024] [--steps 10] [--out gpu_bench.json]
-  python bench/gpu_bench.py --dry-run        # CPU, tiny model: checks the script end to end (the tests run it)
+  python bench/gpu_bench.py --config configs/rn50_yfcc15m.yaml     # the ResNet-50 CLIP (or --model RN50)
+  python bench/gpu_bench.py --dry-run [--model RN50]   # CPU, tiny model (tiny-rn for a ResNet): the tests run it
 
 What is timed is train_clip.train_step itself (lr set, zero_grad, accumulate_gradients with the
 config's accum_steps and its cached no-grad forward, clipping, the scaler's step, the logit clamp),
@@ -18,7 +20,10 @@ counts 14.78 GFLOP per image-text pair forward (REFERENCE.md section 5) and 44.1
 without accumulation; accumulation adds its cached forward (58.9 at accum > 1). MFU counts the step's
 FLOPs without checkpointing (what the algorithm needs); HFU counts what the GPU runs, including
 checkpointing's recomputation (about 2/3 of a forward: torch's non-reentrant checkpoint stops
-recomputing once the saved tensors are back). Peak: the GPU's dense bf16 TFLOP/s from its datasheet
+recomputing once the saved tensors are back). RN50 counts 17.55 GFLOP a pair forward where open_clip's
+docs/model_profile.csv lists 18.18: open_clip's attention pool runs all 50 grid tokens as queries and
+keeps the first, the kit's runs that one query only (the same output); the 0.64 GFLOP of the 49 dropped
+queries make up the difference exactly (tests/test_gpu_bench.py). Peak: the GPU's dense bf16 TFLOP/s from its datasheet
 (PEAK_TFLOPS, matched on the device name; H100 / H200 SXM 989, REFERENCE.md section 11 quotes ~790
 measured on a matmul), or --peak-tflops.
 """
@@ -36,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import train_clip  # noqa: E402
-from model import create_model  # noqa: E402
+from model import create_model, model_config  # noqa: E402
 
 EOT = 49407
 # Dense bf16 tensor-core peak, TFLOP/s, from NVIDIA's datasheets (SXM parts; PCIe / NVL ones are lower:
@@ -158,13 +163,16 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="the GPU's dense bf16 peak, TFLOP/s (default: PEAK_TFLOPS by name)")
     parser.add_argument("--out", default="gpu_bench.json")
+    parser.add_argument("--model", default="", help="a model.py preset instead of the config's (e.g. RN50)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model, micro-batch 4, 2 steps, no compile, no fit search")
     args = parser.parse_args(argv)
     cfg = common.load_config(train_clip.Config, [args.config])
+    cfg = dataclasses.replace(cfg, model=args.model or cfg.model)
     if args.dry_run:
         device, precision, compiles, steps, warmup = "cpu", "fp32", (False,), 2, 1
         args.peak_tflops = args.peak_tflops or 1.0  # a CPU has no bf16 tensor-core peak: MFU is a placeholder
-        cfg = dataclasses.replace(cfg, model="tiny", batch_size=8, accum_steps=2)
+        tiny = "tiny-rn" if model_config(cfg.model).resnet else "tiny"  # the same kind of tower, in miniature
+        cfg = dataclasses.replace(cfg, model=tiny, batch_size=8, accum_steps=2)
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no GPU visible: use --dry-run to check the script on the CPU")
