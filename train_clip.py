@@ -52,6 +52,9 @@ class Config:
     lr: float = 5e-4
     warmup_steps: int = 2500
     weight_decay: float = 0.1
+    beta1: float = 0.9  # AdamW; (0.9, 0.98, 1e-6): open_clip's for ViTs. open_clip trains ResNets with
+    beta2: float = 0.98  # (0.9, 0.999, 1e-8) (open_clip_train/params.py get_default_params, after the CLIP
+    eps: float = 1e-6  # paper); configs/rn50_yfcc15m.yaml sets those
     grad_clip: float = 0.0  # max global gradient norm (0: off)
     save_every: int = 500  # steps between checkpoints (and always at the end, and on SIGTERM / SIGINT)
     seed: int = 0
@@ -87,7 +90,7 @@ class Config:
 # counts only (shards.py). train_data may move, not change: data_units / data_samples (the units and
 # samples found) are compared instead of its path. precision is compared as resolved.
 TRAJECTORY_KEYS = ("model", "epochs", "max_steps", "batch_size", "accum_steps", "lr", "warmup_steps", "weight_decay",
-                   "grad_clip", "seed", "init", "init_text", "augment", "streams", "shuffle_buffer", "decode_on_device",
+                   "beta1", "beta2", "eps", "grad_clip", "seed", "init", "init_text", "augment", "streams", "shuffle_buffer", "decode_on_device",
                    "image_column", "text_column", "precision", "data_units", "data_samples")
 DATA_FACTS = ("data_units", "data_samples")  # found in train_data at start-up, compared once it is read
 
@@ -179,7 +182,7 @@ def accumulate_gradients(model, images, tokens, accum_steps, amp, scaler, ddp=No
 
 def make_optimizer(model, cfg, device):
     """AdamW as the PI fork and open_clip run it; fused (one kernel for all parameters) on CUDA."""
-    return torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+    return torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              fused=torch.device(device).type == "cuda")
 
 
