@@ -10,7 +10,8 @@ file imports nothing of the kit; checkpoints.py reads every checkpoint format us
 
 Letters used in shape comments:
   B batch, N tokens (patches + 1 class token, or text positions), D width of a tower,
-  H attention heads, Dh = D / H width of one head, E joint embedding dim, T context length.
+  H attention heads, Dh = D / H width of one head, E joint embedding dim, T context length;
+  in the ResNet: C channels, h x w the grid of a feature map.
 """
 import collections
 import contextlib
@@ -139,7 +140,7 @@ class VisionTransformer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The other vision tower: OpenAI's ModifiedResNet (CLIP's RN50, RN101). Letters: C channels, h x w grid.
+# The other vision tower: OpenAI's ModifiedResNet (CLIP's RN50, RN101).
 # It differs from torchvision's ResNet in three places: a stem of three 3x3 convolutions with an
 # average pool instead of one 7x7 convolution with a max pool; strided blocks that average-pool
 # before the 1x1 expansion instead of striding a convolution (anti-aliased downsampling, Zhang 2019);
@@ -276,14 +277,16 @@ class ModifiedResNet(nn.Module):
 
 @dataclass
 class CLIPConfig:
-    """Every number that fixes a CLIP's architecture. Heads are width / 64 in every preset
-    (open_clip's head width), which is what lets load_checkpoint infer them from shapes."""
+    """Every number that fixes a CLIP's architecture. Heads are 64 wide in every preset but ViT-H-14's
+    (80; a ResNet's pool has 32 x vision_width / 64 heads), open_clip's head widths, which is what lets
+    checkpoints.config_from_state_dict infer them from shapes."""
 
     embed_dim: int = 512
     image_size: int = 224
     patch_size: int | None = 32  # None for a ResNet, which has no patches
     vision_width: int = 768  # ViT: token width; ResNet: the stem's channels (its last stage has 32x)
-    vision_layers: int | tuple = 12  # ViT: blocks; a tuple of 4 (blocks per stage): a ModifiedResNet, as in OpenAI's build_model
+    # ViT: its blocks. A tuple of 4, blocks per stage, makes the tower a ModifiedResNet (as in OpenAI's build_model).
+    vision_layers: int | tuple = 12
     vision_heads: int = 12
     context_length: int = 77
     vocab_size: int = 49408
@@ -356,7 +359,7 @@ def nights_distances(visual, ref, left, right):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Presets (numbers from open_clip's model_configs/*.json; heads = width / 64)
+# Presets (numbers from open_clip's model_configs/*.json; heads = width / head width, 64 unless noted)
 # ---------------------------------------------------------------------------------------------------
 
 _B = dict(embed_dim=512, vision_width=768, vision_layers=12, vision_heads=12, text_width=512, text_layers=12, text_heads=8)

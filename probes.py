@@ -3,8 +3,9 @@
   python evaluate.py --probe A.pt B.pt [C.pt ...] --images FOLDER_OR_TASK [--linear-probe SUITE --data-root DIR]
 
 Sections (every checkpoint frozen; the images are decoded once and shared by all checkpoints):
-  CKA            linear CKA (Kornblith et al. 2019) between two towers, per layer: the class token
-                 after each residual block, and the final embedding, on the same images
+  CKA            linear CKA (Kornblith et al. 2019) between two towers, per layer: a ViT's class token
+                 after each residual block (block1 ...), a ResNet's stage outputs averaged over the grid
+                 (stage1 ... stage4), and the final embedding, on the same images
   RSA            representational similarity: Spearman correlation between a model's pairwise image
                  distances (1 - cos) and a reference distance (e.g. the demo's observer distance)
   linear probe   L2-regularised multinomial logistic regression on frozen, normalised image features:
