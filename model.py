@@ -171,10 +171,12 @@ class Bottleneck(nn.Module):
             ]))
 
     def forward(self, x):  # (B, C_in, h, w) -> (B, 4 width, h / stride, w / stride)
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        # In place after BatchNorm (its backward does not need its output): one activation map fewer each.
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         out = self.bn3(self.conv3(self.avgpool(out)))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+        out += x if self.downsample is None else self.downsample(x)
+        return F.relu(out, inplace=True)
 
 
 class AttentionPool(nn.Module):
@@ -261,9 +263,9 @@ class ModifiedResNet(nn.Module):
         return [self.layer1, self.layer2, self.layer3, self.layer4]
 
     def forward(self, images):
-        x = F.relu(self.bn1(self.conv1(images)))  # (B, width/2, S/2, S/2)
-        x = F.relu(self.bn2(self.conv2(x)))
-        x = self.avgpool(F.relu(self.bn3(self.conv3(x))))  # (B, width, S/4, S/4)
+        x = F.relu(self.bn1(self.conv1(images)), inplace=True)  # (B, width/2, S/2, S/2)
+        x = F.relu(self.bn2(self.conv2(x)), inplace=True)
+        x = self.avgpool(F.relu(self.bn3(self.conv3(x)), inplace=True))  # (B, width, S/4, S/4)
         for stage in self.stages():  # -> (B, 4 width, S/4, S/4) ... (B, 32 width, S/32, S/32)
             for block in stage:
                 if self.grad_checkpointing and torch.is_grad_enabled():
