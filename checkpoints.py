@@ -260,23 +260,45 @@ def _count_layers(state_dict, prefix):  # prefix "...resblocks." -> number of di
     return len({k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)})
 
 
-def config_from_state_dict(state_dict, quickgelu=False):
-    """Infer a CLIPConfig from tensor shapes (heads assumed width / 64, as in every CLIP preset)."""
-    required = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj", "token_embedding.weight",
-                "positional_embedding", "text_projection"]
+# Head widths are not in any tensor's shape. open_clip's configs use 64 except for these ViT widths
+# (model_configs/ViT-H-14.json head_width 80, ViT-g-14.json 88, ViT-bigG-14.json 104).
+_VIT_HEAD_WIDTH = {1280: 80, 1408: 88, 1664: 104}
+
+
+def _vision_config(state_dict):
+    """The vision tower's CLIPConfig fields from tensor shapes: a ModifiedResNet when the state dict
+    has an attention pool (OpenAI's build_model tells them apart the same way), else a ViT."""
+    if "visual.attnpool.positional_embedding" in state_dict:
+        required = ["visual.layer1.0.conv1.weight", "visual.attnpool.c_proj.weight"]
+        missing = [k for k in required if k not in state_dict]
+        if missing:
+            raise ValueError(f"not a CLIP ResNet state dict: missing {missing}")
+        width = state_dict["visual.layer1.0.conv1.weight"].shape[0]  # the first stage's bottleneck width
+        grid = round((state_dict["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+        return dict(embed_dim=state_dict["visual.attnpool.c_proj.weight"].shape[0], image_size=32 * grid,
+                    patch_size=None, vision_width=width, vision_heads=32 * width // 64,  # open_clip: 64-wide heads
+                    vision_layers=tuple(_count_layers(state_dict, f"visual.layer{k}.") for k in (1, 2, 3, 4)))
+    required = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj"]
     missing = [k for k in required if k not in state_dict]
     if missing:
-        raise ValueError(f"not a CLIP ViT state dict: missing {missing}")
+        raise ValueError(f"not a CLIP ViT or ResNet state dict: missing {missing}")
     vision_width, _, patch_size, _ = state_dict["visual.conv1.weight"].shape
     grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    return dict(embed_dim=state_dict["visual.proj"].shape[1], image_size=patch_size * grid, patch_size=patch_size,
+                vision_width=vision_width, vision_layers=_count_layers(state_dict, "visual.transformer.resblocks."),
+                vision_heads=vision_width // _VIT_HEAD_WIDTH.get(vision_width, 64))
+
+
+def config_from_state_dict(state_dict, quickgelu=False):
+    """Infer a CLIPConfig from tensor shapes (head widths as open_clip's configs set them)."""
+    vision = _vision_config(state_dict)
+    required = ["token_embedding.weight", "positional_embedding", "text_projection"]
+    missing = [k for k in required if k not in state_dict]
+    if missing:
+        raise ValueError(f"not a CLIP state dict: missing {missing}")
     vocab_size, text_width = state_dict["token_embedding.weight"].shape
     return CLIPConfig(
-        embed_dim=state_dict["visual.proj"].shape[1],
-        image_size=patch_size * grid,
-        patch_size=patch_size,
-        vision_width=vision_width,
-        vision_layers=_count_layers(state_dict, "visual.transformer.resblocks."),
-        vision_heads=vision_width // 64,
+        **vision,
         context_length=state_dict["positional_embedding"].shape[0],
         vocab_size=vocab_size,
         text_width=text_width,
@@ -286,10 +308,16 @@ def config_from_state_dict(state_dict, quickgelu=False):
     )
 
 
+def optional_key(key):
+    """BatchNorm's batch counter: only read when momentum is None (never in CLIP), and filled in by
+    nn.BatchNorm's loader when a file lacks it."""
+    return key.endswith(".num_batches_tracked")
+
+
 def check_state_dict(model, state_dict, path="state dict"):
     """Raise one error listing every missing, unexpected and wrongly shaped key (no partial loads)."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
+    missing = [k for k in expected if k not in state_dict and not optional_key(k)]
     unexpected = [k for k in state_dict if k not in expected]
     wrong = [f"{k}: {tuple(state_dict[k].shape)} != {tuple(v.shape)}"
              for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]

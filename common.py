@@ -243,12 +243,24 @@ def wait_for_main(d):
         dist.barrier(group=d.control)
 
 
-def wrap_model(module, d, compile=False, compile_backend="inductor"):
+def wrap_model(module, d, compile=False, compile_backend="inductor", sync_batchnorm=False):
     """-> (forward, ddp): what runs the training forward, and the DistributedDataParallel under it
     (None on one process). DDP first, then compile (PyTorch's recommended order); `ddp` is kept apart
     because torch.compile(DDP(m)) is no longer a DistributedDataParallel, and accumulation needs
-    ddp.no_sync(). gradient_as_bucket_view: gradients live in DDP's buckets, one copy fewer."""
+    ddp.no_sync(). gradient_as_bucket_view: gradients live in DDP's buckets, one copy fewer.
+
+    BatchNorm (the ResNet towers) under DDP normalises by each rank's share of the batch unless
+    sync_batchnorm, which swaps every BatchNorm of `module` in place for torch's SyncBatchNorm: batch
+    statistics over the global batch, as one process would compute them (same parameters and buffers,
+    so checkpoints are unchanged). A ViT has no BatchNorm: the setting does nothing there."""
     ddp = None
+    has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    if d.enabled and sync_batchnorm and has_batchnorm:
+        if d.device.type != "cuda":
+            raise UserError("sync_batchnorm: torch's SyncBatchNorm runs on GPUs only; on CPU ranks set "
+                            "--sync_batchnorm=false (each rank then normalises by its own share of the batch)")
+        converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        assert converted is module  # children replaced in place: the caller's model is what trains and saves
     if d.enabled:
         device_ids = [d.local_rank] if d.device.type == "cuda" else None
         ddp = torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True)

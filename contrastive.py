@@ -28,6 +28,7 @@ import torch.distributed.nn  # noqa: F401  (torch.distributed.nn.functional.all_
 import torch.nn.functional as F
 
 import common
+from model import running_statistics_kept
 
 # -1e4 is far below any logit (|logit| <= 100): its exp is exactly 0, as -inf's would be, yet a row of
 # padding alone stays finite (its loss and gradient are then dropped by cross_entropy's ignore_index).
@@ -130,8 +131,10 @@ def accumulate_gradients(model, images, tokens, accum_steps, amp, scaler, ddp=No
     then re-embed each micro-batch with gradients, put its fresh features among the cached ones, and
     backward the full loss. Micro-batch j's backward yields dL/df_j * df_j/dtheta; their sum is
     dL/dtheta exactly. logit_scale enters every re-forward, so it keeps its gradient in one of them
-    only (the last, where DDP synchronises); open_clip lets it accumulate accum_steps times. `model`
-    runs the forward (plain, DDP or compiled); `ddp` is the DistributedDataParallel under it, if any,
+    only (the last, where DDP synchronises); open_clip lets it accumulate accum_steps times. A ResNet's
+    BatchNorm normalises each micro-batch by its own statistics (so with a ResNet, accum_steps is part of
+    the recipe); the cached pass leaves the running statistics alone, so they are updated once per
+    micro-batch. `model` runs the forward (plain, DDP or compiled); `ddp` is the DistributedDataParallel under it, if any,
     whose no_sync() keeps the non-last micro-batches from all-reducing. `valid` (n,) marks the rows
     that hold a sample (a batch is padded after bad samples); `slots` and `group_size`: see
     contrastive_loss. Returns the loss (a tensor: no host sync).
@@ -143,7 +146,7 @@ def accumulate_gradients(model, images, tokens, accum_steps, amp, scaler, ddp=No
         scaler.scale(loss).backward()
         return loss.detach()
     image_chunks, token_chunks = images.tensor_split(accum_steps), tokens.tensor_split(accum_steps)  # sizes differ by <= 1
-    with torch.no_grad(), amp:
+    with torch.no_grad(), amp, running_statistics_kept(model):
         cached = [model(i, t)[:2] for i, t in zip(image_chunks, token_chunks)]
     cached_images, cached_texts = [c[0] for c in cached], [c[1] for c in cached]
     for j in range(accum_steps):

@@ -3,8 +3,9 @@
   python evaluate.py --probe A.pt B.pt [C.pt ...] --images FOLDER_OR_TASK [--linear-probe SUITE --data-root DIR]
 
 Sections (every checkpoint frozen; the images are decoded once and shared by all checkpoints):
-  CKA            linear CKA (Kornblith et al. 2019) between two towers, per layer: the class token
-                 after each residual block, and the final embedding, on the same images
+  CKA            linear CKA (Kornblith et al. 2019) between two towers, per layer: a ViT's class token
+                 after each residual block (block1 ...), a ResNet's stage outputs averaged over the grid
+                 (stage1 ... stage4), and the final embedding, on the same images
   RSA            representational similarity: Spearman correlation between a model's pairwise image
                  distances (1 - cos) and a reference distance (e.g. the demo's observer distance)
   linear probe   L2-regularised multinomial logistic regression on frozen, normalised image features:
@@ -159,15 +160,26 @@ def linear_probe(train_x, train_y, test_x, test_y, grid=PROBE_C_GRID, val_share=
 # ---------------------------------------------------------------------------------------------------
 
 
+def layers_of(visual):
+    """-> (name prefix, modules, output -> (B, W) feature): where a vision tower's layers are read. A
+    ViT: the class token after each residual block ("block1", ...). A ResNet has no class token and
+    its blocks change width within a stage: each stage's output ("stage1" ... "stage4"), averaged over
+    its grid (the global average pool a ResNet's features are usually read with)."""
+    if hasattr(visual, "transformer"):
+        return "block", list(visual.transformer.resblocks), lambda out: out[:, 0]
+    return "stage", [stage[-1] for stage in visual.stages()], lambda out: out.mean(dim=(2, 3))  # a stage's last block
+
+
 @torch.no_grad()
 def tower_features(model, images, device="cpu", batch_size=256, workers=0):
     """images: a tensor (N, 3, S, S), or a dataset of (image, label) items streamed in batches ->
-    {"block1": (N, W), ..., "embedding": (N, E)}: the class token after each residual block of the
-    vision tower (forward hooks) and the normalised projected embedding."""
+    {"block1": (N, W), ..., "embedding": (N, E)}: each layer's feature (layers_of: a ViT's blocks, a
+    ResNet's stages, read by forward hooks) and the normalised projected embedding."""
     model.eval()
     captured, outputs = [], {}
-    hooks = [block.register_forward_hook(lambda module, args, out: captured.append(out[:, 0].float().cpu()))
-             for block in model.visual.transformer.resblocks]
+    prefix, layers, feature = layers_of(model.visual)
+    hooks = [layer.register_forward_hook(lambda module, args, out: captured.append(feature(out).float().cpu()))
+             for layer in layers]
     batches = (images.split(batch_size) if torch.is_tensor(images) else
                (x for x, _ in DataLoader(images, batch_size=batch_size, num_workers=workers)))
     try:
@@ -175,7 +187,7 @@ def tower_features(model, images, device="cpu", batch_size=256, workers=0):
             captured.clear()
             embedding = model.encode_image(batch.to(device)).float().cpu()
             for k, token in enumerate(captured):
-                outputs.setdefault(f"block{k + 1}", []).append(token)
+                outputs.setdefault(f"{prefix}{k + 1}", []).append(token)
             outputs.setdefault("embedding", []).append(F.normalize(embedding, dim=-1))
     finally:
         for hook in hooks:

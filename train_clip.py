@@ -40,7 +40,7 @@ import sources
 import tracking
 import validation
 from augment import TrainTransform
-from checkpoints import check_activation, check_state_dict, read_checkpoint
+from checkpoints import check_activation, check_state_dict, optional_key, read_checkpoint
 from contrastive import accumulate_gradients, contrastive_loss  # noqa: F401  (contrastive_loss: tests, bench)
 from model import create_model, model_config
 from progress import progress
@@ -63,7 +63,9 @@ class Config:
     lr_schedule: str = "cosine"  # cosine (warmup, then to 0 at the end) or authors (as their code runs: see lr_function)
     warmup_steps: int = 2500
     weight_decay: float = 0.1
-    eps: float = 1e-6  # AdamW's eps (the PI authors' configs: 1e-8)
+    beta1: float = 0.9  # AdamW; (0.9, 0.98): open_clip's for ViTs and the PI authors' (optimizer "betas"). open_clip
+    beta2: float = 0.98  # trains ResNets with (0.9, 0.999, 1e-8) (open_clip_train/params.py get_default_params, after
+    eps: float = 1e-6  # the CLIP paper); configs/rn50_yfcc15m.yaml sets those; the PI authors' configs set eps 1e-8
     grad_clip: float = 0.0  # max global gradient norm (0: off)
     save_every: int = 500  # steps between checkpoints (and always at the end, and on SIGTERM / SIGINT)
     seed: int = 0
@@ -71,6 +73,11 @@ class Config:
     precision: str = ""  # bf16 / fp16 / fp32; default bf16 on cuda, fp32 on cpu
     workers: int = 8  # DataLoader worker processes per rank
     grad_checkpointing: bool = False
+    # DDP with a ResNet tower: BatchNorm statistics over the global batch (SyncBatchNorm, GPUs only)
+    # instead of each rank's share. The PI authors' RN50 configs set it (github cheesepuff90/Brain_Initialization,
+    # config/trainingconfig/perceptual_init_yfcc15m_resnet50.json "distributed.sync_batchnorm": true);
+    # open_clip's default is off (its --use-bn-sync flag).
+    sync_batchnorm: bool = False
     compile: bool = False  # torch.compile the training forward (DDP first, then compile)
     compile_backend: str = "inductor"  # torch.compile backend; aot_eager captures graphs without code generation
     init: str = ""  # checkpoint whose vision tower starts the run (stage 1's ckpt.pt, open_clip, OpenAI)
@@ -100,7 +107,7 @@ class Config:
 # counts only (shards.py). train_data may move, not change: data_units / data_samples (the units and
 # samples found) are compared instead of its path. precision is compared as resolved.
 TRAJECTORY_KEYS = ("model", "epochs", "max_steps", "batch_size", "accum_steps", "contrastive_batch", "lr", "lr_schedule",
-                   "warmup_steps", "weight_decay", "eps", "data_fraction", "max_samples", "val_samples", "grad_clip", "seed", "init", "init_text", "augment", "streams", "shuffle_buffer", "decode_on_device",
+                   "warmup_steps", "weight_decay", "beta1", "beta2", "eps", "data_fraction", "max_samples", "val_samples", "grad_clip", "seed", "init", "init_text", "augment", "streams", "shuffle_buffer", "decode_on_device",
                    "image_column", "text_column", "precision", "data_units", "data_samples")
 DATA_FACTS = ("data_units", "data_samples")  # found in train_data at start-up, compared once it is read
 
@@ -112,7 +119,7 @@ DATA_FACTS = ("data_units", "data_samples")  # found in train_data at start-up, 
 
 def make_optimizer(model, cfg, device):
     """AdamW as the PI fork and open_clip run it; fused (one kernel for all parameters) on CUDA."""
-    return torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=cfg.eps,
+    return torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              fused=torch.device(device).type == "cuda")
 
 
@@ -211,7 +218,7 @@ def load_init(model, path, include_text):
         if stored is not None:
             check_activation(f"--init {path}", stored["quickgelu"], model.config.quickgelu)
     taken = {k: v for k, v in state_dict.items() if include_text or k.startswith("visual.")}
-    missing = [k for k in model.state_dict() if k.startswith("visual.") and k not in taken]
+    missing = [k for k in model.state_dict() if k.startswith("visual.") and k not in taken and not optional_key(k)]
     if missing:
         raise common.UserError(f"--init {path}: no vision tower for this model, missing {missing[:5]}{' ...' * (len(missing) > 5)}")
     with common.user_input():
@@ -351,7 +358,7 @@ def train(argv, stop):
         step, position = state["step"], state["data_position"]
         if d.is_main:  # the saved count is the sum over ranks: one rank carries it on
             skipped += torch.tensor([state["samples_skipped"][r] for r in shards.SKIP_REASONS], dtype=torch.int64)
-    forward, ddp = common.wrap_model(model, d, cfg.compile, cfg.compile_backend)  # `model` stays plain for saving
+    forward, ddp = common.wrap_model(model, d, cfg.compile, cfg.compile_backend, cfg.sync_batchnorm)  # `model` stays plain for saving
 
     saved_step = step
 

@@ -1,10 +1,11 @@
 """Stage 2's training step on one GPU as the trainer runs it: samples/s, MFU / HFU, peak memory, and the
-largest micro-batch that fits, for ViT-B/32 in bf16 (~4-5 minutes on an H100 / H200: an estimate, not yet
-run on a GPU).
+largest micro-batch that fits, for ViT-B/32 (or the config's / --model's tower, e.g. RN50) in bf16 (~4-5
+minutes on an H100 / H200: an estimate, not yet run on a GPU).
 
   python bench/gpu_bench.py [--config configs/yfcc15m.yaml] [--micro-batch 1024] [--steps 10] [--out gpu_bench.json]
                             [--parts ceiling,eager,compiled,fit]
-  python bench/gpu_bench.py --dry-run        # CPU, tiny model: checks the script end to end (the tests run it)
+  python bench/gpu_bench.py --config configs/rn50_yfcc15m.yaml     # the ResNet-50 CLIP (or --model RN50)
+  python bench/gpu_bench.py --dry-run [--model RN50]   # CPU, tiny model (tiny-rn for a ResNet): the tests run it
 
 Parts (--parts; each result is printed and appended to OUT's .jsonl as it comes, so a timeout or a
 failing part loses only what was running):
@@ -32,10 +33,13 @@ counts 14.78 GFLOP per image-text pair forward (open_clip's docs/model_profile.c
 without accumulation; accumulation adds its cached forward (58.9 at accum > 1). MFU counts the step's
 FLOPs without checkpointing (what the algorithm needs); HFU counts what the GPU runs, including
 checkpointing's recomputation (about 2/3 of a forward: torch's non-reentrant checkpoint stops
-recomputing once the saved tensors are back). Peak: the GPU's dense bf16 TFLOP/s from its datasheet
-(PEAK_TFLOPS, matched on the device name; H100 / H200 SXM 989: NVIDIA's H100 and H200 datasheets, dense,
-without sparsity), or --peak-tflops; MFU is also given against the measured matmul ceiling
-(mfu_vs_measured_matmul), the practical ceiling of a real step.
+recomputing once the saved tensors are back). RN50 counts 17.55 GFLOP a pair forward where open_clip's
+docs/model_profile.csv lists 18.18: open_clip's attention pool runs all 50 grid tokens as queries and
+keeps the first, the kit's runs that one query only (the same output); the 0.64 GFLOP of the 49 dropped
+queries make up the difference exactly (tests/test_gpu_bench.py). Peak: the GPU's dense bf16 TFLOP/s from
+its datasheet (PEAK_TFLOPS, matched on the device name; H100 / H200 SXM 989: NVIDIA's H100 and H200
+datasheets, dense, without sparsity), or --peak-tflops; MFU is also given against the measured matmul
+ceiling (mfu_vs_measured_matmul), the practical ceiling of a real step.
 """
 import argparse
 import dataclasses
@@ -252,16 +256,19 @@ def main(argv=None):
     parser.add_argument("--fit-start", default="3072,4096", help="first micro-batch probed without / with checkpointing")
     parser.add_argument("--fit-probes", type=int, default=7, help="most probes per search (each a full step at accum_steps)")
     parser.add_argument("--out", default="gpu_bench.json", help="the summary; every result is also appended to OUT's .jsonl as it comes")
+    parser.add_argument("--model", default="", help="a model.py preset instead of the config's (e.g. RN50)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model, micro-batch 4, 2 steps, no compile, one fit probe")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
     if parts - set(PARTS):
         parser.error(f"--parts: unknown {', '.join(sorted(parts - set(PARTS)))}; choose from {', '.join(PARTS)}")
     cfg = common.load_config(train_clip.Config, [args.config])
+    cfg = dataclasses.replace(cfg, model=args.model or cfg.model)
     if args.dry_run:
         device, precision, steps, warmup = "cpu", "fp32", 2, 1
         args.peak_tflops = args.peak_tflops or 1.0  # a CPU has no bf16 tensor-core peak: MFU is a placeholder
-        cfg = dataclasses.replace(cfg, model="tiny", batch_size=8, accum_steps=2)
+        tiny = "tiny-rn" if model_config(cfg.model).resnet else "tiny"  # the same kind of tower, in miniature
+        cfg = dataclasses.replace(cfg, model=tiny, batch_size=8, accum_steps=2)
         parts.discard("compiled")
     else:
         if not torch.cuda.is_available():

@@ -3,6 +3,7 @@
 Configs: YAML + command-line overrides, typed, with errors that name the key and its source.
 Schedule: hand-computed warmup and cosine values. Weight decay: CLIP's exclusions.
 Checkpoints: atomic writes and RNG state that survives torch.load(weights_only=True).
+DDP wrapping: sync_batchnorm on CPU ranks is refused by name.
 """
 import io
 import math
@@ -195,3 +196,14 @@ def test_prefetch_keeps_the_batch_structure():
     batches = [{"images": torch.ones(2, 3), "meta": [torch.zeros(1), "key"]}, (torch.ones(1), 7)]
     out = list(common.prefetch_to_device(iter(batches), "cpu"))
     assert out[0]["meta"][1] == "key" and out[1][1] == 7 and torch.equal(out[0]["images"], torch.ones(2, 3))
+
+
+def test_sync_batchnorm_on_cpu_ranks_is_refused_by_name():
+    """torch's SyncBatchNorm runs on GPUs only: asking for it on CPU ranks with a BatchNorm tower is an
+    error that names the setting (before DDP is built), not a crash in the first forward."""
+    from model import create_model
+
+    visual = create_model("tiny-rn").visual
+    with pytest.raises(common.UserError, match="sync_batchnorm.*--sync_batchnorm=false"):
+        common.wrap_model(visual, common.Dist(world_size=2), sync_batchnorm=True)
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in visual.modules())

@@ -1,10 +1,12 @@
-"""bench/gpu_bench.py: its FLOP counts against the published ViT-B/32 figures, its batch search, and a
-dry run of the whole script on the CPU (tiny model) through train_clip.train_step, the trainer's step.
+"""bench/gpu_bench.py: its FLOP counts against the published ViT-B/32, RN50 and RN101 figures, its batch
+search, and a dry run of the whole script on the CPU (tiny ViT and tiny ResNet) through
+train_clip.train_step, the trainer's step.
 
 The reference numbers are open_clip's model profile (github mlfoundations/open_clip,
-docs/model_profile.csv, row ViT-B-32: gflops 14.78 per image-text pair forward) and three times that,
-~44, for a training step (the backward pass costs two forwards: Kaplan et al. 2020, "Scaling Laws for
-Neural Language Models", arXiv 2001.08361, section 2.1).
+docs/model_profile.csv): ViT-B-32 gflops 14.78 per image-text pair forward, and three times that, ~44,
+for a training step (the backward pass costs two forwards: Kaplan et al. 2020, "Scaling Laws for Neural
+Language Models", arXiv 2001.08361, section 2.1); RN50 18.18 and RN101 25.5, counted with open_clip's
+attention pool, which runs all 50 grid tokens as queries where the kit runs the one it keeps.
 """
 import json
 import sys
@@ -30,6 +32,16 @@ def test_flops_of_vit_b32_match_the_published_figures():
     assert 0.5 * forward < recomputed < forward
 
 
+@pytest.mark.parametrize("name, published, embed_dim", [("RN50", 18.18e9, 1024), ("RN101", 25.5e9, 512)])
+def test_flops_of_resnets_match_the_published_figures(name, published, embed_dim):
+    forward = gpu_bench.forward_flops(name, 2) / 2
+    # open_clip's pool also computes 49 more queries (q projection, scores and weighted values over 50
+    # keys, c_proj) of width C = 2048 and drops them: 2 FLOPs a multiply-add.
+    channels, extra_queries, keys = 2048, 49, 50
+    dropped = 2 * extra_queries * (channels * channels + 2 * keys * channels + channels * embed_dim)
+    assert forward + dropped == pytest.approx(published, rel=0.002)
+
+
 def test_largest_fitting_batch_search():
     probes = []
 
@@ -42,9 +54,11 @@ def test_largest_fitting_batch_search():
     assert gpu_bench.largest_fitting(lambda n: False, 256, 64) is None
 
 
-def test_dry_run(tmp_path):
+@pytest.mark.parametrize("model", ["", "RN50"])
+def test_dry_run(tmp_path, model):
     torch.set_num_threads(1)  # tiny steps: threads only contend on a shared machine
-    results = gpu_bench.main(["--dry-run", "--out", str(tmp_path / "bench.json")])
+    results = gpu_bench.main(["--dry-run", "--out", str(tmp_path / "bench.json")] + (["--model", model] if model else []))
+    assert results["model"] == ("tiny-rn" if model else "tiny")
     assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(results))
     runs = {(r["grad_checkpointing"], r["accum_steps"]): r for r in results["runs"]}
     assert set(runs) == {(False, 1), (False, 2), (True, 1), (True, 2)}

@@ -12,7 +12,10 @@ each at a known step (tests/hold_at_step.py holds the trainer there: no race wit
 restarted with the same command ends bit-for-bit equal to one that never stopped; rerunning a
 finished run changes nothing; a changed setting is refused by name; a non-finite loss stops the run
 with the last good checkpoint intact; bad samples are counted over both ranks into summary.json.
-All fp32 on the CPU with the tiny preset.
+With a ResNet tower (tiny-rn): `python train_clip.py --init=<stage-1 ckpt.pt>` starts from exactly the
+stage-1 vision tower (BatchNorm statistics included) and the baseline's text tower, and trains it
+in train mode; accumulation's cached pass leaves BatchNorm's statistics alone (one update per micro-batch).
+All fp32 on the CPU with the tiny presets.
 """
 import io
 import json
@@ -223,6 +226,21 @@ def test_init_takes_the_vision_tower_only(tmp_path):
         train_clip.load_init(create_model("small"), tmp_path / "stage1.pt", include_text=False)
 
 
+def test_accumulation_updates_batchnorm_statistics_once_per_micro_batch():
+    torch.manual_seed(0)
+    model, plain = create_model("tiny-rn").train(), create_model("tiny-rn").train()
+    plain.load_state_dict(model.state_dict())
+    images, tokens = global_batch(8)
+    images = torch.nn.functional.interpolate(images, size=64)  # tiny-rn's input size
+    train_clip.accumulate_gradients(model, images, tokens, 2, FP32, common.grad_scaler("cpu", "fp32"))
+    with torch.no_grad():
+        for chunk in images.chunk(2):  # what the re-forwards with gradients alone would do
+            plain.visual(chunk)
+    for name, buffer in plain.named_buffers():
+        torch.testing.assert_close(dict(model.named_buffers())[name], buffer, atol=1e-6, rtol=0, msg=name)
+    assert model.visual.layer1[0].bn1.num_batches_tracked.item() == 2
+
+
 # ---------------------------------------------------------------------------------------------------
 # End to end: the script itself
 # ---------------------------------------------------------------------------------------------------
@@ -379,3 +397,29 @@ def test_two_ranks_count_bad_samples_into_the_summary(tmp_path):
 
 if __name__ == "__main__":
     compile_worker(sys.argv[2]) if sys.argv[1] == "compile" else ddp_worker(sys.argv[1])
+
+
+def test_init_moves_a_stage1_resnet_tower_exactly(tmp_path):
+    """The script's own load path: a stage-1 ckpt.pt (the kit's format) -> train_clip.py --init, run at lr 0
+    (AdamW then leaves every weight as it is), so the saved weights are the ones it started from."""
+    torch.manual_seed(5)
+    donor = create_model("tiny-rn")
+    with torch.no_grad():
+        for m in donor.modules():  # trained-looking statistics, different from a fresh init's
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.uniform_(0.5, 1.5)
+    torch.save({"state_dict": donor.state_dict(), "model_config": donor.config.__dict__, "step": 3}, tmp_path / "stage1.pt")
+    write_shards(tmp_path / "shards", ((f"{i:05d}", {"jpg": photo_jpeg(i), "txt": f"cat {i}"}) for i in range(16)), 8)
+    command = run_command(tmp_path / "shards" / "{00000..00001}.tar", tmp_path / "run", "--model=tiny-rn", "--lr=0",
+                          f"--init={tmp_path / 'stage1.pt'}")
+    command = [c for c in command if not c.startswith("--max_steps")] + ["--max_steps=2"]
+    subprocess.run(command, check=True, env=ENV, capture_output=True, timeout=300)
+    saved = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["state_dict"]
+    torch.manual_seed(0)  # clip_tiny.yaml's seed: the baseline's random init, drawn before --init loads
+    baseline = create_model("tiny-rn").state_dict()
+    for name, value in donor.state_dict().items():
+        if "running_" in name or "num_batches_tracked" in name:
+            continue  # stage 2 trains in train mode: the statistics move on from the donor's
+        assert torch.equal(saved[name], value if name.startswith("visual.") else baseline[name]), name
+    assert saved["visual.layer1.0.bn1.num_batches_tracked"].item() == 2 * 2  # 2 steps x 2 micro-batches
+    assert not torch.equal(saved["visual.layer1.0.bn1.running_mean"], donor.state_dict()["visual.layer1.0.bn1.running_mean"])

@@ -12,6 +12,11 @@ Proves that
     nothing; a changed setting is refused by name; a non-finite loss stops the run, names its step and
     leaves the last good checkpoint as it was;
   - the post-hoc control changes only the vision blocks' attn.in_proj_weight;
+  - a ResNet tower (tiny-rn) trains on the same hinge (on its attention-pooled embedding): its vision
+    weights and BatchNorm statistics move, its text tower does not; with gradient checkpointing the
+    run ends with the same weights and the same statistics; its ckpt.pt loads in open_clip with equal
+    features; its post-hoc control changes only the attention pool's q/k/v weights, BatchNorm
+    statistics included;
   - DDP with 2 processes (torchrun --standalone, gloo: a free port, never a fixed one) reaches the same
     weights as 1 process with the same global batch.
 """
@@ -194,6 +199,54 @@ def test_posthoc_trains_only_vision_qkv(small_nights, trained, tmp_path):
     after = load_checkpoint(tmp_path / "ckpt.pt").state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {f"visual.transformer.resblocks.{i}.attn.in_proj_weight" for i in range(2)}
+
+
+@pytest.fixture(scope="module")
+def resnet_run(small_nights, tmp_path_factory):
+    """Stage 1 with the tiny ResNet at its 64 px: 1 epoch of 3 steps at batch 32."""
+    out = tmp_path_factory.mktemp("resnet")
+    run(small_nights, out, "--model=tiny-rn", "--image_size=64", "--epochs=1", "--batch_size=32")
+    return out
+
+
+def test_resnet_tower_trains_on_the_hinge(small_nights, resnet_run, tmp_path):
+    trained = load_checkpoint(resnet_run / "ckpt.pt")
+    assert trained.config.resnet and json.loads((resnet_run / "summary.json").read_text())["2afc"]["val"] > 0
+    torch.manual_seed(42)  # the run's seed: its random init
+    start = create_model("tiny-rn").state_dict()
+    after = trained.state_dict()
+    changed = {k for k in start if not torch.equal(start[k], after[k])}
+    assert not {k for k in changed if not k.startswith("visual.")}  # the text tower stays at its init
+    assert {"visual.conv1.weight", "visual.attnpool.c_proj.weight", "visual.layer4.0.bn3.weight",
+            "visual.layer1.0.bn1.running_mean", "visual.layer1.0.bn1.running_var"} <= changed
+    assert after["visual.layer1.0.bn1.num_batches_tracked"].item() == 3  # one update a step
+    # Gradient checkpointing: the same run (its recomputation leaves BatchNorm's statistics alone).
+    run(small_nights, tmp_path, "--model=tiny-rn", "--image_size=64", "--epochs=1", "--batch_size=32",
+        "--grad_checkpointing=true")
+    checkpointed = load_checkpoint(tmp_path / "ckpt.pt").state_dict()
+    for key, value in after.items():
+        torch.testing.assert_close(checkpointed[key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_resnet_checkpoint_loads_in_open_clip(resnet_run):
+    open_clip = pytest.importorskip("open_clip")
+    from test_backbones import open_clip_twin
+
+    ours = load_checkpoint(resnet_run / "ckpt.pt")
+    reference = open_clip_twin(ours.config).eval()
+    reference.load_state_dict(torch.load(resnet_run / "ckpt.pt", weights_only=True)["state_dict"], strict=True)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_image(images), reference.encode_image(images, normalize=True), atol=1e-5, rtol=0)
+
+
+def test_posthoc_on_a_resnet_trains_only_the_attention_pool_qkv(small_nights, resnet_run, tmp_path):
+    run(small_nights, tmp_path, "--epochs=2", "--batch_size=32", f"--init={resnet_run / 'ckpt.pt'}", "--posthoc=true",
+        "--lr=1e-3", "--weight_decay=0", "--image_size=64")  # 2 epochs: an evaluation between them
+    before = load_checkpoint(resnet_run / "ckpt.pt").state_dict()
+    after = load_checkpoint(tmp_path / "ckpt.pt").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {f"visual.attnpool.{p}_proj.weight" for p in "qkv"}  # BatchNorm statistics too stay
 
 
 def test_ddp_two_processes_match_one(small_nights, tmp_path):
