@@ -66,10 +66,10 @@ def test_dry_run(tmp_path, model):
     for (checkpointing, accum), r in runs.items():  # each figure from the step's time and the counted FLOPs
         assert r["batch"] == 4 * accum and r["step_s"] > 0
         assert r["samples_per_s"] == pytest.approx(r["batch"] / r["step_s"])
-        model_flops = gpu_bench.step_flops("tiny", r["batch"], accum, False)
+        model_flops = gpu_bench.step_flops(results["model"], r["batch"], accum, False)
         assert r["gflop_per_pair"] == pytest.approx(model_flops / r["batch"] / 1e9)
         assert r["mfu"] == pytest.approx(model_flops / r["step_s"] / peak)
-        assert r["hfu"] == pytest.approx(gpu_bench.step_flops("tiny", r["batch"], accum, checkpointing) / r["step_s"] / peak)
+        assert r["hfu"] == pytest.approx(gpu_bench.step_flops(results["model"], r["batch"], accum, checkpointing) / r["step_s"] / peak)
     assert runs[(True, 1)]["hfu"] > runs[(True, 1)]["mfu"] and runs[(False, 1)]["hfu"] == runs[(False, 1)]["mfu"]
     assert runs[(False, 2)]["gflop_per_pair"] > runs[(False, 1)]["gflop_per_pair"]
     # Issue 22: every result is a JSON line as it comes (a timeout loses only what was running), the
