@@ -227,6 +227,56 @@ def image_transform(image_size, kind="eval"):
 # The reader indexes each shard's members once (name -> byte offset) and then reads samples by
 # index, so a DataLoader can spread one shard over many workers and the order stays the tar order.
 
+# The tasks by name: the PI paper's 31 (CLIP_benchmark's names), the groups evaluate.py's --suite takes,
+# and where each task's folder may sit under a data root (evaluate.py and probes.py both look them up).
+CLASSIFICATION_TASKS = [
+    "imagenet1k", "imagenetv2", "imagenet_sketch", "imagenet-a", "imagenet-o", "imagenet-r", "objectnet",
+    "cifar10", "vtab/cifar100", "vtab/caltech101", "vtab/dtd", "vtab/eurosat", "vtab/flowers", "vtab/pets",
+    "vtab/pcam", "vtab/resisc45", "vtab/svhn", "vtab/clevr_count_all", "vtab/clevr_closest_object_distance",
+    "vtab/kitti_closest_vehicle_distance", "cars", "fgvc_aircraft", "food101", "country211", "gtsrb", "mnist",
+    "stl10", "renderedsst2", "voc2007",
+]
+RETRIEVAL_TASKS = ["flickr30k", "mscoco_captions"]
+GROUPS = {
+    "all": CLASSIFICATION_TASKS + RETRIEVAL_TASKS,  # the 31 tasks of the PI paper's table
+    "imagenet": CLASSIFICATION_TASKS[:7],  # ImageNet and its six distribution shifts
+    "vtab": [t for t in CLASSIFICATION_TASKS if t.startswith("vtab/")],
+    "retrieval": RETRIEVAL_TASKS,
+}
+
+
+def task_dir_candidates(data_root, task):
+    """The folders `task` may live in under data_root, in the order tried: CLIP_benchmark's hub name
+    wds_<task> ('/' -> '-'), DataComp's download name wds_<task>_test, and for ImageNet imagenet1k/val."""
+    name = "wds_" + task.replace("/", "-")
+    candidates = [Path(data_root) / name, Path(data_root) / (name + "_test")]
+    return candidates + ([Path(data_root) / "imagenet1k" / "val"] if task == "imagenet1k" else [])
+
+
+def task_dir(data_root, task):
+    """The first of task_dir_candidates that exists, else None."""
+    return next((p for p in task_dir_candidates(data_root, task) if p.is_dir()), None)
+
+
+def missing_task_message(data_root, task):
+    return f"{task} (tried {' and '.join(map(str, task_dir_candidates(data_root, task)))})"
+
+
+def resolve_tasks(suite, data_root):
+    """A group name (all, imagenet, vtab, retrieval, demo) or comma-separated task names -> task list.
+    demo: the tasks listed in <data_root>/tasks.txt (one name a line), else every wds_* folder there."""
+    if suite in GROUPS:
+        return list(GROUPS[suite])
+    if suite == "demo":
+        listing = Path(data_root) / "tasks.txt"
+        if listing.exists():
+            names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+        else:
+            names = sorted(p.name for p in Path(data_root).glob("wds_*") if p.is_dir())
+        return list(dict.fromkeys(n.removeprefix("wds_").removesuffix("_test") for n in names))
+    return [t.strip() for t in suite.split(",") if t.strip()]
+
+
 BENCHMARK_IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 BENCHMARK_TASK_TYPES = ("classification", "retrieval", "multilabel")
 _LABEL_EXT = {"classification": "cls", "multilabel": "npy", "retrieval": "txt"}
