@@ -5,10 +5,12 @@
   python train_triplet.py configs/nights.yaml --data_format=things --data_root=DIR   # any source: docs/stage1-data.md
   torchrun --nproc_per_node=8 train_triplet.py configs/nights.yaml   # DDP: batch_size is global
 
-Each NIGHTS triplet holds a reference and two variations with the share p of observers who judged
-the right one closer. The vision tower embeds all three; d = 1 - cos of the projected embeddings;
-a hinge with margin 0.05 pushes d(ref, right) below d(ref, left) when most observers chose right and
-the other way otherwise (REFERENCE.md section 2). Only the vision tower trains, but ckpt.pt holds the
+Each triplet holds a reference and two images with the share p of judges who chose the right one
+closer: NIGHTS by default, or BAPPS, THINGS odd-one-out trials, triplet tables, class-folder triplets or
+a dissimilarity matrix (data_format; docs/stage1-data.md). The vision tower embeds all three; d = 1 - cos
+of the projected embeddings; a hinge with margin 0.05 pushes d(ref, right) below d(ref, left) when most
+judges chose right and the other way otherwise (the PI authors' src/loss.py and
+config/trainingconfig/nights_init_vitb32.json, github cheesepuff90/Brain_Initialization). Only the vision tower trains, but ckpt.pt holds the
 full CLIP (text tower at its random init), so it loads anywhere a CLIP checkpoint does.
 
 Start-up order: if out_dir holds ckpt.pt the run resumes from it exactly (weights, optimiser, step,
