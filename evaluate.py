@@ -92,11 +92,15 @@ def embed_images(model, dataset, device, batch_size=256, precision="fp32"):
     return torch.cat(features) if features else torch.zeros(0, 0)
 
 
-def two_afc_from_embeddings(features, rows, p):
-    """Mean 2AFC score of rows (N, 3) = (ref, left, right) image indices into unit vectors features (M, E)."""
-    ref, left, right = (features[rows[:, c]] for c in range(3))
-    d0, d1 = 1 - (ref * left).sum(-1), 1 - (ref * right).sum(-1)
-    return two_afc_score(d0, d1, p).mean().item()
+def two_afc_from_embeddings(features, rows, p, chunk=2**18):
+    """Mean 2AFC score of rows (N, 3) = (ref, left, right) image indices into unit vectors features (M, E),
+    `chunk` rows at a time (THINGS' 8M training rows would need ~50 GB of gathered vectors at once)."""
+    total = 0.0
+    for start in range(0, len(rows), chunk):
+        ref, left, right = (features[rows[start:start + chunk, c]] for c in range(3))
+        d0, d1 = 1 - (ref * left).sum(-1), 1 - (ref * right).sum(-1)
+        total += two_afc_score(d0, d1, p[start:start + chunk]).double().sum().item()
+    return total / max(len(rows), 1)
 
 
 def evaluate_triplets(model, dataset, device, batch_size=64, precision="fp32", workers=0):
@@ -110,9 +114,12 @@ def evaluate_triplets(model, dataset, device, batch_size=64, precision="fp32", w
 def odd_one_out_choice(features, trials):
     """trials (T, 3) of image indices -> (T,) the column the model picks as the odd one out: the item
     outside the most similar pair (Hebart et al. 2020/2023; the same rule as cblearn's and gLocal's)."""
-    a, b, c = (features[trials[:, k]] for k in range(3))
-    pair_similarity = torch.stack([(b * c).sum(-1), (a * c).sum(-1), (a * b).sum(-1)], 1)  # column k: the pair without k
-    return pair_similarity.argmax(1)
+    choices = []
+    for start in range(0, len(trials), 2**18):  # in chunks: THINGS' 4M training trials gathered at once need ~25 GB
+        a, b, c = (features[trials[start:start + 2**18, k]] for k in range(3))
+        pair_similarity = torch.stack([(b * c).sum(-1), (a * c).sum(-1), (a * b).sum(-1)], 1)  # column k: the pair without k
+        choices.append(pair_similarity.argmax(1))
+    return torch.cat(choices) if choices else torch.zeros(0, dtype=torch.long)
 
 
 def odd_one_out_accuracy(model, dataset, device, batch_size=256, precision="fp32", features=None):
