@@ -96,7 +96,8 @@ class Config:
 # precision is compared as resolved, train_triplets (the training set's size) as found.
 TRAJECTORY_KEYS = ("model", "image_size", "init", "posthoc", "epochs", "batch_size", "lr", "weight_decay", "beta1",
                    "beta2", "eps", "warmup_steps", "margin", "shuffle_labels", "seed", "min_votes", "precision",
-                   "data_format", "max_triplets", "triplet_fraction") + triplet_sources.OPTIONS[1:-1]
+                   "data_format", "max_triplets", "triplet_fraction", "bapps_subsets", "odd_column", "images_per_class",
+                   "rdm", "rdm_triplets_per_image", "rdm_min_gap", "rdm_holdout")  # data_root, image_dir: data may move
 
 
 def hinge_loss(d0, d1, p, margin):
