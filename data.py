@@ -3,9 +3,11 @@
 Sections, in the order a sample meets them:
   tokenizer     CLIP's byte-pair encoding, id-for-id equal to OpenAI CLIP / open_clip
   transforms    image preprocessing for training and evaluation (CLIP's mean / std)
-  benchmark     zero-shot task folders in CLIP_benchmark's on-disk format (evaluation)
-Stage 2's streaming loader is shards.py (formats: sources.py; its augmentation: augment.py). NIGHTS
-(stage 1's triplets, their decode cache and batch order) is nights.py.
+  benchmark     the zero-shot tasks by name, where their folders sit, and the folders in CLIP_benchmark's
+                on-disk format (evaluation)
+Stage 2's streaming loader is shards.py (formats: sources.py; its augmentation: augment.py). Stage 1's
+triplets (decode cache, batch order) are triplets.py, read from NIGHTS by nights.py and from every other
+source by triplet_sources.py.
 
 model.py never imports this file and this file never imports model.py: the data side and the model
 side meet only in the three scripts.
