@@ -1,42 +1,27 @@
-"""NIGHTS for stage 1: DreamSim's data.csv read as DreamSim wrote it, and each image decoded only once.
+"""NIGHTS for stage 1: DreamSim's data.csv read as DreamSim wrote it, into triplets.py's rows.
 
-Why a file of its own: reading the real NIGHTS is three jobs that only stage 1 and its 2AFC metric
-need (the table with its label convention, a decode cache for ~58 GB of large PNGs, stage 1's batch
-order), about half of what data.py held once they were done right; data.py keeps the tokenizer,
-transforms and benchmark folders.
+NIGHTS (DreamSim, Fu et al. 2023) is stage 1's default source and the PI paper's. This file is its
+reader; what every source shares (the decode cache, the dataset, model_input, the batch order and the
+loader) is triplets.py, and the other sources' readers are triplet_sources.py.
 
-  table         data.csv -> rows; p = right_vote / (left_vote + right_vote): right for the real file's
+  read_table    data.csv -> rows; p = right_vote / (left_vote + right_vote): right for the real file's
                 vote shares and for counts; a bad value names its csv line and column
-  NightsDataset one split -> (ref, left, right, p) with uint8 images (3, S, S) at the model's size
-  cache         each image decoded and resized once into a memory-mapped uint8 array, reused by later
-                runs and rebuilt when a source file changes (~7 GB for the train split at 224 px)
-  model_input   uint8 batch -> the model's float input on the device, equal bit for bit to
-                data.image_transform(S, "nights") (Resize((S, S), bicubic) -> ToTensor -> Normalize)
-  batches       stage 1's batch order (a pure function of seed and epoch) and a loader built once,
-                whose workers live across epochs
+  NightsDataset one split -> (ref, left, right, p) with uint8 images (3, S, S) at the model's size,
+                each image decoded once into the cache (~7 GB for the train split at 224 px)
 
+model_input, epoch_batches, EpochBatches and train_loader are triplets.py's, importable from here too.
 Imports nothing of the model.
 """
-import contextlib
 import csv
-import errno
 import hashlib
-import json
 import math
-import os
-import shutil
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-from torchvision import transforms as T
-
-from data import CLIP_MEAN, CLIP_STD
-from progress import progress
+from triplets import (DECODE_ERRORS, EpochBatches, LineOf, TripletDataset, decode, default_cache_dir,  # noqa: F401
+                      epoch_batches, model_input, train_loader)
 
 # ---------------------------------------------------------------------------------------------------
-# The table (DreamSim's layout, REFERENCE.md section 3)
+# The table (DreamSim's layout: github.com/ssundaram21/dreamsim, dataset/download_dataset.sh and its dataset.py)
 # ---------------------------------------------------------------------------------------------------
 
 # NIGHTS (DreamSim, Fu et al. 2023): triplets of Stable Diffusion images, a reference and two
@@ -122,181 +107,16 @@ def read_table(root, split):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Decoding, the cache and the model's input
-# ---------------------------------------------------------------------------------------------------
-
-# PIL's errors for truncated, foreign or absurdly large files.
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-CACHE_VERSION = 1  # bump when the cached bytes would change for the same sources
-
-
-def decode(path, image_size):
-    """One image file -> uint8 array (3, S, S): RGB, Resize((S, S), bicubic), the first step of
-    data.image_transform(S, "nights"); PIL's resize returns uint8, so caching this loses nothing."""
-    with Image.open(path) as image:
-        resized = T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC)(image.convert("RGB"))
-    return np.asarray(resized).transpose(2, 0, 1)  # (S, S, 3) -> (3, S, S)
-
-
-_DEVICE_CONSTANTS = {}
-
-
-def model_input(images, device):
-    """uint8 images (B, 3, S, S) -> the model's float32 input on `device`: ToTensor's / 255, then
-    Normalize's - mean, / std, the same operations in the same order as data.image_transform(S,
-    "nights"), so the numbers are the same bit for bit. The divisors are tensors on the device: CUDA
-    turns a division by a Python number into a multiplication by its reciprocal, which can differ in
-    the last bit. Only 1 byte per value crosses to the device instead of 4."""
-    if images.dtype != torch.uint8:
-        raise TypeError(f"model_input expects uint8 images (NightsDataset's), got {images.dtype}")
-    device = torch.device(device)
-    if device not in _DEVICE_CONSTANTS:
-        _DEVICE_CONSTANTS[device] = (torch.tensor(255.0, device=device),
-                                     torch.tensor(CLIP_MEAN, device=device).view(3, 1, 1),
-                                     torch.tensor(CLIP_STD, device=device).view(3, 1, 1))
-    scale, mean, std = _DEVICE_CONSTANTS[device]
-    return images.to(device, non_blocking=True).float().div_(scale).sub_(mean).div_(std)
-
-
-def default_cache_dir(root):
-    """Beside the images it is made from, on the disk that already holds them; set cache_dir for a
-    read-only data set."""
-    return Path(root) / "cache"
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path):
-    """Hold an exclusive lock on lock_path: DDP ranks, or two runs on one data set, build a cache once
-    and the others wait and then read it. Without fcntl (Windows) there is no lock."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-class _CacheWriter(torch.utils.data.Dataset):
-    """Item c decodes triplets [c * chunk, (c + 1) * chunk) straight into the cache file (each worker
-    maps it itself) and returns (triplets done, [(index, reason)] for unreadable ones)."""
-
-    def __init__(self, path, rows, image_size, chunk):
-        self.path, self.rows, self.image_size, self.chunk = path, rows, image_size, chunk
-        self._array = None
-
-    def __len__(self):
-        return math.ceil(len(self.rows) / self.chunk)
-
-    def __getitem__(self, c):
-        if self._array is None:
-            self._array = np.load(self.path, mmap_mode="r+")
-        done = range(c * self.chunk, min((c + 1) * self.chunk, len(self.rows)))
-        unreadable = []
-        for i in done:
-            for k, path in enumerate(self.rows[i]["paths"]):
-                try:
-                    self._array[i, k] = decode(path, self.image_size)
-                except DECODE_ERRORS as e:
-                    unreadable.append((i, f"cannot read image {path}: {e}"))
-                    break
-        return len(done), unreadable
-
-    def __getstate__(self):  # each worker maps the file itself
-        return {**self.__dict__, "_array": None}
-
-
-def _keep(item):
-    return item
-
-
-def build_cache(root, split, rows, image_size, cache_dir, workers=0):
-    """The cache of these rows' images -> (path of the .npy, {index: reason} for unreadable rows).
-
-    The .npy holds uint8 (N, 3 images, 3, S, S). Its name carries a hash of the image size and every
-    source file's path, size and modification time, so a changed file means a new build; a .json
-    beside it marks it complete and records the unreadable rows. Older builds for the same data root,
-    split and size are deleted once a new one is complete."""
-    cache_dir = Path(cache_dir)
-    stats = [[str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else str(p), *_stat(p)]
-             for row in rows for p in row["paths"]]
-    csv_path = Path(root) / "data.csv"
-    key = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "image_size": image_size, "files": stats})
-                         .encode()).hexdigest()[:16]
-    stem = f"nights-{hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]}-{split}-{image_size}px"
-    npy, meta = cache_dir / f"{stem}-{key}.npy", cache_dir / f"{stem}-{key}.json"
-    shape = (len(rows), 3, 3, image_size, image_size)
-    if not (meta.exists() and npy.exists()):  # both appear only once a build is complete (os.replace)
-        lock = cache_dir / f"{stem}.lock"
-        try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            open(lock, "a").close()
-        except OSError as e:
-            raise OSError(f"cannot write the NIGHTS decode cache in {cache_dir} ({e}): set cache_dir to a writable "
-                          "folder (the data set itself may stay read-only), or cache: false to decode every epoch") from None
-        with _exclusive(lock):
-            if not (meta.exists() and npy.exists()):  # no one else built it while we waited
-                _write_cache(npy, meta, rows, shape, image_size, workers, csv_path,
-                             f"NIGHTS {split}: decoding into {cache_dir}")
-                for old in cache_dir.glob(f"{stem}-*"):
-                    if old not in (npy, meta):
-                        old.unlink(missing_ok=True)
-    info = json.loads(meta.read_text())
-    return npy, {int(i): reason for i, reason in info["unreadable"].items()}
-
-
-def _stat(path):
-    s = os.stat(path)
-    return s.st_size, s.st_mtime_ns
-
-
-def _write_cache(npy, meta, rows, shape, image_size, workers, csv_path, description):
-    need = math.prod(shape)
-    free = shutil.disk_usage(npy.parent).free
-    if need > free:
-        raise OSError(f"the NIGHTS decode cache needs {need / 1e9:.1f} GB in {npy.parent}, which has {free / 1e9:.1f} GB "
-                      "free: set cache_dir to a folder with room, or cache: false to decode every epoch")
-    tmp = npy.with_name(f"{npy.name}.tmp-{os.getpid()}")
-    try:
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)  # header; a sparse file
-        with open(tmp, "r+b") as f:
-            try:  # claim the disk now: running out of it while workers write a mapping kills them (SIGBUS)
-                os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
-            except (AttributeError, OSError) as e:  # no posix_fallocate here, or a file system without it
-                if getattr(e, "errno", None) == errno.ENOSPC:
-                    raise
-        # Triplets per work item: 8 at 224 px (~0.5 s for 768-px PNGs), more for small images.
-        chunk = max(1, 8 * 224 * 224 // (image_size * image_size))
-        writer = _CacheWriter(tmp, rows, image_size, chunk)
-        loader = torch.utils.data.DataLoader(writer, batch_size=None, num_workers=workers, collate_fn=_keep)
-        unreadable = {}
-        with progress(total=len(rows), desc=description, unit="triplet", disable=len(rows) < 1000) as bar:
-            for done, bad in loader:
-                for i, reason in bad:
-                    unreadable[i] = reason
-                    bar.write(f"{csv_path} line {rows[i]['line']}: {reason}")
-                bar.update(done)
-                bar.set_postfix(unreadable=len(unreadable))
-        with open(tmp, "r+b") as f:
-            os.fsync(f.fileno())  # the workers' writes are on disk before the cache is marked complete
-        os.replace(tmp, npy)
-        tmp_meta = meta.with_name(f"{meta.name}.tmp-{os.getpid()}")
-        tmp_meta.write_text(json.dumps({"shape": list(shape), "unreadable": unreadable}) + "\n")
-        os.replace(tmp_meta, meta)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-# ---------------------------------------------------------------------------------------------------
 # The dataset
 # ---------------------------------------------------------------------------------------------------
 
 
-class NightsDataset(torch.utils.data.Dataset):
+def root_key(root):
+    """8 hex digits naming a data root in cache file names (two data sets never share a cache)."""
+    return hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]
+
+
+class NightsDataset(TripletDataset):
     """One split of NIGHTS -> items (ref, left, right, p): uint8 images (3, S, S) resized to
     image_size (model_input makes them the model's input), p the share of observers who judged the
     right image (`_1`) closer to the reference, as a float32 scalar.
@@ -314,104 +134,18 @@ class NightsDataset(torch.utils.data.Dataset):
                  workers=0):
         if split not in NIGHTS_SPLITS:
             raise ValueError(f"unknown NIGHTS split {split!r}; expected one of {', '.join(NIGHTS_SPLITS)}")
-        self.root, self.split, self.image_size = Path(root), split, int(image_size)
+        self.root = Path(root)
         self.csv_path = self.root / "data.csv"
         base, imagenet = {"test_imagenet": ("test", True), "test_no_imagenet": ("test", False)}.get(split, (split, None))
         table = read_table(self.root, base)
-        in_subset = lambda row: imagenet is None or row["is_imagenet"] == imagenet  # noqa: E731
-        self.counts = {"in_split": sum(map(in_subset, table)), "few_votes": 0, "missing_images": 0,
-                       "unreadable_images": 0, "triplets": 0}
-        decodable = []  # rows of the base split whose images exist: the cache holds them all, whatever min_votes
-        for row in table:
-            row["kept"] = row["votes"] >= min_votes
-            self.counts["few_votes"] += in_subset(row) and not row["kept"]
-            missing = [str(p) for p in row["paths"] if not p.is_file()]
-            if missing:
-                if row["kept"] and not skip_missing:
-                    raise FileNotFoundError(f"{self.csv_path} line {row['line']}: image {missing[0]} does not exist "
-                                            "(use skip_missing to drop such rows)")
-                self.counts["missing_images"] += in_subset(row) and row["kept"]
-                continue
-            decodable.append(row)
-        unreadable, self.cache_path = {}, None
-        if cache and decodable:
-            self.cache_path, unreadable = build_cache(self.root, base, decodable, self.image_size,
-                                                      cache_dir or default_cache_dir(self.root), workers)
-        unreadable = {i: reason for i, reason in unreadable.items() if decodable[i]["kept"]}
-        if unreadable and not skip_missing:
-            first = min(unreadable)
-            raise OSError(f"{self.csv_path} line {decodable[first]['line']}: {unreadable[first]} ({len(unreadable)} "
-                          f"unreadable row(s) in {base}; use skip_missing to drop such rows)")
-        self.rows = []  # (index in the cache, row)
-        for index, row in enumerate(decodable):
-            if row["kept"] and in_subset(row):
-                if index in unreadable:
-                    self.counts["unreadable_images"] += 1
-                else:
-                    self.rows.append((index, row))
-        self.p = torch.tensor([row["p"] for _, row in self.rows], dtype=torch.float32)
-        self.counts["triplets"] = len(self.rows)
-        self._array = None  # the memory-mapped cache, opened in each process that reads it
-
-    def __len__(self):
-        return len(self.rows)
-
-    def _decode(self, path, line):
-        try:
-            return torch.from_numpy(np.ascontiguousarray(decode(path, self.image_size)))
-        except DECODE_ERRORS as e:
-            raise OSError(f"{self.csv_path} line {line}: cannot read image {path}: {e}") from None
-
-    def __getitem__(self, i):
-        index, row = self.rows[i]
-        if self.cache_path is None:
-            ref, left, right = (self._decode(path, row["line"]) for path in row["paths"])
-            return ref, left, right, self.p[i]
-        if self._array is None:
-            self._array = np.load(self.cache_path, mmap_mode="r")
-        images = torch.from_numpy(np.array(self._array[index]))  # (3, 3, S, S): a copy, off the mapping
-        return images[0], images[1], images[2], self.p[i]
-
-    def __getstate__(self):  # DataLoader workers map the cache themselves (a pickled memmap is a full copy)
-        return {**self.__dict__, "_array": None}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Stage 1's batches
-# ---------------------------------------------------------------------------------------------------
-
-
-def epoch_batches(n, batch_size, seed, epoch, rank=0, world_size=1):
-    """This rank's batches (lists of indices) for one epoch: a pure function of seed and epoch.
-    A fresh permutation is cut into global batches (a tail too short for one is dropped); rank r
-    takes every world_size-th index of each, as DistributedSampler does, so the ranks together see
-    exactly the global batch one process would."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    return [order[start + rank:start + batch_size:world_size] for start in range(0, n - batch_size + 1, batch_size)]
-
-
-class EpochBatches(torch.utils.data.Sampler):
-    """The batch sampler of a loader built once: set_epoch(epoch, start) before each pass, which then
-    yields epoch_batches(...)[start:] (start > 0 resumes mid-epoch). It runs in the main process, so
-    the workers, which live across epochs, only ever see indices."""
-
-    def __init__(self, n, batch_size, seed, rank=0, world_size=1):
-        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch, start=0):
-        self.epoch, self.start = epoch, start
-
-    def __iter__(self):
-        return iter(epoch_batches(self.n, self.batch_size, self.seed, self.epoch, self.rank, self.world_size)[self.start:])
-
-    def __len__(self):
-        return max(0, self.n // self.batch_size - self.start)
-
-
-def train_loader(dataset, batch_size, seed, workers=0, rank=0, world_size=1, pin_memory=False, worker_init_fn=None):
-    """Stage 1's training loader: EpochBatches over `dataset`, built once for the whole run; set the
-    epoch with loader.batch_sampler.set_epoch(epoch, start) before iterating it."""
-    return torch.utils.data.DataLoader(dataset, batch_sampler=EpochBatches(len(dataset), batch_size, seed, rank, world_size),
-                                       num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
-                                       worker_init_fn=worker_init_fn)
+        in_subset = [imagenet is None or row["is_imagenet"] == imagenet for row in table]
+        kept = [row["votes"] >= min_votes for row in table]
+        images = list(dict.fromkeys(path for row in table for path in row["paths"]))  # the whole base split: one cache
+        number = {path: k for k, path in enumerate(images)}
+        lines = [row["line"] for row in table]
+        counts = {"in_split": sum(in_subset), "few_votes": sum(s and not k for s, k in zip(in_subset, kept))}
+        super().__init__(images, [[number[p] for p in row["paths"]] for row in table], [row["p"] for row in table],
+                         LineOf(self.csv_path, lines), split, image_size, self.root,
+                         f"nights-{root_key(self.root)}-{base}-{int(image_size)}px",
+                         serve=[s and k for s, k in zip(in_subset, kept)], skip_missing=skip_missing, cache=cache,
+                         cache_dir=cache_dir, workers=workers, label="NIGHTS", counts=counts)

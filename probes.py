@@ -16,7 +16,8 @@ Sections (every checkpoint frozen; the images are decoded once and shared by all
 Why a file of its own: evaluate.py holds the scores a paper reports (2AFC, zero-shot) and their CLI;
 with the probes it would pass 600 lines. The probes answer another question (how do two towers'
 representations relate?), have their own inputs (any image folder, a reference distance, train
-splits) and their own CLI, and use evaluate.py's metric helpers rather than copy them.
+splits) and their own CLI. They import nothing of evaluate.py: evaluate.py imports their RSA (its
+alignment scores) and the classification metrics kept here, which both use.
 """
 import argparse
 import itertools
@@ -30,8 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data import BenchmarkTask, image_transform
-from evaluate import classification_metrics, resolve_tasks, task_dir
+from data import BenchmarkTask, image_transform, resolve_tasks, task_dir
 from common import user_input
 from checkpoints import load_checkpoint
 from progress import progress as progress_bar
@@ -96,6 +96,35 @@ def representational_similarity(features, reference):
 # ---------------------------------------------------------------------------------------------------
 # Linear probe
 # ---------------------------------------------------------------------------------------------------
+
+# Classification metrics as CLIP_benchmark 1.6.2 defines them (metrics/zeroshot_classification.py); the
+# linear probe scores with them, and evaluate.py's zero-shot classification imports them from here
+# (this file imports nothing of evaluate.py, which imports this file's RSA for its alignment scores).
+
+
+def top_k(scores, k, block=None, device="cpu"):
+    """scores (Q, C) -> (Q, k) column indices of each row's k best, best first, from torch.topk run on
+    blocks of `block` rows moved to `device` (CLIP_benchmark's calls; block None = all rows at once)."""
+    block = block or len(scores)
+    k = min(k, scores.shape[1])  # fewer candidates than k: all of them are in the top k
+    return torch.cat([torch.topk(scores[s:s + block].to(device), k, dim=1).indices.cpu()
+                      for s in range(0, len(scores), block)])
+
+
+def classification_metrics(logits, targets):
+    """logits (N, C), int targets (N,) -> acc1, acc5 (NaN under 5 classes, as CLIP_benchmark) and
+    mean_per_class_recall: the mean over classes present in targets of the fraction of their samples
+    whose argmax is right (sklearn's balanced_accuracy_score, which CLIP_benchmark calls).
+    acc1 and acc5 come from one topk(5) call, as CLIP_benchmark's `accuracy`: under a tie at the top
+    acc1 follows topk's order and mean_per_class_recall argmax's (the first maximum)."""
+    ks = (1, 5) if logits.shape[1] >= 5 else (1,)
+    hits = top_k(logits, max(ks)) == targets[:, None]  # (N, k) True where the target sits
+    acc = {f"acc{k}": float(hits[:, :k].sum()) / len(targets) for k in ks}
+    predicted = logits.argmax(dim=1)
+    recalls = [(predicted[targets == c] == c).double().mean().item() for c in targets.unique().tolist()]
+    return {"acc1": acc["acc1"], "acc5": acc.get("acc5", float("nan")), "mean_per_class_recall": float(np.mean(recalls))}
+
+
 
 # The L2 strengths tried on a held-out share of the train split (OpenAI's CLIP paper sweeps C on a
 # validation set, CLIP_benchmark its weight decay); the best is refitted on the whole train split.

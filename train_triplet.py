@@ -1,22 +1,25 @@
-"""Stage 1 of Perceptual-Initialization: train CLIP's vision tower on NIGHTS human 2AFC judgments.
+"""Stage 1 of Perceptual-Initialization: train CLIP's vision tower on human (or brain) similarity judgments.
 
   python train_triplet.py configs/nights.yaml                    # the paper's recipe (ViT-B/32)
   python train_triplet.py configs/nights_tiny.yaml              # CPU, generated data, ~40 s
+  python train_triplet.py configs/nights.yaml --data_format=things --data_root=DIR   # any source: docs/stage1-data.md
   torchrun --nproc_per_node=8 train_triplet.py configs/nights.yaml   # DDP: batch_size is global
 
-Each NIGHTS triplet holds a reference and two variations with the share p of observers who judged
-the right one closer. The vision tower embeds all three; d = 1 - cos of the projected embeddings;
-a hinge with margin 0.05 pushes d(ref, right) below d(ref, left) when most observers chose right and
-the other way otherwise (REFERENCE.md section 2). Only the vision tower trains, but ckpt.pt holds the
+Each triplet holds a reference and two images with the share p of judges who chose the right one
+closer: NIGHTS by default, or BAPPS, THINGS odd-one-out trials, triplet tables, class-folder triplets or
+a dissimilarity matrix (data_format; docs/stage1-data.md). The vision tower embeds all three; d = 1 - cos
+of the projected embeddings; a hinge with margin 0.05 pushes d(ref, right) below d(ref, left) when most
+judges chose right and the other way otherwise (the PI authors' src/loss.py and
+config/trainingconfig/nights_init_vitb32.json, github cheesepuff90/Brain_Initialization). Only the vision tower trains, but ckpt.pt holds the
 full CLIP (text tower at its random init), so it loads anywhere a CLIP checkpoint does.
 
 Start-up order: if out_dir holds ckpt.pt the run resumes from it exactly (weights, optimiser, step,
-RNG, schedule; the data order is a function of seed + epoch (nights.epoch_batches), so skipping the
+RNG, schedule; the data order is a function of seed + epoch (triplets.epoch_batches), so skipping the
 batches already seen reproduces it) after common.check_resume has refused any changed TRAJECTORY_KEYS; a finished run is
 left as it is. Otherwise weights come from `init` when given, else from a random init. SIGTERM /
 SIGINT stop it at the next step boundary with a checkpoint (exit 0).
 Outputs in out_dir: ckpt.pt, metrics.jsonl (run header, one line per log interval and evaluation),
-summary.json (triplet counts and 2AFC score of every split).
+summary.json (triplet counts and 2AFC score of every split; THINGS also the odd-one-out accuracy).
 """
 import dataclasses
 import json
@@ -30,7 +33,8 @@ from tqdm import tqdm
 
 import common
 import evaluate
-import nights
+import triplet_sources
+import triplets
 from checkpoints import check_state_dict, config_from_state_dict, read_checkpoint
 from model import CLIP, CLIPConfig, create_model, model_config, nights_distances
 from progress import progress
@@ -38,12 +42,23 @@ from progress import progress
 
 @dataclass
 class Config:
-    # data
-    data_root: str = "data/nights"  # folder holding data.csv, ref/ and distort/
-    min_votes: int = 6  # keep rows with >= 6 votes: the unanimous ~20k triplets (PI fork)
+    # data (docs/stage1-data.md: each source's layout under data_root and where to download it)
+    data_format: str = "nights"  # nights | bapps | things | triplets | categories | rdm (triplet_sources.py)
+    data_root: str = "data/nights"  # the source's folder as its producer ships it (nights: data.csv, ref/, distort/)
+    max_triplets: int = 0  # train on at most this many training rows (0 = all): a nested subset drawn from seed
+    triplet_fraction: float = 1.0  # train on this share of the training rows (1.0 = all): nested as max_triplets
+    min_votes: int = 6  # nights: keep rows with >= 6 votes: the unanimous ~20k triplets (PI fork)
+    bapps_subsets: str = ""  # bapps: comma-separated subsets (traditional,cnn,...); empty: all
+    odd_column: int = 2  # things: the column of the odd one out (2 = last, THINGS-data; 0 = cblearn's SPoSE file)
+    image_dir: str = ""  # triplets / categories: the folder images or class folders sit in; empty: the source's default
+    images_per_class: int = 1  # categories: images drawn per class folder (from seed, once)
+    rdm: str = ""  # rdm: comma-separated names of <data_root>/rdms/<name>.npy; empty: all
+    rdm_triplets_per_image: int = 20  # rdm: triplets drawn per reference image (per RDM)
+    rdm_min_gap: float = 0.0  # rdm: keep a triplet only where the dissimilarity gap exceeds this (ties skipped)
+    rdm_holdout: float = 0.1  # rdm: share of the images held out for val, and the same share for test
     skip_missing: bool = False  # drop (and count) rows whose images are missing instead of stopping
     image_size: int | None = None  # input size; None: the model preset's (224 for ViT-B-32)
-    cache: bool = True  # decode + resize every image once into a uint8 cache, not every epoch (nights.py)
+    cache: bool = True  # decode + resize every image once into a uint8 cache, not every epoch (triplets.py)
     cache_dir: str | None = None  # where the cache lives; None: <data_root>/cache. Set it for a read-only data_root
     workers: int = 4  # data-loader processes per rank (they also build the cache)
     # model
@@ -84,7 +99,9 @@ class Config:
 # stop_after_steps, grad_checkpointing, compile, device, the number of ranks) may change between starts;
 # precision is compared as resolved, train_triplets (the training set's size) as found.
 TRAJECTORY_KEYS = ("model", "image_size", "init", "posthoc", "epochs", "batch_size", "lr", "weight_decay", "beta1",
-                   "beta2", "eps", "warmup_steps", "margin", "shuffle_labels", "seed", "min_votes", "precision")
+                   "beta2", "eps", "warmup_steps", "margin", "shuffle_labels", "seed", "min_votes", "precision",
+                   "data_format", "max_triplets", "triplet_fraction", "bapps_subsets", "odd_column", "images_per_class",
+                   "rdm", "rdm_triplets_per_image", "rdm_min_gap", "rdm_holdout")  # data_root, image_dir: data may move
 
 
 def hinge_loss(d0, d1, p, margin):
@@ -195,15 +212,20 @@ def train(argv, stop):
     forward, ddp = common.wrap_model(model.visual, d, cfg.compile, cfg.compile_backend, cfg.sync_batchnorm)
 
     # ---- data -------------------------------------------------------------------------------------
-    # With the cache, every image is decoded here, once (the first process to get there builds it,
-    # other ranks wait); later runs reuse it while the source files are unchanged.
-    with common.user_input():  # a missing data.csv or image, a bad row: named by nights.py
-        splits = {s: nights.NightsDataset(cfg.data_root, s, model.config.image_size, cfg.min_votes, cfg.skip_missing,
-                                          cfg.cache, cfg.cache_dir, cfg.workers) for s in nights.NIGHTS_SPLITS}
-    train_set = splits["train"]
+    # Any source becomes rows of (ref, left, right, p) (triplet_sources.py). With the cache, every image
+    # is decoded here, once (the first process to get there builds it, other ranks wait); later runs
+    # reuse it while the source files are unchanged.
+    with common.user_input():  # a missing file or image, a bad row: named by the reader
+        splits = triplet_sources.open_splits(cfg.data_format, cfg.data_root, model.config.image_size, cfg.skip_missing,
+                                             cfg.cache, cfg.cache_dir, cfg.workers,
+                                             **{k: getattr(cfg, k) for k in triplet_sources.OPTIONS})
+        train_set = splits["train"]
+        train_set.keep(triplets.nested_subset(len(train_set), cfg.max_triplets, cfg.triplet_fraction, cfg.seed))
     if len(train_set) < cfg.batch_size:
-        raise common.UserError(f"{cfg.data_root}/data.csv has {len(train_set)} training triplets with >= {cfg.min_votes} "
-                               f"votes, fewer than one batch of {cfg.batch_size}")
+        votes = f" with >= {cfg.min_votes} votes" if cfg.data_format == "nights" else ""
+        subset = " after max_triplets / triplet_fraction" if cfg.max_triplets or cfg.triplet_fraction < 1 else ""
+        raise common.UserError(f"{cfg.data_root} ({cfg.data_format}) gives {len(train_set)} training triplets{votes}{subset}, "
+                               f"fewer than one batch of {cfg.batch_size}")
     if cfg.shuffle_labels:
         train_set.p = train_set.p[torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed))]
     run_facts = {"precision": precision, "train_triplets": len(train_set)}
@@ -215,7 +237,7 @@ def train(argv, stop):
         schedule.update(state.get("schedule", {}))
     steps_per_epoch, total_steps = schedule["steps_per_epoch"], schedule["total_steps"]
     # Built once: its workers live across epochs; the batches stay a pure function of seed + epoch.
-    loader = nights.train_loader(train_set, cfg.batch_size, cfg.seed, cfg.workers, d.rank, d.world_size,
+    loader = triplets.train_loader(train_set, cfg.batch_size, cfg.seed, cfg.workers, d.rank, d.world_size,
                                  pin_memory=device.type == "cuda",
                                  worker_init_fn=common.ignore_stop_signals)  # SIGTERM is the loop's
 
@@ -246,14 +268,14 @@ def train(argv, stop):
 
     def evaluate_val():  # on the main rank; the others wait on the CPU group (common.WAIT_TIMEOUT)
         if d.is_main:
-            metrics["val"] = evaluate.evaluate_nights(model, splits["val"], device, cfg.eval_batch_size, precision, cfg.workers)
+            metrics["val"] = evaluate.evaluate_triplets(model, splits["val"], device, cfg.eval_batch_size, precision, cfg.workers)
             log.write({"step": step, "epoch": step // steps_per_epoch, "val_2afc": metrics["val"]},
                       f"epoch {step // steps_per_epoch}: val 2AFC {metrics['val']:.4f}")
         common.wait_for_main(d)
 
     counts = {s: split.counts for s, split in splits.items()}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    few_votes, missing = (sum(counts[s][k] for s in ("train", "val", "test") for k in keys)
+    few_votes, missing = (sum(counts.get(s, {}).get(k, 0) for s in ("train", "val", "test") for k in keys)
                           for keys in (("few_votes",), ("missing_images", "unreadable_images")))
     log.write({**common.run_header(cfg), "precision": precision, "world_size": d.world_size, "resumed_from_step": step,
                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "data": counts},
@@ -271,7 +293,7 @@ def train(argv, stop):
         epoch, position = divmod(step, steps_per_epoch)
         loader.batch_sampler.set_epoch(epoch, position)
         for ref, left, right, p in common.prefetch_to_device(loader, device):
-            ref, left, right = (nights.model_input(t, device) for t in (ref, left, right))  # uint8 -> normalised
+            ref, left, right = (triplets.model_input(t, device) for t in (ref, left, right))  # uint8 -> normalised
             loss = train_step(forward, optimizer, scaler, amp, ref, left, right, p, lr_at(step + 1), cfg)
             step += 1
             watch.add(loss, step)
@@ -293,7 +315,7 @@ def train(argv, stop):
                 loss_count, clock = 0, time.time()
 
             paused = time.time()  # evaluation and saving do not count in triplets/s
-            if epoch_end and len(splits["val"]):
+            if epoch_end and len(splits.get("val", ())):
                 evaluate_val()
                 train_mode(model, cfg.posthoc)  # evaluation restored model.train(): BatchNorm's mode again
             if step == total_steps:
@@ -312,16 +334,20 @@ def train(argv, stop):
     bar.close()
 
     # ---- final evaluation and save ----------------------------------------------------------------
+    odd_one_out = {}
     if d.is_main:
         for split, dataset in splits.items():
             if len(dataset):
-                metrics[split] = evaluate.evaluate_nights(model, dataset, device, cfg.eval_batch_size, precision, cfg.workers)
+                metrics[split] = evaluate.evaluate_triplets(model, dataset, device, cfg.eval_batch_size, precision, cfg.workers)
+                if hasattr(dataset, "trials"):  # THINGS: the odd-one-out accuracy of the same split's trials
+                    odd_one_out[split] = evaluate.odd_one_out_accuracy(model, dataset, device, cfg.eval_batch_size, precision)
         sizes = {s: len(splits[s]) for s in ("test_imagenet", "test_no_imagenet") if s in metrics}
         if sizes:  # "nights_total": the size-weighted mean of the two test subsets (DreamSim)
             metrics["total"] = sum(metrics[s] * n for s, n in sizes.items()) / sum(sizes.values())
     save()
     if d.is_main:
-        summary = {"n_triplets": {s: len(split) for s, split in splits.items()}, "2afc": metrics, "data": counts,
+        summary = {"data_format": cfg.data_format, "n_triplets": {s: len(split) for s, split in splits.items()},
+                   "2afc": metrics, **({"odd_one_out": odd_one_out} if odd_one_out else {}), "data": counts,
                    "steps": step, "model_config": dataclasses.asdict(model.config)}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.write({"step": step, "2afc": metrics}, "2AFC " + ", ".join(f"{s} {v:.4f}" for s, v in metrics.items()))
