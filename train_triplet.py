@@ -72,7 +72,7 @@ class Config:
     sync_batchnorm: bool = False
     compile: bool = False  # torch.compile the vision tower's training forward (DDP first, then compile)
     compile_backend: str = "inductor"  # torch.compile backend; aot_eager captures graphs without code generation
-    # optimisation (PI fork's stage-1 recipe, REFERENCE.md section 2)
+    # optimisation (the PI authors' config/trainingconfig/nights_init_vitb32.json)
     epochs: int = 32
     batch_size: int = 768  # global: each of N ranks takes batch_size / N
     lr: float = 5e-4
