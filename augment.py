@@ -116,34 +116,115 @@ class TrainTransform:
         return torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8), torch.tensor([*box, flip], dtype=torch.float), params
 
     def device_decode(self, jpegs, boxes, device):
-        """JPEGs decoded on `device` (torchvision.io.decode_jpeg: nvjpeg on CUDA), cropped, resized
-        (bicubic, antialiased) and flipped -> uint8 (n, 3, S, S). Close to host(), not bit-equal."""
+        """JPEGs (uint8 tensors of their bytes) decoded on `device` (torchvision.io.decode_jpeg: nvjpeg on
+        CUDA), cropped to boxes (n, 5) = (left, top, right, bottom, flip), a CPU tensor, resized and
+        flipped -> (uint8 (k, 3, S, S) of those that decode, in order; the indices of those that do
+        not). One corrupt JPEG fails the batched decode: the batch is then decoded one by one, so only
+        that one is lost (the loader counts it as bad_image). Close to host(), not bit-equal."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
-        out = []
-        for image, (left, top, right, bottom, flip) in zip(decoded, boxes.tolist()):
-            crop = image[:, int(top):int(bottom), int(left):int(right)].unsqueeze(0).float()
-            crop = F.interpolate(crop, size=(self.image_size,) * 2, mode="bicubic", antialias=True, align_corners=False)
-            crop = crop.clamp(0, 255).round().to(torch.uint8)[0]
-            out.append(crop.flip(-1) if flip else crop)
-        return torch.stack(out)
+        try:
+            decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            decoded = []
+            for jpeg in jpegs:
+                try:
+                    decoded.append(decode_jpeg(jpeg, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    decoded.append(None)
+        failed = [i for i, image in enumerate(decoded) if image is None]
+        kept = [(image, box) for image, box in zip(decoded, boxes.tolist()) if image is not None]
+        if not kept:
+            return torch.zeros((0, 3, self.image_size, self.image_size), dtype=torch.uint8, device=device), failed
+        return resize_crops([image for image, _ in kept], [box for _, box in kept], self.image_size), failed
 
     def device(self, images, params):
-        """uint8 (B, 3, S, S) and params (B, NUM_PARAMS), both on the device -> float (B, 3, S, S)."""
+        """uint8 (B, 3, S, S) and params (B, NUM_PARAMS), both on the device -> float (B, 3, S, S).
+        No host syncs: every per-sample choice is a torch.where mask, not a Python `if` on a device
+        value or a boolean-mask index (each of those makes the host wait for the step in flight), and
+        constants come from a per-device cache, not a fresh host-to-device copy each call
+        (tests/test_augment_device.py counts them). Samples an op skips pass through it unchanged,
+        bit for bit."""
         x = images.float() / 255
         if self.kind == "moco":
-            params = params.to(x.device)
+            params = params.to(x.device, non_blocking=True)
             x = color_jitter(x, params)
-            gray = params[:, GRAY] > 0
-            if gray.any():
-                x[gray] = grayscale(x[gray]).expand(-1, 3, -1, -1)
-            blurred = params[:, SIGMA] > 0
-            if blurred.any():
-                x[blurred] = gaussian_blur(x[blurred], params[blurred, SIGMA])
-        mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+            gray = (params[:, GRAY] > 0).view(-1, 1, 1, 1)
+            x = torch.where(gray, grayscale(x).expand_as(x), x)
+            sigma = params[:, SIGMA]
+            blurred = (sigma > 0).view(-1, 1, 1, 1)
+            x = torch.where(blurred, gaussian_blur(x, torch.where(sigma > 0, sigma, 1.0)), x)  # 1.0: any sigma > 0, unused
+        constants = device_constants(x.device)
+        return (x - constants["mean"]) / constants["std"]
+
+
+def resize_crops(images, boxes, size, chunk=128):
+    """Crops of uint8 images (a list of (3, H_i, W_i) on one device) at boxes [(left, top, right, bottom,
+    flip)], resized to (size, size) as F.interpolate(mode="bicubic", antialias=True) resizes each (and
+    PIL's bicubic resize: Keys' cubic, a = -0.5, stretched over the input pixels a output pixel covers),
+    flipped where asked -> uint8 (n, 3, size, size). Batched: the crops of a chunk are copied into one
+    zero-padded tensor (one copy each) and resized by two batched matmuls with per-crop weight matrices
+    (zero outside a crop), instead of ~5 kernel launches per image. On CUDA the matmuls follow the TF32
+    setting: a pixel may then differ from the fp32 result by one level of 255."""
+    out = []
+    for start in range(0, len(images), chunk):
+        crops = [image[:, int(top):int(bottom), int(left):int(right)]
+                 for image, (left, top, right, bottom, _) in zip(images[start:start + chunk], boxes[start:start + chunk])]
+        heights, widths = [c.shape[1] for c in crops], [c.shape[2] for c in crops]
+        padded = crops[0].new_zeros((len(crops), 3, max(heights), max(widths)))
+        for i, crop in enumerate(crops):
+            padded[i, :, :crop.shape[1], :crop.shape[2]] = crop
+        device = padded.device
+        flips = [bool(box[4]) for box in boxes[start:start + chunk]]
+        rows = resample_weights(heights, padded.shape[2], size, device)  # (n, S, H)
+        columns = resample_weights(widths, padded.shape[3], size, device)  # (n, S, W)
+        flip = _to_device(flips, torch.bool, device).view(-1, 1, 1)
+        columns = torch.where(flip, columns.flip(1), columns)  # output column j reads crop column S-1-j's weights
+        resized = rows.unsqueeze(1) @ padded.float() @ columns.unsqueeze(1).transpose(-1, -2)  # (n, 3, S, S)
+        out.append(resized.clamp(0, 255).round().to(torch.uint8))
+    return torch.cat(out)
+
+
+def resample_weights(lengths, padded_length, size, device):
+    """(n, size, padded_length): row i of sample k holds the weights F.interpolate(mode="bicubic",
+    antialias=True) gives input pixels 0 .. lengths[k] - 1 for output pixel i (ATen's
+    _compute_weights_aa: support 2 pixels, stretched by the scale when shrinking; normalised to sum 1);
+    zero beyond the sample's length."""
+    length = _to_device(lengths, torch.float, device).view(-1, 1, 1)  # (n, 1, 1)
+    scale = length / size
+    support = torch.where(scale >= 1, 2 * scale, 2.0)
+    inverse = torch.where(scale >= 1, 1 / scale, 1.0)
+    center = scale * (torch.arange(size, device=device, dtype=torch.float).view(1, -1, 1) + 0.5)  # (n, S, 1)
+    first = torch.floor(center - support + 0.5).clamp(min=0)
+    last = torch.minimum(torch.floor(center + support + 0.5), length)  # exclusive
+    pixel = torch.arange(padded_length, device=device, dtype=torch.float).view(1, 1, -1)  # (1, 1, L)
+    t = ((pixel - center + 0.5) * inverse).abs()
+    a = -0.5  # Keys' cubic as PIL and ATen's antialiased bicubic use it
+    cubic = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1, torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, 0.0))
+    weights = torch.where((pixel >= first) & (pixel < last), cubic, 0.0)
+    return weights / weights.sum(-1, keepdim=True)
+
+
+def _to_device(values, dtype, device):
+    """A small host list on `device` without a blocking copy (pinned, non_blocking) on CUDA."""
+    return torch.tensor(values, dtype=dtype, pin_memory=torch.device(device).type == "cuda").to(device, non_blocking=True)
+
+
+_CONSTANTS = {}
+
+
+def device_constants(device):
+    """The augmentation's constant tensors on `device`, made once per device (a host-to-device copy
+    each call would wait for the step in flight)."""
+    if device not in _CONSTANTS:
+        _CONSTANTS[device] = {
+            "mean": torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1),
+            "std": torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1),
+            "orders": ORDERS.to(device),
+            "hue_offsets": torch.tensor([5.0, 3.0, 1.0], device=device).view(1, 3, 1, 1),
+            "taps": torch.arange(-BLUR_RADIUS, BLUR_RADIUS + 1, device=device, dtype=torch.float),
+        }
+    return _CONSTANTS[device]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -172,40 +253,49 @@ def adjust_hue(x, shift):
     h = torch.where(maxc == x[:, 0], b - g, torch.where(maxc == x[:, 1], 2 + r - b, 4 + g - r))
     h = torch.where(delta > 0, h / 6, torch.zeros_like(h)) + shift.view(-1, 1, 1)  # in (-1, 2): no % needed
     h6 = (h - torch.floor(h)) * 6
-    k = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1) + h6.unsqueeze(1)
+    k = device_constants(x.device)["hue_offsets"].to(x.dtype) + h6.unsqueeze(1)
     k = torch.where(k >= 6, k - 6, k)
     return maxc.unsqueeze(1) - delta.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
+def jitter_slot(x, op, factors):
+    """One slot of every sample's jitter order: sample i gets op[i] (0 brightness, 1 contrast,
+    2 saturation, 3 hue, -1 none) with factor factors[i, op[i]], factors = params[:, BRIGHTNESS:HUE + 1].
+    The three linear ops are one blend, factor * x + (1 - factor) * other, as torchvision writes each
+    (other: 0 for brightness, the image's mean gray for contrast, its gray for saturation); a sample
+    with another op gets factor 1 and other 0, which leaves it bit for bit unchanged. Hue goes through
+    torch.where (its RGB -> HSV -> RGB round trip is not exact). All of it on the whole batch: no
+    boolean-mask indexing, so no host sync."""
+    linear = (op >= 0) & (op < 3)
+    factor = torch.where(linear, factors.gather(1, op.clamp(0, 2).unsqueeze(1)).squeeze(1), 1.0)
+    gray = grayscale(x)  # (B, 1, H, W)
+    other = torch.where((op == 1).view(-1, 1, 1, 1), gray.mean(dim=(-3, -2, -1), keepdim=True),
+                        torch.where((op == 2).view(-1, 1, 1, 1), gray, 0.0))
+    x = _blend(x, other, factor)
+    return torch.where((op == 3).view(-1, 1, 1, 1), adjust_hue(x, factors[:, 3]), x)
+
+
 def _apply_op(op, x, factor):
-    if op == 0:
-        return (factor.view(-1, 1, 1, 1) * x).clamp(0, 1)  # brightness
-    if op == 1:
-        return _blend(x, grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), factor)  # contrast
-    if op == 2:
-        return _blend(x, grayscale(x), factor)  # saturation
-    return adjust_hue(x, factor)
+    """One op, one factor per image, on every image of the batch (what jitter_slot does per sample)."""
+    factors = factor.view(-1, 1).expand(-1, 4)
+    return jitter_slot(x, torch.full((len(x),), op, device=x.device), factors)
 
 
 def color_jitter(x, params):
-    """torchvision's ColorJitter: brightness, contrast, saturation, hue in each sample's own order."""
+    """torchvision's ColorJitter: brightness, contrast, saturation, hue in each sample's own order
+    (a sample with the jitter off passes through unchanged)."""
     on = params[:, JITTER] > 0
-    if not on.any():
-        return x
-    x = x.clone()
-    orders = ORDERS.to(x.device)[params[:, ORDER].long()]  # (B, 4)
+    orders = device_constants(x.device)["orders"][params[:, ORDER].long()]  # (B, 4)
+    factors = params[:, BRIGHTNESS:HUE + 1].to(x.dtype)
     for slot in range(4):
-        for op in range(4):
-            chosen = on & (orders[:, slot] == op)
-            if chosen.any():
-                x[chosen] = _apply_op(op, x[chosen], params[chosen, BRIGHTNESS + op])
+        x = jitter_slot(x, torch.where(on, orders[:, slot], -1), factors)
     return x
 
 
 def gaussian_blur(x, sigma):
     """Separable Gaussian blur, one sigma per image; edges replicated as PIL's blur does."""
     n, c, h, w = x.shape
-    taps = torch.arange(-BLUR_RADIUS, BLUR_RADIUS + 1, device=x.device, dtype=x.dtype)
+    taps = device_constants(x.device)["taps"].to(x.dtype)
     kernel = torch.exp(-(taps.view(1, -1) ** 2) / (2 * sigma.view(-1, 1).to(x.dtype) ** 2))
     kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n * c, 13)
     y = F.pad(x.reshape(1, n * c, h, w), (BLUR_RADIUS,) * 4, mode="replicate")

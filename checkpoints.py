@@ -10,13 +10,14 @@ import io
 import json
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from model import CLIP, CLIPConfig
+from model import AUTHORS, CLIP, CLIPConfig
 
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints
@@ -37,7 +38,8 @@ _STORAGE_DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, 
                    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
                    "BoolStorage": torch.bool}
 ACCEPTED = ("the kit's ckpt.pt, an open_clip checkpoint or hub file (.bin, .safetensors), OpenAI's TorchScript "
-            "archive, or a torch.save / safetensors state dict with OpenAI / open_clip keys")
+            "archive, a torch.save / safetensors state dict with OpenAI / open_clip keys, or a Lightning checkpoint of "
+            "the PI authors' code (Brain_Initialization)")
 
 
 class _ScriptObject:
@@ -131,7 +133,7 @@ def read_checkpoint(path):
                 prefix = next(n for n in archive.namelist() if n.endswith("/data.pkl")).rsplit("/", 1)[0]
                 obj, quickgelu = _read_torchscript(archive, prefix, path)
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = _torch_load(path)
     except Exception as e:
         if isinstance(e, ValueError) and str(path) in str(e):  # already names the file and what to do
             raise
@@ -143,6 +145,8 @@ def read_checkpoint(path):
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} holds no CLIP state dict (expected a dict of tensors, or one under 'state_dict'). "
                          f"Accepted: {ACCEPTED}")
+    if _is_authors_layout(obj):  # the PI authors' names (their Lightning checkpoints): renamed, sized, checked
+        return _read_authors(obj, path)
     state_dict = {}
     for key, value in obj.items():
         while key.startswith(_PREFIXES):
@@ -157,27 +161,144 @@ def read_checkpoint(path):
     return state_dict, stored_config
 
 
+def _torch_load(path):
+    """torch.load with weights_only=True. A Lightning checkpoint also holds what save_hyperparameters() kept
+    (the PI authors': their config dataclasses), which weights_only refuses; each such class is then read
+    as an inert stand-in (a class of ours with its name, holding attributes and running nothing), so the
+    tensors load and no code named by the file runs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        if not names:
+            raise
+    stand_ins = [type(name.rsplit(".", 1)[1], (_Inert,), {"__module__": name.rsplit(".", 1)[0]})
+                 for name in names if "." in name]
+    with torch.serialization.safe_globals(stand_ins):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class _Inert:
+    """Stands in for a class a checkpoint names outside its tensors: takes any arguments, runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# The PI authors' checkpoints (github cheesepuff90/Brain_Initialization)
+# ---------------------------------------------------------------------------------------------------
+# Their Lightning module holds their CLIP as `self.model` (src/lightning_module.py), so a checkpoint's
+# state_dict keys are "model." + their module names (src/model.py): visual.{conv1, class_embedding,
+# positional_embedding, ln_pre, ln_post, proj}, visual.transformer.N.{norm1, attn.qkv, attn.proj, norm2, mlp.0,
+# mlp.3} (mlp = Linear, GELU, Dropout, Linear, Dropout), text.{token_embedding, positional_embedding, ln_final,
+# text_projection}, text.transformer.N.* like the vision blocks, and logit_scale. Their qkv Linear holds q, k, v
+# in its rows in the order of nn.MultiheadAttention's in_proj_weight (its output is viewed as (3, heads, head
+# width)), so every tensor moves unchanged: only the names change, and the model is the -authors preset's.
+_AUTHORS_BLOCK = (("norm1.", "ln_1."), ("attn.qkv.weight", "attn.in_proj_weight"), ("attn.qkv.bias", "attn.in_proj_bias"),
+                  ("attn.proj.", "attn.out_proj."), ("norm2.", "ln_2."), ("mlp.0.", "mlp.c_fc."), ("mlp.3.", "mlp.c_proj."))
+_AUTHORS_BLOCK_KEY = re.compile(r"(visual\.|text\.)transformer\.(\d+)\.(.+)")
+_KIT_BLOCK_KEY = re.compile(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)")
+
+
+_AUTHORS_SIZING = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text.token_embedding.weight",
+                   "text.positional_embedding", "text.text_projection")  # their names of what fixes every size
+
+
+def _is_authors_layout(state_dict):
+    keys = [k.removeprefix("model.") for k in state_dict]
+    return any(k.startswith("text.") for k in keys) or any(_AUTHORS_BLOCK_KEY.fullmatch(k) for k in keys)
+
+
+def _authors_to_kit(key):  # "model.text.transformer.3.mlp.0.weight" -> "transformer.resblocks.3.mlp.c_fc.weight"
+    key = key.removeprefix("model.")
+    block = _AUTHORS_BLOCK_KEY.fullmatch(key)
+    if block:
+        tower, index, rest = block.groups()
+        rest = next((ours + rest[len(theirs):] for theirs, ours in _AUTHORS_BLOCK if rest.startswith(theirs)), rest)
+        return f"{'visual.' if tower == 'visual.' else ''}transformer.resblocks.{index}.{rest}"
+    return key.removeprefix("text.")  # the text tower's other modules sit at the top level of the kit's CLIP
+
+
+def _kit_to_authors(key):  # the inverse, for error messages in the file's own names
+    block = _KIT_BLOCK_KEY.fullmatch(key)
+    if block:
+        tower, index, rest = block.groups()
+        rest = next((theirs + rest[len(ours):] for theirs, ours in _AUTHORS_BLOCK if rest.startswith(ours)), rest)
+        return f"model.{'visual.' if tower else 'text.'}transformer.{index}.{rest}"
+    return "model." + (key if key.startswith("visual.") or key == "logit_scale" else "text." + key)
+
+
+def _read_authors(state_dict, path):
+    """A state dict in the PI authors' names -> (the kit's state dict, the -authors model config as a dict).
+    Sized from the tensors' shapes (any ViT width, depth, patch); every key the model needs and the file
+    lacks, every key it has and the model does not, and every wrong shape is named in the file's names."""
+    mapped = {_authors_to_kit(k): v for k, v in state_dict.items()}
+    sizing = [f"model.{k}" for k in _AUTHORS_SIZING if _authors_to_kit(k) not in mapped]
+    if sizing:
+        raise ValueError(f"{path} has the PI authors' parameter names (Brain_Initialization's CLIP) but lacks the "
+                         f"tensors that size the model: missing keys ({len(sizing)}): {sizing}. Pass the Lightning "
+                         "checkpoint (.ckpt) their training wrote, unchanged.")
+    config = CLIPConfig(**{**asdict(config_from_state_dict(mapped)), **AUTHORS})
+    with torch.device("meta"):  # the expected keys and shapes, without allocating or drawing weights
+        expected = CLIP(config).state_dict()
+    missing = [_kit_to_authors(k) for k in expected if k not in mapped]
+    unexpected = [k for k in state_dict if _authors_to_kit(k) not in expected]
+    wrong = [f"{_kit_to_authors(k)}: {tuple(mapped[k].shape)} != {tuple(v.shape)}"
+             for k, v in expected.items() if k in mapped and mapped[k].shape != v.shape]
+    problems = [f"{name} ({len(keys)}): {keys[:8]}{' ...' if len(keys) > 8 else ''}"
+                for name, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+                if keys]
+    if problems:
+        raise ValueError(f"{path} has the PI authors' parameter names (Brain_Initialization's CLIP) but is not a whole "
+                         "ViT CLIP of theirs: " + "; ".join(problems) + ". Pass the Lightning checkpoint (.ckpt) their "
+                         "training wrote, unchanged.")
+    return mapped, asdict(config)
+
+
 def _count_layers(state_dict, prefix):  # prefix "...resblocks." -> number of distinct block indices
     return len({k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)})
 
 
-def config_from_state_dict(state_dict, quickgelu=False):
-    """Infer a CLIPConfig from tensor shapes (heads assumed width / 64, as in every CLIP preset)."""
-    required = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj", "token_embedding.weight",
-                "positional_embedding", "text_projection"]
+# Head widths are not in any tensor's shape. open_clip's configs use 64 except for these ViT widths
+# (model_configs/ViT-H-14.json head_width 80, ViT-g-14.json 88, ViT-bigG-14.json 104).
+_VIT_HEAD_WIDTH = {1280: 80, 1408: 88, 1664: 104}
+
+
+def _vision_config(state_dict):
+    """The vision tower's CLIPConfig fields from tensor shapes: a ModifiedResNet when the state dict
+    has an attention pool (OpenAI's build_model tells them apart the same way), else a ViT."""
+    if "visual.attnpool.positional_embedding" in state_dict:
+        required = ["visual.layer1.0.conv1.weight", "visual.attnpool.c_proj.weight"]
+        missing = [k for k in required if k not in state_dict]
+        if missing:
+            raise ValueError(f"not a CLIP ResNet state dict: missing {missing}")
+        width = state_dict["visual.layer1.0.conv1.weight"].shape[0]  # the first stage's bottleneck width
+        grid = round((state_dict["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+        return dict(embed_dim=state_dict["visual.attnpool.c_proj.weight"].shape[0], image_size=32 * grid,
+                    patch_size=None, vision_width=width, vision_heads=32 * width // 64,  # open_clip: 64-wide heads
+                    vision_layers=tuple(_count_layers(state_dict, f"visual.layer{k}.") for k in (1, 2, 3, 4)))
+    required = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj"]
     missing = [k for k in required if k not in state_dict]
     if missing:
-        raise ValueError(f"not a CLIP ViT state dict: missing {missing}")
+        raise ValueError(f"not a CLIP ViT or ResNet state dict: missing {missing}")
     vision_width, _, patch_size, _ = state_dict["visual.conv1.weight"].shape
     grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    return dict(embed_dim=state_dict["visual.proj"].shape[1], image_size=patch_size * grid, patch_size=patch_size,
+                vision_width=vision_width, vision_layers=_count_layers(state_dict, "visual.transformer.resblocks."),
+                vision_heads=vision_width // _VIT_HEAD_WIDTH.get(vision_width, 64))
+
+
+def config_from_state_dict(state_dict, quickgelu=False):
+    """Infer a CLIPConfig from tensor shapes (head widths as open_clip's configs set them)."""
+    vision = _vision_config(state_dict)
+    required = ["token_embedding.weight", "positional_embedding", "text_projection"]
+    missing = [k for k in required if k not in state_dict]
+    if missing:
+        raise ValueError(f"not a CLIP state dict: missing {missing}")
     vocab_size, text_width = state_dict["token_embedding.weight"].shape
     return CLIPConfig(
-        embed_dim=state_dict["visual.proj"].shape[1],
-        image_size=patch_size * grid,
-        patch_size=patch_size,
-        vision_width=vision_width,
-        vision_layers=_count_layers(state_dict, "visual.transformer.resblocks."),
-        vision_heads=vision_width // 64,
+        **vision,
         context_length=state_dict["positional_embedding"].shape[0],
         vocab_size=vocab_size,
         text_width=text_width,
@@ -187,10 +308,16 @@ def config_from_state_dict(state_dict, quickgelu=False):
     )
 
 
+def optional_key(key):
+    """BatchNorm's batch counter: only read when momentum is None (never in CLIP), and filled in by
+    nn.BatchNorm's loader when a file lacks it."""
+    return key.endswith(".num_batches_tracked")
+
+
 def check_state_dict(model, state_dict, path="state dict"):
     """Raise one error listing every missing, unexpected and wrongly shaped key (no partial loads)."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
+    missing = [k for k in expected if k not in state_dict and not optional_key(k)]
     unexpected = [k for k in state_dict if k not in expected]
     wrong = [f"{k}: {tuple(state_dict[k].shape)} != {tuple(v.shape)}"
              for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]

@@ -178,6 +178,17 @@ class Dist:
         return self.world_size > 1
 
 
+def enable_tf32():
+    """fp32 matmuls and convolutions in TF32, through the calls every torch from 2.9 on reads both ways:
+    set_float32_matmul_precision("high") and cudnn.allow_tf32. Setting the newer per-backend
+    `fp32_precision` instead makes torch 2.11 .. 2.14 raise when anything reads the older getters
+    (`torch.backends.cuda.matmul.allow_tf32`, `get_float32_matmul_precision`), as inductor's
+    max-autotune does ("mix of the legacy and new APIs"); set this way, both kinds of getter answer
+    (tests/test_gpu_session.py reads them all)."""
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def setup_distributed(device=""):
     """One process on `device` (cuda when present, if empty), or DDP when torchrun set RANK:
     nccl on GPUs, gloo on the CPU. No process group is made for a single process. On CUDA, fp32
@@ -187,8 +198,7 @@ def setup_distributed(device=""):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("device=cuda was asked for but no CUDA GPU is visible; use --device=cpu")
     if device.startswith("cuda"):
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        enable_tf32()
     if "RANK" not in os.environ:
         return Dist(device=torch.device(device))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -233,12 +243,24 @@ def wait_for_main(d):
         dist.barrier(group=d.control)
 
 
-def wrap_model(module, d, compile=False, compile_backend="inductor"):
+def wrap_model(module, d, compile=False, compile_backend="inductor", sync_batchnorm=False):
     """-> (forward, ddp): what runs the training forward, and the DistributedDataParallel under it
     (None on one process). DDP first, then compile (PyTorch's recommended order); `ddp` is kept apart
     because torch.compile(DDP(m)) is no longer a DistributedDataParallel, and accumulation needs
-    ddp.no_sync(). gradient_as_bucket_view: gradients live in DDP's buckets, one copy fewer."""
+    ddp.no_sync(). gradient_as_bucket_view: gradients live in DDP's buckets, one copy fewer.
+
+    BatchNorm (the ResNet towers) under DDP normalises by each rank's share of the batch unless
+    sync_batchnorm, which swaps every BatchNorm of `module` in place for torch's SyncBatchNorm: batch
+    statistics over the global batch, as one process would compute them (same parameters and buffers,
+    so checkpoints are unchanged). A ViT has no BatchNorm: the setting does nothing there."""
     ddp = None
+    has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    if d.enabled and sync_batchnorm and has_batchnorm:
+        if d.device.type != "cuda":
+            raise UserError("sync_batchnorm: torch's SyncBatchNorm runs on GPUs only; on CPU ranks set "
+                            "--sync_batchnorm=false (each rank then normalises by its own share of the batch)")
+        converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        assert converted is module  # children replaced in place: the caller's model is what trains and saves
     if d.enabled:
         device_ids = [d.local_rank] if d.device.type == "cuda" else None
         ddp = torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True)

@@ -3,9 +3,11 @@
 Sections, in the order a sample meets them:
   tokenizer     CLIP's byte-pair encoding, id-for-id equal to OpenAI CLIP / open_clip
   transforms    image preprocessing for training and evaluation (CLIP's mean / std)
-  benchmark     zero-shot task folders in CLIP_benchmark's on-disk format (evaluation)
-Stage 2's streaming loader is shards.py (formats: sources.py; its augmentation: augment.py). NIGHTS
-(stage 1's triplets, their decode cache and batch order) is nights.py.
+  benchmark     the zero-shot tasks by name, where their folders sit, and the folders in CLIP_benchmark's
+                on-disk format (evaluation)
+Stage 2's streaming loader is shards.py (formats: sources.py; its augmentation: augment.py). Stage 1's
+triplets (decode cache, batch order) are triplets.py, read from NIGHTS by nights.py and from every other
+source by triplet_sources.py.
 
 model.py never imports this file and this file never imports model.py: the data side and the model
 side meet only in the three scripts.
@@ -18,7 +20,6 @@ import os
 import tarfile
 from pathlib import Path
 
-import ftfy
 import numpy as np
 import regex
 import torch
@@ -62,9 +63,21 @@ def bytes_to_unicode():
     return table
 
 
+def fix_text(text):
+    """ftfy.fix_text, imported where it is first needed: a machine without ftfy (such as a GPU image
+    with its own preinstalled software) can still import the kit and train on pre-tokenised or
+    synthetic data; text that needs cleaning then fails here with the way out."""
+    try:
+        import ftfy
+    except ImportError:
+        raise ImportError("CLIP's text cleaning needs ftfy (requirements.txt): `pip install ftfy==6.3.1`, or offline "
+                          "carry its wheel and wcwidth's as docs/gpu-session.md shows") from None
+    return ftfy.fix_text(text)
+
+
 def clean_text(text):
     """CLIP's cleaning: fix mojibake, undo double HTML escaping, collapse whitespace, lowercase."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    text = html.unescape(html.unescape(fix_text(text))).strip()
     return " ".join(text.split()).lower()  # str.split(): the whitespace set open_clip collapses
 
 
@@ -162,7 +175,7 @@ def tokenize(texts, context_length=CONTEXT_LENGTH):
 # Image transforms
 # ---------------------------------------------------------------------------------------------------
 
-# CLIP's normalisation statistics (OpenAI CLIP, REFERENCE.md section 7).
+# CLIP's normalisation statistics (OpenAI CLIP: github openai/CLIP, clip/clip.py _transform).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -217,7 +230,8 @@ def image_transform(image_size, kind="eval"):
 # CLIP_benchmark task folders
 # ---------------------------------------------------------------------------------------------------
 
-# A task folder, as CLIP_benchmark publishes every task (REFERENCE.md section 10):
+# A task folder, as CLIP_benchmark publishes every task (github LAION-AI/CLIP_benchmark,
+# clip_benchmark/datasets/builder.py build_wds_dataset; its clip-benchmark/wds_* sets on the Hugging Face hub):
 #   <root>/test/nshards.txt, <root>/test/0.tar ... (N-1).tar, classnames.txt,
 #   zeroshot_classification_templates.txt, dataset_type.txt (absent = classification).
 # Samples are grouped the way webdataset groups them: the key is a member's path up to the first dot
@@ -226,6 +240,56 @@ def image_transform(image_size, kind="eval"):
 # (a multi-hot vector) or txt (captions, one per line).
 # The reader indexes each shard's members once (name -> byte offset) and then reads samples by
 # index, so a DataLoader can spread one shard over many workers and the order stays the tar order.
+
+# The tasks by name: the PI paper's 31 (CLIP_benchmark's names), the groups evaluate.py's --suite takes,
+# and where each task's folder may sit under a data root (evaluate.py and probes.py both look them up).
+CLASSIFICATION_TASKS = [
+    "imagenet1k", "imagenetv2", "imagenet_sketch", "imagenet-a", "imagenet-o", "imagenet-r", "objectnet",
+    "cifar10", "vtab/cifar100", "vtab/caltech101", "vtab/dtd", "vtab/eurosat", "vtab/flowers", "vtab/pets",
+    "vtab/pcam", "vtab/resisc45", "vtab/svhn", "vtab/clevr_count_all", "vtab/clevr_closest_object_distance",
+    "vtab/kitti_closest_vehicle_distance", "cars", "fgvc_aircraft", "food101", "country211", "gtsrb", "mnist",
+    "stl10", "renderedsst2", "voc2007",
+]
+RETRIEVAL_TASKS = ["flickr30k", "mscoco_captions"]
+GROUPS = {
+    "all": CLASSIFICATION_TASKS + RETRIEVAL_TASKS,  # the 31 tasks of the PI paper's table
+    "imagenet": CLASSIFICATION_TASKS[:7],  # ImageNet and its six distribution shifts
+    "vtab": [t for t in CLASSIFICATION_TASKS if t.startswith("vtab/")],
+    "retrieval": RETRIEVAL_TASKS,
+}
+
+
+def task_dir_candidates(data_root, task):
+    """The folders `task` may live in under data_root, in the order tried: CLIP_benchmark's hub name
+    wds_<task> ('/' -> '-'), DataComp's download name wds_<task>_test, and for ImageNet imagenet1k/val."""
+    name = "wds_" + task.replace("/", "-")
+    candidates = [Path(data_root) / name, Path(data_root) / (name + "_test")]
+    return candidates + ([Path(data_root) / "imagenet1k" / "val"] if task == "imagenet1k" else [])
+
+
+def task_dir(data_root, task):
+    """The first of task_dir_candidates that exists, else None."""
+    return next((p for p in task_dir_candidates(data_root, task) if p.is_dir()), None)
+
+
+def missing_task_message(data_root, task):
+    return f"{task} (tried {' and '.join(map(str, task_dir_candidates(data_root, task)))})"
+
+
+def resolve_tasks(suite, data_root):
+    """A group name (all, imagenet, vtab, retrieval, demo) or comma-separated task names -> task list.
+    demo: the tasks listed in <data_root>/tasks.txt (one name a line), else every wds_* folder there."""
+    if suite in GROUPS:
+        return list(GROUPS[suite])
+    if suite == "demo":
+        listing = Path(data_root) / "tasks.txt"
+        if listing.exists():
+            names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+        else:
+            names = sorted(p.name for p in Path(data_root).glob("wds_*") if p.is_dir())
+        return list(dict.fromkeys(n.removeprefix("wds_").removesuffix("_test") for n in names))
+    return [t.strip() for t in suite.split(",") if t.strip()]
+
 
 BENCHMARK_IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
 BENCHMARK_TASK_TYPES = ("classification", "retrieval", "multilabel")

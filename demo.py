@@ -5,6 +5,7 @@
   python demo.py --quick              # the smallest end-to-end run (a few minutes; what the tests run)
   python demo.py --study efficiency   # follow-up studies (demo_studies.py): how many triplets PI needs,
   python demo.py --study sources      # and whether odd-one-out trials or "brain area" RDMs do as well as votes
+  python demo.py --authors            # also PI and baseline with the PI authors' model (docs/authors-model.md)
 
 It runs the same scripts a GPU user runs, pointed at a generated world (world.py, written by make_data.py):
   1. data      make_data.make_demo_data: NIGHTS-format triplets judged by simulated observers,
@@ -115,9 +116,9 @@ def _stale(result, checkpoints):
         result.unlink()
 
 
-def run_seed(seed, plan, data_root, out, control):
+def run_seed(seed, plan, data_root, out, control, authors=False):
     """Stages 1-4 and the probes for one seed -> {step: seconds}. control=False skips the shuffled and
-    post-hoc arms."""
+    post-hoc arms; authors=True adds the PI and baseline arms with the PI authors' model (run_authors_arms)."""
     seed_dir = out / f"seed{seed}"
     tasks_root, nights_root = data_root / "tasks", data_root / "nights"
     tasks = ",".join((tasks_root / "tasks.txt").read_text().split())
@@ -153,6 +154,8 @@ def run_seed(seed, plan, data_root, out, control):
     evaluation = ["evaluate.py", "--suite", "demo", "--data-root", str(tasks_root), "--out", str(results), "--workers", "0"]
     seconds["evaluate"] = run_step(f"seed {seed}: zero-shot evaluation of the {len(arms)} arms",
                                    evaluation + [a for c in checkpoints for a in ("--ckpt", str(c))], results)
+    if authors:
+        seconds.update(run_authors_arms(seed_dir, stage1, stage2, evaluation))
     probed = [runs[name] / "ckpt.pt" for name in PROBED if (runs[name] / "ckpt.pt").exists()]
     probes = seed_dir / "probes.json"
     _stale(probes, probed)
@@ -161,6 +164,38 @@ def run_seed(seed, plan, data_root, out, control):
         ["evaluate.py", "--probe", *map(str, probed), "--images", str(data_root / "probe"), "--linear-probe", plan["linear_probe"],
          "--data-root", str(tasks_root), "--out", str(probes)], probes)
     return seconds
+
+
+def run_authors_arms(seed_dir, stage1, stage2, evaluation):
+    """PI and baseline again with the PI authors' model (model.py preset tiny-authors: bidirectional mean-pooled
+    text tower, logit scale 100, their init; docs/authors-model.md), the same data, seed and settings: does PI's
+    gain hold with either model? -> {step: seconds}; the two arms' zero-shot results in results_authors.json."""
+    model, runs = ["--model", "tiny-authors"], {name: seed_dir / name for name in ("stage1_authors", "pi_authors", "baseline_authors")}
+    seconds = {}
+    for name, title, command in (
+            ("stage1_authors", "stage 1 with the authors' model", stage1 + model),
+            ("pi_authors", "stage 2 from that tower (PI, the authors' model)",
+             stage2 + model + ["--init", str(runs["stage1_authors"] / "ckpt.pt")]),
+            ("baseline_authors", "stage 2 from random weights (baseline, the authors' model)", stage2 + model)):
+        seconds[name] = run_step(f"{seed_dir.name}: {title}", command + ["--out_dir", str(runs[name])], runs[name] / "summary.json")
+    checkpoints = [runs[name] / "ckpt.pt" for name in ("pi_authors", "baseline_authors")]
+    results = seed_dir / "results_authors.json"
+    _stale(results, checkpoints)
+    command = evaluation[:evaluation.index("--out") + 1] + [str(results)] + evaluation[evaluation.index("--out") + 2:]
+    seconds["evaluate authors"] = run_step(f"{seed_dir.name}: zero-shot evaluation of the authors' arms",
+                                           command + [a for c in checkpoints for a in ("--ckpt", str(c))], results)
+    return seconds
+
+
+def authors_table(out, seeds):
+    """The authors' arm pair per seed (evaluate.py's comparison table) -> markdown."""
+    tables = []
+    for seed in seeds:
+        by_run = {}
+        for record in json.loads((out / f"seed{seed}" / "results_authors.json").read_text()):
+            by_run.setdefault(record["model"], {})[record["dataset"]] = record["metrics"]
+        tables.append(f"seed {seed}, the PI authors' model (preset tiny-authors):\n\n{evaluate.comparison_table(by_run)}")
+    return "\n\n".join(tables)
 
 
 def main(argv=None):
@@ -177,6 +212,9 @@ def main(argv=None):
                         help="run a follow-up study instead of the demo (demo_studies.py): efficiency = PI from 10-100%% "
                              "of the triplets; sources = votes vs odd-one-out vs early / late area RDMs; "
                              "output in OUT/studies/<study>")
+    parser.add_argument("--authors", action="store_true",
+                        help="also run PI and baseline with the PI authors' model (preset tiny-authors; "
+                             "docs/authors-model.md), tabled in OUT/results_authors.md")
     args = parser.parse_args(argv)
     plan = PLANS["quick" if args.quick else "full"]
     suffix = "_quick" if args.quick else ""
@@ -193,7 +231,7 @@ def main(argv=None):
     make_data.make_demo_data(data_root, seed=0, **plan["data"])
     timings = {"data": time.time() - t}
     for seed in seeds:
-        for step, seconds in run_seed(seed, plan, data_root, out, control=not args.no_control).items():
+        for step, seconds in run_seed(seed, plan, data_root, out, control=not args.no_control, authors=args.authors).items():
             timings[f"seed {seed} {step}"] = seconds
 
     per_seed = {seed: collect(out / f"seed{seed}") for seed in seeds}
@@ -212,6 +250,9 @@ def main(argv=None):
          "per_seed": {s: {k: v for k, v in r.items() if k != "curves"} for s, r in per_seed.items()}}, indent=1) + "\n")
     charts = [plot(per_seed, out / "demo.png"), plot_probes(per_seed, out / "probes.png")]
     print("\n" + table)
+    if args.authors:
+        (out / "results_authors.md").write_text(f"`{command}`\n\n{authors_table(out, seeds)}\n")
+        print("\n" + authors_table(out, seeds) + f"\n(also in {out / 'results_authors.md'})")
     print(f"\nwrote {out / 'results.md'}, {out / 'summary.json'}, " + ", ".join(str(c) for c in charts if c))
     ran = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if v > 0.5) or "nothing, all reused"
     print(f"demo wall time this call: {time.time() - start:.0f} s, CPU time {cpu:.0f} s (ran: {ran})")

@@ -3,12 +3,15 @@
   python evaluate.py --suite all                      # the paper's 31 zero-shot tasks
   python evaluate.py --ckpt pi.pt --ckpt base.pt --ckpt ~/.cache/clip/ViT-B-32.pt --suite vtab --data-root DIR
   python evaluate.py --probe A.pt B.pt --images FOLDER_OR_TASK    # feature-space probes (probes.py)
+  python evaluate.py --alignment --ckpt A.pt --ckpt B.pt --things DIR --rdm-root DIR   # people / brains
 
 Several checkpoints share one pass over each task's images. Checkpoint formats: checkpoints.load_checkpoint.
 
 Sections:
   NIGHTS 2AFC   DreamSim's two-alternative forced-choice score (stage 1's metric)
   zero-shot     CLIP_benchmark's classification and retrieval metrics, tasks, tables and the CLI
+  alignment     BAPPS / NIGHTS 2AFC, THINGS odd-one-out and RSA per layer for several checkpoints
+                (`--alignment`; docs/stage1-data.md)
   probes        CKA, representational similarity and linear probes live in probes.py (its docstring says
                 why); `--probe` hands the command line to it
 """
@@ -26,10 +29,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from common import autocast, default_precision, ignore_stop_signals, run_cli, user_input
-from data import BenchmarkTask, ImageFolderTask, image_transform, imagenet_classnames_and_templates, tokenize
+from data import (CLASSIFICATION_TASKS, GROUPS, RETRIEVAL_TASKS, BenchmarkTask, ImageFolderTask,  # noqa: F401
+                  image_transform, imagenet_classnames_and_templates, missing_task_message, resolve_tasks, task_dir,
+                  task_dir_candidates, tokenize)
+import probes  # RSA for the alignment scores; probes.py imports nothing of this file
+from probes import classification_metrics, top_k  # noqa: F401  (shared with the linear probe)
 from checkpoints import load_checkpoint
 from model import nights_distances
-from triplets import model_input
+from triplets import decode, model_input
 from progress import progress as progress_bar
 
 
@@ -85,11 +92,15 @@ def embed_images(model, dataset, device, batch_size=256, precision="fp32"):
     return torch.cat(features) if features else torch.zeros(0, 0)
 
 
-def two_afc_from_embeddings(features, rows, p):
-    """Mean 2AFC score of rows (N, 3) = (ref, left, right) image indices into unit vectors features (M, E)."""
-    ref, left, right = (features[rows[:, c]] for c in range(3))
-    d0, d1 = 1 - (ref * left).sum(-1), 1 - (ref * right).sum(-1)
-    return two_afc_score(d0, d1, p).mean().item()
+def two_afc_from_embeddings(features, rows, p, chunk=2**18):
+    """Mean 2AFC score of rows (N, 3) = (ref, left, right) image indices into unit vectors features (M, E),
+    `chunk` rows at a time (THINGS' 8M training rows would need ~50 GB of gathered vectors at once)."""
+    total = 0.0
+    for start in range(0, len(rows), chunk):
+        ref, left, right = (features[rows[start:start + chunk, c]] for c in range(3))
+        d0, d1 = 1 - (ref * left).sum(-1), 1 - (ref * right).sum(-1)
+        total += two_afc_score(d0, d1, p[start:start + chunk]).double().sum().item()
+    return total / max(len(rows), 1)
 
 
 def evaluate_triplets(model, dataset, device, batch_size=64, precision="fp32", workers=0):
@@ -103,9 +114,12 @@ def evaluate_triplets(model, dataset, device, batch_size=64, precision="fp32", w
 def odd_one_out_choice(features, trials):
     """trials (T, 3) of image indices -> (T,) the column the model picks as the odd one out: the item
     outside the most similar pair (Hebart et al. 2020/2023; the same rule as cblearn's and gLocal's)."""
-    a, b, c = (features[trials[:, k]] for k in range(3))
-    pair_similarity = torch.stack([(b * c).sum(-1), (a * c).sum(-1), (a * b).sum(-1)], 1)  # column k: the pair without k
-    return pair_similarity.argmax(1)
+    choices = []
+    for start in range(0, len(trials), 2**18):  # in chunks: THINGS' 4M training trials gathered at once need ~25 GB
+        a, b, c = (features[trials[start:start + 2**18, k]] for k in range(3))
+        pair_similarity = torch.stack([(b * c).sum(-1), (a * c).sum(-1), (a * b).sum(-1)], 1)  # column k: the pair without k
+        choices.append(pair_similarity.argmax(1))
+    return torch.cat(choices) if choices else torch.zeros(0, dtype=torch.long)
 
 
 def odd_one_out_accuracy(model, dataset, device, batch_size=256, precision="fp32", features=None):
@@ -125,54 +139,17 @@ def odd_one_out_accuracy(model, dataset, device, batch_size=256, precision="fp32
 # ---------------------------------------------------------------------------------------------------
 
 # Metric definitions follow CLIP_benchmark 1.6.2 (metrics/zeroshot_classification.py,
-# zeroshot_retrieval.py) and the main metric per task follows DataComp (REFERENCE.md section 10).
+# zeroshot_retrieval.py) and the main metric per task follows DataComp (github mlfoundations/datacomp, tasklist.yml, main_metric).
 # "In the top k" is decided the way CLIP_benchmark decides it: torch.topk per query, on the same
 # blocks of queries and the same device it uses. Where scores tie exactly (COCO and Flickr30k repeat
 # captions across images; a task may repeat an image), which of the tied candidates makes the top k is
 # topk's choice, so only the same calls give the same numbers: a rank-based rule would differ there.
 
-CLASSIFICATION_TASKS = [
-    "imagenet1k", "imagenetv2", "imagenet_sketch", "imagenet-a", "imagenet-o", "imagenet-r", "objectnet",
-    "cifar10", "vtab/cifar100", "vtab/caltech101", "vtab/dtd", "vtab/eurosat", "vtab/flowers", "vtab/pets",
-    "vtab/pcam", "vtab/resisc45", "vtab/svhn", "vtab/clevr_count_all", "vtab/clevr_closest_object_distance",
-    "vtab/kitti_closest_vehicle_distance", "cars", "fgvc_aircraft", "food101", "country211", "gtsrb", "mnist",
-    "stl10", "renderedsst2", "voc2007",
-]
-RETRIEVAL_TASKS = ["flickr30k", "mscoco_captions"]
-GROUPS = {
-    "all": CLASSIFICATION_TASKS + RETRIEVAL_TASKS,  # the 31 tasks of the PI paper's table
-    "imagenet": CLASSIFICATION_TASKS[:7],  # ImageNet and its six distribution shifts
-    "vtab": [t for t in CLASSIFICATION_TASKS if t.startswith("vtab/")],
-    "retrieval": RETRIEVAL_TASKS,
-}
 # DataComp scores these by balanced accuracy (their classes are very unequal in size), the rest by acc1.
 MEAN_PER_CLASS_RECALL_TASKS = {"vtab/caltech101", "fgvc_aircraft", "vtab/flowers", "vtab/pets"}
 RECALL_KS = (1, 5, 10)
 DEFAULT_CHECKPOINTS = ["runs/pi/ckpt.pt", "runs/baseline/ckpt.pt"]
 DEFAULT_DATA_ROOT = os.environ.get("PI_BENCHMARK_ROOT", "data/clip_benchmark")
-
-
-def top_k(scores, k, block=None, device="cpu"):
-    """scores (Q, C) -> (Q, k) column indices of each row's k best, best first, from torch.topk run on
-    blocks of `block` rows moved to `device` (CLIP_benchmark's calls; block None = all rows at once)."""
-    block = block or len(scores)
-    k = min(k, scores.shape[1])  # fewer candidates than k: all of them are in the top k
-    return torch.cat([torch.topk(scores[s:s + block].to(device), k, dim=1).indices.cpu()
-                      for s in range(0, len(scores), block)])
-
-
-def classification_metrics(logits, targets):
-    """logits (N, C), int targets (N,) -> acc1, acc5 (NaN under 5 classes, as CLIP_benchmark) and
-    mean_per_class_recall: the mean over classes present in targets of the fraction of their samples
-    whose argmax is right (sklearn's balanced_accuracy_score, which CLIP_benchmark calls).
-    acc1 and acc5 come from one topk(5) call, as CLIP_benchmark's `accuracy`: under a tie at the top
-    acc1 follows topk's order and mean_per_class_recall argmax's (the first maximum)."""
-    ks = (1, 5) if logits.shape[1] >= 5 else (1,)
-    hits = top_k(logits, max(ks)) == targets[:, None]  # (N, k) True where the target sits
-    acc = {f"acc{k}": float(hits[:, :k].sum()) / len(targets) for k in ks}
-    predicted = logits.argmax(dim=1)
-    recalls = [(predicted[targets == c] == c).double().mean().item() for c in targets.unique().tolist()]
-    return {"acc1": acc["acc1"], "acc5": acc.get("acc5", float("nan")), "mean_per_class_recall": float(np.mean(recalls))}
 
 
 def mean_average_precision(scores, targets):
@@ -231,10 +208,32 @@ def _collate_captions(batch):  # retrieval: stack the images, keep each image's 
     return torch.stack([image for image, _ in batch]), [captions for _, captions in batch]
 
 
+PROMPT_PADDINGS = ("zeros", "eot")
+
+
+def prompt_tokens(texts, context_length, padding="zeros"):
+    """Token ids (N, T) of prompts or captions. "zeros" (the default): the kit's and open_clip's ids, 0 after
+    the end-of-text token, as CLIP_benchmark tokenizes for open_clip models and as the PI authors' training
+    captions are padded. "eot": every position after it holds the end-of-text id 49407 too, as Hugging Face's
+    CLIPTokenizer pads with padding="max_length" (its pad token is <|endoftext|>), which the PI authors'
+    zero-shot evaluation uses (github cheesepuff90/Brain_Initialization src/model.py CLIP.tokenize). A
+    mean-pooled text tower (model text_pooling "mean", pad id 0) then averages all T positions of a prompt,
+    where training averaged a caption's own tokens; their CIFAR numbers were measured so. An EOT-pooled
+    (OpenAI) model gives the same features either way: argmax finds the first EOT, and causal attention keeps
+    the positions after it out. evaluate.py's --prompt-padding sets it per model (model.prompt_padding)."""
+    if padding not in PROMPT_PADDINGS:
+        raise ValueError(f"prompt padding {padding!r} is not one of {PROMPT_PADDINGS}")
+    tokens = tokenize(texts, context_length=context_length)  # (N, T)
+    if padding == "eot":
+        end = tokens.argmax(dim=-1, keepdim=True)  # the end-of-text position (49407 is the largest id)
+        tokens = tokens.masked_fill(torch.arange(tokens.shape[1]) > end, 49407)
+    return tokens
+
+
 @torch.no_grad()
 def _encode_texts(model, texts, device, precision, batch_size, desc, show):
     """list of str -> (N, E) float32 unit vectors on the CPU, encoded in batches."""
-    tokens = tokenize(texts, context_length=model.config.context_length)  # (N, T)
+    tokens = prompt_tokens(texts, model.config.context_length, getattr(model, "prompt_padding", "zeros"))  # (N, T)
     features = []
     for start in progress_bar(range(0, len(tokens), batch_size), desc=desc, leave=False, disable=not show):
         with autocast(device, precision):
@@ -326,38 +325,6 @@ def evaluate_task(model, task_dir, device, batch_size=64, workers=0, precision="
     return evaluate_models([model], task_dir, device, batch_size, workers, precision, progress)[0]
 
 
-def task_dir_candidates(data_root, task):
-    """The folders `task` may live in under data_root, in the order tried: CLIP_benchmark's hub name
-    wds_<task> ('/' -> '-'), DataComp's download name wds_<task>_test, and for ImageNet imagenet1k/val."""
-    name = "wds_" + task.replace("/", "-")
-    candidates = [Path(data_root) / name, Path(data_root) / (name + "_test")]
-    return candidates + ([Path(data_root) / "imagenet1k" / "val"] if task == "imagenet1k" else [])
-
-
-def task_dir(data_root, task):
-    """The first of task_dir_candidates that exists, else None."""
-    return next((p for p in task_dir_candidates(data_root, task) if p.is_dir()), None)
-
-
-def missing_task_message(data_root, task):
-    return f"{task} (tried {' and '.join(map(str, task_dir_candidates(data_root, task)))})"
-
-
-def resolve_tasks(suite, data_root):
-    """A group name (all, imagenet, vtab, retrieval, demo) or comma-separated task names -> task list.
-    demo: the tasks listed in <data_root>/tasks.txt (one name a line), else every wds_* folder there."""
-    if suite in GROUPS:
-        return list(GROUPS[suite])
-    if suite == "demo":
-        listing = Path(data_root) / "tasks.txt"
-        if listing.exists():
-            names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
-        else:
-            names = sorted(p.name for p in Path(data_root).glob("wds_*") if p.is_dir())
-        return list(dict.fromkeys(n.removeprefix("wds_").removesuffix("_test") for n in names))
-    return [t.strip() for t in suite.split(",") if t.strip()]
-
-
 def run_suite(models, tasks, data_root, device, batch_size=64, workers=0, precision="fp32", progress=True):
     """-> one {task: metrics} per model, for the tasks whose folder exists (a missing one is skipped
     with a note naming the folders tried). Each task's images are decoded once for all the models."""
@@ -446,10 +413,161 @@ def _run_labels(paths):
     return labels if len(set(labels)) == len(labels) else [str(p) for p in paths]
 
 
+# ---------------------------------------------------------------------------------------------------
+# Alignment with people and brains: several checkpoints, one table, JSON and plot
+# ---------------------------------------------------------------------------------------------------
+# python evaluate.py --alignment --ckpt A.pt --ckpt B.pt [--bapps 2afc/] [--nights nights/] [--things things/]
+#                    [--rdm-root DIR [--rdm V1,V4]] --out alignment.json
+# Every score is also a function: alignment_scores(models, ...) -> {label: {score: value}}.
+# Sources are read by triplet_sources.py (docs/stage1-data.md); only the evaluation splits are decoded.
+
+ALIGNMENT_SPLITS = {"bapps": ("val",), "nights": ("val", "test", "test_imagenet", "test_no_imagenet"),
+                    "things": ("val", "test")}
+
+
+@torch.no_grad()
+def rsa_per_layer(model, images, rdm, device="cpu", batch_size=256):
+    """Representational similarity per layer: Spearman's rho between the upper triangle of a reference
+    RDM (N, N) and the model's pairwise distances 1 - cos over the same N images, for the class token
+    after each residual block and for the final embedding -> {"block1": rho, ..., "embedding": rho}.
+    images: uint8 (N, 3, S, S) (triplets.decode's) or the model's float input."""
+    if images.dtype == torch.uint8:
+        images = model_input(images, "cpu")
+    was_training = model.training
+    features = probes.tower_features(model, images, device, batch_size)
+    model.train(was_training)
+    return {layer: probes.representational_similarity(x, rdm) for layer, x in features.items()}
+
+
+def _source_splits(source, root, image_size, cache_dir, workers):
+    import triplet_sources  # imports nights, which imports nothing of this file
+    with user_input():  # a missing file or a bad row is the user's to fix
+        splits = triplet_sources.open_splits(source, root, image_size, cache_dir=cache_dir, workers=workers,
+                                             splits=ALIGNMENT_SPLITS[source])
+    return {name: split for name, split in splits.items() if len(split) and (source != "bapps" or name != "val")}
+
+
+def alignment_scores(models, labels, bapps=None, nights=None, things=None, rdm_root=None, rdm="", device="cpu",
+                     batch_size=64, precision="fp32", workers=0, cache_dir=None):
+    """{label: {score: value}} for each model: "bapps/<val subset>" and "nights/<split>" 2AFC (0.5 =
+    chance), "things/<split>/odd_one_out" accuracy (1/3 = chance) and ".../odd_one_out_normalised" by the
+    noise ceiling, and "rsa/<rdm name>/<layer>" Spearman's rho. Sources left None are skipped."""
+    import triplet_sources
+    results = {label: {} for label in labels}
+    for size in dict.fromkeys(m.config.image_size for m in models):
+        group = [(label, m) for label, m in zip(labels, models) if m.config.image_size == size]
+        for source, root in (("bapps", bapps), ("nights", nights), ("things", things)):
+            if not root:
+                continue
+            for name, split in _source_splits(source, root, size, cache_dir, workers).items():
+                key = name.removeprefix("val_") if source == "bapps" else name
+                for label, model in group:
+                    if source == "things":
+                        features = embed_images(model, split, device, batch_size, precision)
+                        scores = odd_one_out_accuracy(model, split, device, features=features)
+                        results[label][f"things/{key}/odd_one_out"] = scores["accuracy"]
+                        results[label][f"things/{key}/odd_one_out_normalised"] = scores["ceiling_normalised"]
+                        results[label][f"things/{key}/2afc"] = two_afc_from_embeddings(features, split.rows, split.p)
+                    else:
+                        results[label][f"{source}/{key}"] = evaluate_triplets(model, split, device, batch_size,
+                                                                              precision, workers)
+        if rdm_root:
+            with user_input():
+                paths, _ = triplet_sources.rdm_images(rdm_root)
+                names = triplet_sources.rdm_names(rdm_root, rdm)
+                matrices = {n: triplet_sources.read_rdm(Path(rdm_root) / "rdms" / f"{n}.npy", len(paths)) for n in names}
+            images = torch.stack([torch.from_numpy(np.ascontiguousarray(decode(p, size))) for p in paths])
+            for label, model in group:
+                for name, matrix in matrices.items():
+                    for layer, rho in rsa_per_layer(model, images, matrix, device, batch_size).items():
+                        results[label][f"rsa/{name}/{layer}"] = rho
+    return results
+
+
+def alignment_table(results):
+    """Markdown table: one row per score, one column per checkpoint (2AFC and accuracies in %, rho x 100)."""
+    labels = list(results)
+    keys = list(dict.fromkeys(k for r in results.values() for k in r))
+    lines = ["| score | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
+    for key in keys:
+        lines.append(f"| {key} | " + " | ".join(_fmt(results[label].get(key)) for label in labels) + " |")
+    return "\n".join(lines)
+
+
+def plot_alignment(results, path):
+    """Left: 2AFC and odd-one-out scores per checkpoint (bars); right: RSA per layer, one line per
+    (checkpoint, RDM). Saved to `path` -> str(path)."""
+    import matplotlib  # imported here: the trainers import this file and never plot
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = list(results)
+    scores = [k for k in dict.fromkeys(k for r in results.values() for k in r) if not k.startswith("rsa/")]
+    rdms = list(dict.fromkeys(k.split("/")[1] for r in results.values() for k in r if k.startswith("rsa/")))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), squeeze=False)
+    width = 0.8 / max(len(labels), 1)
+    for i, label in enumerate(labels):
+        axes[0, 0].bar([x + i * width for x in range(len(scores))], [100 * results[label].get(k, math.nan) for k in scores],
+                       width, label=label)
+        for name in rdms:
+            layers = [k.split("/")[2] for k in results[label] if k.startswith(f"rsa/{name}/")]
+            axes[0, 1].plot(layers, [results[label][f"rsa/{name}/{layer}"] for layer in layers], marker="o",
+                            label=f"{label} vs {name}")
+    axes[0, 0].set_xticks([x + width * (len(labels) - 1) / 2 for x in range(len(scores))], scores, rotation=60,
+                          ha="right", fontsize=8)
+    axes[0, 0].set_ylabel("score (%)")
+    axes[0, 0].set_title("2AFC (chance 50) and THINGS odd-one-out (chance 33)")
+    axes[0, 1].set_ylabel("Spearman rho")
+    axes[0, 1].set_title("RSA per layer against each reference RDM")
+    axes[0, 1].tick_params(axis="x", rotation=60)
+    for ax in axes[0]:
+        if ax.has_data():
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def alignment_main(argv):
+    parser = argparse.ArgumentParser(prog="evaluate.py --alignment",
+                                     description="Alignment with human and brain similarity: BAPPS / NIGHTS 2AFC, THINGS "
+                                                 "odd-one-out, RSA per layer against reference RDMs (docs/stage1-data.md).")
+    parser.add_argument("--alignment", action="store_true")
+    parser.add_argument("--ckpt", action="append", required=True, help="checkpoint (any format evaluate.py reads); repeat")
+    parser.add_argument("--bapps", help="BAPPS' 2afc folder (its val subsets are scored)")
+    parser.add_argument("--nights", help="NIGHTS folder (data.csv, ref/, distort/): val and test splits")
+    parser.add_argument("--things", help="THINGS folder (triplet_dataset/, unique_id.txt, images/): val and test")
+    parser.add_argument("--rdm-root", help="folder with rdms/<name>.npy and images.txt or images/")
+    parser.add_argument("--rdm", default="", help="comma-separated RDM names (default: all in rdms/)")
+    parser.add_argument("--cache-dir", default=None, help="decode cache folder (default: <each source>/cache)")
+    parser.add_argument("--out", default="alignment.json", help="JSON {checkpoint: {score: value}}; a PNG beside it")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default=None, help="bf16 | fp16 | fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    args = parser.parse_args(argv)
+    if not (args.bapps or args.nights or args.things or args.rdm_root):
+        parser.error("give at least one of --bapps, --nights, --things, --rdm-root")
+    labels = _run_labels(args.ckpt)
+    with user_input():
+        models = [load_checkpoint(path).to(args.device) for path in args.ckpt]
+    results = alignment_scores(models, labels, args.bapps, args.nights, args.things, args.rdm_root, args.rdm, args.device,
+                               args.batch_size, args.precision or default_precision(args.device), args.workers,
+                               args.cache_dir)
+    print(alignment_table(results))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {args.out} and {plot_alignment(results, Path(args.out).with_suffix('.png'))}")
+    return results
+
+
 def main(argv=None):
     if "--probe" in (sys.argv[1:] if argv is None else argv):  # the probes' own CLI (probes.py)
-        import probes
         return probes.main(argv)
+    if "--curves" in (sys.argv[1:] if argv is None else argv):  # training curves of runs (below)
+        return curves_main(argv)
+    if "--alignment" in (sys.argv[1:] if argv is None else argv):  # alignment scores (section above)
+        return alignment_main(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         description="Zero-shot evaluation on CLIP_benchmark task folders, with a comparison table of the runs.")
     parser.add_argument("--ckpt", action="append", default=None,
@@ -468,6 +586,12 @@ def main(argv=None):
     parser.add_argument("--quickgelu", nargs="*", default=None, metavar="CKPT",
                         help="QuickGELU activation (OpenAI-trained weights) for every --ckpt, or for the CKPTs named; "
                              "needed only for files that record no activation (a checkpoint that records GELU is an error)")
+    parser.add_argument("--prompt-padding", choices=PROMPT_PADDINGS, default="zeros",
+                        help="zeros: CLIP_benchmark's protocol, ids zero-padded (default; with the PI authors' "
+                             "mean-pooled model, prompts are pooled as their training pooled captions). eot: pad "
+                             "with the end-of-text id as the PI authors' evaluation does (Hugging Face's "
+                             "CLIPTokenizer), so their model averages all 77 positions: reproduces their CIFAR "
+                             "numbers. Same features for OpenAI-style (EOT-pooled) models. See docs/authors-model.md")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward (default: 64)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers (default: up to 4)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda when present")
@@ -494,6 +618,7 @@ def main(argv=None):
         quickgelu = True if args.quickgelu is not None and (not args.quickgelu or path in args.quickgelu) else None
         with user_input():  # a missing or foreign file, a contradicted activation: the user's to fix
             models.append(load_checkpoint(path, quickgelu=quickgelu).to(args.device))
+        models[-1].prompt_padding = args.prompt_padding  # read by _encode_texts (prompt_tokens)
         print(f"{label}: {path}, {models[-1].num_params() / 1e6:.1f}M parameters, "
               f"{'QuickGELU' if models[-1].config.quickgelu else 'GELU'}, {models[-1].config.image_size} px")
     print(f"{len(tasks)} tasks, {precision}, {len(models)} checkpoint(s) in one pass over each task's images")
@@ -515,6 +640,81 @@ def main(argv=None):
         json.dump(records, f, indent=1)
     chart = plot_comparison(results_by_run, Path(args.out).with_suffix(".png"), tasks)
     print(f"wrote {args.out} and {chart}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training curves: zero-shot, NIGHTS and held-out metrics against samples seen, for several runs
+# ---------------------------------------------------------------------------------------------------
+
+CURVE_PREFIXES = ("zeroshot/", "val/", "nights/")  # the evaluation keys train_clip.py logs
+
+
+def read_curves(run_dir):
+    """run_dir/metrics.jsonl -> {metric: [(samples_seen, value), ...]} sorted by samples seen; an
+    evaluation logged twice at the same point (a resumed run) keeps its last value."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: --curves takes train_clip.py output folders (out_dir)")
+    series = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill: the rest of the file is still good
+            print(f"warning: {path}:{number} is not JSON; skipped", file=sys.stderr)
+            continue
+        if "samples_seen" not in record:
+            continue
+        for key, value in record.items():
+            if key.startswith(CURVE_PREFIXES) and isinstance(value, (int, float)):
+                series.setdefault(key, {})[record["samples_seen"]] = value
+    return {key: sorted(points.items()) for key, points in series.items()}
+
+
+def plot_curves(curves_by_run, path):
+    """One panel per metric, one line per run, x = samples seen -> str(path)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    metrics = list(dict.fromkeys(m for curves in curves_by_run.values() for m in curves))
+    columns = min(3, len(metrics))
+    rows = math.ceil(len(metrics) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.5 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        for run, curves in curves_by_run.items():
+            if metric in curves:
+                x, y = zip(*curves[metric])
+                ax.plot(x, y, marker="o", markersize=3, label=run)
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel("samples seen")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def curves_main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Plot the evaluations train_clip.py logged (zero-shot, NIGHTS 2AFC, held-out loss and recall) "
+                    "against samples seen, one line per run: python evaluate.py --curves runs/pi runs/baseline")
+    parser.add_argument("--curves", nargs="+", required=True, metavar="RUN_DIR", help="train_clip.py out_dir folders")
+    parser.add_argument("--out", default="curves.png", help="the chart (PNG; default: curves.png)")
+    args = parser.parse_args(argv)
+    labels = [Path(r).resolve().name for r in args.curves]
+    labels = labels if len(set(labels)) == len(labels) else list(args.curves)
+    with user_input():
+        curves_by_run = {label: read_curves(r) for label, r in zip(labels, args.curves)}
+    if not any(curves_by_run.values()):
+        raise FileNotFoundError(f"no evaluation in {', '.join(args.curves)}: set eval_every / eval_every_epochs, "
+                                "eval_tasks, val_samples or nights_root in the run's config")
+    for label, curves in curves_by_run.items():
+        for metric, points in curves.items():
+            print(f"{label:>16}  {metric:<36} {len(points):>3} points, last {points[-1][1]:.4g} at {points[-1][0]:,} samples")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    print(f"wrote {plot_curves(curves_by_run, args.out)}")
 
 
 if __name__ == "__main__":

@@ -38,8 +38,7 @@ NIGHTS_CSV_COLUMNS = ["id", "left_vote", "right_vote", "votes", "ref_path", "lef
 
 
 def write_nights(root, triplets):
-    """Write triplets in NIGHTS' layout (DreamSim's dataset, github ssundaram21/dreamsim, dataset/nights:
-    data.csv + ref/NNN/III.png +
+    """Write triplets in NIGHTS' layout (DreamSim's, github ssundaram21/dreamsim): data.csv + ref/NNN/III.png +
     distort/NNN/III_0.png (left) and III_1.png (right). Each triplet is a dict with PIL images ref,
     left, right, ints left_vote, right_vote (how many observers chose each side), str split, bool
     is_imagenet, str prompt. The csv holds them as DreamSim's data.csv does: left_vote / right_vote the

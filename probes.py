@@ -3,8 +3,9 @@
   python evaluate.py --probe A.pt B.pt [C.pt ...] --images FOLDER_OR_TASK [--linear-probe SUITE --data-root DIR]
 
 Sections (every checkpoint frozen; the images are decoded once and shared by all checkpoints):
-  CKA            linear CKA (Kornblith et al. 2019) between two towers, per layer: the class token
-                 after each residual block, and the final embedding, on the same images
+  CKA            linear CKA (Kornblith et al. 2019) between two towers, per layer: a ViT's class token
+                 after each residual block (block1 ...), a ResNet's stage outputs averaged over the grid
+                 (stage1 ... stage4), and the final embedding, on the same images
   RSA            representational similarity: Spearman correlation between a model's pairwise image
                  distances (1 - cos) and a reference distance (e.g. the demo's observer distance)
   linear probe   L2-regularised multinomial logistic regression on frozen, normalised image features:
@@ -15,7 +16,8 @@ Sections (every checkpoint frozen; the images are decoded once and shared by all
 Why a file of its own: evaluate.py holds the scores a paper reports (2AFC, zero-shot) and their CLI;
 with the probes it would pass 600 lines. The probes answer another question (how do two towers'
 representations relate?), have their own inputs (any image folder, a reference distance, train
-splits) and their own CLI, and use evaluate.py's metric helpers rather than copy them.
+splits) and their own CLI. They import nothing of evaluate.py: evaluate.py imports their RSA (its
+alignment scores) and the classification metrics kept here, which both use.
 """
 import argparse
 import itertools
@@ -29,8 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data import BenchmarkTask, image_transform
-from evaluate import classification_metrics, resolve_tasks, task_dir
+from data import BenchmarkTask, image_transform, resolve_tasks, task_dir
 from common import user_input
 from checkpoints import load_checkpoint
 from progress import progress as progress_bar
@@ -96,6 +97,35 @@ def representational_similarity(features, reference):
 # Linear probe
 # ---------------------------------------------------------------------------------------------------
 
+# Classification metrics as CLIP_benchmark 1.6.2 defines them (metrics/zeroshot_classification.py); the
+# linear probe scores with them, and evaluate.py's zero-shot classification imports them from here
+# (this file imports nothing of evaluate.py, which imports this file's RSA for its alignment scores).
+
+
+def top_k(scores, k, block=None, device="cpu"):
+    """scores (Q, C) -> (Q, k) column indices of each row's k best, best first, from torch.topk run on
+    blocks of `block` rows moved to `device` (CLIP_benchmark's calls; block None = all rows at once)."""
+    block = block or len(scores)
+    k = min(k, scores.shape[1])  # fewer candidates than k: all of them are in the top k
+    return torch.cat([torch.topk(scores[s:s + block].to(device), k, dim=1).indices.cpu()
+                      for s in range(0, len(scores), block)])
+
+
+def classification_metrics(logits, targets):
+    """logits (N, C), int targets (N,) -> acc1, acc5 (NaN under 5 classes, as CLIP_benchmark) and
+    mean_per_class_recall: the mean over classes present in targets of the fraction of their samples
+    whose argmax is right (sklearn's balanced_accuracy_score, which CLIP_benchmark calls).
+    acc1 and acc5 come from one topk(5) call, as CLIP_benchmark's `accuracy`: under a tie at the top
+    acc1 follows topk's order and mean_per_class_recall argmax's (the first maximum)."""
+    ks = (1, 5) if logits.shape[1] >= 5 else (1,)
+    hits = top_k(logits, max(ks)) == targets[:, None]  # (N, k) True where the target sits
+    acc = {f"acc{k}": float(hits[:, :k].sum()) / len(targets) for k in ks}
+    predicted = logits.argmax(dim=1)
+    recalls = [(predicted[targets == c] == c).double().mean().item() for c in targets.unique().tolist()]
+    return {"acc1": acc["acc1"], "acc5": acc.get("acc5", float("nan")), "mean_per_class_recall": float(np.mean(recalls))}
+
+
+
 # The L2 strengths tried on a held-out share of the train split (OpenAI's CLIP paper sweeps C on a
 # validation set, CLIP_benchmark its weight decay); the best is refitted on the whole train split.
 PROBE_C_GRID = (1.0, 10.0, 100.0, 1e3, 1e4)  # measured on the demo: 0.1 never won, 1e3 often did
@@ -159,15 +189,26 @@ def linear_probe(train_x, train_y, test_x, test_y, grid=PROBE_C_GRID, val_share=
 # ---------------------------------------------------------------------------------------------------
 
 
+def layers_of(visual):
+    """-> (name prefix, modules, output -> (B, W) feature): where a vision tower's layers are read. A
+    ViT: the class token after each residual block ("block1", ...). A ResNet has no class token and
+    its blocks change width within a stage: each stage's output ("stage1" ... "stage4"), averaged over
+    its grid (the global average pool a ResNet's features are usually read with)."""
+    if hasattr(visual, "transformer"):
+        return "block", list(visual.transformer.resblocks), lambda out: out[:, 0]
+    return "stage", [stage[-1] for stage in visual.stages()], lambda out: out.mean(dim=(2, 3))  # a stage's last block
+
+
 @torch.no_grad()
 def tower_features(model, images, device="cpu", batch_size=256, workers=0):
     """images: a tensor (N, 3, S, S), or a dataset of (image, label) items streamed in batches ->
-    {"block1": (N, W), ..., "embedding": (N, E)}: the class token after each residual block of the
-    vision tower (forward hooks) and the normalised projected embedding."""
+    {"block1": (N, W), ..., "embedding": (N, E)}: each layer's feature (layers_of: a ViT's blocks, a
+    ResNet's stages, read by forward hooks) and the normalised projected embedding."""
     model.eval()
     captured, outputs = [], {}
-    hooks = [block.register_forward_hook(lambda module, args, out: captured.append(out[:, 0].float().cpu()))
-             for block in model.visual.transformer.resblocks]
+    prefix, layers, feature = layers_of(model.visual)
+    hooks = [layer.register_forward_hook(lambda module, args, out: captured.append(feature(out).float().cpu()))
+             for layer in layers]
     batches = (images.split(batch_size) if torch.is_tensor(images) else
                (x for x, _ in DataLoader(images, batch_size=batch_size, num_workers=workers)))
     try:
@@ -175,7 +216,7 @@ def tower_features(model, images, device="cpu", batch_size=256, workers=0):
             captured.clear()
             embedding = model.encode_image(batch.to(device)).float().cpu()
             for k, token in enumerate(captured):
-                outputs.setdefault(f"block{k + 1}", []).append(token)
+                outputs.setdefault(f"{prefix}{k + 1}", []).append(token)
             outputs.setdefault("embedding", []).append(F.normalize(embedding, dim=-1))
     finally:
         for hook in hooks:

@@ -6,7 +6,8 @@
       images = loader.transform.device(batch["images"], batch["params"])   # augmented, normalised
 
   python shards.py SPEC [--batch_size N] [--image_size S] [--augment KIND] [--workers W] [--batches K]
-                        [--device D]     # reads K batches as the trainer would; last line: JSON
+                        [--device D]     # reads K batches as the trainer would; last line: JSON with the
+                                         # workers' delivery rate apart from the device half's
 
 The order of an epoch is a function of (seed, epoch) and the units' sample counts alone, never of
 the number of ranks or workers (the idea of MosaicML streaming's elastic determinism):
@@ -306,16 +307,40 @@ class Loader:
     def steps_per_epoch(self):
         return self.plan(0).steps  # the same every epoch: it depends on the total count only
 
-    def _decode_on_device(self, piece, host_images):
-        """A piece's rows in order: those decoded in the worker, and its JPEGs decoded here."""
-        rows, n = torch.tensor(piece["jpeg_rows"]), len(piece["positions"])
+    def _decode_on_device(self, piece):
+        """A piece's images on the device, in row order: those its worker decoded, and its JPEGs decoded
+        here. A JPEG that does not decode is counted as bad_image and its row dropped from the piece (its
+        tokens, params, position and part), as a worker drops an image PIL cannot read. Rows are placed
+        with index_copy_ and pinned, non-blocking index copies: nothing here waits for the step in flight."""
+        jpegs = list(piece["jpegs"].split(piece["jpeg_lengths"]))
+        decoded, failed = self.transform.device_decode(jpegs, piece["boxes"], self.device)
+        rows, n = piece["jpeg_rows"], len(piece["positions"])
+        if failed:
+            dropped = {rows[i] for i in failed}
+            keep = torch.tensor([r for r in range(n) if r not in dropped], dtype=torch.long)
+            for key in ("tokens", "params", "positions"):
+                piece[key] = piece[key][keep]
+            piece["skipped"][SKIP_REASONS.index("bad_image")] += len(dropped)
+            parts, first = [], 0
+            for stream, chunk, good in piece["parts"]:
+                parts.append((stream, chunk, good - sum(first <= r < first + good for r in dropped)))
+                first += good
+            piece["parts"] = parts
+            new_row = {r: r - sum(d < r for d in dropped) for r in range(n) if r not in dropped}
+            rows = [new_row[r] for r in rows if r not in dropped]
+            n -= len(dropped)
         size = self.transform.image_size
         images = torch.empty((n, 3, size, size), dtype=torch.uint8, device=self.device)
-        on_host = torch.ones(n, dtype=torch.bool)
-        on_host[rows] = False
-        images[on_host.to(self.device)] = host_images
-        jpegs = list(piece["jpegs"].split(piece["jpeg_lengths"]))
-        images[rows.to(self.device)] = self.transform.device_decode(jpegs, piece["boxes"], self.device)
+        jpeg_rows = set(rows)
+        host_rows = [r for r in range(n) if r not in jpeg_rows]
+        pinned = self.device.type == "cuda"
+        if host_rows:
+            host_images = piece["images"].to(self.device, non_blocking=True)
+            index = torch.tensor(host_rows, dtype=torch.long, pin_memory=pinned).to(self.device, non_blocking=True)
+            images.index_copy_(0, index, host_images)
+        if rows:
+            index = torch.tensor(rows, dtype=torch.long, pin_memory=pinned).to(self.device, non_blocking=True)
+            images.index_copy_(0, index, decoded)
         return images
 
     def epoch_batches(self, epoch, start_step=0):
@@ -331,17 +356,18 @@ class Loader:
                 assert piece["step"] == step, (piece["step"], step)  # the round robin is in step
                 if not piece["parts"]:
                     continue
-                skipped += piece["skipped"]
                 self.bad_sources = (self.bad_sources + [s for s in piece["bad_sources"] if s not in self.bad_sources])[-5:]
-                on_device = {k: piece[k].to(self.device, non_blocking=True) for k in ("images", "tokens", "params", "positions")}
-                if piece["jpeg_rows"]:
-                    on_device["images"] = self._decode_on_device(piece, on_device["images"])
+                images = self._decode_on_device(piece) if piece["jpeg_rows"] else None  # may drop undecodable rows
+                skipped += piece["skipped"]
+                on_device = {k: piece[k].to(self.device, non_blocking=True) for k in ("tokens", "params", "positions")}
+                on_device["images"] = piece["images"].to(self.device, non_blocking=True) if images is None else images
                 first = 0
                 for stream, chunk, n in piece["parts"]:
                     got[stream, chunk] = {k: v[first:first + n] for k, v in on_device.items()}
                     first += n
             ordered = [got[s, c] for s in work.local_streams for c in range(work.chunks)]  # canonical order
             batch = {k: torch.cat([o[k] for o in ordered]) for k in ordered[0]}
+            slots = self._slots(plan, {s: sum(len(got[s, c]["positions"]) for c in range(work.chunks)) for s in work.local_streams})
             n, pad = len(batch["positions"]), self.rank_batch - len(batch["positions"])
             self.good, self.bad = self.good + n, self.bad + int(skipped.sum())
             if self.bad >= MIN_SAMPLES_BEFORE_FAILING and self.bad > self.good:
@@ -351,7 +377,16 @@ class Loader:
             if pad:
                 batch = {k: torch.cat([v, v.new_full((pad, *v.shape[1:]), -1 if k == "positions" else 0)]) for k, v in batch.items()}
             batch["valid"] = batch["positions"] >= 0
-            yield {**batch, "skipped": skipped, "step": step}
+            yield {**batch, "slots": slots, "skipped": skipped, "step": step}
+
+    def _slots(self, plan, good):
+        """Each row's position in the GLOBAL batch, which names its contrastive group (contrastive.py):
+        stream s's share is positions s * p ... s * p + p - 1; its `good[s]` samples take the first of
+        them and the padding rows (at the batch's end) the rest, so no rank or worker count moves a row."""
+        p = plan.per_stream
+        filled = [torch.arange(s * p, s * p + good[s]) for s in self.work.local_streams]
+        empty = [torch.arange(s * p + good[s], s * p + p) for s in self.work.local_streams]
+        return torch.cat(filled + empty).to(self.device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -390,24 +425,39 @@ def check(argv=None):
               f"{streams} streams ({plan.dropped} left over)", file=sys.stderr)
         if plan.steps == 0:
             raise ValueError(f"{args.spec}: {plan.total} samples do not fill one batch of {args.batch_size}")
+        # Two halves, timed apart. Delivery: the workers decode, crop and tokenise, and the batch reaches
+        # --device: what a GPU would be fed (timed from the start, the workers' start-up included, so a
+        # short run reads low, never high). Device: augmentation and normalisation on --device, timed
+        # afterwards on the last batch. On a CPU-only machine the device half runs on the same cores and
+        # would otherwise hide the delivery rate.
         skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
         batches, samples, start = 0, 0, time.perf_counter()
         bar = tqdm(total=min(args.batches, plan.steps), desc="batches", file=sys.stderr)
         for batch in loader.epoch_batches(args.epoch):
-            images = loader.transform.device(batch["images"], batch["params"])
-            if images.device.type == "cuda":
-                torch.cuda.synchronize()
             batches, samples, skipped = batches + 1, samples + int(batch["valid"].sum()), skipped + batch["skipped"]
             bar.update()
             bar.set_postfix({r: n for r, n in zip(SKIP_REASONS, skipped.tolist()) if n})
             if batches >= args.batches:
                 break
+        delivery_seconds = time.perf_counter() - start
         bar.close()
+        repeats, device_start = min(args.batches, 5), time.perf_counter()
+        for _ in range(repeats):
+            images = loader.transform.device(batch["images"], batch["params"])
+            if images.device.type == "cuda":
+                torch.cuda.synchronize()
+        device_rate = repeats * len(batch["images"]) / (time.perf_counter() - device_start)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
-    seconds = time.perf_counter() - start
-    print(json.dumps({"batches": batches, "samples": samples, "samples_per_s": round(samples / seconds, 1),
-                      "seconds": round(seconds, 2), "skipped": dict(zip(SKIP_REASONS, skipped.tolist())),
+    delivery_rate = samples / max(delivery_seconds, 1e-9)
+    print(f"delivery: {delivery_rate:.0f} samples/s from {max(args.workers, 1)} worker(s) ({delivery_rate / max(args.workers, 1):.0f} "
+          f"each); device half on {args.device}: {device_rate:.0f} samples/s", file=sys.stderr)
+    print(json.dumps({"batches": batches, "samples": samples,
+                      "delivery_samples_per_s": round(delivery_rate, 1),
+                      "delivery_samples_per_s_per_worker": round(delivery_rate / max(args.workers, 1), 1),
+                      "device_samples_per_s": round(device_rate, 1),
+                      "samples_per_s": round(1 / (1 / max(delivery_rate, 1e-9) + 1 / device_rate), 1),  # one after the other
+                      "seconds": round(delivery_seconds, 2), "skipped": dict(zip(SKIP_REASONS, skipped.tolist())),
                       "units": len(units), "samples_per_epoch": plan.total, "steps_per_epoch": plan.steps,
                       "dropped_per_epoch": plan.dropped, "image_mean": round(float(images.float().mean()), 4)}))
 

@@ -41,7 +41,7 @@ from data import split_member_name, tokenize
 # Why a sample or a unit was skipped. The engine counts them, sends them with every batch, sums ranks.
 SKIP_REASONS = ("no_image", "bad_image", "no_caption", "bad_caption", "truncated_shard", "unreadable_file")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # the first present is the sample's image
-VOCAB_SIZE, END_OF_TEXT = 49408, 49407  # CLIP's BPE vocabulary (REFERENCE.md section 6)
+VOCAB_SIZE, END_OF_TEXT = 49408, 49407  # CLIP's BPE vocabulary (github openai/CLIP, clip/simple_tokenizer.py)
 COUNTS_FILE = ".pi_counts.json"  # the counting pass's result, beside the shards or in cache_dir
 COUNTING_THREADS = 8
 PARQUET_BATCH_ROWS = 256  # rows decoded from parquet at a time: bounds a reader's memory

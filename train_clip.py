@@ -5,8 +5,9 @@ vision tower.
   torchrun --nproc_per_node=8 train_clip.py configs/yfcc15m.yaml --init stage1/ckpt.pt
   python train_clip.py configs/yfcc15m.yaml --train_data='/data/{00000..00099}.tar' --batch_size=1024
 
-Without CONFIG, the Config defaults below (the paper's recipe, as configs/yfcc15m.yaml spells out with
-sources). Without --init: the random-initialisation baseline, with the same seed, text tower and data
+Without CONFIG, the Config defaults below (the paper's model, data and schedule with the kit's exact
+large-batch objective; configs/yfcc15m.yaml is the authors' recipe, every value with its source, and
+docs/stage2-recipes.md compares them). Without --init: the random-initialisation baseline, with the same seed, text tower and data
 order as the PI run, so the two differ only in the vision tower's start.
 Starting the same command again on the same out_dir resumes exactly where it stopped, mid-epoch; with a
 setting that changes the run (TRAJECTORY_KEYS) it refuses and names it; on a finished run it does
@@ -14,6 +15,11 @@ nothing. SIGTERM / SIGINT stop it at the next step boundary with a checkpoint (e
 
 The story: config -> setup -> checkpoint (resume check, finished?) -> data -> model (resume, else
 --init, else random) -> optimiser -> loop (train_step, logging, evaluation, checkpoints, stop) -> summary.
+
+Beside it, each with one responsibility, so that this file stays readable in one sitting:
+contrastive.py (the loss, over the whole batch or groups of it, and its cached-feature accumulation),
+validation.py (which units train and which are held out, and the held-out score), tracking.py
+(TensorBoard / W&B beside metrics.jsonl), shards.py (the data order).
 """
 import dataclasses
 import json
@@ -24,15 +30,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+import torch.distributed.nn  # noqa: F401  (torch.distributed.nn.functional.all_gather: not imported by the line above)
 from tqdm import tqdm
 
 import common
 import nights
 import shards
 import sources
+import tracking
+import validation
 from augment import TrainTransform
-from checkpoints import check_activation, check_state_dict, read_checkpoint
+from checkpoints import check_activation, check_state_dict, optional_key, read_checkpoint
+from contrastive import accumulate_gradients, contrastive_loss  # noqa: F401  (contrastive_loss: tests, bench)
 from model import create_model, model_config
 from progress import progress
 
@@ -49,9 +58,14 @@ class Config:
     max_steps: int = 0  # stop after this many optimiser steps (0: epochs decide)
     batch_size: int = 6144  # GLOBAL batch: the same whatever the number of ranks
     accum_steps: int = 6  # split each rank's batch into this many micro-batches (same result, less memory)
+    contrastive_batch: int = 0  # pairs each loss contrasts over: groups of the global batch (0: the whole batch)
     lr: float = 5e-4
+    lr_schedule: str = "cosine"  # cosine (warmup, then to 0 at the end) or authors (as their code runs: see lr_function)
     warmup_steps: int = 2500
     weight_decay: float = 0.1
+    beta1: float = 0.9  # AdamW; (0.9, 0.98): open_clip's for ViTs and the PI authors' (optimizer "betas"). open_clip
+    beta2: float = 0.98  # trains ResNets with (0.9, 0.999, 1e-8) (open_clip_train/params.py get_default_params, after
+    eps: float = 1e-6  # the CLIP paper); configs/rn50_yfcc15m.yaml sets those; the PI authors' configs set eps 1e-8
     grad_clip: float = 0.0  # max global gradient norm (0: off)
     save_every: int = 500  # steps between checkpoints (and always at the end, and on SIGTERM / SIGINT)
     seed: int = 0
@@ -59,16 +73,27 @@ class Config:
     precision: str = ""  # bf16 / fp16 / fp32; default bf16 on cuda, fp32 on cpu
     workers: int = 8  # DataLoader worker processes per rank
     grad_checkpointing: bool = False
+    # DDP with a ResNet tower: BatchNorm statistics over the global batch (SyncBatchNorm, GPUs only)
+    # instead of each rank's share. The PI authors' RN50 configs set it (github cheesepuff90/Brain_Initialization,
+    # config/trainingconfig/perceptual_init_yfcc15m_resnet50.json "distributed.sync_batchnorm": true);
+    # open_clip's default is off (its --use-bn-sync flag).
+    sync_batchnorm: bool = False
     compile: bool = False  # torch.compile the training forward (DDP first, then compile)
     compile_backend: str = "inductor"  # torch.compile backend; aot_eager captures graphs without code generation
     init: str = ""  # checkpoint whose vision tower starts the run (stage 1's ckpt.pt, open_clip, OpenAI)
     init_text: bool = False  # also take the text tower (and logit scale) from `init`
     augment: str = "moco"  # moco (the PI fork, MoCo v2), train (open_clip's default) or eval (no augmentation)
-    streams: int = 64  # canonical data streams: fix the sample order for any ranks / workers (shards.py);
-    #                    must divide batch_size and be divisible by the number of ranks
+    streams: int = 0  # canonical data streams: fix the sample order for any ranks / workers (shards.py); must
+    #                   divide batch_size and be divisible by the number of ranks (0: gcd(64, batch_size))
     shuffle_buffer: int = 1000  # each stream permutes its samples in windows of this many (held undecoded)
     decode_on_device: bool = False  # cuda: JPEGs decoded by nvjpeg (torchvision.io.decode_jpeg), not in the workers
+    data_fraction: float = 1.0  # train on this share of the units (a fixed subset: the same for any ranks, workers, resumes)
+    max_samples: int = 0  # or on units adding up to at least this many samples (0: no limit)
+    val_samples: int = 0  # held out of training (whole units) and scored at each evaluation: loss, recall@1/5/10
     eval_every: int = 2000  # steps between evaluations (0: only at the end)
+    eval_every_epochs: int = 0  # also evaluate at the end of every this many epochs (0: never)
+    keep_every_epochs: int = 0  # keep out_dir/ckpt_epoch{E}.pt at the end of every this many epochs (0: none)
+    log_to: str = ""  # also log the metrics to: tensorboard, wandb (comma-separated; wandb offline unless WANDB_MODE says)
     eval_tasks: str = ""  # comma-separated zero-shot tasks, e.g. "cifar100,cifar10"
     eval_data_root: str = "data/clip_benchmark"  # evaluate.py's default too
     nights_root: str = ""  # NIGHTS folder: log the 2AFC score at each evaluation
@@ -81,112 +106,36 @@ class Config:
 # starts: the sample order depends on (seed, epoch, streams, shuffle_buffer, batch_size) and the units'
 # counts only (shards.py). train_data may move, not change: data_units / data_samples (the units and
 # samples found) are compared instead of its path. precision is compared as resolved.
-TRAJECTORY_KEYS = ("model", "epochs", "max_steps", "batch_size", "accum_steps", "lr", "warmup_steps", "weight_decay",
-                   "grad_clip", "seed", "init", "init_text", "augment", "streams", "shuffle_buffer", "decode_on_device",
+TRAJECTORY_KEYS = ("model", "epochs", "max_steps", "batch_size", "accum_steps", "contrastive_batch", "lr", "lr_schedule",
+                   "warmup_steps", "weight_decay", "beta1", "beta2", "eps", "data_fraction", "max_samples", "val_samples", "grad_clip", "seed", "init", "init_text", "augment", "streams", "shuffle_buffer", "decode_on_device",
                    "image_column", "text_column", "precision", "data_units", "data_samples")
 DATA_FACTS = ("data_units", "data_samples")  # found in train_data at start-up, compared once it is read
 
 
 # ---------------------------------------------------------------------------------------------------
-# The contrastive loss and one optimiser step's gradients
+# One optimiser step (the loss and its accumulation live in contrastive.py)
 # ---------------------------------------------------------------------------------------------------
-
-
-def gather(x):
-    """(n, E) on each rank -> (world * n, E), rank order; gradients flow back to every rank's rows."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return x
-    return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
-
-
-def contrastive_loss(image_features, text_features, logit_scale, valid=None):
-    """Symmetric InfoNCE over the global batch, computing this rank's n rows only: its images against
-    all N texts and its texts against all N images (open_clip's local loss, REFERENCE.md section 8).
-    DDP averages gradients over ranks; the all-gather's backward sums them, so the result is the
-    gradient of the global loss.
-
-    `valid` (n,) bool marks real rows: the loader pads a batch that lost bad samples. Padded rows are
-    neither anchors nor negatives, and the loss is the mean over the valid rows of ALL ranks (scaled
-    by the world size, which DDP's average divides out): the gradient of the large batch of good
-    samples, however the good ones fall over ranks."""
-    n, rank = image_features.shape[0], dist.get_rank() if dist.is_initialized() else 0
-    all_images, all_texts = gather(image_features), gather(text_features)  # (N, E)
-    logits_per_image = logit_scale * image_features @ all_texts.T  # (n, N)
-    logits_per_text = logit_scale * text_features @ all_images.T  # (n, N)
-    labels = torch.arange(n, device=image_features.device) + n * rank  # each row's pair in the global batch
-    if valid is None:
-        return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
-    all_valid = gather_mask(valid)  # (N,)
-    # -1e4 is far below any logit (|logit| <= 100): its exp is exactly 0, as -inf's would be, yet a
-    # row of padding alone stays finite (its loss and gradient are then dropped by ignore_index).
-    hide = torch.zeros(all_valid.shape, dtype=logits_per_image.dtype, device=valid.device).masked_fill(~all_valid, -1e4)
-    labels = labels.masked_fill(~valid, -100)  # cross_entropy's ignore_index: no loss, no gradient
-    total = (F.cross_entropy(logits_per_image + hide, labels, reduction="sum")
-             + F.cross_entropy(logits_per_text + hide, labels, reduction="sum")) / 2
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    return total * world / all_valid.sum().clamp(min=1)
-
-
-def gather_mask(valid):
-    """(n,) bool on each rank -> (world * n,), rank order (no gradient)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return valid
-    parts = [torch.empty_like(valid) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, valid.contiguous())
-    return torch.cat(parts)
-
-
-def accumulate_gradients(model, images, tokens, accum_steps, amp, scaler, ddp=None, valid=None):
-    """Gradients of the contrastive loss of the whole batch, in `accum_steps` micro-batches.
-
-    A contrastive loss cannot average micro-batch losses: every pair's negatives are the whole batch.
-    open_clip's scheme: embed every micro-batch without gradients and cache the features; then re-embed
-    each micro-batch with gradients, put its fresh features among the cached ones, and backward the
-    full loss. Micro-batch j's backward yields dL/df_j * df_j/dtheta; their sum is dL/dtheta exactly.
-    logit_scale enters every re-forward, so it keeps its gradient in one of them only (the last,
-    where DDP synchronises); open_clip lets it accumulate accum_steps times. `model` runs the forward
-    (plain, DDP or compiled); `ddp` is the DistributedDataParallel under it, if any, whose no_sync()
-    keeps the non-last micro-batches from all-reducing. `valid` (n,) marks the rows that hold a sample
-    (a batch is padded after bad samples; see contrastive_loss). Returns the loss (a tensor: no host sync).
-    """
-    if accum_steps == 1:
-        with amp:
-            loss = contrastive_loss(*model(images, tokens), valid=valid)
-        scaler.scale(loss).backward()
-        return loss.detach()
-    image_chunks, token_chunks = images.chunk(accum_steps), tokens.chunk(accum_steps)
-    with torch.no_grad(), amp:
-        cached = [model(i, t)[:2] for i, t in zip(image_chunks, token_chunks)]
-    cached_images, cached_texts = [c[0] for c in cached], [c[1] for c in cached]
-    for j in range(accum_steps):
-        last = j == accum_steps - 1
-        with common.no_sync(ddp, skip=not last):
-            with amp:
-                image_features, text_features, logit_scale = model(image_chunks[j], token_chunks[j])
-                all_images = torch.cat(cached_images[:j] + [image_features] + cached_images[j + 1:])  # (n, E)
-                all_texts = torch.cat(cached_texts[:j] + [text_features] + cached_texts[j + 1:])
-                loss = contrastive_loss(all_images, all_texts, logit_scale if last else logit_scale.detach(), valid)
-            scaler.scale(loss).backward()
-    return loss.detach()
 
 
 def make_optimizer(model, cfg, device):
     """AdamW as the PI fork and open_clip run it; fused (one kernel for all parameters) on CUDA."""
-    return torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+    return torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              fused=torch.device(device).type == "cuda")
 
 
-def train_step(model, forward, ddp, optimizer, scaler, amp, images, tokens, lr, cfg, valid=None):
+def train_step(model, forward, ddp, optimizer, scaler, amp, images, tokens, lr, cfg, valid=None, slots=None):
     """One optimiser step, exactly as the loop runs it and bench/gpu_bench.py times it: set the lr,
     accumulate the whole batch's gradients in cfg.accum_steps micro-batches, clip (grad_clip), step
     (through the fp16 scaler, a no-op otherwise), clamp the temperature. `model` is the plain CLIP
     (parameters, logit scale), `forward` what runs it (DDP and / or compiled), `ddp` the DDP handle.
-    `valid`: the rows that hold a sample (None: all). Returns the loss as a tensor on the device:
-    reading it is the caller's choice (a host sync)."""
+    `valid`: the rows that hold a sample (None: all); `slots`: the rows' positions in the global batch,
+    which name their groups when cfg.contrastive_batch is below the batch. Returns the loss as a tensor
+    on the device: reading it is the caller's choice (a host sync)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
-    loss = accumulate_gradients(forward, images, tokens, cfg.accum_steps, amp, scaler, ddp, valid)
+    group_size = cfg.contrastive_batch if 0 < cfg.contrastive_batch < cfg.batch_size else 0  # 0: the whole batch
+    loss = accumulate_gradients(forward, images, tokens, cfg.accum_steps, amp, scaler, ddp, valid, slots, group_size)
     if cfg.grad_clip:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -200,6 +149,41 @@ def train_step(model, forward, ddp, optimizer, scaler, amp, images, tokens, lr, 
 # ---------------------------------------------------------------------------------------------------
 # Setup helpers
 # ---------------------------------------------------------------------------------------------------
+
+
+def resolve_config(cfg, world):
+    """The config with its derived defaults filled in (streams), checked against the number of ranks."""
+    if cfg.batch_size % world or cfg.batch_size // world < cfg.accum_steps:  # micro-batches may differ by a row
+        raise common.UserError(f"batch_size {cfg.batch_size} must divide into {world} rank(s) of at least {cfg.accum_steps} "
+                               "(accum_steps) rows each")
+    if not cfg.streams:  # what divides the batch, as `python shards.py` picks: --batch_size=16 runs on any config
+        cfg = dataclasses.replace(cfg, streams=math.gcd(64, cfg.batch_size))
+    if 0 < cfg.contrastive_batch < cfg.batch_size and cfg.batch_size % cfg.contrastive_batch:
+        raise common.UserError(f"contrastive_batch {cfg.contrastive_batch} must divide batch_size {cfg.batch_size} "
+                               "(or be 0: the whole batch)")
+    if cfg.lr_schedule not in ("cosine", "authors"):
+        raise common.UserError(f"lr_schedule must be cosine or authors, got {cfg.lr_schedule!r}")
+    tracking.check(cfg.log_to)
+    return cfg
+
+
+def lr_function(schedule):
+    """step (optimiser steps counted from 1) -> lr. cosine: linear warmup, then a cosine to 0 at the
+    last step (open_clip). authors: the PI authors' LambdaLR as their code runs it (github
+    cheesepuff90/Brain_Initialization src/lightning_module.py _get_lr_scheduler): warmup from 0, then a
+    cosine whose length is counted in MICRO-batches (num_training_batches x max_epochs) while the
+    scheduler steps once per OPTIMISER step; with accumulate_grad_batches 6 it has run ~1/6 of its
+    course at the end (the lr ends at ~94% of its peak): in effect, warmup then a nearly constant lr."""
+    lr, warmup, length = schedule["lr"], schedule["warmup_steps"], schedule["total_steps"]
+    if schedule.get("lr_schedule", "cosine") == "cosine":
+        return lambda step: common.cosine_lr(step - 1, lr, warmup, length)
+    length *= schedule["groups_per_step"]  # their micro-batches: one per group of contrastive_batch
+
+    def authors(step):
+        if step - 1 < warmup:
+            return lr * (step - 1) / warmup
+        return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - 1 - warmup) / max(1, length - warmup))))
+    return authors
 
 
 def list_units(cfg, argv, d):
@@ -216,11 +200,13 @@ def list_units(cfg, argv, d):
                 f"there, or point elsewhere with --train_data='/path/to/{{00000..00099}}.tar' (or .parquet; several "
                 "specs joined by '::')") from None
 
+    # The wait is on the CPU (gloo) group with its long timeout: a first counting pass over many
+    # shards can outlast NCCL's default 10 minutes, and no GPU work is pending meanwhile.
     if d.enabled and not d.is_main:
-        dist.barrier()
+        dist.barrier(group=d.control)
     found = units()
     if d.enabled and d.is_main:
-        dist.barrier()
+        dist.barrier(group=d.control)
     return found
 
 
@@ -232,7 +218,7 @@ def load_init(model, path, include_text):
         if stored is not None:
             check_activation(f"--init {path}", stored["quickgelu"], model.config.quickgelu)
     taken = {k: v for k, v in state_dict.items() if include_text or k.startswith("visual.")}
-    missing = [k for k in model.state_dict() if k.startswith("visual.") and k not in taken]
+    missing = [k for k in model.state_dict() if k.startswith("visual.") and k not in taken and not optional_key(k)]
     if missing:
         raise common.UserError(f"--init {path}: no vision tower for this model, missing {missing[:5]}{' ...' * (len(missing) > 5)}")
     with common.user_input():
@@ -241,12 +227,15 @@ def load_init(model, path, include_text):
     return len(taken)
 
 
-def evaluate_now(model, cfg, d, precision):
-    """Zero-shot tasks and NIGHTS 2AFC on the main process -> flat {metric: value}; the other ranks wait
+def evaluate_now(model, cfg, d, precision, held_out_pairs=None):
+    """Zero-shot tasks, NIGHTS 2AFC and the held-out pairs (validation.py) on the main process -> flat
+    {metric: value}; the other ranks wait
     on the CPU group, whose timeout (common.WAIT_TIMEOUT) is far above any evaluation's time. evaluate.py
     is imported only when something is asked for, so a run without evaluation needs nothing of it."""
     tasks = [t.strip() for t in cfg.eval_tasks.split(",") if t.strip()]
     metrics = {}
+    if d.is_main and held_out_pairs is not None:
+        metrics.update(held_out_pairs.score(model, d.device, common.autocast(d.device, precision), workers=min(cfg.workers, 4)))
     if d.is_main and (tasks or cfg.nights_root):
         import evaluate
 
@@ -284,12 +273,11 @@ def train(argv, stop):
     precision = cfg.precision or common.default_precision(d.device)
     amp = common.autocast(d.device, precision)
     world = d.world_size
-    if cfg.batch_size % (world * cfg.accum_steps):
-        raise common.UserError(f"batch_size {cfg.batch_size} must divide into {world} rank(s) x {cfg.accum_steps} accum_steps")
+    cfg = resolve_config(cfg, world)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "ckpt.pt"
-    log = common.MetricsLog(out_dir, d.is_main)
+    log = tracking.open_log(out_dir, d.is_main, cfg.log_to, dataclasses.asdict(cfg))
 
     # --- checkpoint: the resume check (settings here, the data below); a finished run is left as it is
     state = common.load_training_state(ckpt_path) if ckpt_path.exists() else None
@@ -310,7 +298,8 @@ def train(argv, stop):
     # The sample order depends on (seed, epoch, streams, shuffle_buffer, batch_size) and the units'
     # counts, not on ranks or workers (shards.py); the data position is (epoch, step), two integers.
     # Images leave the workers as uint8 crops; jitter, grayscale, blur and normalisation run on the device.
-    units = list_units(cfg, argv, d)
+    with common.user_input():  # data_fraction, max_samples, val_samples that the data cannot meet
+        units, held_out = validation.split_units(list_units(cfg, argv, d), cfg.data_fraction, cfg.max_samples, cfg.val_samples)
     with common.user_input():  # a bad preset name
         shape = model_config(cfg.model)
     with common.user_input():  # streams that do not fit the batch or the ranks
@@ -324,17 +313,23 @@ def train(argv, stop):
         common.check_resume(ckpt_path, saved, run_facts, DATA_FACTS)
     if plan.steps == 0:
         raise common.UserError(f"train_data: {plan.total} samples do not fill one batch of {cfg.batch_size}: lower batch_size")
+    held_out_pairs = None
+    if d.is_main and cfg.val_samples:  # read once by the rank that evaluates
+        shape_kwargs = {"image_size": shape.image_size, "context_length": shape.context_length}
+        with common.user_input():
+            held_out_pairs = validation.HeldOutPairs(held_out, cfg.val_samples, **shape_kwargs, image_column=cfg.image_column,
+                                                     text_column=cfg.text_column)
     if d.is_main:
         tqdm.write(f"data: {len(units)} units, {plan.total} samples; an epoch is {plan.steps} steps of "
-                   f"{cfg.batch_size} over {cfg.streams} streams ({plan.dropped} samples left over each epoch)")
+                   f"{cfg.batch_size} over {cfg.streams} streams ({plan.dropped} samples left over each epoch)"
+                   + (f"; {len(held_out_pairs)} pairs of {len(held_out)} units held out" if held_out_pairs else ""))
     schedule = {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "total_steps": cfg.max_steps or cfg.epochs * plan.steps,
-                "steps_per_epoch": plan.steps}
+                "steps_per_epoch": plan.steps, "lr_schedule": cfg.lr_schedule,
+                "groups_per_step": cfg.batch_size // cfg.contrastive_batch if 0 < cfg.contrastive_batch < cfg.batch_size else 1}
     if state is not None:
         schedule.update(state["schedule"])  # equal by the resume check; the checkpoint's is authoritative
     steps_per_epoch, total_steps = schedule["steps_per_epoch"], schedule["total_steps"]
-
-    def lr_at(step):  # the lr of optimiser step number `step` (counting from 1)
-        return common.cosine_lr(step - 1, schedule["lr"], schedule["warmup_steps"], schedule["total_steps"])
+    lr_at = lr_function(schedule)  # the lr of optimiser step number `step` (counting from 1)
 
     # --- model: resume, else --init, else random --------------------------------------------------
     # The random init is drawn first in every case, so the baseline and the PI run share the text
@@ -363,11 +358,11 @@ def train(argv, stop):
         step, position = state["step"], state["data_position"]
         if d.is_main:  # the saved count is the sum over ranks: one rank carries it on
             skipped += torch.tensor([state["samples_skipped"][r] for r in shards.SKIP_REASONS], dtype=torch.int64)
-    forward, ddp = common.wrap_model(model, d, cfg.compile, cfg.compile_backend)  # `model` stays plain for saving
+    forward, ddp = common.wrap_model(model, d, cfg.compile, cfg.compile_backend, cfg.sync_batchnorm)  # `model` stays plain for saving
 
     saved_step = step
 
-    def save(metrics):
+    def save(metrics, path=ckpt_path):
         skipped_total = common.all_reduce_sum(skipped.tolist(), d.device, torch.int64)
         if d.is_main:
             common.atomic_save({
@@ -376,7 +371,7 @@ def train(argv, stop):
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": common.rng_state(),
                 "schedule": schedule, "data_position": dict(position),
                 "samples_skipped": dict(zip(shards.SKIP_REASONS, skipped_total)),
-            }, ckpt_path)
+            }, path)
         common.wait_for_main(d)  # no rank runs ahead (and into a NCCL timeout) while the main one writes
         return dict(zip(shards.SKIP_REASONS, skipped_total))
 
@@ -398,7 +393,7 @@ def train(argv, stop):
             skipped += batch["skipped"]
             images = loader.transform.device(batch["images"], batch["params"])  # uint8 -> augmented, normalised
             loss = train_step(model, forward, ddp, optimizer, scaler, amp, images, batch["tokens"], lr_at(step + 1), cfg,
-                              batch["valid"])
+                              batch["valid"], batch["slots"])
             step += 1
             last_of_epoch = batch["step"] + 1 == steps_per_epoch
             position = {"epoch": epoch + 1, "step": 0} if last_of_epoch else {"epoch": epoch, "step": batch["step"] + 1}
@@ -407,9 +402,12 @@ def train(argv, stop):
             interval["steps"] += 1
 
             log_now = step % cfg.log_every == 0 or step == total_steps
-            eval_now = (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps
+            epochs_done = epoch + 1 if last_of_epoch else None  # an epoch's end: epochs counted from 1
+            keep_now = bool(epochs_done and cfg.keep_every_epochs and epochs_done % cfg.keep_every_epochs == 0)
+            eval_now = ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps
+                        or bool(epochs_done and cfg.eval_every_epochs and epochs_done % cfg.eval_every_epochs == 0))
             stop_now = stop.stop_now(d) and step < total_steps
-            save_now = step % cfg.save_every == 0 or step == total_steps or stop_now
+            save_now = step % cfg.save_every == 0 or step == total_steps or stop_now or keep_now
             if log_now or eval_now or save_now:
                 watch.check(ckpt_path, saved_step)  # nothing non-finite is logged as good, evaluated or saved
             if log_now:
@@ -424,18 +422,22 @@ def train(argv, stop):
                           f"{100 * record['data_wait']:.0f}%  skipped {record['samples_skipped']}")
                 interval = {"steps": 0, "wait": 0.0, "start": time.perf_counter()}
             if eval_now:
-                metrics = evaluate_now(model, cfg, d, precision)
-                if metrics:
-                    log.write({"step": step, **metrics}, f"eval at step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                metrics = evaluate_now(model, cfg, d, precision, held_out_pairs)
+                if metrics:  # against samples seen and epochs (fractional): the x axes of evaluate.py --curves
+                    log.write({"step": step, "samples_seen": step * cfg.batch_size, "epochs": step / steps_per_epoch, **metrics},
+                              f"eval at step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 interval["start"] = time.perf_counter()  # timings exclude evaluation
             if save_now:
                 skipped_by_reason = save(metrics)
                 saved_step = step
+                if keep_now:  # the whole state, so the full suite (or a resumed branch) can start from any epoch
+                    save(metrics, out_dir / f"ckpt_epoch{epochs_done:03d}.pt")
             if stop_now:
                 bar.close()
                 if d.is_main:
                     tqdm.write(f"stopped by {stop.received or 'another rank'} at step {step} of {total_steps}, saved "
                                f"{ckpt_path}; run the same command to resume")
+                log.close()
                 common.cleanup_distributed()
                 return
             if step >= total_steps:
@@ -444,6 +446,7 @@ def train(argv, stop):
         else:
             epoch += 1
     bar.close()
+    log.close()
 
     # --- summary ----------------------------------------------------------------------------------
     if d.is_main:

@@ -5,10 +5,12 @@
   python train_triplet.py configs/nights.yaml --data_format=things --data_root=DIR   # any source: docs/stage1-data.md
   torchrun --nproc_per_node=8 train_triplet.py configs/nights.yaml   # DDP: batch_size is global
 
-Each NIGHTS triplet holds a reference and two variations with the share p of observers who judged
-the right one closer. The vision tower embeds all three; d = 1 - cos of the projected embeddings;
-a hinge with margin 0.05 pushes d(ref, right) below d(ref, left) when most observers chose right and
-the other way otherwise (REFERENCE.md section 2). Only the vision tower trains, but ckpt.pt holds the
+Each triplet holds a reference and two images with the share p of judges who chose the right one
+closer: NIGHTS by default, or BAPPS, THINGS odd-one-out trials, triplet tables, class-folder triplets or
+a dissimilarity matrix (data_format; docs/stage1-data.md). The vision tower embeds all three; d = 1 - cos
+of the projected embeddings; a hinge with margin 0.05 pushes d(ref, right) below d(ref, left) when most
+judges chose right and the other way otherwise (the PI authors' src/loss.py and
+config/trainingconfig/nights_init_vitb32.json, github cheesepuff90/Brain_Initialization). Only the vision tower trains, but ckpt.pt holds the
 full CLIP (text tower at its random init), so it loads anywhere a CLIP checkpoint does.
 
 Start-up order: if out_dir holds ckpt.pt the run resumes from it exactly (weights, optimiser, step,
@@ -64,9 +66,13 @@ class Config:
     init: str | None = None  # start from this CLIP checkpoint instead of random weights
     posthoc: bool = False  # the paper's control: train only the vision qkv weights of a trained CLIP
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
+    # DDP with a ResNet tower: BatchNorm statistics over the global batch (SyncBatchNorm, GPUs only)
+    # instead of each rank's share. The PI authors' RN50 configs set it (github cheesepuff90/
+    # Brain_Initialization, config/trainingconfig/nod_init_resnet50.json "distributed.sync_batchnorm": true).
+    sync_batchnorm: bool = False
     compile: bool = False  # torch.compile the vision tower's training forward (DDP first, then compile)
     compile_backend: str = "inductor"  # torch.compile backend; aot_eager captures graphs without code generation
-    # optimisation (PI fork's stage-1 recipe, REFERENCE.md section 2)
+    # optimisation (the PI authors' config/trainingconfig/nights_init_vitb32.json)
     epochs: int = 32
     batch_size: int = 768  # global: each of N ranks takes batch_size / N
     lr: float = 5e-4
@@ -94,7 +100,8 @@ class Config:
 # precision is compared as resolved, train_triplets (the training set's size) as found.
 TRAJECTORY_KEYS = ("model", "image_size", "init", "posthoc", "epochs", "batch_size", "lr", "weight_decay", "beta1",
                    "beta2", "eps", "warmup_steps", "margin", "shuffle_labels", "seed", "min_votes", "precision",
-                   "data_format", "max_triplets", "triplet_fraction") + triplet_sources.OPTIONS[1:-1]
+                   "data_format", "max_triplets", "triplet_fraction", "bapps_subsets", "odd_column", "images_per_class",
+                   "rdm", "rdm_triplets_per_image", "rdm_min_gap", "rdm_holdout")  # data_root, image_dir: data may move
 
 
 def hinge_loss(d0, d1, p, margin):
@@ -104,9 +111,27 @@ def hinge_loss(d0, d1, p, margin):
     return torch.relu(margin - y * (d0 - d1)).mean()
 
 
+def posthoc_parameter(name):
+    """The post-hoc control's trainable weights: the vision attention's query, key and value
+    projections. A ViT's are its blocks' in_proj_weight; a ResNet's only attention is its pool."""
+    return (name.startswith("visual.transformer.") and name.endswith("attn.in_proj_weight")) or \
+        name in ("visual.attnpool.q_proj.weight", "visual.attnpool.k_proj.weight", "visual.attnpool.v_proj.weight")
+
+
+def train_mode(model, posthoc):
+    """Stage 1 trains the vision tower in train mode (a ResNet's BatchNorm normalises by the batch and
+    updates its statistics). The post-hoc control changes only qkv weights: BatchNorm stays in eval
+    mode, normalising by the trained model's statistics and leaving them as they were."""
+    model.train()
+    if posthoc:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
 def build_model(cfg):
     """A CLIP with only the parameters stage 1 trains left trainable: the whole vision tower, or for
-    the post-hoc control only the qkv projections of the vision blocks."""
+    the post-hoc control only the attention qkv projections of the vision tower (posthoc_parameter)."""
     with common.user_input():  # a bad preset name or init checkpoint is the user's to fix
         if cfg.init:
             state_dict, stored = read_checkpoint(cfg.init)
@@ -119,7 +144,7 @@ def build_model(cfg):
             model = create_model(cfg.model, **({"image_size": cfg.image_size} if cfg.image_size else {}))
     for name, param in model.named_parameters():
         if cfg.posthoc:
-            param.requires_grad = name.startswith("visual.transformer.") and name.endswith("attn.in_proj_weight")
+            param.requires_grad = posthoc_parameter(name)
         else:
             param.requires_grad = name.startswith("visual.")
     model.set_grad_checkpointing(cfg.grad_checkpointing)
@@ -184,7 +209,7 @@ def train(argv, stop):
     # ---- model ------------------------------------------------------------------------------------
     model = build_model(cfg).to(device)
     # All that trains is the vision tower: DDP (and compile) wrap just it; `model` stays plain for saving.
-    forward, ddp = common.wrap_model(model.visual, d, cfg.compile, cfg.compile_backend)
+    forward, ddp = common.wrap_model(model.visual, d, cfg.compile, cfg.compile_backend, cfg.sync_batchnorm)
 
     # ---- data -------------------------------------------------------------------------------------
     # Any source becomes rows of (ref, left, right, p) (triplet_sources.py). With the cache, every image
@@ -260,7 +285,7 @@ def train(argv, stop):
               + f" | {'resuming at' if step else 'starting at'} step {step} of {total_steps}")
 
     # ---- loop -------------------------------------------------------------------------------------
-    forward.train()
+    train_mode(model, cfg.posthoc)
     bar = progress(total=total_steps, initial=step, desc="stage 1", disable=not d.is_main)
     watch = common.LossWatch(d, lr_at)  # losses stay on the device; read at log, evaluation and save steps
     loss_count, clock = 0, time.time()
@@ -292,6 +317,7 @@ def train(argv, stop):
             paused = time.time()  # evaluation and saving do not count in triplets/s
             if epoch_end and len(splits.get("val", ())):
                 evaluate_val()
+                train_mode(model, cfg.posthoc)  # evaluation restored model.train(): BatchNorm's mode again
             if step == total_steps:
                 break  # the final evaluation and save follow
             if save_now:

@@ -116,7 +116,7 @@ def read_bapps(root, image_size, options):
         raise ValueError(f"bapps_subsets names {', '.join(unknown)}, not under {root}/train or {root}/val "
                          f"(found: train {', '.join(found['train']) or '-'}; val {', '.join(found['val']) or '-'})")
     splits = {}
-    for split in ("train", "val"):
+    for split in [s for s in ("train", "val") if options["splits"] is None or s in options["splits"]]:
         images, rows, p, places, subset_of = [], [], [], [], []
         for subset in [s for s in found[split] if not wanted or s in wanted]:
             folder = root / split / subset
@@ -201,6 +201,8 @@ def read_things(root, image_size, options):
     images = things_images(root)
     splits = {}
     for split, name in THINGS_FILES.items():
+        if options["splits"] is not None and split not in options["splits"]:
+            continue
         path = root / "triplet_dataset" / name
         if not path.exists():
             splits[split] = _empty(split, image_size, root)
@@ -442,16 +444,19 @@ DEFAULTS = {"min_votes": 6, "bapps_subsets": "", "odd_column": 2, "image_dir": "
             "rdm_triplets_per_image": 20, "rdm_min_gap": 0.0, "rdm_holdout": 0.1, "seed": 0}
 
 
-def open_splits(data_format, data_root, image_size, skip_missing=False, cache=True, cache_dir=None, workers=0, **settings):
-    """{split: TripletDataset} of a source laid out as its producer ships it (module docstring). `settings`:
-    any of OPTIONS (train_triplet.py's keys of the same names); the rest keep DEFAULTS."""
+def open_splits(data_format, data_root, image_size, skip_missing=False, cache=True, cache_dir=None, workers=0,
+                splits=None, **settings):
+    """{split: TripletDataset} of a source laid out as its producer ships it (module docstring). `splits`:
+    read only these (evaluation need not decode the train split); `settings`: any of OPTIONS
+    (train_triplet.py's keys of the same names); the rest keep DEFAULTS."""
     if data_format not in DATA_FORMATS:
         raise ValueError(f"unknown data_format {data_format!r}; expected one of {', '.join(DATA_FORMATS)}")
     unknown = [k for k in settings if k not in OPTIONS]
     if unknown:
         raise TypeError(f"open_splits got unknown setting(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
-    options = {**DEFAULTS, **settings, "skip_missing": skip_missing, "cache": cache, "cache_dir": cache_dir, "workers": workers}
+    options = {**DEFAULTS, **settings, "skip_missing": skip_missing, "cache": cache, "cache_dir": cache_dir,
+               "workers": workers, "splits": splits}
     if data_format == "nights":
         return {s: NightsDataset(data_root, s, image_size, options["min_votes"], skip_missing, cache, cache_dir, workers)
-                for s in NIGHTS_SPLITS}
+                for s in NIGHTS_SPLITS if splits is None or s in splits}
     return READERS[data_format](data_root, image_size, options)

@@ -141,7 +141,7 @@ def _stat(path):
     return s.st_size, s.st_mtime_ns
 
 
-def build_cache(root, stem, images, image_size, cache_dir, workers=0, label="stage 1"):
+def build_cache(root, stem, images, image_size, cache_dir, workers=0, label="stage 1", description=None):
     """The cache of these image files -> (path of the .npy, {image index: reason} for unreadable ones).
 
     The .npy holds uint8 (M, 3, S, S), one slot per image in the order given. Its name is `stem`
@@ -164,7 +164,7 @@ def build_cache(root, stem, images, image_size, cache_dir, workers=0, label="sta
                           "folder (the data set itself may stay read-only), or cache: false to decode every epoch") from None
         with _exclusive(lock):
             if not (meta.exists() and npy.exists()):  # no one else built it while we waited
-                _write_cache(npy, meta, images, image_size, workers, label, f"{label}: decoding into {cache_dir}")
+                _write_cache(npy, meta, images, image_size, workers, label, f"{description or label}: decoding into {cache_dir}")
                 for old in cache_dir.glob(f"{stem}-*"):
                     if old not in (npy, meta):
                         old.unlink(missing_ok=True)
@@ -272,7 +272,7 @@ class TripletDataset(torch.utils.data.Dataset):
             slot = torch.full((len(self.images),), -1, dtype=torch.long)
             slot[readable] = torch.arange(len(readable))
             self.cache_path, bad = build_cache(cache_root, cache_stem, [self.images[k] for k in readable], self.image_size,
-                                               cache_dir or default_cache_dir(cache_root), workers, label)
+                                               cache_dir or default_cache_dir(cache_root), workers, label, f"{label} {split}")
             unreadable = torch.zeros(len(self.images), dtype=torch.bool)
             unreadable[[readable[k] for k in bad]] = True
             reasons = {readable[k]: reason for k, reason in bad.items()}

@@ -30,10 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from make_data import write_nights  # noqa: E402
 from nights import NightsDataset, model_input, train_loader  # noqa: E402
 
-SOURCE_SIZE = 768  # NIGHTS' images are large PNGs (REFERENCE.md section 3)
+# NIGHTS' images are Stable Diffusion 2.1 PNGs (DreamSim: Fu et al. 2023, arXiv 2306.09344); 768 px is SD 2.1's
+# output size (stabilityai/stable-diffusion-2-1's model card), assumed here: the dataset does not state it.
+SOURCE_SIZE = 768
 PAPER = {"train_triplets": 16_000,  # ~80% of NIGHTS' 20,019 triplets with >= 6 votes (the split column decides)
-         "epochs": 32, "batch_size": 768}  # the PI fork's recipe (REFERENCE.md section 2)
-H200_BF16_PEAK = 790e12  # FLOP/s, measured on a matmul (REFERENCE.md section 11)
+         "epochs": 32, "batch_size": 768}  # the PI authors' nights_init_vitb32.json: 32 epochs, 128 x 6 devices
+# FLOP/s: an assumed achievable ceiling, 80% of NVIDIA's datasheet peak (H200 SXM: 989e12 dense bf16, as in
+# bench/gpu_bench.py's PEAK_TFLOPS); not measured by this script.
+H200_BF16_PEAK = 790e12
 
 
 def make_images(root, n, seed=0):

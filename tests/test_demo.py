@@ -42,7 +42,8 @@ from checkpoints import load_checkpoint
 
 
 def _two_afc(d0, d1, p):
-    """REFERENCE.md section 3, by hand (independent of evaluate.py)."""
+    """The 2AFC score by hand (independent of evaluate.py), as LPIPS's score_2afc_dataset computes it
+    (github richzhang/PerceptualSimilarity, lpips/trainer.py), with NIGHTS' share p in place of its judgments."""
     return (d0 < d1) * (1 - p) + (d1 < d0) * p + (d0 == d1) * 0.5
 
 

@@ -106,9 +106,11 @@ def register_open_clip_config(c, folder, name):
     `folder`), so open_clip can build the same architecture by name."""
     import open_clip
 
+    # open_clip derives a ResNet's attention-pool heads as 32 x width / head_width, a ViT's as width / head_width.
+    head_width = (32 * c.vision_width if c.resnet else c.vision_width) // c.vision_heads
     cfg = {"embed_dim": c.embed_dim, "quick_gelu": c.quickgelu,
            "vision_cfg": {"image_size": c.image_size, "layers": c.vision_layers, "width": c.vision_width,
-                          "patch_size": c.patch_size, "head_width": c.vision_width // c.vision_heads},
+                          "patch_size": c.patch_size, "head_width": head_width},
            "text_cfg": {"context_length": c.context_length, "vocab_size": c.vocab_size, "width": c.text_width,
                         "heads": c.text_heads, "layers": c.text_layers}}
     (Path(folder) / f"{name}.json").write_text(json.dumps(cfg))
@@ -154,6 +156,17 @@ def test_metrics_equal_clip_benchmark(tasks, tiny, tmp_path, name):
             assert ours[key] == pytest.approx(theirs[key], abs=1e-6), key
     if name == "wds_photos":
         assert math.isnan(ours["acc5"])  # 3 classes: no top-5
+
+
+def test_resnet_zero_shot_equals_clip_benchmark(tasks, tmp_path):
+    """Zero-shot with a ResNet tower (tiny-rn, 64 px) equals CLIP_benchmark's on open_clip's twin."""
+    torch.manual_seed(0)
+    net = kit_model.create_model("tiny-rn").eval()
+    reference, preprocess, tokenizer = _open_clip_twin(net, tmp_path)
+    ours = evaluate.evaluate_task(net, tasks / "wds_photos", "cpu", batch_size=7, progress=False)
+    theirs = _clip_benchmark_metrics(reference, preprocess, tokenizer, tasks / "wds_photos", retrieval=False)
+    for key in ("acc1", "mean_per_class_recall"):
+        assert ours[key] == pytest.approx(theirs[key], abs=1e-6), key
 
 
 def test_classification_metrics_by_hand():
@@ -383,7 +396,11 @@ def test_cli_records_table_and_defaults(tasks, tiny, tmp_path, monkeypatch, caps
         ("baseline", "photos", "zeroshot_classification"), ("baseline", "captions", "zeroshot_retrieval")]
     assert set(records[0]) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
     assert records[1]["metrics"] == evaluate.evaluate_task(net, tasks / "wds_captions", "cpu", progress=False)
-    assert Image.open(tmp_path / "results.png").size[0] > 0  # the chart beside the JSON (matplotlib is required)
+    # The chart beside the JSON (matplotlib is required) holds bars of both runs, in matplotlib's first
+    # two default colours (C0 #1f77b4 for the first run, C1 #ff7f0e for the second).
+    chart = np.asarray(Image.open(tmp_path / "results.png").convert("RGB"))
+    for colour in ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)):
+        assert (chart == colour).all(-1).sum() > 100, colour
     shutil.rmtree(tmp_path / "runs")
     with pytest.raises(SystemExit):
         evaluate.main(["--data-root", str(tasks)])

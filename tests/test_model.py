@@ -50,7 +50,7 @@ def test_equals_open_clip_presets(name):
     ours = M.create_model(name).eval()
     assert ours.num_params() == sum(p.numel() for p in reference.parameters())
     if name.startswith("ViT-B-32"):
-        assert ours.num_params() == 151_277_313  # REFERENCE.md section 5
+        assert ours.num_params() == 151_277_313  # open_clip's docs/model_profile.csv: ViT-B-32, 151.28 M
     # open_clip -> kit: identical keys and shapes, strict load.
     ours.load_state_dict(reference.state_dict(), strict=True)
     assert_same_features(ours, reference, 224)
@@ -180,7 +180,7 @@ def test_open_clip_state_dict_loads(tmp_path):
         ("missing_key", "missing keys"),
         ("wrong_shape", "wrong shapes"),
         ("unexpected_key", "unexpected keys"),
-        ("not_clip", "not a CLIP ViT state dict"),
+        ("not_clip", "not a CLIP ViT or ResNet state dict"),
     ],
 )
 def test_bad_checkpoints_get_clear_errors(tiny, tmp_path, case, message):
@@ -260,7 +260,7 @@ def test_safetensors_file_with_openai_keys(tiny, tmp_path):
     assert_loads_same(path, tiny, quickgelu=True)  # a bare file records no activation: it is asked for
     assert C.load_checkpoint(path).config.quickgelu is False
     save_file({"weight": torch.zeros(3)}, tmp_path / "other.safetensors")
-    with pytest.raises(ValueError, match="other.safetensors: not a CLIP ViT state dict"):
+    with pytest.raises(ValueError, match="other.safetensors: not a CLIP ViT or ResNet state dict"):
         C.load_checkpoint(tmp_path / "other.safetensors")
 
 

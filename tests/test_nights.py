@@ -81,7 +81,7 @@ def test_hinge_loss_hand_values():
 
 # ---- a data.csv as DreamSim's real one is -------------------------------------------------------------
 
-# The real file's columns in their real order (REFERENCE.md section 3; DreamSim's dataset/dataset.py
+# The real file's columns in their real order (DreamSim's NIGHTS, github ssundaram21/dreamsim; its dataset/dataset.py
 # reads it with pandas.read_csv and takes positions 0, 2, 4, 5, 6: id, right_vote, ref_path, left_path,
 # right_path). left_vote / right_vote are shares of observers, votes their number.
 REAL_COLUMNS = ["id", "left_vote", "right_vote", "votes", "ref_path", "left_path", "right_path", "split",

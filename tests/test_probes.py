@@ -10,7 +10,9 @@ What is proved:
   multinomial) in probabilities and weights, and the probe's test accuracy equals sklearn's fit scored
   on the same test features;
 - the per-layer features are the class token after each residual block (checked against running the
-  blocks by hand) and the normalised encode_image output;
+  blocks by hand) and the normalised encode_image output; for a ResNet tower, each stage's output
+  averaged over its grid ("stage1" ... "stage4", checked the same way), and the CLI's CKA table names
+  the stages, comparing a ResNet with a ViT at the embedding only;
 - the CLI runs on kit checkpoints and CLIP_benchmark-format folders with a train split (written by
   make_data's writer, read by data.BenchmarkTask, CLIP_benchmark's layout <task>/train/), a folder of
   images with a reference distance, and writes the JSON and the figure.
@@ -133,6 +135,40 @@ def test_tower_features_are_the_class_token_after_each_block():
             assert torch.allclose(features[f"block{k + 1}"], x[:, 0], atol=1e-5)
         assert torch.allclose(features["embedding"], F.normalize(model.encode_image(images), dim=-1), atol=1e-6)
     assert not model.visual.transformer.resblocks[0]._forward_hooks  # hooks removed
+
+
+def test_tower_features_of_a_resnet_are_each_stage_pooled_over_its_grid():
+    torch.manual_seed(0)
+    model = create_model("tiny-rn").eval()
+    images = torch.randn(3, 3, 64, 64)
+    features = probes.tower_features(model, images, batch_size=2)
+    assert list(features) == ["stage1", "stage2", "stage3", "stage4", "embedding"]
+    v = model.visual
+    with torch.no_grad():
+        x = F.relu(v.bn1(v.conv1(images)))
+        x = F.relu(v.bn2(v.conv2(x)))
+        x = v.avgpool(F.relu(v.bn3(v.conv3(x))))
+        for k, stage in enumerate([v.layer1, v.layer2, v.layer3, v.layer4]):
+            x = stage(x)
+            assert features[f"stage{k + 1}"].shape == (3, 64 * 2**k)
+            assert torch.allclose(features[f"stage{k + 1}"], x.mean(dim=(2, 3)), atol=1e-5)
+        assert torch.allclose(features["embedding"], F.normalize(model.encode_image(images), dim=-1), atol=1e-6)
+    assert not v.layer1._forward_hooks  # hooks removed
+
+
+def test_cli_names_resnet_stages_in_the_cka_table(tmp_path, capsys):
+    make_data.write_probe_set(tmp_path / "probe", world.demo_probe_scenes(8, seed=0), 32)
+    torch.manual_seed(0)
+    first = _save(create_model("tiny-rn"), tmp_path / "rn_a" / "ckpt.pt")
+    torch.manual_seed(1)
+    second = _save(create_model("tiny-rn"), tmp_path / "rn_b" / "ckpt.pt")
+    vit = _save(create_model("tiny"), tmp_path / "vit" / "ckpt.pt")
+    out = tmp_path / "probes.json"
+    evaluate.main(["--probe", first, second, vit, "--images", str(tmp_path / "probe"), "--out", str(out), "--device", "cpu"])
+    cka = json.loads(out.read_text())["cka"]
+    assert list(cka["rn_a~rn_b"]) == ["stage1", "stage2", "stage3", "stage4", "embedding"]
+    assert list(cka["rn_a~vit"]) == ["embedding"]  # no layers in common but the embedding
+    assert "CKA rn_a~rn_b: stage1 " in capsys.readouterr().out
 
 
 def _save(model, path):

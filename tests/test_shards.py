@@ -7,9 +7,9 @@ short last batch and the left-over positions dropped and counted; 0, 2 or 3 work
 accumulation give bit-identical batches; JPEGs decoded on the device (torchvision.io.decode_jpeg)
 give the same samples; a resumed epoch never opens a fully consumed shard (they are
 overwritten with garbage before resuming); bad data is skipped and counted by reason, exactly as
-the damage was made; mostly bad shards stop with an error naming them; train_clip.py killed and
-resumed with 3 workers instead of 2 ends bit-identical, and resumed on 2 ranks instead of 1 takes the
-same steps (losses and weights equal to reduction-order tolerance); the loss of padded batches whose
+the damage was made; mostly bad shards stop with an error naming them; train_clip.py killed (at a
+known step: tests/hold_at_step.py) and resumed with 3 workers instead of 2 ends bit-identical, and
+resumed on 2 ranks instead of 1 takes the same steps (losses and weights equal to reduction-order tolerance); the loss of padded batches whose
 good rows differ between ranks has the gradient of one large batch of the good rows alone.
 """
 import collections
@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+import hold_at_step  # noqa: E402  (tests/: holds a trainer at a step)
 import shards  # noqa: E402
 import sources  # noqa: E402
 from test_sources import caption, photo_jpeg  # noqa: E402  (one set of real-photo samples for both files)
@@ -245,7 +245,9 @@ def test_decoding_on_the_device_gives_the_same_samples(tmp_path):
     for a, b in zip(plain, on_device):
         for key in ("positions", "params", "tokens", "valid"):
             assert torch.equal(a[key], b[key]), key
-        assert (a["images"].float() - b["images"].float()).abs().mean() < 3  # grey levels: another resize
+        # Grey levels: torch's bicubic antialiased resize vs PIL's, measured 0.12-0.19 per batch (CPU
+        # decoder). A bilinear resize measures 0.6-1.4, no antialiasing 1.0-2.6, a box 1 px off 3.8-7.4.
+        assert (a["images"].float() - b["images"].float()).abs().mean() < 0.4
 
 
 def test_mostly_bad_shards_stop_with_an_error_naming_them(tmp_path):
@@ -262,8 +264,21 @@ def test_the_check_command_reads_batches_and_ends_in_json(tmp_path):
                              "--workers=1", "--batches=3", "--device=cpu"], env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["batches"] == 3 and 0 < report["samples"] <= 12 and report["samples_per_s"] > 0
+    # What the same loader reads in this process (the command's settings: streams gcd(64, 4), window 1000).
+    reference = shards.Loader(sources.list_units(spec, progress=False), TrainTransform(32, "moco"), 4, 4, workers=0)
+    batches = epoch(reference)[:3]
+    skipped = sum(b["skipped"] for b in batches)
+    assert report["batches"] == 3 and report["samples"] == sum(int(b["valid"].sum()) for b in batches)
+    assert report["skipped"] == dict(zip(shards.SKIP_REASONS, skipped.tolist())) and int(skipped.sum()) > 0
+    # One worker: its delivery is the whole delivery, and the workers alone outrun workers + device half.
+    assert report["delivery_samples_per_s_per_worker"] == report["delivery_samples_per_s"] > report["samples_per_s"]
+    assert report["device_samples_per_s"] > report["samples_per_s"]  # the two halves timed apart, then in sequence
     assert sum(report["skipped"].values()) == 12 - report["samples"]
+    # The rate is samples / seconds, with seconds printed to 0.01 and the rate to 0.1.
+    samples, seconds = report["samples"], report["seconds"]
+    assert samples / (seconds + 0.005) - 0.05 <= report["samples_per_s"] <= samples / (seconds - 0.005) + 0.05
+    last = reference.transform.device(batches[-1]["images"], batches[-1]["params"])
+    assert report["image_mean"] == pytest.approx(float(last.float().mean()), abs=1e-4)
     with pytest.raises(SystemExit, match="none-0.tar"):  # the same command in this process: a spec of missing files
         shards.check([str(tmp_path / "none-{0..2}.tar")])
 
@@ -290,14 +305,14 @@ def test_resume_with_other_workers_and_ranks(tmp_path):
     subprocess.run(train_command(spec, tmp_path / "straight", "--workers=2"), check=True, env=ENV, capture_output=True, timeout=180)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(train_command(spec, killed, "--workers=2"), env=ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    while not (killed / "ckpt.pt").exists() and process.poll() is None:
-        time.sleep(0.01)
+    # Held before step 4 (tests/hold_at_step.py): step 2's checkpoint is written, step 3 done and unsaved.
+    process, go = hold_at_step.start("train_clip.py", train_command(spec, killed, "--workers=2")[2:], 4, env=ENV,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.killpg(process.pid, signal.SIGKILL)  # the trainer and its loader workers
-    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert process.wait() == -signal.SIGKILL
+    os.close(go)
     saved = torch.load(killed / "ckpt.pt", weights_only=True)
-    assert 0 < saved["step"] < 6 and saved["data_position"] == {"epoch": 0, "step": saved["step"]}
+    assert saved["step"] == 2 and saved["data_position"] == {"epoch": 0, "step": 2}
     shutil.copytree(killed, tmp_path / "two_ranks")
 
     subprocess.run(train_command(spec, killed, "--workers=3"), check=True, env=ENV, capture_output=True, timeout=180)

@@ -4,13 +4,18 @@ Proves: the loss equals open_clip's ClipLoss on the same features, on one proces
 loss of 2 DDP ranks; `torchrun --nproc_per_node=2` (gloo, CPU) gives the same loss and the same
 weights after an AdamW step as one process with the same global batch; cached-feature accumulation
 over 4 micro-batches gives the same weights as the whole batch at once; torch.compile over DDP with
-accumulation (no_sync through the kept DDP handle) equals the eager run on 2 ranks; `--init` takes the
-vision tower only, and the text tower starts as in the baseline; a run killed with SIGKILL after a
-checkpoint, or stopped with SIGTERM (sent to the trainer and its loader worker, as a scheduler does)
-and restarted with the same command ends bit-for-bit equal to one that never stopped; rerunning a
+accumulation (no_sync through the kept DDP handle) gives the eager run's gradients, parameter by
+parameter, on 2 ranks; `--init` takes the vision tower only, and the text tower starts as in the
+baseline; a run killed with SIGKILL between
+checkpoints, or stopped with SIGTERM (sent to the trainer and its loader worker, as a scheduler does),
+each at a known step (tests/hold_at_step.py holds the trainer there: no race with a polling loop), and
+restarted with the same command ends bit-for-bit equal to one that never stopped; rerunning a
 finished run changes nothing; a changed setting is refused by name; a non-finite loss stops the run
 with the last good checkpoint intact; bad samples are counted over both ranks into summary.json.
-All fp32 on the CPU with the tiny preset.
+With a ResNet tower (tiny-rn): `python train_clip.py --init=<stage-1 ckpt.pt>` starts from exactly the
+stage-1 vision tower (BatchNorm statistics included) and the baseline's text tower, and trains it
+in train mode; accumulation's cached pass leaves BatchNorm's statistics alone (one update per micro-batch).
+All fp32 on the CPU with the tiny presets.
 """
 import io
 import json
@@ -18,7 +23,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
+import evaluate  # noqa: E402
+import nights  # noqa: E402
+import hold_at_step  # noqa: E402  (tests/: holds a trainer at a step)
 import train_clip  # noqa: E402
+from checkpoints import load_checkpoint  # noqa: E402
 from make_data import make_nights, write_shards  # noqa: E402
 from model import create_model  # noqa: E402
 
@@ -112,14 +120,32 @@ def ddp_worker(out):
     common.cleanup_distributed()
 
 
+def recorded_step(model, forward, ddp, optimizer, images, tokens, cfg):
+    """train_step as the loop calls it -> (loss, {name: gradient}), the gradients as the optimiser is
+    about to use them (a step pre-hook: after accumulation, DDP's average and clipping, before AdamW)."""
+    seen = {}
+
+    def record(optimizer_, args, kwargs):
+        seen.update({name: p.grad.detach().clone() for name, p in model.named_parameters()})
+
+    handle = optimizer.register_step_pre_hook(record)
+    loss = train_clip.train_step(model, forward, ddp, optimizer, common.grad_scaler("cpu", "fp32"), FP32, images, tokens,
+                                 cfg.lr, cfg).item()
+    handle.remove()
+    return loss, seen
+
+
 def compile_worker(out):
     """Run by torchrun in test_compile_with_ddp_and_accumulation_equals_eager: two steps of the loop's
-    train_step with accum_steps=2 and clipping, eager and compiled, each wrapped as train_clip.main wraps."""
+    train_step with accum_steps=2, eager and compiled, each wrapped as train_clip.main wraps; the
+    gradients of each step are recorded before the optimiser uses them."""
     torch.set_num_threads(1)
     d = common.setup_distributed("cpu")
     images, tokens = global_batch(8, seed=1)
     mine = slice(4 * d.rank, 4 * d.rank + 4)
-    cfg = train_clip.Config(accum_steps=2, lr=1e-3, weight_decay=0.1, grad_clip=1.0)
+    # No clipping: clipping (like Adam) divides out a constant factor in the gradients, so a path that
+    # doubles them would reach the same weights. The raw gradients show it.
+    cfg = train_clip.Config(accum_steps=2, lr=1e-3, weight_decay=0.1, grad_clip=0.0)
     results = {}
     for compiled in (False, True):
         model = tiny_model()
@@ -128,12 +154,25 @@ def compile_worker(out):
         # inductor's C++ code generation is left out (it would take minutes on 2 shared cores).
         forward, ddp = common.wrap_model(model, d, compile=compiled, compile_backend="aot_eager")
         optimizer = train_clip.make_optimizer(model, cfg, "cpu")
-        losses = [train_clip.train_step(model, forward, ddp, optimizer, common.grad_scaler("cpu", "fp32"), FP32,
-                                        images[mine], tokens[mine], cfg.lr, cfg).item() for _ in range(2)]
-        results[compiled] = {"losses": losses, "state_dict": model.state_dict()}
+        steps = [recorded_step(model, forward, ddp, optimizer, images[mine], tokens[mine], cfg) for _ in range(2)]
+        results[compiled] = {"losses": [loss for loss, _ in steps], "grads": [grads for _, grads in steps],
+                             "state_dict": model.state_dict()}
     if d.is_main:
         torch.save(results, out)
     common.cleanup_distributed()
+
+
+# Gradients of the same batch agree to fp32 rounding of the sums' order, measured as a share of each
+# tensor's largest gradient: compiled (aot_eager) vs eager 0 (bit-equal); 2 ranks x 2 micro-batches vs
+# one process 1.1e-6. A path that doubles or halves a gradient, or counts the logit scale twice, is off
+# by 50-100% of it.
+GRAD_RTOL = 1e-5
+
+
+def assert_same_gradients(ours, reference, what):
+    for name, expected in reference.items():
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(ours[name], expected, rtol=0, atol=GRAD_RTOL * scale + 1e-12, msg=f"{what}: {name}")
 
 
 def test_compile_with_ddp_and_accumulation_equals_eager(tmp_path):
@@ -142,7 +181,16 @@ def test_compile_with_ddp_and_accumulation_equals_eager(tmp_path):
                     __file__, "compile", str(out)], check=True, env=ENV, cwd=ROOT, timeout=300)
     results = torch.load(out, weights_only=True)
     eager, compiled = results[False], results[True]
-    assert compiled["losses"] == pytest.approx(eager["losses"], abs=1e-5)
+    # The eager run's first gradients are the whole batch's on one process (no DDP, no accumulation).
+    torch.set_num_threads(1)
+    images, tokens = global_batch(8, seed=1)
+    model = tiny_model()
+    _, whole_batch = recorded_step(model, model, None, train_clip.make_optimizer(model, train_clip.Config(), "cpu"),
+                                   images, tokens, train_clip.Config(accum_steps=1, lr=1e-3, weight_decay=0.1, grad_clip=0.0))
+    assert_same_gradients(eager["grads"][0], whole_batch, "eager, 2 ranks x 2 micro-batches vs 1 process")
+    for step in range(2):  # the second step's gradients also depend on the first step's update
+        assert_same_gradients(compiled["grads"][step], eager["grads"][step], f"compiled vs eager, step {step + 1}")
+    assert compiled["losses"] == pytest.approx(eager["losses"], abs=1e-6)
     for name, value in eager["state_dict"].items():
         assert torch.allclose(compiled["state_dict"][name], value, atol=ADAM_ATOL), name
     assert any(not torch.equal(value, tiny_model().state_dict()[name]) for name, value in eager["state_dict"].items())
@@ -176,6 +224,21 @@ def test_init_takes_the_vision_tower_only(tmp_path):
         assert torch.equal(value, source.state_dict()[name]), name
     with pytest.raises(ValueError, match="stage1.pt"):
         train_clip.load_init(create_model("small"), tmp_path / "stage1.pt", include_text=False)
+
+
+def test_accumulation_updates_batchnorm_statistics_once_per_micro_batch():
+    torch.manual_seed(0)
+    model, plain = create_model("tiny-rn").train(), create_model("tiny-rn").train()
+    plain.load_state_dict(model.state_dict())
+    images, tokens = global_batch(8)
+    images = torch.nn.functional.interpolate(images, size=64)  # tiny-rn's input size
+    train_clip.accumulate_gradients(model, images, tokens, 2, FP32, common.grad_scaler("cpu", "fp32"))
+    with torch.no_grad():
+        for chunk in images.chunk(2):  # what the re-forwards with gradients alone would do
+            plain.visual(chunk)
+    for name, buffer in plain.named_buffers():
+        torch.testing.assert_close(dict(model.named_buffers())[name], buffer, atol=1e-6, rtol=0, msg=name)
+    assert model.visual.layer1[0].bn1.num_batches_tracked.item() == 2
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -231,16 +294,17 @@ def assert_same_run(a_dir, b_dir):
 def test_sigkill_and_restart_equals_an_uninterrupted_run(clip_run, tmp_path):
     command, straight = clip_run
     killed = tmp_path / "killed"
-    process = subprocess.Popen(command(killed), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    while not (killed / "ckpt.pt").exists() and process.poll() is None:
-        time.sleep(0.01)
+    # Held before step 6 (tests/hold_at_step.py): step 4's checkpoint is written, step 5 is done and
+    # unsaved. The kill lands there, not wherever a polling loop happens to notice a file.
+    process, go = hold_at_step.start("train_clip.py", command(killed)[2:], 6, env=ENV, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
     os.killpg(process.pid, signal.SIGKILL)  # the trainer and its loader worker
-    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    stopped_at = torch.load(killed / "ckpt.pt", weights_only=True)["step"]
-    assert 0 < stopped_at < 20 and stopped_at % 7 != 0  # a mid-epoch checkpoint
+    assert process.wait() == -signal.SIGKILL
+    os.close(go)
+    state = torch.load(killed / "ckpt.pt", weights_only=True)
+    assert state["step"] == 4 and state["data_position"] == {"epoch": 0, "step": 4}  # mid epoch 0 (7 steps)
     subprocess.run(command(killed), check=True, env=ENV, capture_output=True, timeout=120)
-    assert_same_run(straight, killed)
+    assert_same_run(straight, killed)  # step 5 done again, the same
     header = json.loads((straight / "metrics.jsonl").read_text().splitlines()[0])
     assert header["config"]["max_steps"] == 20 and "git_commit" in header
 
@@ -248,17 +312,16 @@ def test_sigkill_and_restart_equals_an_uninterrupted_run(clip_run, tmp_path):
 def test_sigterm_saves_at_the_step_and_restart_equals_an_uninterrupted_run(clip_run, tmp_path):
     command, straight = clip_run
     stopped = tmp_path / "stopped"
-    process = subprocess.Popen(command(stopped), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    log = stopped / "metrics.jsonl"
-    while process.poll() is None and not (log.exists() and '"loss"' in log.read_text()):  # step 5 is logged
-        time.sleep(0.01)
+    process, go = hold_at_step.start("train_clip.py", command(stopped)[2:], 6, env=ENV, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
     os.killpg(process.pid, signal.SIGTERM)  # the trainer and its loader worker, as a scheduler signals a job
+    os.write(go, b"G")  # step 6 runs; the trainer stops at its end
+    os.close(go)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
     state = torch.load(stopped / "ckpt.pt", weights_only=True)
-    assert 5 <= state["step"] < 20, "the run finished before the signal"
-    assert f"stopped by SIGTERM at step {state['step']} of 20" in out
+    assert state["step"] == 6 and state["data_position"] == {"epoch": 0, "step": 6}  # not a save_every step
+    assert "stopped by SIGTERM at step 6 of 20" in out
     assert not (stopped / "summary.json").exists()  # not finished
     subprocess.run(command(stopped), check=True, env=ENV, capture_output=True, timeout=120)
     assert_same_run(straight, stopped)
@@ -267,7 +330,11 @@ def test_sigterm_saves_at_the_step_and_restart_equals_an_uninterrupted_run(clip_
 def test_rerun_of_a_finished_run_changes_nothing_and_a_changed_setting_is_refused(clip_run):
     command, straight = clip_run
     before = {name: (straight / name).read_bytes() for name in ("ckpt.pt", "summary.json")}
-    assert json.loads(before["summary.json"])["metrics"]["nights/2afc"] > 0
+    # The summary's score is the final weights' 2AFC on the NIGHTS test split, recomputed here.
+    reported = json.loads(before["summary.json"])["metrics"]["nights/2afc"]
+    model = load_checkpoint(straight / "ckpt.pt")
+    triplets = nights.NightsDataset(straight.parent / "nights", "test", model.config.image_size)
+    assert reported == pytest.approx(evaluate.evaluate_nights(model, triplets, "cpu"), abs=1e-6)
     # Settings that do not change the run may differ: still a finished run, left as it is.
     rerun = subprocess.run(command(straight, "--log_every=1", "--save_every=2", "--eval_every=3"), env=ENV,
                            capture_output=True, text=True, timeout=120)
@@ -330,3 +397,29 @@ def test_two_ranks_count_bad_samples_into_the_summary(tmp_path):
 
 if __name__ == "__main__":
     compile_worker(sys.argv[2]) if sys.argv[1] == "compile" else ddp_worker(sys.argv[1])
+
+
+def test_init_moves_a_stage1_resnet_tower_exactly(tmp_path):
+    """The script's own load path: a stage-1 ckpt.pt (the kit's format) -> train_clip.py --init, run at lr 0
+    (AdamW then leaves every weight as it is), so the saved weights are the ones it started from."""
+    torch.manual_seed(5)
+    donor = create_model("tiny-rn")
+    with torch.no_grad():
+        for m in donor.modules():  # trained-looking statistics, different from a fresh init's
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.uniform_(0.5, 1.5)
+    torch.save({"state_dict": donor.state_dict(), "model_config": donor.config.__dict__, "step": 3}, tmp_path / "stage1.pt")
+    write_shards(tmp_path / "shards", ((f"{i:05d}", {"jpg": photo_jpeg(i), "txt": f"cat {i}"}) for i in range(16)), 8)
+    command = run_command(tmp_path / "shards" / "{00000..00001}.tar", tmp_path / "run", "--model=tiny-rn", "--lr=0",
+                          f"--init={tmp_path / 'stage1.pt'}")
+    command = [c for c in command if not c.startswith("--max_steps")] + ["--max_steps=2"]
+    subprocess.run(command, check=True, env=ENV, capture_output=True, timeout=300)
+    saved = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["state_dict"]
+    torch.manual_seed(0)  # clip_tiny.yaml's seed: the baseline's random init, drawn before --init loads
+    baseline = create_model("tiny-rn").state_dict()
+    for name, value in donor.state_dict().items():
+        if "running_" in name or "num_batches_tracked" in name:
+            continue  # stage 2 trains in train mode: the statistics move on from the donor's
+        assert torch.equal(saved[name], value if name.startswith("visual.") else baseline[name]), name
+    assert saved["visual.layer1.0.bn1.num_batches_tracked"].item() == 2 * 2  # 2 steps x 2 micro-batches
+    assert not torch.equal(saved["visual.layer1.0.bn1.running_mean"], donor.state_dict()["visual.layer1.0.bn1.running_mean"])

@@ -6,19 +6,25 @@ Proves that
     observers' structure is what is learned, not some artefact of the images);
   - ckpt.pt is the kit's checkpoint: checkpoints.load_checkpoint reads it, reproduces the reported val
     score, and its text tower is still the random init (only the vision tower trained);
-  - a run stopped mid-epoch (stop_after_steps, or SIGTERM sent to the running script) and started again
+  - a run stopped mid-epoch (stop_after_steps, or SIGTERM sent to the running script at a known step:
+    tests/hold_at_step.py holds it there) and started again
     ends with bit-identical weights to one that never stopped; rerunning a finished run changes
     nothing; a changed setting is refused by name; a non-finite loss stops the run, names its step and
     leaves the last good checkpoint as it was;
   - the post-hoc control changes only the vision blocks' attn.in_proj_weight;
-  - DDP with 2 processes (torchrun, gloo) reaches the same weights as 1 process with the same global batch.
+  - a ResNet tower (tiny-rn) trains on the same hinge (on its attention-pooled embedding): its vision
+    weights and BatchNorm statistics move, its text tower does not; with gradient checkpointing the
+    run ends with the same weights and the same statistics; its ckpt.pt loads in open_clip with equal
+    features; its post-hoc control changes only the attention pool's q/k/v weights, BatchNorm
+    statistics included;
+  - DDP with 2 processes (torchrun --standalone, gloo: a free port, never a fixed one) reaches the same
+    weights as 1 process with the same global batch.
 """
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +32,7 @@ import torch
 import yaml
 
 import common
+import hold_at_step  # tests/: holds a trainer at a step
 import train_triplet
 from evaluate import evaluate_nights
 from make_data import make_nights
@@ -149,18 +156,19 @@ def test_sigterm_saves_at_the_step_and_restart_is_exact(small_nights, tmp_path, 
     args = [f"--data_root={small_nights}", "--epochs=4", "--batch_size=32", "--log_every=1", "--workers=1"]
     run(small_nights, tmp_path / "straight", *args)
     stopped = tmp_path / "stopped"
-    process = subprocess.Popen([sys.executable, str(ROOT / "train_triplet.py"), *TINY, *args, f"--out_dir={stopped}"],
-                               cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    log = stopped / "metrics.jsonl"
-    while process.poll() is None and not (log.exists() and '"loss"' in log.read_text()):  # a step is logged
-        time.sleep(0.01)
+    # Held before step 5 (tests/hold_at_step.py; 3 steps an epoch): the signal comes mid epoch 1 at a
+    # known step, not wherever a polling loop happens to notice the log.
+    process, go = hold_at_step.start("train_triplet.py", [*TINY, *args, f"--out_dir={stopped}"], 5, cwd=ROOT,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
     os.killpg(process.pid, signal.SIGTERM)  # the trainer and its loader worker, as a scheduler signals a job
+    os.write(go, b"G")  # step 5 runs; the trainer stops at its end
+    os.close(go)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
     state = torch.load(stopped / "ckpt.pt", weights_only=True)
-    assert 1 <= state["step"] < 12, "the run finished before the signal"
-    assert f"stopped by SIGTERM at step {state['step']} of 12" in out and not (stopped / "summary.json").exists()
+    assert state["step"] == 5 and state["data_position"] == {"epoch": 1, "batch": 2}
+    assert "stopped by SIGTERM at step 5 of 12" in out and not (stopped / "summary.json").exists()
     run(small_nights, stopped, *args)
     straight = torch.load(tmp_path / "straight/ckpt.pt", weights_only=True)
     resumed = torch.load(stopped / "ckpt.pt", weights_only=True)
@@ -193,11 +201,59 @@ def test_posthoc_trains_only_vision_qkv(small_nights, trained, tmp_path):
     assert changed == {f"visual.transformer.resblocks.{i}.attn.in_proj_weight" for i in range(2)}
 
 
+@pytest.fixture(scope="module")
+def resnet_run(small_nights, tmp_path_factory):
+    """Stage 1 with the tiny ResNet at its 64 px: 1 epoch of 3 steps at batch 32."""
+    out = tmp_path_factory.mktemp("resnet")
+    run(small_nights, out, "--model=tiny-rn", "--image_size=64", "--epochs=1", "--batch_size=32")
+    return out
+
+
+def test_resnet_tower_trains_on_the_hinge(small_nights, resnet_run, tmp_path):
+    trained = load_checkpoint(resnet_run / "ckpt.pt")
+    assert trained.config.resnet and json.loads((resnet_run / "summary.json").read_text())["2afc"]["val"] > 0
+    torch.manual_seed(42)  # the run's seed: its random init
+    start = create_model("tiny-rn").state_dict()
+    after = trained.state_dict()
+    changed = {k for k in start if not torch.equal(start[k], after[k])}
+    assert not {k for k in changed if not k.startswith("visual.")}  # the text tower stays at its init
+    assert {"visual.conv1.weight", "visual.attnpool.c_proj.weight", "visual.layer4.0.bn3.weight",
+            "visual.layer1.0.bn1.running_mean", "visual.layer1.0.bn1.running_var"} <= changed
+    assert after["visual.layer1.0.bn1.num_batches_tracked"].item() == 3  # one update a step
+    # Gradient checkpointing: the same run (its recomputation leaves BatchNorm's statistics alone).
+    run(small_nights, tmp_path, "--model=tiny-rn", "--image_size=64", "--epochs=1", "--batch_size=32",
+        "--grad_checkpointing=true")
+    checkpointed = load_checkpoint(tmp_path / "ckpt.pt").state_dict()
+    for key, value in after.items():
+        torch.testing.assert_close(checkpointed[key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_resnet_checkpoint_loads_in_open_clip(resnet_run):
+    open_clip = pytest.importorskip("open_clip")
+    from test_backbones import open_clip_twin
+
+    ours = load_checkpoint(resnet_run / "ckpt.pt")
+    reference = open_clip_twin(ours.config).eval()
+    reference.load_state_dict(torch.load(resnet_run / "ckpt.pt", weights_only=True)["state_dict"], strict=True)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_image(images), reference.encode_image(images, normalize=True), atol=1e-5, rtol=0)
+
+
+def test_posthoc_on_a_resnet_trains_only_the_attention_pool_qkv(small_nights, resnet_run, tmp_path):
+    run(small_nights, tmp_path, "--epochs=2", "--batch_size=32", f"--init={resnet_run / 'ckpt.pt'}", "--posthoc=true",
+        "--lr=1e-3", "--weight_decay=0", "--image_size=64")  # 2 epochs: an evaluation between them
+    before = load_checkpoint(resnet_run / "ckpt.pt").state_dict()
+    after = load_checkpoint(tmp_path / "ckpt.pt").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {f"visual.attnpool.{p}_proj.weight" for p in "qkv"}  # BatchNorm statistics too stay
+
+
 def test_ddp_two_processes_match_one(small_nights, tmp_path):
     args = ["--epochs=2", "--batch_size=32", f"--data_root={small_nights}"]
     run(small_nights, tmp_path / "one", *args)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     "train_triplet.py", *TINY, *args, f"--out_dir={tmp_path / 'two'}"],
                    cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
     one = torch.load(tmp_path / "one/ckpt.pt", weights_only=True)
