@@ -62,7 +62,7 @@ check imports_without_ftfy "$PY" -c "
 import importlib.util, sys
 assert importlib.util.find_spec('ftfy') is None, 'this venv must lack ftfy, as the GPU image does'
 sys.path[:0] = ['$ROOT', '$ROOT/bench']
-import augment, checkpoints, common, data, evaluate, model, nights, shards, sources, train_clip, train_triplet, gpu_bench"
+import augment, checkpoints, common, contrastive, data, evaluate, model, nights, probes, shards, sources, tracking, train_clip, train_triplet, triplet_sources, triplets, validation, gpu_bench"
 check gpu_bench_dry_run "$PY" bench/gpu_bench.py --dry-run --out "$WORK/bench/gpu_bench.json"
 # The carried wheels, installed as docs/gpu-session.md installs them on the GPU machine.
 "$PY" -m pip install -q --no-index --no-deps --target "$WORK/site" "$VENV"/whl/*.whl
