@@ -367,3 +367,10 @@ def load_checkpoint(path, quickgelu=None):
     check_state_dict(model, state_dict, str(path))
     model.load_state_dict(state_dict)
     return model.eval()
+
+
+def run_labels(paths):
+    """Run names from checkpoint paths, for tables: the parent folder (runs/pi/ckpt.pt -> pi), else the
+    file's stem; the full paths where those would collide."""
+    labels = [Path(p).resolve().parent.name if Path(p).name == "ckpt.pt" else Path(p).stem for p in paths]
+    return labels if len(set(labels)) == len(labels) else [str(p) for p in paths]
