@@ -242,13 +242,8 @@ def _read_authors(state_dict, path):
     config = CLIPConfig(**{**asdict(config_from_state_dict(mapped)), **AUTHORS})
     with torch.device("meta"):  # the expected keys and shapes, without allocating or drawing weights
         expected = CLIP(config).state_dict()
-    missing = [_kit_to_authors(k) for k in expected if k not in mapped]
-    unexpected = [k for k in state_dict if _authors_to_kit(k) not in expected]
-    wrong = [f"{_kit_to_authors(k)}: {tuple(mapped[k].shape)} != {tuple(v.shape)}"
-             for k, v in expected.items() if k in mapped and mapped[k].shape != v.shape]
-    problems = [f"{name} ({len(keys)}): {keys[:8]}{' ...' if len(keys) > 8 else ''}"
-                for name, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
-                if keys]
+    in_file = {_authors_to_kit(k): k for k in state_dict}  # keys named as the file names them, missing ones as it would
+    problems = key_problems(expected, mapped, name=lambda k: in_file.get(k) or _kit_to_authors(k), shown=8)
     if problems:
         raise ValueError(f"{path} has the PI authors' parameter names (Brain_Initialization's CLIP) but is not a whole "
                          "ViT CLIP of theirs: " + "; ".join(problems) + ". Pass the Lightning checkpoint (.ckpt) their "
@@ -314,16 +309,22 @@ def optional_key(key):
     return key.endswith(".num_batches_tracked")
 
 
+def key_problems(expected, given, name=lambda key: key, shown=5):
+    """What keeps state dict `given` from loading into one with `expected`'s keys and shapes: a list of
+    "missing keys (n): [...]", "unexpected keys (n): [...]", "wrong shapes (n): [...]" (empty: it fits).
+    Optional keys (optional_key) may be missing; `name` turns a key into the name the user's file uses."""
+    missing = [name(k) for k in expected if k not in given and not optional_key(k)]
+    unexpected = [name(k) for k in given if k not in expected]
+    wrong = [f"{name(k)}: {tuple(given[k].shape)} != {tuple(v.shape)}"
+             for k, v in expected.items() if k in given and given[k].shape != v.shape]
+    return [f"{label} ({len(keys)}): {keys[:shown]}{' ...' if len(keys) > shown else ''}"
+            for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+            if keys]
+
+
 def check_state_dict(model, state_dict, path="state dict"):
     """Raise one error listing every missing, unexpected and wrongly shaped key (no partial loads)."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict and not optional_key(k)]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [f"{k}: {tuple(state_dict[k].shape)} != {tuple(v.shape)}"
-             for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
-    problems = [f"{name} ({len(keys)}): {keys[:5]}{' ...' if len(keys) > 5 else ''}"
-                for name, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
-                if keys]
+    problems = key_problems(model.state_dict(), state_dict)
     if problems:
         raise ValueError(f"{path} does not fit the model: " + "; ".join(problems))
 

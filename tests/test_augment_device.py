@@ -12,7 +12,6 @@ Proves (on the CPU, with real photos from scikit-image):
 """
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 from skimage import data as skdata
@@ -20,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import augment
 from data import CLIP_MEAN, CLIP_STD
+from test_train_transform import reference_device  # torchvision's ops on one sample, its drawn parameters
 
 SIZE = 40
 
@@ -44,27 +44,11 @@ def drawn_params(n):
     return params
 
 
-def reference(image, p):
-    """torchvision's ops on one image, in the order and with the factors of its params."""
-    x = image.float() / 255
-    if p[augment.JITTER] > 0:
-        ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
-        for op in augment.ORDERS[int(p[augment.ORDER])].tolist():
-            x = ops[op](x, float(p[augment.BRIGHTNESS + op]))
-    if p[augment.GRAY] > 0:
-        x = TF.rgb_to_grayscale(x, num_output_channels=3)
-    if p[augment.SIGMA] > 0:
-        r = augment.BLUR_RADIUS
-        padded = F.pad(x[None], (r, r, r, r), mode="replicate")[0]  # PIL's edge rule; torchvision reflects
-        x = TF.gaussian_blur(padded, [2 * r + 1] * 2, [float(p[augment.SIGMA])] * 2)[:, r:-r, r:-r]
-    return TF.normalize(x, CLIP_MEAN, CLIP_STD)
-
-
 def test_batched_device_half_equals_torchvision_per_sample():
     images, params = photo_batch(24), drawn_params(24)
     ours = augment.TrainTransform(SIZE, "moco").device(images, params)
     for i in range(len(images)):
-        torch.testing.assert_close(ours[i], reference(images[i], params[i]), atol=2e-5, rtol=0, msg=f"sample {i}")
+        torch.testing.assert_close(ours[i], reference_device(images[i], params[i]), atol=2e-5, rtol=0, msg=f"sample {i}")
     untouched = (params[:, augment.JITTER] == 0) & (params[:, augment.GRAY] == 0) & (params[:, augment.SIGMA] == 0)
     assert untouched.any()
     plain = TF.normalize(images[untouched].float() / 255, CLIP_MEAN, CLIP_STD)
