@@ -274,9 +274,12 @@ def test_the_check_command_reads_batches_and_ends_in_json(tmp_path):
     assert report["delivery_samples_per_s_per_worker"] == report["delivery_samples_per_s"] > report["samples_per_s"]
     assert report["device_samples_per_s"] > report["samples_per_s"]  # the two halves timed apart, then in sequence
     assert sum(report["skipped"].values()) == 12 - report["samples"]
-    # The rate is samples / seconds, with seconds printed to 0.01 and the rate to 0.1.
+    # The workers' delivery rate is samples / seconds (seconds printed to 0.01, rates to 0.1); the whole
+    # rate is the two halves one after the other: 1 / (1 / delivery + 1 / device).
     samples, seconds = report["samples"], report["seconds"]
-    assert samples / (seconds + 0.005) - 0.05 <= report["samples_per_s"] <= samples / (seconds - 0.005) + 0.05
+    delivery, device = report["delivery_samples_per_s"], report["device_samples_per_s"]
+    assert samples / (seconds + 0.005) - 0.05 <= delivery <= samples / (seconds - 0.005) + 0.05
+    assert report["samples_per_s"] == pytest.approx(1 / (1 / delivery + 1 / device), abs=0.1)
     last = reference.transform.device(batches[-1]["images"], batches[-1]["params"])
     assert report["image_mean"] == pytest.approx(float(last.float().mean()), abs=1e-4)
     with pytest.raises(SystemExit, match="none-0.tar"):  # the same command in this process: a spec of missing files
