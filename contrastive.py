@@ -55,7 +55,6 @@ def gather_plain(x):
     return torch.cat(parts)
 
 
-gather_mask = gather_plain  # the name the loss used before groups existed
 
 
 def contrastive_loss(image_features, text_features, logit_scale, valid=None, slots=None, group_size=0):
@@ -84,7 +83,7 @@ def contrastive_loss(image_features, text_features, logit_scale, valid=None, slo
     labels = torch.arange(n, device=image_features.device) + n * rank  # each row's pair in the global batch
     if valid is None:
         return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
-    all_valid = gather_mask(valid)  # (N,)
+    all_valid = gather_plain(valid)  # (N,)
     hide = torch.zeros(all_valid.shape, dtype=logits_per_image.dtype, device=valid.device).masked_fill(~all_valid, HIDDEN)
     labels = labels.masked_fill(~valid, -100)  # cross_entropy's ignore_index: no loss, no gradient
     total = (F.cross_entropy(logits_per_image + hide, labels, reduction="sum")

@@ -41,7 +41,7 @@ import tracking
 import validation
 from augment import TrainTransform
 from checkpoints import check_activation, check_state_dict, optional_key, read_checkpoint
-from contrastive import accumulate_gradients, contrastive_loss  # noqa: F401  (contrastive_loss: tests, bench)
+from contrastive import accumulate_gradients
 from model import create_model, model_config
 from progress import progress
 

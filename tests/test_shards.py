@@ -131,12 +131,12 @@ def rank_epoch(out):
     Path(f"{out}.{d.rank}").write_text(json.dumps(batches))
     # The loss of padded batches whose good rows differ between ranks (3 and 1 of 4): gradients of
     # this rank's features, for the test to hold against one process's loss over the good rows alone.
-    import train_clip
+    import contrastive  # the loss train_clip.py runs
 
     images, texts, valid = padded_features()
     mine = slice(4 * d.rank, 4 * d.rank + 4)
     image, text = images[mine].clone().requires_grad_(), texts[mine].clone().requires_grad_()
-    loss = train_clip.contrastive_loss(image, text, torch.tensor(10.0), valid[mine])
+    loss = contrastive.contrastive_loss(image, text, torch.tensor(10.0), valid[mine])
     loss.backward()  # through the all-gather: the sum over ranks' losses, which DDP then averages
     torch.save({"loss": loss.detach(), "image": image.grad, "text": text.grad}, f"{out}.grad{d.rank}")
     common.cleanup_distributed()
@@ -188,11 +188,11 @@ def test_each_good_sample_once_per_epoch_over_two_ranks_and_two_workers(tmp_path
     assert len(seen) + sum(skipped.values()) + plan.dropped == 54
 
     # The loss over padded batches: the gradient of the large batch of the 4 good rows alone.
-    import train_clip
+    import contrastive  # the loss train_clip.py runs
 
     images, texts, valid = padded_features()
     good_images, good_texts = images[valid].clone().requires_grad_(), texts[valid].clone().requires_grad_()
-    reference = train_clip.contrastive_loss(good_images, good_texts, torch.tensor(10.0))  # no padding at all
+    reference = contrastive.contrastive_loss(good_images, good_texts, torch.tensor(10.0))  # no padding at all
     reference.backward()
     grads = [torch.load(f"{tmp_path / 'out'}.grad{r}", weights_only=True) for r in range(2)]
     assert abs(sum(g["loss"] for g in grads) / 2 - reference.item()) < 1e-6  # the loop's all-reduced loss

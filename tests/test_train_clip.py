@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
+import contrastive  # noqa: E402
 import evaluate  # noqa: E402
 import nights  # noqa: E402
 import hold_at_step  # noqa: E402  (tests/: holds a trainer at a step)
@@ -81,7 +82,7 @@ def test_loss_equals_open_clip():
     image = torch.nn.functional.normalize(torch.randn(16, 64), dim=-1)
     text = torch.nn.functional.normalize(torch.randn(16, 64), dim=-1)
     scale = torch.tensor(14.3)
-    assert torch.allclose(train_clip.contrastive_loss(image, text, scale), ClipLoss()(image, text, scale), atol=1e-6)
+    assert torch.allclose(contrastive.contrastive_loss(image, text, scale), ClipLoss()(image, text, scale), atol=1e-6)
 
 
 def test_accumulation_equals_one_large_batch():
@@ -108,7 +109,7 @@ def ddp_worker(out):
     with torch.no_grad():  # the local loss equals open_clip's with gathered features
         image, text, scale = model(images[mine], tokens[mine])
         reference = ClipLoss(local_loss=True, gather_with_grad=True, rank=d.rank, world_size=d.world_size)(image, text, scale)
-        assert torch.allclose(train_clip.contrastive_loss(image, text, scale), reference, atol=1e-6)
+        assert torch.allclose(contrastive.contrastive_loss(image, text, scale), reference, atol=1e-6)
     forward, ddp = common.wrap_model(model, d)  # as train_clip.main wraps it
     results, grads = {}, None
     for accum_steps in (1, 2):
