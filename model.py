@@ -481,6 +481,27 @@ def model_config(name="ViT-B-32", **overrides):
     return CLIPConfig(**{**PRESETS[name], **overrides})
 
 
+def parse_settings(text):
+    """The trainers' `model_settings` ("init_logit_scale=2.6593,context_length=16") -> {field: value}, each
+    value converted to its CLIPConfig field's type: settings over a preset, for an ablation one setting at a
+    time without a preset of its own. An unknown field or a value of the wrong type is an error naming it."""
+    kinds = {f.name: f.type for f in fields(CLIPConfig)}
+    convert = {"int": int, "float": float, "str": str, "bool": lambda v: {"true": True, "false": False}[v.lower()]}
+    settings = {}
+    for item in [i.strip() for i in text.split(",") if i.strip()]:
+        name, eq, value = (part.strip() for part in item.partition("="))
+        if not eq or name not in kinds:
+            raise ValueError(f"model_settings: {item!r} is not NAME=VALUE with NAME a model setting; known: {sorted(kinds)}")
+        kind = getattr(kinds[name], "__name__", str(kinds[name]))
+        if kind not in convert:
+            raise ValueError(f"model_settings: {name} ({kind}) cannot be set here; use a preset")
+        try:
+            settings[name] = convert[kind](value)
+        except (KeyError, ValueError):
+            raise ValueError(f"model_settings: {name}={value!r} is not a {kind}") from None
+    return settings
+
+
 def create_model(name="ViT-B-32", **overrides):
     """A randomly initialised CLIP from a preset name, a CLIPConfig, or a dict of CLIPConfig fields."""
     if isinstance(name, CLIPConfig):

@@ -42,7 +42,7 @@ import validation
 from augment import TrainTransform
 from checkpoints import check_activation, check_state_dict, optional_key, read_checkpoint
 from contrastive import accumulate_gradients
-from model import create_model, model_config
+from model import create_model, model_config, parse_settings
 from progress import progress
 
 
@@ -54,6 +54,9 @@ class Config:
     text_column: str = "texts"  # parquet: captions (strings) or CLIP token ids (the first context_length)
     out_dir: str = "runs/clip"  # out_dir/ckpt.pt is the latest checkpoint; a run resumes from it
     model: str = "ViT-B-32"  # a preset of model.py
+    # CLIPConfig fields over the preset, e.g. "init_logit_scale=2.6593,context_length=16": one of the
+    # authors' settings at a time (docs/authors-model.md) without a preset of its own; ckpt.pt records them
+    model_settings: str = ""
     epochs: int = 32
     max_steps: int = 0  # stop after this many optimiser steps (0: epochs decide)
     batch_size: int = 6144  # GLOBAL batch: the same whatever the number of ranks
@@ -106,7 +109,7 @@ class Config:
 # starts: the sample order depends on (seed, epoch, streams, shuffle_buffer, batch_size) and the units'
 # counts only (shards.py). train_data may move, not change: data_units / data_samples (the units and
 # samples found) are compared instead of its path. precision is compared as resolved.
-TRAJECTORY_KEYS = ("model", "epochs", "max_steps", "batch_size", "accum_steps", "contrastive_batch", "lr", "lr_schedule",
+TRAJECTORY_KEYS = ("model", "model_settings", "epochs", "max_steps", "batch_size", "accum_steps", "contrastive_batch", "lr", "lr_schedule",
                    "warmup_steps", "weight_decay", "beta1", "beta2", "eps", "data_fraction", "max_samples", "val_samples", "grad_clip", "seed", "init", "init_text", "augment", "streams", "shuffle_buffer", "decode_on_device",
                    "image_column", "text_column", "precision", "data_units", "data_samples")
 DATA_FACTS = ("data_units", "data_samples")  # found in train_data at start-up, compared once it is read
@@ -300,8 +303,8 @@ def train(argv, stop):
     # Images leave the workers as uint8 crops; jitter, grayscale, blur and normalisation run on the device.
     with common.user_input():  # data_fraction, max_samples, val_samples that the data cannot meet
         units, held_out = validation.split_units(list_units(cfg, argv, d), cfg.data_fraction, cfg.max_samples, cfg.val_samples)
-    with common.user_input():  # a bad preset name
-        shape = model_config(cfg.model)
+    with common.user_input():  # a bad preset name or setting
+        shape = model_config(cfg.model, **parse_settings(cfg.model_settings))
     with common.user_input():  # streams that do not fit the batch or the ranks
         loader = shards.Loader(units, TrainTransform(shape.image_size, cfg.augment), cfg.batch_size, cfg.streams, d.rank,
                                world, cfg.workers, cfg.accum_steps, cfg.seed, cfg.shuffle_buffer, shape.context_length,
@@ -336,7 +339,7 @@ def train(argv, stop):
     # tower and (seeded separately, inside the loader) the data order.
     common.seed_everything(cfg.seed)
     with common.user_input():
-        model = create_model(cfg.model)
+        model = create_model(shape)
     if state is not None:
         model.load_state_dict(state["state_dict"])
         if d.is_main:

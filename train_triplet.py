@@ -36,7 +36,7 @@ import evaluate
 import triplet_sources
 import triplets
 from checkpoints import check_state_dict, config_from_state_dict, read_checkpoint
-from model import CLIP, CLIPConfig, create_model, model_config, nights_distances
+from model import CLIP, CLIPConfig, create_model, model_config, nights_distances, parse_settings
 from progress import progress
 
 
@@ -63,6 +63,10 @@ class Config:
     workers: int = 4  # data-loader processes per rank (they also build the cache)
     # model
     model: str = "ViT-B-32"  # model.py preset; the PI paper's backbone
+    # CLIPConfig fields over the preset, e.g. "init_logit_scale=2.6593,context_length=16": one of the
+    # authors' settings at a time (docs/authors-model.md) without a preset of its own; ckpt.pt records
+    # them, and stage 2 (train_clip.py) takes the same key
+    model_settings: str = ""
     init: str | None = None  # start from this CLIP checkpoint instead of random weights
     posthoc: bool = False  # the paper's control: train only the vision qkv weights of a trained CLIP
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
@@ -98,7 +102,7 @@ class Config:
 # common.check_resume refuses it. Everything else (workers, log_every, save_every, eval_batch_size,
 # stop_after_steps, grad_checkpointing, compile, device, the number of ranks) may change between starts;
 # precision is compared as resolved, train_triplets (the training set's size) as found.
-TRAJECTORY_KEYS = ("model", "image_size", "init", "posthoc", "epochs", "batch_size", "lr", "weight_decay", "beta1",
+TRAJECTORY_KEYS = ("model", "model_settings", "image_size", "init", "posthoc", "epochs", "batch_size", "lr", "weight_decay", "beta1",
                    "beta2", "eps", "warmup_steps", "margin", "shuffle_labels", "seed", "min_votes", "precision",
                    "data_format", "max_triplets", "triplet_fraction", "bapps_subsets", "odd_column", "images_per_class",
                    "rdm", "rdm_triplets_per_image", "rdm_min_gap", "rdm_holdout")  # data_root, image_dir: data may move
@@ -133,6 +137,9 @@ def build_model(cfg):
     """A CLIP with only the parameters stage 1 trains left trainable: the whole vision tower, or for
     the post-hoc control only the attention qkv projections of the vision tower (posthoc_parameter)."""
     with common.user_input():  # a bad preset name or init checkpoint is the user's to fix
+        settings = parse_settings(cfg.model_settings)
+        if cfg.init and settings:
+            raise ValueError(f"model_settings ({cfg.model_settings}) sets up a new model; --init {cfg.init} brings its own")
         if cfg.init:
             state_dict, stored = read_checkpoint(cfg.init)
             # Architecture from the checkpoint's record; a raw state dict gets the preset's activation.
@@ -141,7 +148,7 @@ def build_model(cfg):
             check_state_dict(model, state_dict, cfg.init)
             model.load_state_dict(state_dict)
         else:
-            model = create_model(cfg.model, **({"image_size": cfg.image_size} if cfg.image_size else {}))
+            model = create_model(cfg.model, **{**settings, **({"image_size": cfg.image_size} if cfg.image_size else {})})
     for name, param in model.named_parameters():
         if cfg.posthoc:
             param.requires_grad = posthoc_parameter(name)

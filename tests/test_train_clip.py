@@ -424,3 +424,21 @@ def test_init_moves_a_stage1_resnet_tower_exactly(tmp_path):
         assert torch.equal(saved[name], value if name.startswith("visual.") else baseline[name]), name
     assert saved["visual.layer1.0.bn1.num_batches_tracked"].item() == 2 * 2  # 2 steps x 2 micro-batches
     assert not torch.equal(saved["visual.layer1.0.bn1.running_mean"], donor.state_dict()["visual.layer1.0.bn1.running_mean"])
+
+
+def test_model_settings_reach_the_checkpoint_and_a_changed_one_is_refused(clip_run, tmp_path):
+    """The path users run for an ablation: train_clip.py --model tiny-authors --model_settings ...; the
+    checkpoint records the settings (evaluate.py rebuilds that model), and a resume with others is refused."""
+    command, _ = clip_run
+    out = tmp_path / "settings"
+    setting = "--model_settings=context_length=16,init_logit_scale=2.6593"
+    run = subprocess.run(command(out, "--model=tiny-authors", setting, "--max_steps=3"), env=ENV, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    model = load_checkpoint(out / "ckpt.pt")
+    assert model.config.context_length == 16 and model.positional_embedding.shape[0] == 16
+    assert (model.config.init_logit_scale, model.config.text_pooling) == (2.6593, "mean")
+    refused = subprocess.run(command(out, "--model=tiny-authors", "--model_settings=context_length=16", "--max_steps=3"),
+                             env=ENV, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "model_settings: 'context_length=16,init_logit_scale=2.6593' -> 'context_length=16'" \
+        in refused.stderr, refused.stderr
