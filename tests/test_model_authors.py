@@ -326,10 +326,6 @@ def test_authors_configs_load_and_the_defaults_stay_openai():
         assert read(name)["model"] == "ViT-B-32"
     recipe = lambda cfg: {k: v for k, v in cfg.items() if k not in ("model", "out_dir")}  # noqa: E731
     assert recipe(read("nights_authors.yaml")) == recipe(read("nights.yaml"))  # stage 1: only the model differs
-    needed = {"eps", "contrastive_batch", "lr_schedule"}  # stage-2 recipe keys (issue 17)
-    missing = needed - {f.name for f in dataclasses.fields(train_clip.Config)}
-    if missing:
-        pytest.skip(f"configs/yfcc15m_authors.yaml needs train_clip.py keys {sorted(missing)} (the stage-2 recipe, issue 17)")
     stage2 = common.load_config(train_clip.Config, [str(root / "configs/yfcc15m_authors.yaml")])
     assert (stage2.model, stage2.batch_size, stage2.contrastive_batch, stage2.grad_clip, stage2.eps) == (
         "ViT-B-32-authors", 6144, 1024, 3.0, 1e-8)
@@ -355,3 +351,34 @@ def test_trainer_tunes_their_checkpoint_post_hoc(theirs, tmp_path, monkeypatch):
     assert after.config == before.config == M.model_config("tiny-authors")
     changed = {k for k, v in before.state_dict().items() if not torch.equal(v, after.state_dict()[k])}
     assert changed == {f"visual.transformer.resblocks.{i}.attn.in_proj_weight" for i in range(2)}
+
+
+def test_model_settings_set_one_of_a_presets_fields_at_a_time():
+    """The trainers' model_settings: CLIPConfig fields over a preset, each converted to its field's type, so
+    an ablation (the authors' model with OpenAI's starting temperature, say) needs no preset of its own."""
+    settings = M.parse_settings(" init_logit_scale=2.6593, context_length=16 ,text_pooling=eot,quickgelu=false")
+    assert settings == {"init_logit_scale": 2.6593, "context_length": 16, "text_pooling": "eot", "quickgelu": False}
+    model = M.create_model("tiny-authors", **M.parse_settings("init_logit_scale=2.6593,context_length=16"))
+    assert math.exp(model.logit_scale.item()) == pytest.approx(14.28, abs=0.01)
+    assert model.positional_embedding.shape == (16, 128)
+    assert (model.config.text_attention, model.config.text_pooling, model.config.init) == ("bidirectional", "mean", "authors")
+    assert M.parse_settings("") == {}
+    for text, message in (("context_lenght=16", "not NAME=VALUE"), ("context_length=16.5", "is not a int"),
+                          ("quickgelu=yes", "is not a bool"), ("vision_layers=3", "cannot be set here"),
+                          ("init_logit_scale", "not NAME=VALUE")):
+        with pytest.raises(ValueError, match=message):
+            M.parse_settings(text)
+    with pytest.raises(ValueError, match="text_pooling='first'"):  # the values themselves: CLIPConfig's checks
+        M.create_model("tiny", **M.parse_settings("text_pooling=first"))
+
+
+def test_train_triplet_refuses_model_settings_with_an_init_checkpoint(tmp_path):
+    """--init brings its own architecture: settings beside it would be silently ignored, so they are refused."""
+    import common
+    import train_triplet
+
+    model = M.create_model("tiny-authors")
+    torch.save({"state_dict": model.state_dict(), "model_config": dataclasses.asdict(model.config)}, tmp_path / "ckpt.pt")
+    with pytest.raises(common.UserError, match="model_settings .* --init"):
+        train_triplet.main([f"--init={tmp_path / 'ckpt.pt'}", "--model_settings=context_length=16",
+                            f"--data_root={tmp_path}", f"--out_dir={tmp_path / 'run'}", "--device=cpu"])
