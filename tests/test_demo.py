@@ -295,6 +295,35 @@ def test_demo_runs_every_stage_and_reports(quick_run):
     assert {p: p.stat().st_mtime_ns for p in seed.rglob("*") if p.is_file()} == stamps
 
 
+def test_authors_arm_pair_runs_their_model_as_the_demo_sets_it(quick_run):
+    """demo.py --authors: PI and baseline again with tiny-authors under AUTHORS_SETTINGS, differing only in the
+    vision initialisation, and a table of PI's gain with either model whose numbers are the records'."""
+    import math
+    import statistics
+
+    out, data_root = quick_run
+    demo.main(["--quick", "--authors", "--out", str(out), "--data", str(data_root)])
+    seed = out / "seed0"
+    for run in ("stage1_authors", "pi_authors", "baseline_authors"):
+        config = load_checkpoint(seed / run / "ckpt.pt").config
+        assert (config.text_attention, config.text_pooling, config.init) == ("bidirectional", "mean", "authors")
+        assert config.context_length == 16 and config.init_logit_scale == pytest.approx(math.log(1 / 0.07), abs=1e-4)
+    configs = {r: json.loads((seed / r / "metrics.jsonl").read_text().splitlines()[0])["config"] for r in ("pi_authors", "baseline_authors")}
+    assert configs["pi_authors"]["init"] == str(seed / "stage1_authors" / "ckpt.pt") and configs["baseline_authors"]["init"] == ""
+    same = lambda c: {k: v for k, v in c.items() if k not in ("init", "out_dir")}  # noqa: E731
+    assert same(configs["pi_authors"]) == same(configs["baseline_authors"])
+    assert configs["pi_authors"]["model_settings"] == demo.AUTHORS_SETTINGS
+    average = {}
+    for name in ("results.json", "results_authors.json"):
+        for r in json.loads((seed / name).read_text()):
+            value = next(v for k, v in r["metrics"].items() if k in ("acc1", "mean_recall@1"))
+            average.setdefault(r["model"], []).append(100 * value)
+    gain = lambda a, b: statistics.fmean(average[a]) - statistics.fmean(average[b])  # noqa: E731
+    table = (out / "results_authors.md").read_text()
+    assert f"| OpenAI's (tiny) | {gain('pi', 'baseline'):+.1f} |" in table
+    assert f"| the authors' (tiny-authors) | {gain('pi_authors', 'baseline_authors'):+.1f} |" in table
+
+
 def test_real_scale_control_configs_change_only_the_control():
     from common import load_config
     from train_triplet import Config
