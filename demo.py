@@ -1,6 +1,6 @@
 """The embedded default: the paper's whole experiment in miniature, on a CPU, in minutes.
 
-  python demo.py                      # one seed, four arms, probes: ~9 minutes on 2 CPU cores (measured ~520 s)
+  python demo.py                      # one seed, four arms, probes: ~7.5 minutes on 2 idle CPU cores (measured)
   python demo.py --seeds 0,1,2        # mean and spread over seeds, wins, and a verdict per comparison
   python demo.py --quick              # the smallest end-to-end run (a few minutes; what the tests run)
   python demo.py --study efficiency   # follow-up studies (demo_studies.py): how many triplets PI needs,
