@@ -171,9 +171,9 @@ def run_seed(seed, plan, data_root, out, control, authors=False):
 # init) with two settings scaled to it. As the preset stands, it does not learn here: its stage-2 loss sits at
 # ln(128), every caption's features the same, whatever the lr, clipping or length tried. Two of its settings
 # hold it there, each alone (measured, docs/authors-model.md): the demo's captions fill ~8 of 77 positions, so
-# in a tower whose attention has no mask the ~69 identical padding tokens swamp every position; and a starting
-# logit scale of 100 (chosen for 512-d features) is too hot for the tiny model's 64-d ones. A context of 16 and
-# OpenAI's starting scale let it train; the other three settings stay theirs.
+# in a tower whose attention has no mask the ~69 identical padding tokens can swamp every position; and a
+# starting logit scale of 100 (OpenAI's: 14.3) makes the first updates large enough to collapse the tiny model's
+# features. A context of 16 and OpenAI's starting scale let it train; the other three settings stay theirs.
 AUTHORS_SETTINGS = "context_length=16,init_logit_scale=2.6593"
 
 
