@@ -46,7 +46,7 @@ import yaml
 import evaluate
 import make_data
 import nights
-from demo_report import ARMS, PROBED, collect, plot, plot_probes, report
+from demo_report import ARMS, PROBED, _mean_sd, _signed, collect, main_metrics, plot, plot_probes, read_results, report
 from model import create_model
 
 ROOT = Path(__file__).resolve().parent
@@ -199,30 +199,24 @@ def run_authors_arms(seed_dir, stage1, stage2, evaluation):
     return seconds
 
 
-def authors_table(out, seeds):
+def authors_table(out, per_seed):
     """The authors' arm pair per seed (evaluate.py's comparison table), then PI's gain over the baseline with
-    either model (mean zero-shot over the tasks, per seed and mean ± sd, the seeds it won) -> markdown."""
+    either model (mean zero-shot over the tasks, per seed and mean ± sd, the seeds it won) -> markdown.
+    per_seed: collect()'s numbers, which hold the OpenAI arms'."""
     tables, gains = [], {"OpenAI's (tiny)": [], "the authors' (tiny-authors)": []}
-    for seed in seeds:
-        averages = {}
-        for name in ("results.json", "results_authors.json"):
-            by_run = {}
-            for record in json.loads((out / f"seed{seed}" / name).read_text()):
-                by_run.setdefault(record["model"], {})[record["dataset"]] = record["metrics"]
-            averages.update({run: 100 * statistics.fmean(evaluate.main_metric(t, m)[1] for t, m in tasks.items())
-                             for run, tasks in by_run.items()})
-            if name == "results_authors.json":
-                tables.append(f"seed {seed}, the PI authors' model (preset tiny-authors, {AUTHORS_SETTINGS}):\n\n"
-                              f"{evaluate.comparison_table(by_run)}")
-        gains["OpenAI's (tiny)"].append(averages["pi"] - averages["baseline"])
-        gains["the authors' (tiny-authors)"].append(averages["pi_authors"] - averages["baseline_authors"])
+    for seed, numbers in per_seed.items():
+        by_run = read_results(out / f"seed{seed}" / "results_authors.json")
+        tables.append(f"seed {seed}, the PI authors' model (preset tiny-authors, {AUTHORS_SETTINGS}):\n\n"
+                      f"{evaluate.comparison_table(by_run)}")
+        average = {run: statistics.fmean(tasks.values()) for run, tasks in {**numbers["zero_shot"], **main_metrics(by_run)}.items()}
+        gains["OpenAI's (tiny)"].append(average["pi"] - average["baseline"])
+        gains["the authors' (tiny-authors)"].append(average["pi_authors"] - average["baseline_authors"])
     lines = ["PI - baseline, mean zero-shot over the tasks (points), with either model:", "",
-             "| model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | seeds won |",
-             "|---|" + "---|" * (len(seeds) + 2)]
+             "| model | " + " | ".join(f"seed {s}" for s in per_seed) + " | mean ± sd | seeds won |",
+             "|---|" + "---|" * (len(per_seed) + 2)]
     for model, values in gains.items():
-        spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
-        lines.append(f"| {model} | " + " | ".join(f"{v:+.1f}" for v in values)
-                     + f" | {statistics.fmean(values):+.1f}{spread} | {sum(v > 0 for v in values)}/{len(values)} |")
+        lines.append(f"| {model} | " + " | ".join(_signed(v) for v in values)
+                     + f" | {_signed(*_mean_sd(values))} | {sum(v > 0 for v in values)}/{len(values)} |")
     return "\n\n".join(tables + ["\n".join(lines)])
 
 
@@ -280,8 +274,9 @@ def main(argv=None):
     charts = [plot(per_seed, out / "demo.png"), plot_probes(per_seed, out / "probes.png")]
     print("\n" + table)
     if args.authors:
-        (out / "results_authors.md").write_text(f"`{command}`\n\n{authors_table(out, seeds)}\n")
-        print("\n" + authors_table(out, seeds) + f"\n(also in {out / 'results_authors.md'})")
+        authors = authors_table(out, per_seed)
+        (out / "results_authors.md").write_text(f"`{command}`\n\n{authors}\n")
+        print(f"\n{authors}\n(also in {out / 'results_authors.md'})")
     print(f"\nwrote {out / 'results.md'}, {out / 'summary.json'}, " + ", ".join(str(c) for c in charts if c))
     ran = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if v > 0.5) or "nothing, all reused"
     print(f"demo wall time this call: {time.time() - start:.0f} s, CPU time {cpu:.0f} s (ran: {ran})")

@@ -28,13 +28,23 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()] if Path(path).exists() else []
 
 
+def read_results(path):
+    """evaluate.py's records (results.json) -> {run: {task: metrics}}."""
+    by_run = {}
+    for record in json.loads(Path(path).read_text()):
+        by_run.setdefault(record["model"], {})[record["dataset"]] = record["metrics"]
+    return by_run
+
+
+def main_metrics(by_run):
+    """{run: {task: metrics}} -> {run: {task: the task's main metric}} (evaluate.main_metric)."""
+    return {run: {task: evaluate.main_metric(task, m)[1] for task, m in tasks.items()} for run, tasks in by_run.items()}
+
+
 def collect(seed_dir):
     """One seed's numbers: final zero-shot main metric per task and arm, 2AFC of every model, the
     probes (CKA per layer, similarity to the observers, linear-probe acc1) and the stage-2 curves."""
-    by_run = {}
-    for record in json.loads((seed_dir / "results.json").read_text()):
-        by_run.setdefault(record["model"], {})[record["dataset"]] = record["metrics"]
-    zero_shot = {run: {task: evaluate.main_metric(task, m)[1] for task, m in tasks.items()} for run, tasks in by_run.items()}
+    zero_shot = main_metrics(read_results(seed_dir / "results.json"))
     summaries = {name: json.loads((seed_dir / name / "summary.json").read_text())
                  for name in PROBED if (seed_dir / name / "summary.json").exists()}
     two_afc = {"untrained": json.loads((seed_dir / "untrained_2afc.json").read_text())}

@@ -31,11 +31,10 @@ import resource
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import make_data
 from demo import PLANS, _stale, run_step, shard_spec, untrained
-from demo_report import _mean_sd, _pct, _pyplot, _signed
+from demo_report import _mean_sd, _pct, _pyplot, _signed, main_metrics, read_results
 
 STUDIES = ("efficiency", "sources")
 # Arm label (as results.md names it) -> run folder under seed<S>/ (stage 1 in stage1_<folder>).
@@ -166,10 +165,7 @@ def write_json(path, value):
 def collect(study, seed_dir):
     """One seed's numbers: zero-shot main metric per arm and task, the alignment scores of each arm's
     final tower and stage-1 tower, and each stage 1's number of training triplets."""
-    import evaluate
-    zero_shot = {}
-    for record in json.loads((seed_dir / "results.json").read_text()):
-        zero_shot.setdefault(record["model"], {})[record["dataset"]] = evaluate.main_metric(record["dataset"], record["metrics"])[1]
+    zero_shot = main_metrics(read_results(seed_dir / "results.json"))
     scores = json.loads((seed_dir / "scores.json").read_text())
     label = {folder: arm for arm, folder in ARMS[study].items()}
     triplets = {}
