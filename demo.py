@@ -3,7 +3,7 @@
   python demo.py                      # one seed, four arms, probes: ~7.5 minutes on 2 idle CPU cores (measured)
   python demo.py --seeds 0,1,2        # mean and spread over seeds, wins, and a verdict per comparison
   python demo.py --quick              # the smallest end-to-end run (a few minutes; what the tests run)
-  python demo.py --study efficiency   # follow-up studies (demo_studies.py): how many triplets PI needs,
+  python demo.py --study efficiency   # follow-up studies (studies.py): how many triplets PI needs,
   python demo.py --study sources      # and whether odd-one-out trials or "brain area" RDMs do as well as votes
   python demo.py --authors            # also PI and baseline with the PI authors' model (docs/authors-model.md)
 
@@ -44,9 +44,9 @@ import torch
 import yaml
 
 import evaluate
-import make_data
-import nights
-from demo_report import ARMS, PROBED, _mean_sd, _signed, collect, main_metrics, plot, plot_probes, read_results, report
+from world import make_data
+from stage1 import nights
+from world.report import ARMS, PROBED, _mean_sd, _signed, collect, main_metrics, plot, plot_probes, read_results, report
 from model import create_model
 
 ROOT = Path(__file__).resolve().parent
@@ -231,7 +231,7 @@ def main(argv=None):
                         help="skip the two control arms: the shuffled-vote stage 1 and its stage 2, and the post-hoc "
                              "tuning (saves ~2.5 minutes a seed on 2 idle cores, estimated from the step times)")
     parser.add_argument("--study", choices=("efficiency", "sources"), default=None,
-                        help="run a follow-up study instead of the demo (demo_studies.py): efficiency = PI from 10-100%% "
+                        help="run a follow-up study instead of the demo (studies.py): efficiency = PI from 10-100%% "
                              "of the triplets; sources = votes vs odd-one-out vs early / late area RDMs; "
                              "output in OUT/studies/<study>")
     parser.add_argument("--authors", action="store_true",
@@ -244,8 +244,8 @@ def main(argv=None):
     out, data_root = Path(args.out or f"runs/demo{suffix}"), Path(args.data or f"data/demo{suffix}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if args.study:
-        import demo_studies  # imports this module back for the steps and plans
-        return demo_studies.main(args.study, seeds, args.quick, out / "studies" / args.study, data_root,
+        from world import studies  # imports this module back for the steps and plans
+        return studies.main(args.study, seeds, args.quick, out / "studies" / args.study, data_root,
                                  argv if argv is not None else sys.argv[1:])
     start = time.time()
 

@@ -34,9 +34,9 @@ from common import autocast, default_precision, ignore_stop_signals, run_cli, us
 from data import (CLASSIFICATION_TASKS, GROUPS, RETRIEVAL_TASKS, BenchmarkTask, ImageFolderTask,  # noqa: F401
                   image_transform, imagenet_classnames_and_templates, missing_task_message, resolve_tasks, task_dir,
                   task_dir_candidates, tokenize)
-import probes  # probes.py (and alignment.py) import nothing of this file
-from probes import classification_metrics, top_k  # noqa: F401  (shared with the linear probe)
-from alignment import (ALIGNMENT_SPLITS, alignment_main, alignment_scores, alignment_table, embed_images,  # noqa: F401
+from analysis import probes  # probes.py (and alignment.py) import nothing of this file
+from analysis.probes import classification_metrics, top_k  # noqa: F401  (shared with the linear probe)
+from analysis.alignment import (ALIGNMENT_SPLITS, alignment_main, alignment_scores, alignment_table, embed_images,  # noqa: F401
                        evaluate_nights, evaluate_triplets, odd_one_out_accuracy, odd_one_out_choice, plot_alignment,
                        rsa_per_layer, two_afc_from_embeddings, two_afc_score)
 from checkpoints import load_checkpoint, run_labels
@@ -321,7 +321,7 @@ def main(argv=None):
     if "--probe" in (sys.argv[1:] if argv is None else argv):  # the probes' own CLI (probes.py)
         return probes.main(argv)
     if "--curves" in (sys.argv[1:] if argv is None else argv):  # training curves of runs (curves.py)
-        import curves  # plotting only: the trainers import this file and never plot
+        from analysis import curves  # plotting only: the trainers import this file and never plot
         return curves.main(argv)
     if "--alignment" in (sys.argv[1:] if argv is None else argv):  # alignment scores (alignment.py)
         return alignment_main(sys.argv[1:] if argv is None else argv)

@@ -18,7 +18,7 @@ The story: config -> setup -> checkpoint (resume check, finished?) -> data -> mo
 
 Beside it, each with one responsibility, so that this file stays readable in one sitting:
 contrastive.py (the loss, over the whole batch or groups of it, and its cached-feature accumulation),
-validation.py (which units train and which are held out, and the held-out score), tracking.py
+held_out.py (which units train and which are held out, and the held-out score), tracking.py
 (TensorBoard / W&B beside metrics.jsonl), shards.py (the data order).
 """
 import dataclasses
@@ -34,14 +34,14 @@ import torch.distributed.nn  # noqa: F401  (torch.distributed.nn.functional.all_
 from tqdm import tqdm
 
 import common
-import nights
-import shards
-import sources
+from stage1 import nights
+from stage2 import shards
+from stage2 import formats
 import tracking
-import validation
-from augment import TrainTransform
+from stage2 import held_out
+from stage2.augment import TrainTransform
 from checkpoints import check_activation, check_state_dict, optional_key, read_checkpoint
-from contrastive import accumulate_gradients
+from stage2.contrastive import accumulate_gradients
 from model import create_model, model_config, parse_settings
 from progress import progress
 
@@ -190,11 +190,11 @@ def lr_function(schedule):
 
 
 def list_units(cfg, argv, d):
-    """The training data's units with their sample counts (sources.py). If a counting pass is
+    """The training data's units with their sample counts (formats.py). If a counting pass is
     needed, the main rank makes it (and saves it) while the others wait, then read the saved counts."""
     def units():
         try:
-            return sources.list_units(cfg.train_data, progress=d.is_main, image_column=cfg.image_column,
+            return formats.list_units(cfg.train_data, progress=d.is_main, image_column=cfg.image_column,
                                       text_column=cfg.text_column)
         except FileNotFoundError as e:
             source = next((a for a in argv if a.endswith((".yaml", ".yml"))), "the Config defaults")
@@ -231,7 +231,7 @@ def load_init(model, path, include_text):
 
 
 def evaluate_now(model, cfg, d, precision, held_out_pairs=None):
-    """Zero-shot tasks, NIGHTS 2AFC and the held-out pairs (validation.py) on the main process -> flat
+    """Zero-shot tasks, NIGHTS 2AFC and the held-out pairs (held_out.py) on the main process -> flat
     {metric: value}; the other ranks wait
     on the CPU group, whose timeout (common.WAIT_TIMEOUT) is far above any evaluation's time. evaluate.py
     is imported only when something is asked for, so a run without evaluation needs nothing of it."""
@@ -302,7 +302,7 @@ def train(argv, stop):
     # counts, not on ranks or workers (shards.py); the data position is (epoch, step), two integers.
     # Images leave the workers as uint8 crops; jitter, grayscale, blur and normalisation run on the device.
     with common.user_input():  # data_fraction, max_samples, val_samples that the data cannot meet
-        units, held_out = validation.split_units(list_units(cfg, argv, d), cfg.data_fraction, cfg.max_samples, cfg.val_samples)
+        units, held_out_units = held_out.split_units(list_units(cfg, argv, d), cfg.data_fraction, cfg.max_samples, cfg.val_samples)
     with common.user_input():  # a bad preset name or setting
         shape = model_config(cfg.model, **parse_settings(cfg.model_settings))
     with common.user_input():  # streams that do not fit the batch or the ranks
@@ -320,12 +320,12 @@ def train(argv, stop):
     if d.is_main and cfg.val_samples:  # read once by the rank that evaluates
         shape_kwargs = {"image_size": shape.image_size, "context_length": shape.context_length}
         with common.user_input():
-            held_out_pairs = validation.HeldOutPairs(held_out, cfg.val_samples, **shape_kwargs, image_column=cfg.image_column,
+            held_out_pairs = held_out.HeldOutPairs(held_out_units, cfg.val_samples, **shape_kwargs, image_column=cfg.image_column,
                                                      text_column=cfg.text_column)
     if d.is_main:
         tqdm.write(f"data: {len(units)} units, {plan.total} samples; an epoch is {plan.steps} steps of "
                    f"{cfg.batch_size} over {cfg.streams} streams ({plan.dropped} samples left over each epoch)"
-                   + (f"; {len(held_out_pairs)} pairs of {len(held_out)} units held out" if held_out_pairs else ""))
+                   + (f"; {len(held_out_pairs)} pairs of {len(held_out_units)} units held out" if held_out_pairs else ""))
     schedule = {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "total_steps": cfg.max_steps or cfg.epochs * plan.steps,
                 "steps_per_epoch": plan.steps, "lr_schedule": cfg.lr_schedule,
                 "groups_per_step": cfg.batch_size // cfg.contrastive_batch if 0 < cfg.contrastive_batch < cfg.batch_size else 1}

@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 import common
 import evaluate
-import triplet_sources
-import triplets
+from stage1 import other_sources
+from stage1 import triplets
 from checkpoints import check_state_dict, config_from_state_dict, read_checkpoint
 from model import CLIP, CLIPConfig, create_model, model_config, nights_distances, parse_settings
 from progress import progress
@@ -43,7 +43,7 @@ from progress import progress
 @dataclass
 class Config:
     # data (docs/stage1-data.md: each source's layout under data_root and where to download it)
-    data_format: str = "nights"  # nights | bapps | things | triplets | categories | rdm (triplet_sources.py)
+    data_format: str = "nights"  # nights | bapps | things | triplets | categories | rdm (other_sources.py)
     data_root: str = "data/nights"  # the source's folder as its producer ships it (nights: data.csv, ref/, distort/)
     max_triplets: int = 0  # train on at most this many training rows (0 = all): a nested subset drawn from seed
     triplet_fraction: float = 1.0  # train on this share of the training rows (1.0 = all): nested as max_triplets
@@ -219,13 +219,13 @@ def train(argv, stop):
     forward, ddp = common.wrap_model(model.visual, d, cfg.compile, cfg.compile_backend, cfg.sync_batchnorm)
 
     # ---- data -------------------------------------------------------------------------------------
-    # Any source becomes rows of (ref, left, right, p) (triplet_sources.py). With the cache, every image
+    # Any source becomes rows of (ref, left, right, p) (other_sources.py). With the cache, every image
     # is decoded here, once (the first process to get there builds it, other ranks wait); later runs
     # reuse it while the source files are unchanged.
     with common.user_input():  # a missing file or image, a bad row: named by the reader
-        splits = triplet_sources.open_splits(cfg.data_format, cfg.data_root, model.config.image_size, cfg.skip_missing,
+        splits = other_sources.open_splits(cfg.data_format, cfg.data_root, model.config.image_size, cfg.skip_missing,
                                              cfg.cache, cfg.cache_dir, cfg.workers,
-                                             **{k: getattr(cfg, k) for k in triplet_sources.OPTIONS})
+                                             **{k: getattr(cfg, k) for k in other_sources.OPTIONS})
         train_set = splits["train"]
         train_set.keep(triplets.nested_subset(len(train_set), cfg.max_triplets, cfg.triplet_fraction, cfg.seed))
     if len(train_set) < cfg.batch_size:

@@ -33,10 +33,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-import shards  # noqa: E402
-import sources  # noqa: E402
-from augment import TrainTransform  # noqa: E402
-from make_data import write_shards  # noqa: E402
+from stage2 import shards  # noqa: E402
+from stage2 import formats  # noqa: E402
+from stage2.augment import TrainTransform  # noqa: E402
+from world.make_data import write_shards  # noqa: E402
 
 
 def photos(n, seed=0, quality=90):
@@ -118,7 +118,7 @@ class Watch(threading.Thread):
 
 def run_kit(spec, args, device_half):
     transform = TrainTransform(args.image_size, "moco")
-    loader = shards.Loader(sources.list_units(spec, progress=False), transform, args.batch, args.streams,
+    loader = shards.Loader(formats.list_units(spec, progress=False), transform, args.batch, args.streams,
                            workers=args.workers, window=max(1, args.shuffle // args.streams), device=args.device)
     return ((transform.device(b["images"], b["params"]) if device_half else b["images"], b["tokens"])
             for b in loader.epoch_batches(0))
@@ -128,7 +128,7 @@ def run_webdataset(spec, args):
     import webdataset as wds
 
     transform = data.image_transform(args.image_size, "moco")
-    pipeline = (wds.WebDataset(sources.expand_spec(spec), shardshuffle=False, empty_check=False).shuffle(max(1, args.shuffle // args.workers))
+    pipeline = (wds.WebDataset(formats.expand_spec(spec), shardshuffle=False, empty_check=False).shuffle(max(1, args.shuffle // args.workers))
                 .decode("pil").to_tuple("jpg", "txt").map_tuple(transform, lambda t: data.tokenize([t])[0])
                 .batched(args.batch, partial=False))
     return iter(torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=args.workers))

@@ -36,11 +36,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import shards  # noqa: E402
-import sources  # noqa: E402
-from augment import TrainTransform  # noqa: E402
+from stage2 import shards  # noqa: E402
+from stage2 import formats  # noqa: E402
+from stage2.augment import TrainTransform  # noqa: E402
 from bench_loader import photos, pss_bytes  # noqa: E402
-from make_data import write_shards  # noqa: E402
+from world.make_data import write_shards  # noqa: E402
 
 GOAL, MOONSHOT = 8, 3
 
@@ -71,7 +71,7 @@ def samples(n):
 
 def measure(spec, args, accum, device):
     transform = TrainTransform(args.image_size, "moco")
-    loader = shards.Loader(sources.list_units(spec, progress=False), transform, args.batch, args.streams,
+    loader = shards.Loader(formats.list_units(spec, progress=False), transform, args.batch, args.streams,
                            workers=args.workers, accum_steps=accum, window=args.window, device=device,
                            prefetch=args.prefetch)
     work = loader.work

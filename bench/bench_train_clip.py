@@ -81,7 +81,7 @@ def main():
     parser.add_argument("--memory-batch", type=int, default=128)
     args = parser.parse_args()
     from bench_loader import photos
-    from make_data import write_shards
+    from world.make_data import write_shards
 
     samples = args.steps * args.batch
     with tempfile.TemporaryDirectory() as tmp:

@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import train_clip  # noqa: E402
-from augment import TrainTransform  # noqa: E402
+from stage2.augment import TrainTransform  # noqa: E402
 from model import create_model, model_config  # noqa: E402
 
 EOT = 49407

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from make_data import write_shards  # noqa: E402
+from world.make_data import write_shards  # noqa: E402
 
 WORDS = ("a photo of the red blue green small large old new wooden metal glass bright dark city street "
          "river mountain dog cat bird car bicycle house tree flower beach market table window garden").split()

@@ -17,7 +17,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
 from skimage import data as skdata
 
-import augment
+from stage2 import augment
 
 
 def photos(size=48):

@@ -17,7 +17,7 @@ from PIL import Image
 from skimage import data as skdata
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import augment
+from stage2 import augment
 from data import CLIP_MEAN, CLIP_STD
 from test_train_transform import reference_device  # torchvision's ops on one sample, its drawn parameters
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import common  # noqa: E402
-import contrastive  # noqa: E402
+from stage2 import contrastive  # noqa: E402
 import train_clip  # noqa: E402
 from test_train_clip import global_batch, tiny_model  # noqa: E402
 

@@ -21,10 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import augment  # noqa: E402
-import shards  # noqa: E402
-import sources  # noqa: E402
-from make_data import write_shards  # noqa: E402
+from stage2 import augment  # noqa: E402
+from stage2 import shards  # noqa: E402
+from stage2 import formats  # noqa: E402
+from world.make_data import write_shards  # noqa: E402
 from test_sources import caption, photo_jpeg  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def test_a_truncated_jpeg_is_counted_as_bad_image_as_on_the_host(tmp_path):
             yield f"{i:05d}", {"jpg": truncated if i == 7 else photo_jpeg(i, size=120), "txt": caption(i)}
 
     write_shards(tmp_path, pairs(), per_shard=10)
-    units = sources.list_units(str(tmp_path / "{00000..00003}.tar"), progress=False)
+    units = formats.list_units(str(tmp_path / "{00000..00003}.tar"), progress=False)
     transform = augment.TrainTransform(48, "moco", draft=False)
 
     def epoch(**kwargs):
@@ -59,7 +59,7 @@ def test_a_truncated_jpeg_is_counted_as_bad_image_as_on_the_host(tmp_path):
         return list(loader.epoch_batches(0))
 
     plain, on_device = epoch(), epoch(workers=2, decode_on_device=True)
-    bad_image = sources.SKIP_REASONS.index("bad_image")
+    bad_image = formats.SKIP_REASONS.index("bad_image")
     assert sum(int(b["skipped"][bad_image]) for b in plain) == 1  # the host path drops it too (PIL)
     assert len(plain) == len(on_device) == 5
     for a, b in zip(plain, on_device):

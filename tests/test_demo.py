@@ -34,10 +34,10 @@ from PIL import Image
 
 import data
 import demo
-import make_data as M
-import nights
-import sources
-import world
+from scenes.scenes import make_data as M
+from stage1 import nights
+from stage2 import formats
+from scenes.scenes import scenes
 from checkpoints import load_checkpoint
 
 
@@ -48,18 +48,18 @@ def _two_afc(d0, d1, p):
 
 
 def test_world_is_a_function_of_the_seed():
-    a = list(world.demo_triplets(20, seed=3, size=32))
-    b = list(world.demo_triplets(20, seed=3, size=32))
-    c = list(world.demo_triplets(20, seed=4, size=32))
+    a = list(scenes.demo_triplets(20, seed=3, size=32))
+    b = list(scenes.demo_triplets(20, seed=3, size=32))
+    c = list(scenes.demo_triplets(20, seed=4, size=32))
     same = lambda x, y: all(np.array_equal(np.asarray(x[k]), np.asarray(y[k])) for k in ("ref", "left", "right")) and \
         (x["left_vote"], x["right_vote"], x["split"], x["prompt"]) == (y["left_vote"], y["right_vote"], y["split"], y["prompt"])
     assert all(same(x, y) for x, y in zip(a, b))
     assert not all(same(x, y) for x, y in zip(a, c))
-    assert [t for _, t in world.demo_pairs(10, 1, 32)] == [t for _, t in world.demo_pairs(10, 1, 32)]
+    assert [t for _, t in scenes.demo_pairs(10, 1, 32)] == [t for _, t in scenes.demo_pairs(10, 1, 32)]
 
 
 def test_votes_follow_the_adaptive_protocol():
-    rows = list(world.demo_triplets(300, seed=0, size=32))
+    rows = list(scenes.demo_triplets(300, seed=0, size=32))
     votes = np.array([r["left_vote"] + r["right_vote"] for r in rows])
     assert set(votes) <= {3, 6, 7, 8, 9, 10}
     for r, v in zip(rows, votes):
@@ -75,17 +75,17 @@ def test_votes_follow_the_adaptive_protocol():
 
 def test_observers_see_structure_that_pixel_distance_misses():
     rng = random.Random(0)
-    observers = world.make_observers(rng)
+    observers = scenes.make_observers(rng)
     ideal, pixel = [], []
     for _ in range(400):
-        ref = world.sample_scene(rng)
-        left, right = world.vary_scene(ref, rng, rng.randint(1, 3)), world.vary_scene(ref, rng, rng.randint(1, 3))
-        left_vote, right_vote = world.observer_votes(ref, left, right, observers, rng)
+        ref = scenes.sample_scene(rng)
+        left, right = scenes.vary_scene(ref, rng, rng.randint(1, 3)), scenes.vary_scene(ref, rng, rng.randint(1, 3))
+        left_vote, right_vote = scenes.observer_votes(ref, left, right, observers, rng)
         if left_vote + right_vote < 6:
             continue
         p = right_vote / (left_vote + right_vote)
-        ideal.append(_two_afc(world.perceptual_distance(ref, left), world.perceptual_distance(ref, right), p))
-        images = [np.asarray(world.render_scene(s, 32), dtype=np.float64) for s in (ref, left, right)]
+        ideal.append(_two_afc(scenes.perceptual_distance(ref, left), scenes.perceptual_distance(ref, right), p))
+        images = [np.asarray(scenes.render_scene(s, 32), dtype=np.float64) for s in (ref, left, right)]
         pixel.append(_two_afc(((images[0] - images[1]) ** 2).mean(), ((images[0] - images[2]) ** 2).mean(), p))
     assert np.mean(ideal) > 0.85, np.mean(ideal)
     assert np.mean(pixel) < 0.7, np.mean(pixel)
@@ -96,26 +96,26 @@ def test_distance_weights_identity_over_placement():
     ref = {"background": "grey", "objects": [obj]}
     moved = {"background": "grey", "objects": [dict(obj, position="bottom right", size="large")]}
     reshaped = {"background": "grey", "objects": [dict(obj, shape="circle")]}
-    assert world.perceptual_distance(ref, moved) < world.perceptual_distance(ref, reshaped)
-    assert world.perceptual_distance(ref, ref) == 0
+    assert scenes.perceptual_distance(ref, moved) < scenes.perceptual_distance(ref, reshaped)
+    assert scenes.perceptual_distance(ref, ref) == 0
     two = {"background": "grey", "objects": [obj, dict(obj, position="center", colour="blue")]}
     swapped = {"background": "grey", "objects": two["objects"][::-1]}
-    assert world.perceptual_distance(two, swapped) == 0  # objects are matched, not compared in list order
-    assert world.perceptual_distance(ref, two) == pytest.approx(world.PERCEPTUAL_WEIGHTS["object"])
+    assert scenes.perceptual_distance(two, swapped) == 0  # objects are matched, not compared in list order
+    assert scenes.perceptual_distance(ref, two) == pytest.approx(scenes.PERCEPTUAL_WEIGHTS["object"])
 
 
 def test_captions_name_only_what_the_scene_has():
     rng = random.Random(1)
     mentioned = {"colour": 0, "size": 0}
     for _ in range(300):
-        scene = world.sample_scene(rng, n_objects=1)
+        scene = scenes.sample_scene(rng, n_objects=1)
         obj = scene["objects"][0]
-        text = world.caption(scene, rng)
+        text = scenes.caption(scene, rng)
         words = set(re.findall(r"[a-z]+", text))
-        assert words & set(world.COLOURS) <= {obj["colour"], scene["background"]}, text
-        assert words & set(world.SHAPES) <= {obj["shape"]}, text
-        assert words & set(world.SIZES) <= {obj["size"]}, text
-        if obj["shape"] in world.DIGITS and re.search(r"\d", text):
+        assert words & set(scenes.COLOURS) <= {obj["colour"], scene["background"]}, text
+        assert words & set(scenes.SHAPES) <= {obj["shape"]}, text
+        assert words & set(scenes.SIZES) <= {obj["size"]}, text
+        if obj["shape"] in scenes.DIGITS and re.search(r"\d", text):
             assert re.findall(r"\d", text) == [obj["shape"]], text
         mentioned["colour"] += obj["colour"] in words
         mentioned["size"] += obj["size"] in words
@@ -124,15 +124,15 @@ def test_captions_name_only_what_the_scene_has():
 
 def test_render_puts_colours_where_they_belong():
     obj = dict(shape="square", colour="red", size="large", position="center", texture="plain", jitter=[0, 0, 0])
-    image = np.asarray(world.render_scene({"background": "teal", "objects": [obj]}, 64)).astype(int)
-    assert np.abs(image[32, 32] - world.COLOURS["red"]).max() <= 2
-    assert np.abs(image[2, 2] - world.BACKGROUNDS["teal"]).max() <= 2
-    striped = np.asarray(world.render_scene({"background": "grey", "objects": [dict(obj, texture="striped")]}, 64))
+    image = np.asarray(scenes.render_scene({"background": "teal", "objects": [obj]}, 64)).astype(int)
+    assert np.abs(image[32, 32] - scenes.COLOURS["red"]).max() <= 2
+    assert np.abs(image[2, 2] - scenes.BACKGROUNDS["teal"]).max() <= 2
+    striped = np.asarray(scenes.render_scene({"background": "grey", "objects": [dict(obj, texture="striped")]}, 64))
     assert len(np.unique(striped[24:40, 24:40].reshape(-1, 3), axis=0)) > 2  # two paints, not one
 
 
 def test_mnist_asset_is_500_real_digits():
-    digits = world._mnist_digits()
+    digits = scenes._mnist_digits()
     assert len(digits) == 500 and np.bincount([d for _, d in digits]).tolist() == [50] * 10
     pixels = np.stack([np.asarray(im.convert("L")) for im, _ in digits])
     assert pixels.shape == (500, 28, 28)
@@ -178,10 +178,10 @@ def test_demo_data_passes_the_real_readers(quick_run):
     # Shards: the kit's reader and the webdataset library see the same samples, equal to the stream.
     import webdataset as wds
 
-    shard_paths = sources.expand_spec(demo.shard_spec(root / "shards"))
-    ours = [s for unit in sources.list_units(shard_paths, progress=False) for s in sources.read_unit(unit)]
+    shard_paths = formats.expand_spec(demo.shard_spec(root / "shards"))
+    ours = [s for unit in formats.list_units(shard_paths, progress=False) for s in formats.read_unit(unit)]
     theirs = list(wds.WebDataset(shard_paths, shardshuffle=False))
-    expected = list(world.demo_pairs(QUICK["pairs"], 0, QUICK["size"]))
+    expected = list(scenes.demo_pairs(QUICK["pairs"], 0, QUICK["size"]))
     assert [s["key"] for s in ours] == [s["__key__"] for s in theirs] == [k for k, _ in expected]
     assert [s["text"].encode() for s in ours] == [s["txt"] for s in theirs] == [f["txt"].encode() for _, f in expected]
     assert ours[0]["image"] == expected[0][1]["png"]
@@ -216,9 +216,9 @@ def test_demo_data_passes_the_real_readers(quick_run):
     scenes = [json.loads(line) for line in (root / "probe" / "scenes.jsonl").read_text().splitlines()]
     reference = np.load(root / "probe" / "reference_distance.npy")
     assert len(scenes) == len(list((root / "probe").glob("*.png"))) == QUICK["probe"] == len(reference)
-    assert reference[0, 1] == pytest.approx(world.perceptual_distance(scenes[0], scenes[1]))
+    assert reference[0, 1] == pytest.approx(scenes.perceptual_distance(scenes[0], scenes[1]))
     assert np.asarray(Image.open(root / "probe" / "00003.png").convert("RGB")).tobytes() == \
-        np.asarray(world.render_scene(scenes[3], QUICK["size"])).tobytes()
+        np.asarray(scenes.render_scene(scenes[3], QUICK["size"])).tobytes()
 
 
 def test_demo_data_is_reused(quick_run, capsys):

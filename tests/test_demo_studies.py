@@ -13,7 +13,7 @@ What is proved:
   barely the observers' distance, the late area's the other way round; each is square, symmetric,
   finite, zero on the diagonal, with one image per row listed in images.txt; the rank correlation
   that says so equals scipy's;
-- the studies' data passes the readers a user's real data goes through (triplet_sources.open_splits,
+- the studies' data passes the readers a user's real data goes through (other_sources.open_splits,
   as train_triplet.py calls it): THINGS gives two rows per trial, the odd one always the farther
   side, over images/<unique_id>.png in unique_id order; the RDM reader's rows follow the written RDM
   (the side with the smaller dissimilarity is the closer one) over images.txt's images;
@@ -33,10 +33,10 @@ import scipy.stats
 from PIL import Image
 
 import demo
-import demo_studies
-import make_data as M
-import triplet_sources
-import world
+from scenes.scenes import studies
+from scenes.scenes import make_data as M
+from stage1 import other_sources
+from scenes.scenes import scenes
 
 QUICK_STIMULI = dict(concepts=40, trials=(60, 30, 60), heldout=30)
 
@@ -50,18 +50,18 @@ def stimuli(tmp_path_factory):
 
 def test_the_odd_one_out_is_the_item_outside_the_most_alike_pair():
     rng = __import__("random").Random(0)
-    a = world.sample_scene(rng, n_objects=1, shape="star", colour="red")
-    near = world.vary_scene(a, rng, 0)  # the same scene
-    far = world.sample_scene(rng, n_objects=2, shape="circle", colour="blue")
-    observer = {"weights": world.PERCEPTUAL_WEIGHTS, "noise": 0.0}
+    a = scenes.sample_scene(rng, n_objects=1, shape="star", colour="red")
+    near = scenes.vary_scene(a, rng, 0)  # the same scene
+    far = scenes.sample_scene(rng, n_objects=2, shape="circle", colour="blue")
+    observer = {"weights": scenes.PERCEPTUAL_WEIGHTS, "noise": 0.0}
     for order, odd in (((a, near, far), 2), ((far, a, near), 0), ((a, far, near), 1)):
-        assert world.odd_one_out(list(order), observer, rng) == odd
+        assert scenes.odd_one_out(list(order), observer, rng) == odd
 
 
 def test_trials_carry_the_observers_structure():
-    ids, scenes = world.demo_concepts(200, seed=0)
-    trials = world.demo_odd_one_out(scenes, {"testset1": 800}, seed=0)["testset1"]
-    pixels = [np.asarray(world.render_scene(s, 32), dtype=float) for s in scenes]
+    ids, scenes = scenes.demo_concepts(200, seed=0)
+    trials = scenes.demo_odd_one_out(scenes, {"testset1": 800}, seed=0)["testset1"]
+    pixels = [np.asarray(scenes.render_scene(s, 32), dtype=float) for s in scenes]
 
     def agreement(distance):
         hits = 0
@@ -70,7 +70,7 @@ def test_trials_carry_the_observers_structure():
             hits += min(pairs, key=pairs.get) == odd
         return hits / len(trials)
 
-    ideal = agreement(lambda x, y: world.perceptual_distance(scenes[x], scenes[y]))
+    ideal = agreement(lambda x, y: scenes.perceptual_distance(scenes[x], scenes[y]))
     pixel = agreement(lambda x, y: np.linalg.norm(pixels[x] - pixels[y]))
     assert ideal > 0.7 and pixel < ideal - 0.2, (ideal, pixel)
 
@@ -87,8 +87,8 @@ def test_things_files_are_laid_out_as_things_data_documents(stimuli):
         assert trials.shape == (count, 3) and trials.min() >= 0 and trials.max() < len(unique_ids)
         assert all(len(set(t)) == 3 for t in trials.tolist())
     # The odd one is last: the world's judgment, replayed with the same seed, says so.
-    _, scenes = world.demo_concepts(QUICK_STIMULI["concepts"], seed=0)
-    replayed = world.demo_odd_one_out(scenes, dict(zip(M.THINGS_SPLITS, QUICK_STIMULI["trials"])), seed=0)
+    _, scenes = scenes.demo_concepts(QUICK_STIMULI["concepts"], seed=0)
+    replayed = scenes.demo_odd_one_out(scenes, dict(zip(M.THINGS_SPLITS, QUICK_STIMULI["trials"])), seed=0)
     assert np.loadtxt(root / "triplet_dataset" / "trainset.txt", dtype=int).tolist() == [list(t) for t in replayed["trainset"]]
 
 
@@ -127,8 +127,8 @@ def quick_studies(tmp_path_factory):
     root = tmp_path_factory.mktemp("study_runs")
     out, data_root = root / "runs", root / "data"
     with pytest.MonkeyPatch.context() as patch:
-        for study in demo_studies.STUDIES:
-            patch.setitem(demo_studies.ARMS, study, {a: demo_studies.ARMS[study][a] for a in RUN_ARMS[study]})
+        for study in studies.STUDIES:
+            patch.setitem(studies.ARMS, study, {a: studies.ARMS[study][a] for a in RUN_ARMS[study]})
             demo.main(["--study", study, "--quick", "--out", str(out), "--data", str(data_root)])
     return out / "studies", data_root
 
@@ -137,7 +137,7 @@ def test_study_data_passes_the_readers_users_run(quick_studies):
     _, data_root = quick_studies
     stimuli = data_root / "stimuli"
     unique_ids = (stimuli / "unique_id.txt").read_text().split()
-    things = triplet_sources.open_splits("things", stimuli, 32)
+    things = other_sources.open_splits("things", stimuli, 32)
     trials = np.loadtxt(stimuli / "triplet_dataset" / "trainset.txt", dtype=int)
     train = things["train"]
     assert [Path(p).name for p in train.images] == [f"{u}.png" for u in unique_ids]
@@ -148,15 +148,15 @@ def test_study_data_passes_the_readers_users_run(quick_studies):
     assert not p.any()  # the odd one (right) is never the closer side
     for area in M.AREAS:
         rdm = np.load(stimuli / "rdms" / f"{area}.npy")
-        split = triplet_sources.open_splits("rdm", stimuli, 32, rdm=area)["train"]
+        split = other_sources.open_splits("rdm", stimuli, 32, rdm=area)["train"]
         assert [Path(x).name for x in split.images] == [f"{u}.png" for u in unique_ids]  # images.txt order
         rows, p = np.asarray(split.rows), np.asarray(split.p)
         ref, left, right = rows.T
-        assert len(rows) >= demo_studies.STUDY_PLANS["quick"]["budget"]
+        assert len(rows) >= studies.STUDY_PLANS["quick"]["budget"]
         assert np.array_equal(p == 1, rdm[ref, right] < rdm[ref, left])
 
 
-@pytest.mark.parametrize("study", demo_studies.STUDIES)
+@pytest.mark.parametrize("study", studies.STUDIES)
 @pytest.mark.parametrize("size", ["quick", "full"])
 def test_every_arm_trains_on_the_source_it_names(study, size, tmp_path):
     """Each arm's stage-1 command, as train_triplet.py parses it (its typed config: an unknown key or a
@@ -164,9 +164,9 @@ def test_every_arm_trains_on_the_source_it_names(study, size, tmp_path):
     import common
     import train_triplet
     data_root = tmp_path / "data"
-    budget = demo_studies.STUDY_PLANS[size]["budget"]
-    for arm in demo_studies.ARMS[study]:
-        command = demo_studies.stage1_command(study, arm, 0, demo.PLANS[size], demo_studies.STUDY_PLANS[size], data_root)
+    budget = studies.STUDY_PLANS[size]["budget"]
+    for arm in studies.ARMS[study]:
+        command = studies.stage1_command(study, arm, 0, demo.PLANS[size], studies.STUDY_PLANS[size], data_root)
         if arm == "baseline":
             assert command is None
             continue
@@ -175,7 +175,7 @@ def test_every_arm_trains_on_the_source_it_names(study, size, tmp_path):
         got = (config.data_format, Path(config.data_root).name, config.rdm, config.shuffle_labels)
         if study == "efficiency":
             assert got == ("nights", "nights", "", False) and config.max_triplets == 0
-            assert config.triplet_fraction == demo_studies.FRACTIONS[arm]
+            assert config.triplet_fraction == studies.FRACTIONS[arm]
         else:
             expected = {"votes": ("nights", "nights", "", False), "shuffled": ("nights", "nights", "", True),
                         "odd-one-out": ("things", "stimuli", "", False), "early": ("rdm", "stimuli", "early", False),
@@ -183,22 +183,22 @@ def test_every_arm_trains_on_the_source_it_names(study, size, tmp_path):
             assert got == expected and config.max_triplets == budget and config.triplet_fraction == 1.0
 
 
-@pytest.mark.parametrize("study", demo_studies.STUDIES)
+@pytest.mark.parametrize("study", studies.STUDIES)
 def test_report_and_plot_name_every_arm(study, tmp_path):
     tasks = ("demo_shape", "demo_retrieval")
     rng = np.random.default_rng(0)
-    per_seed = {seed: {"zero_shot": {a: {t: rng.random() for t in tasks} for a in demo_studies.ARMS[study]},
-                       "final": {a: {k: rng.random() for k in demo_studies.ALIGNMENT} for a in demo_studies.ARMS[study]},
-                       "stage1": {a: {k: rng.random() for k in demo_studies.ALIGNMENT} for a in demo_studies.ARMS[study]},
-                       "n_triplets": {a: 10 * (k + 1) for k, a in enumerate(demo_studies.ARMS[study])}} for seed in (0, 1, 2)}
+    per_seed = {seed: {"zero_shot": {a: {t: rng.random() for t in tasks} for a in studies.ARMS[study]},
+                       "final": {a: {k: rng.random() for k in studies.ALIGNMENT} for a in studies.ARMS[study]},
+                       "stage1": {a: {k: rng.random() for k in studies.ALIGNMENT} for a in studies.ARMS[study]},
+                       "n_triplets": {a: 10 * (k + 1) for k, a in enumerate(studies.ARMS[study])}} for seed in (0, 1, 2)}
     areas = {a: {"spearman_with_pixel_distance": 0.5, "spearman_with_observer_distance": 0.5} for a in M.AREAS}
-    table = demo_studies.report(study, per_seed, areas)
-    assert "| task | " + " | ".join(demo_studies.ARMS[study]) + " |" in table
-    for arm in demo_studies.ARMS[study]:
+    table = studies.report(study, per_seed, areas)
+    assert "| task | " + " | ".join(studies.ARMS[study]) + " |" in table
+    for arm in studies.ARMS[study]:
         assert f"\n| {arm} | " in table  # a row of the final towers' alignment table
         if arm != "baseline":
             assert f"{arm} - baseline" in table and f"- {arm} vs baseline:" in table
-    png = demo_studies.plot(study, per_seed, tmp_path / f"{study}.png")
+    png = studies.plot(study, per_seed, tmp_path / f"{study}.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -213,7 +213,7 @@ def _stage1_config(quick_studies, study, folder):
     return header["config"]
 
 
-@pytest.mark.parametrize("study", demo_studies.STUDIES)
+@pytest.mark.parametrize("study", studies.STUDIES)
 def test_study_runs_and_reports_its_arms(quick_studies, study):
     summary, results = _summary(quick_studies, study)
     arms = list(RUN_ARMS[study])
@@ -232,13 +232,13 @@ def test_study_runs_and_reports_its_arms(quick_studies, study):
 
 
 def test_fractions_and_budgets_reach_the_trainer(quick_studies):
-    import triplets
+    from stage1 import triplets
     summary, _ = _summary(quick_studies, "efficiency")
-    whole = len(triplet_sources.open_splits("nights", quick_studies[1] / "nights", 32)["train"])
+    whole = len(other_sources.open_splits("nights", quick_studies[1] / "nights", 32)["train"])
     assert summary["per_seed"]["0"]["n_triplets"] == {"10%": len(triplets.nested_subset(whole, 0, 0.1, 0)), "baseline": 0}
     assert _stage1_config(quick_studies, "efficiency", "pct10")["triplet_fraction"] == 0.1
     summary, results = _summary(quick_studies, "sources")
-    budget = demo_studies.STUDY_PLANS["quick"]["budget"]
+    budget = studies.STUDY_PLANS["quick"]["budget"]
     assert summary["per_seed"]["0"]["n_triplets"] == {"odd-one-out": budget, "late": budget, "baseline": 0}
     assert (_stage1_config(quick_studies, "sources", "late")["data_format"], _stage1_config(quick_studies, "sources", "late")["rdm"]) == ("rdm", "late")
     assert "| early | " in results and "| late | " in results  # what each area is
@@ -248,7 +248,7 @@ def test_a_rerun_reuses_every_run(quick_studies, capsys):
     out, data_root = quick_studies
     before = {p: p.stat().st_mtime for p in (out / "sources" / "seed0").rglob("*") if p.is_file()}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(demo_studies.ARMS, "sources", {a: demo_studies.ARMS["sources"][a] for a in RUN_ARMS["sources"]})
+        patch.setitem(studies.ARMS, "sources", {a: studies.ARMS["sources"][a] for a in RUN_ARMS["sources"]})
         demo.main(["--study", "sources", "--quick", "--out", str(out.parent), "--data", str(data_root)])
     steps = [line for line in capsys.readouterr().out.splitlines() if line.startswith("== sources, seed 0")]
     assert len(steps) == 2 + 3 + 2 and all("finished earlier" in line for line in steps)  # stage 1s, 2s, evaluate, scores

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
 import model as kit_model  # noqa: E402
 from data import BenchmarkTask, ImageFolderTask  # noqa: E402
-from make_data import write_benchmark_task  # noqa: E402
+from world.make_data import write_benchmark_task  # noqa: E402
 
 torch.set_num_threads(1)
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "horse", "camera"]

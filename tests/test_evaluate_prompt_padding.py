@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import evaluate
 import model as M
-from make_data import write_benchmark_task
+from world.make_data import write_benchmark_task
 from test_evaluate import _photo
 from checkpoints import load_checkpoint
 from test_model_authors import TheirCLIP, open_clip_text_tower_without_causal_mask, save_lightning_checkpoint

@@ -338,7 +338,7 @@ def test_trainer_tunes_their_checkpoint_post_hoc(theirs, tmp_path, monkeypatch):
     from pathlib import Path
 
     import train_triplet
-    from make_data import make_nights
+    from world.make_data import make_nights
 
     root = Path(__file__).resolve().parent.parent
     nights = tmp_path / "nights"

@@ -33,9 +33,9 @@ from PIL import Image, ImageFilter
 
 from data import image_transform
 from evaluate import evaluate_nights, nights_distances, two_afc_score
-from make_data import make_nights, write_nights
+from world.make_data import make_nights, write_nights
 from model import create_model
-from nights import NightsDataset, epoch_batches, model_input, train_loader
+from stage1.nights import NightsDataset, epoch_batches, model_input, train_loader
 from train_triplet import hinge_loss
 
 SIZE = 8

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import evaluate
-import make_data
-import probes
-import world
+from scenes.scenes import make_data
+from analysis import probes
+from scenes.scenes import scenes
 from model import create_model
 
 scipy_stats = pytest.importorskip("scipy.stats")  # installed with scikit-learn (requirements-test.txt)
@@ -157,7 +157,7 @@ def test_tower_features_of_a_resnet_are_each_stage_pooled_over_its_grid():
 
 
 def test_cli_names_resnet_stages_in_the_cka_table(tmp_path, capsys):
-    make_data.write_probe_set(tmp_path / "probe", world.demo_probe_scenes(8, seed=0), 32)
+    make_data.write_probe_set(tmp_path / "probe", scenes.demo_probe_scenes(8, seed=0), 32)
     torch.manual_seed(0)
     first = _save(create_model("tiny-rn"), tmp_path / "rn_a" / "ckpt.pt")
     torch.manual_seed(1)
@@ -181,13 +181,13 @@ def test_cli_probes_checkpoints_on_a_task_and_an_image_folder(tmp_path, capsys, 
     import random
 
     rng = random.Random(0)
-    shapes = world.SHAPES[:3]
+    shapes = scenes.SHAPES[:3]
     for split in ("train", "test"):
-        samples = [(world.render_scene(world.sample_scene(rng, n_objects=1, shape=s), 32), label)
+        samples = [(scenes.render_scene(scenes.sample_scene(rng, n_objects=1, shape=s), 32), label)
                    for label, s in enumerate(shapes) for _ in range(8)]
         make_data.write_benchmark_task(tmp_path / "tasks" / "wds_shapes", samples, classnames=list(shapes),
                                        templates=["a {c}."], split=split)
-    make_data.write_probe_set(tmp_path / "probe", world.demo_probe_scenes(12, seed=0), 32)
+    make_data.write_probe_set(tmp_path / "probe", scenes.demo_probe_scenes(12, seed=0), 32)
     torch.manual_seed(0)
     first = _save(create_model("tiny"), tmp_path / "a" / "ckpt.pt")
     torch.manual_seed(1)
@@ -215,7 +215,7 @@ def test_cli_probes_checkpoints_on_a_task_and_an_image_folder(tmp_path, capsys, 
     scenes = [json.loads(line) for line in (tmp_path / "probe" / "scenes.jsonl").read_text().splitlines()]
     reference = np.load(tmp_path / "probe" / "reference_distance.npy")
     assert reference.shape == (12, 12) and np.allclose(reference, reference.T) and not reference.diagonal().any()
-    assert reference[2, 7] == pytest.approx(world.perceptual_distance(scenes[2], scenes[7]))
+    assert reference[2, 7] == pytest.approx(scenes.perceptual_distance(scenes[2], scenes[7]))
     assert sorted(p.name for p in (tmp_path / "probe").glob("*.png"))[0] == "00000.png"
     # The same tower twice: CKA 1 at every layer; a task folder as --images (its test split) works too.
     evaluate.main(["--probe", first, first, "--images", str(tmp_path / "tasks" / "wds_shapes"), "--out", str(out),

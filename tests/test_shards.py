@@ -33,19 +33,19 @@ sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
 import hold_at_step  # noqa: E402  (tests/: holds a trainer at a step)
-import shards  # noqa: E402
-import sources  # noqa: E402
+from stage2 import shards  # noqa: E402
+from stage2 import formats  # noqa: E402
 from test_sources import caption, photo_jpeg  # noqa: E402  (one set of real-photo samples for both files)
 from test_sources import pairs as samples  # noqa: E402
-from augment import TrainTransform  # noqa: E402
-from make_data import write_shards  # noqa: E402
+from stage2.augment import TrainTransform  # noqa: E402
+from world.make_data import write_shards  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 MOCO = TrainTransform(16, "moco")
 
 
 def loader(spec, batch_size=8, streams=4, workers=0, transform=MOCO, **kwargs):
-    return shards.Loader(sources.list_units(spec, progress=False), transform, batch_size, streams, workers=workers,
+    return shards.Loader(formats.list_units(spec, progress=False), transform, batch_size, streams, workers=workers,
                          window=5, **kwargs)
 
 
@@ -56,7 +56,7 @@ def epoch(loader_, e=0, start=0):
 def test_samples_are_webdatasets_bytes_through_the_transform(tmp_path):
     write_shards(tmp_path, samples(30), per_shard=7)
     spec = str(tmp_path / "{00000..00004}.tar")
-    theirs = [wds_sample for wds_sample in wds.WebDataset(sources.expand_spec(spec), shardshuffle=False, empty_check=False)]
+    theirs = [wds_sample for wds_sample in wds.WebDataset(formats.expand_spec(spec), shardshuffle=False, empty_check=False)]
     by_path = collections.defaultdict(list)
     for s in theirs:
         by_path[s["__url__"]].append(s)
@@ -125,13 +125,13 @@ def rank_epoch(out):
     torch.set_num_threads(1)
     d = common.setup_distributed("cpu")
     spec = os.environ["SPEC"]
-    ours = shards.Loader(sources.list_units(spec, progress=False), MOCO, 8, 4, d.rank, d.world_size, workers=2, window=5)
+    ours = shards.Loader(formats.list_units(spec, progress=False), MOCO, 8, 4, d.rank, d.world_size, workers=2, window=5)
     batches = [{"positions": b["positions"].tolist(), "tokens": b["tokens"].tolist(), "skipped": b["skipped"].tolist()}
                for b in ours.epoch_batches(0)]
     Path(f"{out}.{d.rank}").write_text(json.dumps(batches))
     # The loss of padded batches whose good rows differ between ranks (3 and 1 of 4): gradients of
     # this rank's features, for the test to hold against one process's loss over the good rows alone.
-    import contrastive  # the loss train_clip.py runs
+    from stage2 import contrastive  # the loss train_clip.py runs
 
     images, texts, valid = padded_features()
     mine = slice(4 * d.rank, 4 * d.rank + 4)
@@ -170,7 +170,7 @@ def test_each_good_sample_once_per_epoch_over_two_ranks_and_two_workers(tmp_path
                 if raw >= 0:
                     positions.add(raw)
                     seen.append(by_tokens[tuple(tokens)])
-            skipped.update(dict(zip(sources.SKIP_REASONS, row["skipped"])))
+            skipped.update(dict(zip(formats.SKIP_REASONS, row["skipped"])))
         assert positions == set(batch["positions"][batch["valid"]].tolist())  # the same global batch, in any split
     # Which samples an epoch reads: the first 12 raw positions of each of the 4 streams (6 steps x 2),
     # the rest (54 - 48) dropped and counted. Raw positions lie in the shuffled unit order.
@@ -188,7 +188,7 @@ def test_each_good_sample_once_per_epoch_over_two_ranks_and_two_workers(tmp_path
     assert len(seen) + sum(skipped.values()) + plan.dropped == 54
 
     # The loss over padded batches: the gradient of the large batch of the 4 good rows alone.
-    import contrastive  # the loss train_clip.py runs
+    from stage2 import contrastive  # the loss train_clip.py runs
 
     images, texts, valid = padded_features()
     good_images, good_texts = images[valid].clone().requires_grad_(), texts[valid].clone().requires_grad_()
@@ -260,12 +260,12 @@ def test_mostly_bad_shards_stop_with_an_error_naming_them(tmp_path):
 
 def test_the_check_command_reads_batches_and_ends_in_json(tmp_path):
     spec, _ = corrupt_shards(tmp_path / "bad")
-    result = subprocess.run([sys.executable, str(ROOT / "shards.py"), spec, "--batch_size=4", "--image_size=32",
-                             "--workers=1", "--batches=3", "--device=cpu"], env=ENV, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "stage2.shards", spec, "--batch_size=4", "--image_size=32",
+                             "--workers=1", "--batches=3", "--device=cpu"], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     # What the same loader reads in this process (the command's settings: streams gcd(64, 4), window 1000).
-    reference = shards.Loader(sources.list_units(spec, progress=False), TrainTransform(32, "moco"), 4, 4, workers=0)
+    reference = shards.Loader(formats.list_units(spec, progress=False), TrainTransform(32, "moco"), 4, 4, workers=0)
     batches = epoch(reference)[:3]
     skipped = sum(b["skipped"] for b in batches)
     assert report["batches"] == 3 and report["samples"] == sum(int(b["valid"].sum()) for b in batches)

@@ -1,4 +1,4 @@
-"""sources.py: shard specs, units, sample counts and raw samples, proved against the real producers.
+"""formats.py: shard specs, units, sample counts and raw samples, proved against the real producers.
 
 Where each format comes from:
 - tar shards: the webdataset library's reader is the reference for grouping members into samples, on a
@@ -35,8 +35,8 @@ import webdataset as wds
 from PIL import Image
 from skimage import data as skdata
 
-import sources
-from make_data import write_shards
+from stage2 import formats
+from world.make_data import write_shards
 
 FIXTURE = Path(__file__).parent / "fixtures" / "webdataset-mnist-sample.tgz"
 
@@ -65,8 +65,8 @@ def webdataset_samples(paths):
 
 
 def read_all(paths, **kwargs):
-    return [s for unit in sources.list_units([str(p) for p in paths], progress=False, **kwargs)
-            for s in sources.read_unit(unit)]
+    return [s for unit in formats.list_units([str(p) for p in paths], progress=False, **kwargs)
+            for s in formats.read_unit(unit)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ def read_all(paths, **kwargs):
                                   "/d/{x,y}{07..09}.tar"])
 def test_expand_spec_like_bash(spec):
     bash = subprocess.run(["bash", "-c", f"printf '%s\\n' {spec}"], capture_output=True, text=True, check=True)
-    assert sources.expand_spec(spec) == bash.stdout.split()
+    assert formats.expand_spec(spec) == bash.stdout.split()
 
 
 def test_wildcards_expand_like_bash(tmp_path):
@@ -87,22 +87,22 @@ def test_wildcards_expand_like_bash(tmp_path):
     for spec in (f"{tmp_path}/train-*.parquet", f"{tmp_path}/{{train,other}}*", f"{tmp_path}/nothing-*.tar"):
         bash = subprocess.run(["bash", "-c", f"printf '%s\\n' {spec}"], capture_output=True, text=True, check=True,
                               env={**os.environ, "LC_ALL": "C"})
-        assert sources.expand_spec(spec) == bash.stdout.split()
+        assert formats.expand_spec(spec) == bash.stdout.split()
 
 
 def test_specs_join_with_double_colon():
-    assert sources.expand_spec("/a/{0..1}.tar::/b/c.parquet") == ["/a/0.tar", "/a/1.tar", "/b/c.parquet"]
-    assert sources.expand_spec(["/a/{0..1}.tar", "/b.tar"]) == ["/a/0.tar", "/a/1.tar", "/b.tar"]
+    assert formats.expand_spec("/a/{0..1}.tar::/b/c.parquet") == ["/a/0.tar", "/a/1.tar", "/b/c.parquet"]
+    assert formats.expand_spec(["/a/{0..1}.tar", "/b.tar"]) == ["/a/0.tar", "/a/1.tar", "/b.tar"]
 
 
 def test_a_spec_that_matches_nothing_names_itself_and_the_missing_files(tmp_path):
     write_shards(tmp_path, pairs(2), per_shard=1)
     spec = str(tmp_path / "{00000..00003}.tar")
     with pytest.raises(FileNotFoundError) as error:
-        sources.list_units(spec)
+        formats.list_units(spec)
     assert spec in str(error.value) and "2 of 4" in str(error.value) and "00002.tar" in str(error.value)
     with pytest.raises(FileNotFoundError, match="names no file"):
-        sources.list_units("::")
+        formats.list_units("::")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def test_real_webdataset_shard_reads_as_webdataset_does(tmp_path):
     assert [s["key"] for s in ours] == [s["__key__"] for s in theirs]
     assert [s["image"] for s in ours] == [s["png"] for s in theirs]  # same bytes, same order
     assert all(s["text"] is None and s["source"] == str(path) for s in ours)  # png + cls: no caption
-    assert sources.list_units(str(path), progress=False) == [sources.Unit(str(path), -1, 90)]
+    assert formats.list_units(str(path), progress=False) == [formats.Unit(str(path), -1, 90)]
 
 
 def write_tar(path, members, mode="w"):
@@ -148,7 +148,7 @@ def test_written_shards_group_as_webdataset_does(tmp_path):
     assert len(ours) == len(theirs) == 25 + 2 * 5
     assert [s["key"] for s in ours] == [s["__key__"] for s in theirs]
     for mine, reference in zip(ours, theirs):
-        image_ext = next((e for e in sources.IMAGE_EXTENSIONS if e in reference), None)
+        image_ext = next((e for e in formats.IMAGE_EXTENSIONS if e in reference), None)
         assert mine["image"] == (reference[image_ext] if image_ext else None)
         assert mine["text"] == (reference["txt"].decode() if "txt" in reference else None)
     assert ours[-1] == {"key": "y", "source": str(tmp_path / "odd.tar"), "image": photo_jpeg(103),
@@ -168,14 +168,14 @@ def test_start_skips_earlier_samples_without_reading_their_data(tmp_path, monkey
     gz = tmp_path / "00000.tar.gz"
     gz.write_bytes(gzip.compress(Path(paths[0]).read_bytes()))
     for path in (paths[0], gz):
-        unit = sources.list_units([str(path)], progress=False)[0]
-        everything = list(sources.read_unit(unit))
+        unit = formats.list_units([str(path)], progress=False)[0]
+        everything = list(formats.read_unit(unit))
         read = []
         real_extractfile = tarfile.TarFile.extractfile
         monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda self, m: read.append(m.name) or real_extractfile(self, m))
-        assert list(sources.read_unit(unit, start=7)) == everything[7:]
+        assert list(formats.read_unit(unit, start=7)) == everything[7:]
         assert read == [f"{i:06d}.{e}" for i in range(7, 12) for e in ("jpg", "txt")]
-        assert list(sources.read_unit(unit, start=12)) == []
+        assert list(formats.read_unit(unit, start=12)) == []
         monkeypatch.undo()
 
 
@@ -186,7 +186,7 @@ def test_start_skips_earlier_samples_without_reading_their_data(tmp_path, monkey
 def test_counts_come_from_sizes_json_without_reading_shards(tmp_path, monkeypatch):
     write_shards(tmp_path, pairs(7), per_shard=3)  # writes sizes.json, as webdataset's tools do
     monkeypatch.setattr(sources, "count_tar_samples", lambda path: pytest.fail(f"counted {path}"))
-    units = sources.list_units(str(tmp_path / "{00000..00002}.tar"), progress=False)
+    units = formats.list_units(str(tmp_path / "{00000..00002}.tar"), progress=False)
     assert [u.samples for u in units] == [3, 3, 1] and all(u.row_group == -1 for u in units)
 
 
@@ -194,18 +194,18 @@ def test_counting_pass_is_saved_and_reused(tmp_path, monkeypatch):
     write_shards(tmp_path, pairs(7), per_shard=3)
     os.remove(tmp_path / "sizes.json")
     spec = str(tmp_path / "{00000..00002}.tar")
-    assert [u.samples for u in sources.list_units(spec, progress=False)] == [3, 3, 1]
-    saved = json.loads((tmp_path / sources.COUNTS_FILE).read_text())["files"]
+    assert [u.samples for u in formats.list_units(spec, progress=False)] == [3, 3, 1]
+    saved = json.loads((tmp_path / formats.COUNTS_FILE).read_text())["files"]
     assert {name: entry["samples"] for name, entry in saved.items()} == {"00000.tar": 3, "00001.tar": 3, "00002.tar": 1}
 
     # A second start reads nothing; a shard that changed (size, mtime) is counted again, alone.
     counted = []
-    real = sources.count_tar_samples
+    real = formats.count_tar_samples
     monkeypatch.setattr(sources, "count_tar_samples", lambda path: counted.append(path) or real(path))
-    assert [u.samples for u in sources.list_units(spec, progress=False)] == [3, 3, 1] and counted == []
+    assert [u.samples for u in formats.list_units(spec, progress=False)] == [3, 3, 1] and counted == []
     write_shards(tmp_path / "new", pairs(2), per_shard=2)
     shutil.copy(tmp_path / "new" / "00000.tar", tmp_path / "00002.tar")
-    assert [u.samples for u in sources.list_units(spec, progress=False)] == [3, 3, 2]
+    assert [u.samples for u in formats.list_units(spec, progress=False)] == [3, 3, 2]
     assert counted == [str(tmp_path / "00002.tar")]
 
 
@@ -214,8 +214,8 @@ def test_a_killed_counting_pass_keeps_what_it_counted(tmp_path, monkeypatch):
     os.remove(tmp_path / "sizes.json")
     monkeypatch.chdir(tmp_path)  # a spec relative to the current folder
     clock = iter(range(0, 10**6, 100))
-    monkeypatch.setattr(sources.time, "monotonic", lambda: next(clock))  # 100 s per shard: saves after each
-    real, calls = sources.count_tar_samples, []
+    monkeypatch.setattr(formats.time, "monotonic", lambda: next(clock))  # 100 s per shard: saves after each
+    real, calls = formats.count_tar_samples, []
 
     def killed_at_the_third(path):
         calls.append(path)
@@ -225,13 +225,13 @@ def test_a_killed_counting_pass_keeps_what_it_counted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sources, "count_tar_samples", killed_at_the_third)
     with pytest.raises(KeyboardInterrupt):
-        sources.list_units("{00000..00003}.tar", progress=False)
-    saved = json.loads((tmp_path / sources.COUNTS_FILE).read_text())["files"]
+        formats.list_units("{00000..00003}.tar", progress=False)
+    saved = json.loads((tmp_path / formats.COUNTS_FILE).read_text())["files"]
     assert {name: entry["samples"] for name, entry in saved.items()} == {"00000.tar": 2, "00001.tar": 2}
     calls.clear()
     monkeypatch.setattr(sources, "count_tar_samples", lambda path: calls.append(path) or real(path))
-    assert sources.list_units("{00000..00003}.tar", progress=False) == [
-        sources.Unit(f"{i:05d}.tar", -1, 2) for i in range(4)]
+    assert formats.list_units("{00000..00003}.tar", progress=False) == [
+        formats.Unit(f"{i:05d}.tar", -1, 2) for i in range(4)]
     assert calls == ["00002.tar", "00003.tar"]  # the restart counts only what was left
 
 
@@ -239,13 +239,13 @@ def test_counting_pass_in_a_read_only_folder_goes_to_cache_dir(tmp_path, monkeyp
     write_shards(tmp_path / "shards", pairs(4), per_shard=2)
     os.remove(tmp_path / "shards" / "sizes.json")
     # The counts file cannot be written there (a directory stands in its place: read-only even for root).
-    (tmp_path / "shards" / sources.COUNTS_FILE).mkdir()
+    (tmp_path / "shards" / formats.COUNTS_FILE).mkdir()
     spec, cache = str(tmp_path / "shards" / "{00000..00001}.tar"), tmp_path / "cache"
-    assert [u.samples for u in sources.list_units(spec, cache_dir=cache, progress=True)] == [2, 2]
+    assert [u.samples for u in formats.list_units(spec, cache_dir=cache, progress=True)] == [2, 2]
     assert "counting samples" in capsys.readouterr().err  # a progress bar while counting
     assert len(list(cache.glob("counts-*.json"))) == 1
     monkeypatch.setattr(sources, "count_tar_samples", lambda path: pytest.fail(f"counted {path} again"))
-    assert [u.samples for u in sources.list_units(spec, cache_dir=cache, progress=False)] == [2, 2]
+    assert [u.samples for u in formats.list_units(spec, cache_dir=cache, progress=False)] == [2, 2]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -264,14 +264,14 @@ def test_truncated_and_unreadable_tars_end_with_a_problem_marker(tmp_path):
     Path(paths[1]).write_bytes(b"this is not a tar file" * 30)
     for path, survivors, problem in ((paths[0], 3, "truncated_shard"), (tmp_path / "cut_at_header.tar", 3, "truncated_shard"),
                                      (paths[1], 0, "unreadable_file")):
-        unit = sources.list_units([str(path)], progress=False)[0]
+        unit = formats.list_units([str(path)], progress=False)[0]
         assert unit.samples == survivors  # the counting pass counts what can be read
-        *samples, last = sources.read_unit(unit)
+        *samples, last = formats.read_unit(unit)
         assert [s["text"] for s in samples] == [caption(i) for i in range(survivors)]
         assert last["problem"] == problem and last["source"] == str(path) and last["error"]
-    *samples, last = sources.read_unit(sources.Unit(str(tmp_path / "cut.tar.gz"), -1, 6))
+    *samples, last = formats.read_unit(formats.Unit(str(tmp_path / "cut.tar.gz"), -1, 6))
     assert last["problem"] == "truncated_shard" and len(samples) < 6
-    assert set(sources.SKIP_REASONS) >= {"truncated_shard", "unreadable_file", "bad_caption", "no_caption"}
+    assert set(formats.SKIP_REASONS) >= {"truncated_shard", "unreadable_file", "bad_caption", "no_caption"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -284,32 +284,32 @@ TEXTS = ["a photo of a cat", "Caf\u00e9 \u00fcber \u65e5\u672c\u8a9e  &amp;amp; 
 
 def test_caption_tokens_of_strings_equal_open_clip():
     for text in TEXTS:
-        assert torch.equal(sources.caption_tokens({"text": text}), open_clip.tokenize([text])[0])
-    assert sources.caption_tokens({"text": "a cat"}, context_length=16).shape == (16,)
-    assert sources.caption_tokens({"text": "  "}) == "no_caption"
-    assert sources.caption_tokens({"text": None, "tokens": None}) == "no_caption"
+        assert torch.equal(formats.caption_tokens({"text": text}), open_clip.tokenize([text])[0])
+    assert formats.caption_tokens({"text": "a cat"}, context_length=16).shape == (16,)
+    assert formats.caption_tokens({"text": "  "}) == "no_caption"
+    assert formats.caption_tokens({"text": None, "tokens": None}) == "no_caption"
 
 
 def test_caption_tokens_of_token_blocks_take_the_first_block():
     # Kaichengalex/YFCC15M's `texts`: three 77-id blocks of CLIP ids as float32 (RWKV-CLIP's data2rec.py
     # concatenates the tokenised raw, synthetic and generated captions); the first is the raw caption.
     blocks = open_clip.tokenize(TEXTS[:3]).numpy().reshape(-1).astype(np.float32)
-    assert torch.equal(sources.caption_tokens({"tokens": list(blocks)}), open_clip.tokenize([TEXTS[0]])[0])
-    assert torch.equal(sources.caption_tokens({"tokens": blocks[:77]}), open_clip.tokenize([TEXTS[0]])[0])
+    assert torch.equal(formats.caption_tokens({"tokens": list(blocks)}), open_clip.tokenize([TEXTS[0]])[0])
+    assert torch.equal(formats.caption_tokens({"tokens": blocks[:77]}), open_clip.tokenize([TEXTS[0]])[0])
     short = [49406.0, 320.0, 49407.0]  # shorter than a block: padded with zeros
-    assert sources.caption_tokens({"tokens": short}).tolist() == [49406, 320, 49407] + [0] * 74
+    assert formats.caption_tokens({"tokens": short}).tolist() == [49406, 320, 49407] + [0] * 74
     bad = [[49406.0, 320.0, 0.0], [49406.0, 49408.0, 49407.0], [49406.0, -1.0, 49407.0],
            [49406.0, 320.5, 49407.0], [49406.0, float("nan"), 49407.0], [49406.0, None, 49407.0]]
-    assert [sources.caption_tokens({"tokens": b}) for b in bad] == ["bad_caption"] * len(bad)
-    assert sources.caption_tokens({"tokens": []}) == "no_caption"
+    assert [formats.caption_tokens({"tokens": b}) for b in bad] == ["bad_caption"] * len(bad)
+    assert formats.caption_tokens({"tokens": []}) == "no_caption"
 
 
 def test_undecodable_tar_caption_is_a_bad_caption(tmp_path):
     write_tar(tmp_path / "a.tar", [("0.jpg", photo_jpeg(0)), ("0.txt", b"\xff\xfe bad utf-8"),
                                    ("1.jpg", photo_jpeg(1)), ("1.txt", b"good")])
     first, second = read_all([tmp_path / "a.tar"])
-    assert sources.caption_tokens(first) == "bad_caption"
-    assert torch.equal(sources.caption_tokens(second), open_clip.tokenize(["good"])[0])
+    assert formats.caption_tokens(first) == "bad_caption"
+    assert torch.equal(formats.caption_tokens(second), open_clip.tokenize(["good"])[0])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -366,19 +366,19 @@ def test_kaichengalex_yfcc15m_layout(tmp_path, monkeypatch):
     # Counts come from the footer: no column chunk is read.
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", lambda *a, **k: pytest.fail("read data to count"))
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda *a, **k: pytest.fail("read data to count"))
-    units = sources.list_units(spec, image_column="images", text_column="texts", progress=False)
+    units = formats.list_units(spec, image_column="images", text_column="texts", progress=False)
     monkeypatch.undo()
     assert [(os.path.basename(u.path), u.row_group, u.samples) for u in units] == [
         ("train-00001-of-00003.parquet", 0, 10), ("train-00001-of-00003.parquet", 1, 10), ("train-00001-of-00003.parquet", 2, 3),
         ("train-00002-of-00003.parquet", 0, 10), ("train-00002-of-00003.parquet", 1, 10), ("train-00002-of-00003.parquet", 2, 3),
         ("train-00003-of-00003.parquet", 0, 5)]
 
-    samples = [s for u in units for s in sources.read_unit(u)]  # the defaults are this release's columns
+    samples = [s for u in units for s in formats.read_unit(u)]  # the defaults are this release's columns
     expected = [10 * f + i for f in range(3) for i in range(23 if f < 2 else 5)]
     assert len(samples) == len(expected)
     for sample, i in zip(samples, expected):
         assert sample["image"] == hub_photo(i) and sample["text"] is None
-        assert torch.equal(sources.caption_tokens(sample), open_clip.tokenize([caption(i)])[0])  # the raw caption
+        assert torch.equal(formats.caption_tokens(sample), open_clip.tokenize([caption(i)])[0])  # the raw caption
     assert samples[12]["source"] == str(root / "train-00001-of-00003.parquet") + "#1"
     assert samples[12]["key"] == "train-00001-of-00003.parquet/12"  # no key column: file and row
     assert len({s["key"] for s in samples}) == len(samples)
@@ -387,14 +387,14 @@ def test_kaichengalex_yfcc15m_layout(tmp_path, monkeypatch):
 def test_parquet_start_reads_only_its_row_group_and_columns(tmp_path, monkeypatch):
     path = str(tmp_path / "train-00001-of-00001.parquet")
     write_yfcc15m_file(path, [(hub_photo(i), token_blocks(i)) for i in range(30)])
-    units = sources.list_units([path], progress=False)
-    whole = [s for u in units for s in sources.read_unit(u)]
+    units = formats.list_units([path], progress=False)
+    whole = [s for u in units for s in formats.read_unit(u)]
     calls = []
     real = pq.ParquetFile.iter_batches
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", lambda self, **k: calls.append(k) or real(self, **k))
-    assert list(sources.read_unit(units[1], start=4)) == whole[14:20]
+    assert list(formats.read_unit(units[1], start=4)) == whole[14:20]
     assert calls[0]["row_groups"] == [1] and sorted(calls[0]["columns"]) == ["images", "texts"]
-    assert list(sources.read_unit(units[1], start=10)) == []
+    assert list(formats.read_unit(units[1], start=10)) == []
 
 
 def test_bad_rows_are_kept_for_the_engine_to_count(tmp_path):
@@ -405,9 +405,9 @@ def test_bad_rows_are_kept_for_the_engine_to_count(tmp_path):
             (hub_photo(4), out_of_vocab), (hub_photo(5), [])]
     path = str(tmp_path / "bad.parquet")
     write_yfcc15m_file(path, rows)
-    samples = list(sources.read_unit(sources.list_units([path], progress=False)[0]))
+    samples = list(formats.read_unit(formats.list_units([path], progress=False)[0]))
     assert [s["image"] is None for s in samples] == [False, True, False, False, False, False]
-    reasons = [sources.caption_tokens(s) if isinstance(sources.caption_tokens(s), str) else "ok" for s in samples]
+    reasons = [formats.caption_tokens(s) if isinstance(formats.caption_tokens(s), str) else "ok" for s in samples]
     assert reasons == ["ok", "ok", "no_caption", "bad_caption", "bad_caption", "no_caption"]
 
 
@@ -435,14 +435,14 @@ def test_dalle_mini_layout_with_either_text_column(tmp_path):
     rows = [(hub_photo(i), f"Title {i}", "" if i % 3 == 0 else f"A longer description of photo {i}") for i in range(12)]
     path = str(tmp_path / "00000.parquet")
     write_dalle_mini_file(path, rows)
-    units = sources.list_units([path], image_column="img", text_column="title_clean", progress=False)
+    units = formats.list_units([path], image_column="img", text_column="title_clean", progress=False)
     assert [u.samples for u in units] == [10, 2]
     for column, index in (("title_clean", 1), ("description_clean", 2)):
-        samples = [s for u in units for s in sources.read_unit(u, image_column="img", text_column=column)]
+        samples = [s for u in units for s in formats.read_unit(u, image_column="img", text_column=column)]
         assert [s["image"] for s in samples] == [r[0] for r in rows]
         assert [s["key"] for s in samples] == [f"{i:04x}" * 8 for i in range(12)]  # its `key` column
         for sample, row in zip(samples, rows):
-            tokens = sources.caption_tokens(sample)
+            tokens = formats.caption_tokens(sample)
             if row[index]:
                 assert torch.equal(tokens, open_clip.tokenize([row[index]])[0])
             else:
@@ -453,13 +453,13 @@ def test_a_missing_or_mistyped_column_names_the_file_and_its_columns(tmp_path):
     path = str(tmp_path / "00000.parquet")
     write_dalle_mini_file(path, [(hub_photo(0), "t", "d")])
     with pytest.raises(ValueError) as error:
-        sources.list_units([path], progress=False, image_column="images", text_column="texts")
+        formats.list_units([path], progress=False, image_column="images", text_column="texts")
     assert path in str(error.value) and "'images'" in str(error.value) and "'img'" in str(error.value)
-    unit = sources.list_units([path], progress=False)[0]
+    unit = formats.list_units([path], progress=False)[0]
     with pytest.raises(ValueError, match="'texts'.*title_clean"):
-        list(sources.read_unit(unit, image_column="img", text_column="texts"))
+        list(formats.read_unit(unit, image_column="img", text_column="texts"))
     with pytest.raises(ValueError, match="'photoid'.*int64"):
-        list(sources.read_unit(unit, image_column="img", text_column="photoid"))
+        list(formats.read_unit(unit, image_column="img", text_column="photoid"))
 
 
 def test_truncated_parquet_is_an_unreadable_file(tmp_path, capsys):
@@ -467,15 +467,15 @@ def test_truncated_parquet_is_an_unreadable_file(tmp_path, capsys):
     write_yfcc15m_file(str(path), [(hub_photo(i), token_blocks(i)) for i in range(12)])
     whole = path.read_bytes()
     path.write_bytes(whole[: len(whole) // 2])  # the footer (schema, row groups) is gone
-    units = sources.list_units([str(path)], progress=False)
-    assert units == [sources.Unit(str(path), -1, 0)] and str(path) in capsys.readouterr().err
-    (marker,) = sources.read_unit(units[0])
+    units = formats.list_units([str(path)], progress=False)
+    assert units == [formats.Unit(str(path), -1, 0)] and str(path) in capsys.readouterr().err
+    (marker,) = formats.read_unit(units[0])
     assert marker["problem"] == "unreadable_file" and marker["source"].startswith(str(path))
     # Damaged data pages behind an intact footer: the row group ends with a marker.
     path.write_bytes(whole[:4] + bytes(len(whole) // 2 - 4) + whole[len(whole) // 2 :])
-    units = sources.list_units([str(path)], progress=False)
+    units = formats.list_units([str(path)], progress=False)
     assert [u.samples for u in units] == [10, 2]
-    *samples, last = sources.read_unit(units[0])
+    *samples, last = formats.read_unit(units[0])
     assert last["problem"] in ("truncated_shard", "unreadable_file") and len(samples) < 10
 
 
@@ -542,10 +542,10 @@ def test_real_img2dataset_output_reads_exactly_its_successes(tmp_path, monkeypat
     stats = [json.loads((out / f"{os.path.basename(p)[:5]}_stats.json").read_text())["successes"] for p in tars]
 
     monkeypatch.setattr(sources, "count_tar_samples", lambda path: pytest.fail(f"counted {path}: the stats have it"))
-    units = sources.list_units(str(out / "{00000..00001}.tar"), progress=False)
+    units = formats.list_units(str(out / "{00000..00001}.tar"), progress=False)
     assert [u.samples for u in units] == stats and sum(stats) == len(PHOTOS)
-    assert not (out / sources.COUNTS_FILE).exists()
-    samples = [s for u in units for s in sources.read_unit(u)]
+    assert not (out / formats.COUNTS_FILE).exists()
+    samples = [s for u in units for s in formats.read_unit(u)]
     assert sorted((s["key"], s["text"]) for s in samples) == sorted(successes)
     assert [s["image"] for s in samples] == [s["jpg"] for s in webdataset_samples(tars)]
     assert all(Image.open(io.BytesIO(s["image"])).size == (32, 32) for s in samples)  # resized by img2dataset
@@ -556,8 +556,8 @@ def test_real_img2dataset_output_reads_exactly_its_successes(tmp_path, monkeypat
 # ---------------------------------------------------------------------------------------------------
 
 def test_same_pairs_as_tar_and_as_parquet_give_the_same_epoch(tmp_path):
-    import shards
-    from augment import TrainTransform
+    from stage2 import shards
+    from stage2.augment import TrainTransform
 
     # 25 real-photo pairs as make_data's tar shards (txt captions) and as Kaichengalex/YFCC15M's parquet
     # (Image struct, float32 token blocks from open_clip): 10 + 10 + 5 samples either way.
@@ -565,8 +565,8 @@ def test_same_pairs_as_tar_and_as_parquet_give_the_same_epoch(tmp_path):
     write_shards(tmp_path / "tar", ((f"{i:06d}", {"jpg": hub_photo(i), "txt": caption(i)}) for i in range(n)), per_shard=10)
     parquet = str(tmp_path / "parquet" / "train-00001-of-00001.parquet")
     write_yfcc15m_file(parquet, [(hub_photo(i), token_blocks(i)) for i in range(n)], row_group_size=10)
-    as_tar = sources.list_units(str(tmp_path / "tar" / "{00000..00002}.tar"), progress=False)
-    as_parquet = sources.list_units(parquet, progress=False)
+    as_tar = formats.list_units(str(tmp_path / "tar" / "{00000..00002}.tar"), progress=False)
+    as_parquet = formats.list_units(parquet, progress=False)
     assert [u.samples for u in as_tar] == [u.samples for u in as_parquet] == [10, 10, 5]
 
     def epoch(units, epoch_index):

@@ -1,4 +1,4 @@
-"""The PI authors' stage-2 recipe and the tools around a long run: validation.py's split, the paper
+"""The PI authors' stage-2 recipe and the tools around a long run: held_out.py's split, the paper
 config end to end, TensorBoard and W&B, and `python evaluate.py --curves`.
 
 Proves: the split of units into held-out / training / unused is the same whatever order the files are
@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import sources  # noqa: E402
-import validation  # noqa: E402
-from make_data import write_shards  # noqa: E402
+from stage2 import formats  # noqa: E402
+from stage2 import held_out  # noqa: E402
+from world.make_data import write_shards  # noqa: E402
 from test_train_clip import photo_jpeg  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
@@ -50,23 +50,23 @@ VAL_SPLIT_SIZE = 10000                     # src/dataset.py create_dataloaders: 
 
 
 def units(folder="/data/a", n=10, samples=10):
-    return [sources.Unit(f"{folder}/{i:05d}.tar", -1, samples) for i in range(n)]
+    return [formats.Unit(f"{folder}/{i:05d}.tar", -1, samples) for i in range(n)]
 
 
 def test_the_split_depends_on_names_and_counts_only():
-    train, held = validation.split_units(units(), 0.5, 0, 15)
+    train, held = held_out.split_units(units(), 0.5, 0, 15)
     assert sum(u.samples for u in held) == 20 and not set(train) & set(held)  # whole units: 2 of 10 for 15 pairs
     assert sum(u.samples for u in train) == 40  # half of the 80 left
-    moved = validation.split_units(units("/elsewhere/b")[::-1], 0.5, 0, 15)  # listed backwards, moved
+    moved = held_out.split_units(units("/elsewhere/b")[::-1], 0.5, 0, 15)  # listed backwards, moved
     assert [Path(u.path).name for u in held] == [Path(u.path).name for u in moved[1]]
     assert sorted(Path(u.path).name for u in train) == sorted(Path(u.path).name for u in moved[0])
-    assert validation.split_units(units(), 1.0, 25, 0)[0] != validation.split_units(units(), 1.0, 35, 0)[0]
-    assert sum(u.samples for u in validation.split_units(units(), 1.0, 25, 0)[0]) == 30  # whole units up to >= 25
-    assert validation.split_units(units(), 1.0, 0, 0) == (units(), [])  # the default: everything trains
-    with_empty = units() + [sources.Unit("/data/a/empty13.tar", -1, 0)]  # no sample, and last in hash order
-    assert validation.split_units(with_empty, 1.0, 0, 0) == (with_empty, [])  # (data_units: resumes still match)
+    assert held_out.split_units(units(), 1.0, 25, 0)[0] != held_out.split_units(units(), 1.0, 35, 0)[0]
+    assert sum(u.samples for u in held_out.split_units(units(), 1.0, 25, 0)[0]) == 30  # whole units up to >= 25
+    assert held_out.split_units(units(), 1.0, 0, 0) == (units(), [])  # the default: everything trains
+    with_empty = units() + [formats.Unit("/data/a/empty13.tar", -1, 0)]  # no sample, and last in hash order
+    assert held_out.split_units(with_empty, 1.0, 0, 0) == (with_empty, [])  # (data_units: resumes still match)
     with pytest.raises(ValueError, match="val_samples=200"):
-        validation.split_units(units(), 1.0, 0, 200)
+        held_out.split_units(units(), 1.0, 0, 200)
 
 
 def test_the_paper_configs_hold_the_authors_values():

@@ -34,13 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
-import contrastive  # noqa: E402
+from stage2 import contrastive  # noqa: E402
 import evaluate  # noqa: E402
-import nights  # noqa: E402
+from stage1 import nights  # noqa: E402
 import hold_at_step  # noqa: E402  (tests/: holds a trainer at a step)
 import train_clip  # noqa: E402
 from checkpoints import load_checkpoint  # noqa: E402
-from make_data import make_nights, write_shards  # noqa: E402
+from world.make_data import make_nights, write_shards  # noqa: E402
 from model import create_model  # noqa: E402
 
 FP32 = common.autocast("cpu", "fp32")

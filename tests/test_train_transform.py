@@ -37,8 +37,8 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from skimage import data as skdata
 
-import augment
-from augment import TrainTransform
+from stage2 import augment
+from stage2.augment import TrainTransform
 
 N = 20_000  # draws: ~3 s
 WIDTH, HEIGHT = 500, 375  # a YFCC-like 4:3 photo

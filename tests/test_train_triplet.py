@@ -35,10 +35,10 @@ import common
 import hold_at_step  # tests/: holds a trainer at a step
 import train_triplet
 from evaluate import evaluate_nights
-from make_data import make_nights
+from world.make_data import make_nights
 from checkpoints import load_checkpoint
 from model import create_model
-from nights import NightsDataset
+from stage1.nights import NightsDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [str(ROOT / "configs/nights_tiny.yaml")]

@@ -1,4 +1,4 @@
-"""Stage 1's other sources (triplet_sources.py) and what all sources share (triplets.py).
+"""Stage 1's other sources (other_sources.py) and what all sources share (triplets.py).
 
 Every fixture is laid out as its producer ships it, written here (not by the kit):
   - BAPPS: LPIPS' layout (github richzhang/PerceptualSimilarity, scripts/download_dataset.sh and
@@ -49,8 +49,8 @@ from PIL import Image, ImageFilter
 
 import evaluate
 import train_triplet
-import triplet_sources
-import triplets
+from stage1 import other_sources
+from stage1 import triplets
 from common import grad_scaler
 from data import image_transform
 from model import create_model, nights_distances
@@ -126,14 +126,14 @@ def write_bapps(root, n, seed=0, backwards=False, subsets=("traditional", "cnn")
 
 
 def test_bapps_labels_the_right_way_round(tmp_path):
-    splits = triplet_sources.open_splits("bapps", write_bapps(tmp_path / "2afc", 16), SIZE)
+    splits = other_sources.open_splits("bapps", write_bapps(tmp_path / "2afc", 16), SIZE)
     assert sorted(splits) == ["train", "val", "val_cnn", "val_traditional"]  # BAPPS ships no test split
     assert len(splits["train"]) == 32 and len(splits["val_cnn"]) == 16
     assert sorted(set(splits["val"].p.tolist())) == pytest.approx([0.2, 0.8])
     assert score_through_training_loader(splits["train"]) >= 0.8  # measured 1.0
-    backwards = triplet_sources.open_splits("bapps", write_bapps(tmp_path / "back", 16, backwards=True), SIZE)
+    backwards = other_sources.open_splits("bapps", write_bapps(tmp_path / "back", 16, backwards=True), SIZE)
     assert score_through_training_loader(backwards["train"]) <= 0.2
-    only = triplet_sources.open_splits("bapps", tmp_path / "2afc", SIZE, bapps_subsets="cnn")
+    only = other_sources.open_splits("bapps", tmp_path / "2afc", SIZE, bapps_subsets="cnn")
     assert sorted(only) == ["train", "val", "val_cnn"] and len(only["train"]) == 16
 
 
@@ -162,7 +162,7 @@ def test_bapps_2afc_equals_lpips_scoring(tmp_path):
             fa, fb = (torch.nn.functional.normalize(model.visual(x), dim=-1) for x in (a, b))
         return 1 - (fa * fb).sum(-1)
 
-    splits = triplet_sources.open_splits("bapps", root, SIZE)
+    splits = other_sources.open_splits("bapps", root, SIZE)
     for subset in ("traditional", "cnn"):
         reference, _ = score_2afc_dataset(Loader(root / "val" / subset), distance)
         assert evaluate.evaluate_triplets(model, splits[f"val_{subset}"], "cpu") == pytest.approx(reference, abs=1e-6)
@@ -172,18 +172,18 @@ def test_bapps_bad_input_is_named(tmp_path):
     root = write_bapps(tmp_path / "2afc", 3, subsets=("cnn",), splits=("val",))
     np.save(root / "val/cnn/judge/000001.npy", np.array([1.7]))
     with pytest.raises(ValueError, match=r"judge/000001.npy: expected one number in \[0, 1\]"):
-        triplet_sources.open_splits("bapps", root, SIZE)
+        other_sources.open_splits("bapps", root, SIZE)
     np.save(root / "val/cnn/judge/000001.npy", np.array([0.2, 0.8]))
     with pytest.raises(ValueError, match=r"judge/000001.npy: expected one number"):
-        triplet_sources.open_splits("bapps", root, SIZE)
+        other_sources.open_splits("bapps", root, SIZE)
     np.save(root / "val/cnn/judge/000001.npy", np.array([0.4]))
     (root / "val/cnn/p1/000002.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"val/cnn/p1/000002.png does not exist, but 000002 is in the other"):
-        triplet_sources.open_splits("bapps", root, SIZE)
+        other_sources.open_splits("bapps", root, SIZE)
     with pytest.raises(ValueError, match=r"bapps_subsets names mix, not under"):
-        triplet_sources.open_splits("bapps", root, SIZE, bapps_subsets="mix")
+        other_sources.open_splits("bapps", root, SIZE, bapps_subsets="mix")
     with pytest.raises(FileNotFoundError, match=r"set data_root to its 2afc folder"):
-        triplet_sources.open_splits("bapps", tmp_path, SIZE)
+        other_sources.open_splits("bapps", tmp_path, SIZE)
 
 
 # ---- THINGS -------------------------------------------------------------------------------------------
@@ -223,7 +223,7 @@ def write_things(root, n_photos=8, seed=0, odd_first=False):
 def test_things_labels_rows_and_odd_one_out(tmp_path):
     from cblearn.preprocessing import triplets_from_oddoneout
     root, order = write_things(tmp_path / "things")
-    splits = triplet_sources.open_splits("things", root, SIZE)
+    splits = other_sources.open_splits("things", root, SIZE)
     assert [len(splits[s]) for s in ("train", "val", "test")] == [48, 24, 24]  # two rows per trial
     # The rows are cblearn's triplets from the same odd-one-out trials (odd one in column 2).
     trials = np.loadtxt(root / "triplet_dataset/trainset.txt", dtype=int)
@@ -236,7 +236,7 @@ def test_things_labels_rows_and_odd_one_out(tmp_path):
     assert score_through_training_loader(splits["train"]) >= 0.8  # measured 1.0
     # Read from the wrong column, the same file fails: of each trial's two rows, the one whose reference
     # is the photo's blur is judged backwards (score ~0) and the other has an unrelated reference (~0.5).
-    wrong = triplet_sources.open_splits("things", root, SIZE, odd_column=0)
+    wrong = other_sources.open_splits("things", root, SIZE, odd_column=0)
     assert score_through_training_loader(wrong["train"]) <= 0.4  # measured 0.31
     torch.manual_seed(0)
     model = create_model("tiny", image_size=SIZE)
@@ -244,15 +244,15 @@ def test_things_labels_rows_and_odd_one_out(tmp_path):
     assert evaluate.odd_one_out_accuracy(model, wrong["val"], "cpu")["accuracy"] <= 0.2
     # A reader that sorted the concept names would pair the wrong images: near chance, not >= 0.8.
     (root / "unique_id.txt").write_text("".join(f"{c}\n" for c in sorted(order)))
-    assert score_through_training_loader(triplet_sources.open_splits("things", root, SIZE)["train"]) < 0.8
+    assert score_through_training_loader(other_sources.open_splits("things", root, SIZE)["train"]) < 0.8
     # The older SPoSE layout (odd one FIRST, as cblearn documents it): odd_column=0 reads it right.
     first, _ = write_things(tmp_path / "first", odd_first=True)
-    assert score_through_training_loader(triplet_sources.open_splits("things", first, SIZE, odd_column=0)["train"]) >= 0.8
+    assert score_through_training_loader(other_sources.open_splits("things", first, SIZE, odd_column=0)["train"]) >= 0.8
 
 
 def test_odd_one_out_accuracy_equals_a_hand_loop_and_per_image_2afc_equals_per_triplet(tmp_path):
     root, _ = write_things(tmp_path / "things")
-    val = triplet_sources.open_splits("things", root, SIZE)["val"]
+    val = other_sources.open_splits("things", root, SIZE)["val"]
     torch.manual_seed(3)
     model = create_model("tiny", image_size=SIZE).eval()
     transform = image_transform(SIZE, "nights")
@@ -275,18 +275,18 @@ def test_things_bad_input_is_named(tmp_path):
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:4] + ["3 4 99"] + lines[5:]) + "\n")
     with pytest.raises(ValueError, match=r"validationset.txt line 5: concept index 99 out of range: unique_id.txt lists 16"):
-        triplet_sources.open_splits("things", root, SIZE)
+        other_sources.open_splits("things", root, SIZE)
     path.write_text("\n".join(lines[:2] + ["3 4"] + lines[3:]) + "\n")
     with pytest.raises(ValueError, match=r"validationset.txt line 3: expected three 0-based concept indices, got '3 4'"):
-        triplet_sources.open_splits("things", root, SIZE)
+        other_sources.open_splits("things", root, SIZE)
     path.write_text("\n".join(lines[:6] + ["3 3 5"] + lines[7:]) + "\n")
     with pytest.raises(ValueError, match=r"validationset.txt line 7: the triplet names image .* twice"):
-        triplet_sources.open_splits("things", root, SIZE)
+        other_sources.open_splits("things", root, SIZE)
     path.write_text("\n".join(lines) + "\n")
     (root / "images" / f"{order[0]}.jpg").unlink()
     with pytest.raises(FileNotFoundError, match=rf"trainset.txt line \d+: image .*images/{order[0]}.jpg does not exist"):
-        triplet_sources.open_splits("things", root, SIZE)
-    assert triplet_sources.open_splits("things", root, SIZE, skip_missing=True)["train"].counts["missing_images"] > 0
+        other_sources.open_splits("things", root, SIZE)
+    assert other_sources.open_splits("things", root, SIZE, skip_missing=True)["train"].counts["missing_images"] > 0
 
 
 # ---- triplet tables and class folders ----------------------------------------------------------------------
@@ -317,10 +317,10 @@ def write_tables(root, seed=0, swap=False):
 
 def test_triplet_tables(tmp_path):
     root = write_tables(tmp_path / "tables")
-    splits = triplet_sources.open_splits("triplets", root, SIZE)
+    splits = other_sources.open_splits("triplets", root, SIZE)
     assert [len(splits[s]) for s in ("train", "val", "test")] == [12, 6, 6]
     assert score_through_training_loader(splits["train"]) >= 0.8
-    swapped = triplet_sources.open_splits("triplets", write_tables(tmp_path / "swapped", swap=True), SIZE)
+    swapped = other_sources.open_splits("triplets", write_tables(tmp_path / "swapped", swap=True), SIZE)
     assert score_through_training_loader(swapped["train"]) <= 0.2
     # The path form, with a share column: same images, same answer.
     with open(root / "train_triplets.csv") as f:
@@ -331,20 +331,20 @@ def test_triplet_tables(tmp_path):
     pd.DataFrame([(f"../tables/Things1854/{names[int(r['anchor_idx'])]}", f"../tables/Things1854/{names[int(r['positive_idx'])]}",
                    f"../tables/Things1854/{names[int(r['negative_idx'])]}", 0.9) for r in rows],
                  columns=["anchor", "positive", "negative", "share"]).to_csv(paths / "train_triplets.csv", index=False)
-    by_path = triplet_sources.open_splits("triplets", paths, SIZE)["train"]
-    assert len(by_path) == 12 and torch.allclose(by_path.p, torch.full((12,), 0.9)) and len(triplet_sources.open_splits("triplets", paths, SIZE)["val"]) == 0
+    by_path = other_sources.open_splits("triplets", paths, SIZE)["train"]
+    assert len(by_path) == 12 and torch.allclose(by_path.p, torch.full((12,), 0.9)) and len(other_sources.open_splits("triplets", paths, SIZE)["val"]) == 0
     # Bad input: an index not in the mapping, a missing image, the same image twice.
     text = (root / "val_triplets.csv").read_text().splitlines()
     (root / "val_triplets.csv").write_text("\n".join(text[:3] + ["5,999,7"] + text[4:]) + "\n")
     with pytest.raises(ValueError, match=r"val_triplets.csv line 4, column positive_idx: index '999' is not in"):
-        triplet_sources.open_splits("triplets", root, SIZE)
+        other_sources.open_splits("triplets", root, SIZE)
     (root / "val_triplets.csv").write_text("\n".join(text[:2] + ["5,5,7"] + text[3:]) + "\n")
     with pytest.raises(ValueError, match=r"val_triplets.csv line 3: the triplet names image .*concept0005_01b.jpg twice"):
-        triplet_sources.open_splits("triplets", root, SIZE)
+        other_sources.open_splits("triplets", root, SIZE)
     (root / "val_triplets.csv").write_text("\n".join(text) + "\n")
     (root / "Things1854/concept0000_01b.jpg").unlink()
     with pytest.raises(FileNotFoundError, match=r"train_triplets.csv line 2: image .*concept0000_01b.jpg does not exist"):
-        triplet_sources.open_splits("triplets", root, SIZE)
+        other_sources.open_splits("triplets", root, SIZE)
 
 
 def write_categories(root, seed=0, swap=False):
@@ -370,18 +370,18 @@ def write_categories(root, seed=0, swap=False):
 
 def test_class_folder_triplets(tmp_path):
     root = write_categories(tmp_path / "nod")
-    splits = triplet_sources.open_splits("categories", root, SIZE, images_per_class=2, seed=5)
+    splits = other_sources.open_splits("categories", root, SIZE, images_per_class=2, seed=5)
     assert [len(splits[s]) for s in ("train", "val", "test")] == [24, 6, 0]
     assert len(splits["train"].images) == 12 * 2  # 12 classes x 2 drawn images: a bounded pool
-    again = triplet_sources.open_splits("categories", root, SIZE, images_per_class=2, seed=5)["train"]
+    again = other_sources.open_splits("categories", root, SIZE, images_per_class=2, seed=5)["train"]
     assert again.images == splits["train"].images and torch.equal(again.rows, splits["train"].rows)  # runs repeat
     assert score_through_training_loader(splits["train"]) >= 0.8
-    swapped = triplet_sources.open_splits("categories", write_categories(tmp_path / "swapped", swap=True), SIZE)
+    swapped = other_sources.open_splits("categories", write_categories(tmp_path / "swapped", swap=True), SIZE)
     assert score_through_training_loader(swapped["train"]) <= 0.2
     text = (root / "val_triplets.csv").read_text().splitlines()
     (root / "val_triplets.csv").write_text("\n".join(text[:2] + ["coffee,n99999999,rocket"] + text[3:]) + "\n")
     with pytest.raises(FileNotFoundError, match=r"val_triplets.csv line 3, column positive_cat: no class folder .*n99999999"):
-        triplet_sources.open_splits("categories", root, SIZE)
+        other_sources.open_splits("categories", root, SIZE)
 
 
 # ---- RDMs ----------------------------------------------------------------------------------------------
@@ -409,7 +409,7 @@ def write_rdm(root, seed=0, backwards=False):
 
 def test_rdm_triplets(tmp_path):
     root, rdm = write_rdm(tmp_path / "rdm")
-    splits = triplet_sources.open_splits("rdm", root, SIZE, rdm_min_gap=0.5, rdm_triplets_per_image=20, seed=0)
+    splits = other_sources.open_splits("rdm", root, SIZE, rdm_min_gap=0.5, rdm_triplets_per_image=20, seed=0)
     train = splits["train"]
     rows = train.rows.numpy()
     gaps = rdm[rows[:, 0], rows[:, 1]] - rdm[rows[:, 0], rows[:, 2]]
@@ -419,26 +419,26 @@ def test_rdm_triplets(tmp_path):
     assert not (parts[0] & parts[1]) and not (parts[0] & parts[2])  # held-out triplets use unseen images
     assert score_through_training_loader(train) >= 0.8
     back, _ = write_rdm(tmp_path / "back", backwards=True)
-    assert score_through_training_loader(triplet_sources.open_splits("rdm", back, SIZE, rdm_min_gap=0.5, seed=0)["train"]) <= 0.2
+    assert score_through_training_loader(other_sources.open_splits("rdm", back, SIZE, rdm_min_gap=0.5, seed=0)["train"]) <= 0.2
     # Several RDMs by name; a bad matrix is named with what is wrong with it.
     np.save(root / "rdms" / "V4.npy", rdm)
-    both = triplet_sources.open_splits("rdm", root, SIZE, rdm="V1,V4", rdm_min_gap=0.5, seed=0)["train"]
+    both = other_sources.open_splits("rdm", root, SIZE, rdm="V1,V4", rdm_min_gap=0.5, seed=0)["train"]
     assert len(both) > len(train) and torch.equal(both.rows[:len(train)], train.rows)  # V1's rows, then V4's
     for bad, message in ((rdm[:, :-1], "must be square"), (rdm[:-2, :-2], "the matrix is 30 x 30 but there are 32 images"),
                          (np.where(np.eye(32, k=3) > 0, np.nan, rdm), r"entry \(0, 3\) is nan"),
                          (rdm + np.eye(32, k=1), r"not symmetric: entry \(\d+, \d+\)")):
         np.save(root / "rdms" / "bad.npy", bad)
         with pytest.raises(ValueError, match=rf"rdms/bad.npy: .*{message}"):
-            triplet_sources.open_splits("rdm", root, SIZE, rdm="bad")
+            other_sources.open_splits("rdm", root, SIZE, rdm="bad")
     with pytest.raises(FileNotFoundError, match=r"no RDM IT.npy \(available: V1, V4, bad\)"):
-        triplet_sources.open_splits("rdm", root, SIZE, rdm="IT")
+        other_sources.open_splits("rdm", root, SIZE, rdm="IT")
 
 
 def test_rsa_per_layer_equals_rsatoolbox(tmp_path):
     from rsatoolbox.rdm import RDMs, compare
     from scipy.spatial.distance import pdist
     root, rdm = write_rdm(tmp_path / "rdm")
-    paths, _ = triplet_sources.rdm_images(root)
+    paths, _ = other_sources.rdm_images(root)
     torch.manual_seed(2)
     model = create_model("tiny", image_size=SIZE).eval()
     images = torch.stack([torch.from_numpy(np.ascontiguousarray(triplets.decode(p, SIZE))) for p in paths])
@@ -477,8 +477,8 @@ def test_every_source_reads_from_the_decode_cache(tmp_path):
     cases = {"bapps": write_bapps(tmp_path / "2afc", 4, subsets=("cnn",)), "things": things,
              "triplets": write_tables(tmp_path / "tables"), "categories": write_categories(tmp_path / "nod"), "rdm": root}
     for source, folder in cases.items():
-        cached = triplet_sources.open_splits(source, folder, SIZE)["train"]
-        plain = triplet_sources.open_splits(source, folder, SIZE, cache=False)["train"]
+        cached = other_sources.open_splits(source, folder, SIZE)["train"]
+        plain = other_sources.open_splits(source, folder, SIZE, cache=False)["train"]
         assert cached.cache_path is not None and cached.cache_path.parent == Path(folder) / "cache", source
         for i in range(0, len(cached), 3):
             assert all(torch.equal(a, b) for a, b in zip(cached[i][:3], plain[i][:3])), source
@@ -527,8 +527,8 @@ def test_alignment_command_scores_several_checkpoints(tmp_path):
     assert "| rsa/V1/embedding |" in result.stdout
     torch.manual_seed(1)
     model = create_model("tiny", image_size=SIZE)
-    val = triplet_sources.open_splits("things", things, SIZE)["val"]
+    val = other_sources.open_splits("things", things, SIZE)["val"]
     assert scores["run1"]["things/val/odd_one_out"] == pytest.approx(evaluate.odd_one_out_accuracy(model, val, "cpu")["accuracy"])
     images = torch.stack([torch.from_numpy(np.ascontiguousarray(triplets.decode(p, SIZE)))
-                          for p in triplet_sources.rdm_images(rdm_root)[0]])
+                          for p in other_sources.rdm_images(rdm_root)[0]])
     assert scores["run1"]["rsa/V1/embedding"] == pytest.approx(evaluate.rsa_per_layer(model, images, rdm)["embedding"])

@@ -1,6 +1,6 @@
 """Stage 2's streaming engine: units of image-text data -> one rank's batches, epoch by epoch.
 
-  units = sources.list_units("/data/yfcc15m/{00000..01499}.tar")           # or parquet files
+  units = formats.list_units("/data/yfcc15m/{00000..01499}.tar")           # or parquet files
   loader = Loader(units, TrainTransform(224, "moco"), batch_size=6144, streams=64, workers=8)
   for batch in loader.epoch_batches(epoch, start_step):                    # uint8 images on the device
       images = loader.transform.device(batch["images"], batch["params"])   # augmented, normalised
@@ -24,14 +24,14 @@ the number of ranks or workers (the idea of MosaicML streaming's elastic determi
   - each sample's augmentation is seeded by (seed, epoch, raw position).
 So the data position is (epoch, step): a resumed run, with any workers, or any ranks that divide S,
 continues the same sample sequence, and skips whole consumed units without opening them (a partly
-consumed one is entered at its first needed sample, sources.read_unit(unit, start)).
+consumed one is entered at its first needed sample, formats.read_unit(unit, start)).
 
-Bad samples are skipped and counted by reason (sources.SKIP_REASONS): a batch is then smaller, and
+Bad samples are skipped and counted by reason (formats.SKIP_REASONS): a batch is then smaller, and
 is padded to its nominal size with `valid` False rows (train_clip's loss masks them). A stream of
 mostly bad samples stops with an error naming the files.
 
 Why a file of its own: stage 2's engine (order, streams, workers, batching, resume, bad-data counts);
-formats live in sources.py, the image pipeline in augment.py. Like data.py it knows nothing of the model.
+formats live in formats.py, the image pipeline in augment.py. Like data.py it knows nothing of the model.
 """
 import argparse
 import bisect
@@ -44,9 +44,9 @@ import time
 
 import torch
 
-import sources
-from augment import NUM_PARAMS, TrainTransform
-from sources import SKIP_REASONS
+from stage2 import formats
+from stage2.augment import NUM_PARAMS, TrainTransform
+from stage2.formats import SKIP_REASONS
 
 MIN_SAMPLES_BEFORE_FAILING = 50  # a rank stops once more than half of at least this many samples failed
 
@@ -98,7 +98,7 @@ class _Stream:
         self.plan, self.stream, self.read_kwargs = plan, stream, read_kwargs
         self.window_index, self.buffer, self.order = None, [], []
         self.raw, self.next_raw = None, None
-        self.opened = []  # (unit, start) of every sources.read_unit call, for tests and logs
+        self.opened = []  # (unit, start) of every formats.read_unit call, for tests and logs
 
     def _raw_samples(self, raw):
         """One item per raw position from `raw` on: the sample dict, or the skip reason of a sample
@@ -108,7 +108,7 @@ class _Stream:
             delivered, reason = 0, "truncated_shard"
             if unit.samples > offset:
                 self.opened.append((unit, offset))
-                for sample in sources.read_unit(unit, offset, **self.read_kwargs):
+                for sample in formats.read_unit(unit, offset, **self.read_kwargs):
                     if "problem" in sample:
                         reason = sample["problem"]
                         print(f"warning: {sample['source']}: {reason} ({sample['error']}); its remaining "
@@ -256,7 +256,7 @@ class _Work:
             return sample  # a sample its unit did not deliver
         if sample.get("image") is None:
             return "no_image"
-        tokens = sources.caption_tokens(sample, self.context_length)
+        tokens = formats.caption_tokens(sample, self.context_length)
         if isinstance(tokens, str):
             return tokens
         try:
@@ -414,7 +414,7 @@ def check(argv=None):
     from tqdm import tqdm
 
     try:
-        units = sources.list_units(args.spec, image_column=args.image_column, text_column=args.text_column)
+        units = formats.list_units(args.spec, image_column=args.image_column, text_column=args.text_column)
         streams = math.gcd(args.streams, args.batch_size)
         loader = Loader(units, TrainTransform(args.image_size, args.augment), args.batch_size, streams,
                         workers=args.workers, seed=args.seed, window=args.shuffle_buffer, device=args.device,

@@ -9,7 +9,7 @@ layer against a reference RDM, for several checkpoints in one table, JSON and pl
 evaluate.py is the one entry point for every metric: it imports these (the trainers' periodic 2AFC calls
 evaluate.evaluate_nights) and hands `--alignment` to alignment_main. They live beside it, as the probes
 do in probes.py, because evaluate.py with them ran past 700 lines; this file imports nothing of it.
-Sources are read by triplet_sources.py (docs/stage1-data.md).
+Sources are read by other_sources.py (docs/stage1-data.md).
 """
 import argparse
 import json
@@ -21,13 +21,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import probes
-import triplet_sources
+from analysis import probes
+from stage1 import other_sources
 from checkpoints import load_checkpoint, run_labels
 from common import autocast, default_precision, ignore_stop_signals, user_input
 from model import nights_distances
 from progress import progress as progress_bar
-from triplets import decode, model_input
+from stage1.triplets import decode, model_input
 
 
 def _percent(value):
@@ -120,11 +120,11 @@ def odd_one_out_accuracy(model, dataset, device, batch_size=256, precision="fp32
     """THINGS split -> {"accuracy": share of trials whose odd one (the LAST column) the model picks,
     chance 1/3; "ceiling_normalised": (accuracy - 1/3) / (0.6767 - 1/3), 1 = as good as the between-
     subject noise ceiling (brain-score's hebart2023 normalisation)}."""
-    trials = torch.as_tensor(triplet_sources.served_trials(dataset))
+    trials = torch.as_tensor(other_sources.served_trials(dataset))
     if features is None:
         features = embed_images(model, dataset, device, batch_size, precision)
     accuracy = (odd_one_out_choice(features, trials) == 2).double().mean().item() if len(trials) else float("nan")
-    return {"accuracy": accuracy, "ceiling_normalised": (accuracy - 1 / 3) / (triplet_sources.THINGS_CEILING - 1 / 3)}
+    return {"accuracy": accuracy, "ceiling_normalised": (accuracy - 1 / 3) / (other_sources.THINGS_CEILING - 1 / 3)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def odd_one_out_accuracy(model, dataset, device, batch_size=256, precision="fp32
 # python evaluate.py --alignment --ckpt A.pt --ckpt B.pt [--bapps 2afc/] [--nights nights/] [--things things/]
 #                    [--rdm-root DIR [--rdm V1,V4]] --out alignment.json
 # Every score is also a function: alignment_scores(models, ...) -> {label: {score: value}}.
-# Sources are read by triplet_sources.py (docs/stage1-data.md); only the evaluation splits are decoded.
+# Sources are read by other_sources.py (docs/stage1-data.md); only the evaluation splits are decoded.
 
 ALIGNMENT_SPLITS = {"bapps": ("val",), "nights": ("val", "test", "test_imagenet", "test_no_imagenet"),
                     "things": ("val", "test")}
@@ -155,7 +155,7 @@ def rsa_per_layer(model, images, rdm, device="cpu", batch_size=256):
 
 def _source_splits(source, root, image_size, cache_dir, workers):
     with user_input():  # a missing file or a bad row is the user's to fix
-        splits = triplet_sources.open_splits(source, root, image_size, cache_dir=cache_dir, workers=workers,
+        splits = other_sources.open_splits(source, root, image_size, cache_dir=cache_dir, workers=workers,
                                              splits=ALIGNMENT_SPLITS[source])
     return {name: split for name, split in splits.items() if len(split) and (source != "bapps" or name != "val")}
 
@@ -185,9 +185,9 @@ def alignment_scores(models, labels, bapps=None, nights=None, things=None, rdm_r
                                                                               precision, workers)
         if rdm_root:
             with user_input():
-                paths, _ = triplet_sources.rdm_images(rdm_root)
-                names = triplet_sources.rdm_names(rdm_root, rdm)
-                matrices = {n: triplet_sources.read_rdm(Path(rdm_root) / "rdms" / f"{n}.npy", len(paths)) for n in names}
+                paths, _ = other_sources.rdm_images(rdm_root)
+                names = other_sources.rdm_names(rdm_root, rdm)
+                matrices = {n: other_sources.read_rdm(Path(rdm_root) / "rdms" / f"{n}.npy", len(paths)) for n in names}
             images = torch.stack([torch.from_numpy(np.ascontiguousarray(decode(p, size))) for p in paths])
             for label, model in group:
                 for name, matrix in matrices.items():

@@ -17,7 +17,7 @@ import hashlib
 import math
 from pathlib import Path
 
-from triplets import (DECODE_ERRORS, EpochBatches, LineOf, TripletDataset, decode, default_cache_dir,  # noqa: F401
+from stage1.triplets import (DECODE_ERRORS, EpochBatches, LineOf, TripletDataset, decode, default_cache_dir,  # noqa: F401
                       epoch_batches, model_input, train_loader)
 
 # ---------------------------------------------------------------------------------------------------

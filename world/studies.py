@@ -32,9 +32,9 @@ import statistics
 import sys
 import time
 
-import make_data
+from world import make_data
 from demo import PLANS, _stale, run_step, shard_spec, untrained
-from demo_report import _mean_sd, _pct, _pyplot, _signed, main_metrics, read_results
+from world.report import _mean_sd, _pct, _pyplot, _signed, main_metrics, read_results
 
 STUDIES = ("efficiency", "sources")
 # Arm label (as results.md names it) -> run folder under seed<S>/ (stage 1 in stage1_<folder>).
@@ -123,23 +123,23 @@ def alignment_scores(checkpoints, data_root):
     """{run folder: {"2afc", "odd_one_out", "rsa_early", "rsa_late"}} for each checkpoint: 2AFC on the
     NIGHTS-format test triplets, odd-one-out accuracy on the THINGS-format test trials (testset1), and
     the Spearman correlation of the tower's image distances (1 - cos) with each area's RDM over the
-    held-out stimuli. The data is read by the readers train_triplet.py uses (triplet_sources.py), the
+    held-out stimuli. The data is read by the readers train_triplet.py uses (other_sources.py), the
     scores are evaluate.py's."""
     import numpy as np  # imported here, where they are needed: the report does without torch
     import evaluate
-    import triplet_sources
+    from stage1 import other_sources
     from checkpoints import load_checkpoint
-    from probes import representational_similarity
+    from analysis.probes import representational_similarity
     scores, splits = {}, {}
     for path in checkpoints:
         model = load_checkpoint(path)
         size = model.config.image_size
         if size not in splits:
             splits[size] = {
-                "nights": triplet_sources.open_splits("nights", data_root / "nights", size)["test"],
-                "things": triplet_sources.open_splits("things", data_root / "stimuli", size)["test"],
+                "nights": other_sources.open_splits("nights", data_root / "nights", size)["test"],
+                "things": other_sources.open_splits("things", data_root / "stimuli", size)["test"],
                 # the RDM reader's image list: every held-out image, in images.txt's order (the RDM's rows)
-                "heldout": triplet_sources.open_splits("rdm", data_root / "stimuli_test", size, rdm=make_data.AREAS[0])["train"]}
+                "heldout": other_sources.open_splits("rdm", data_root / "stimuli_test", size, rdm=make_data.AREAS[0])["train"]}
         data = splits[size]
         heldout = evaluate.embed_images(model, data["heldout"], "cpu")
         scores[path.parent.name] = {

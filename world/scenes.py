@@ -409,7 +409,7 @@ def demo_pairs(n, seed=0, size=64):
 
 def _mnist_digits():
     """The 500 real MNIST digits of assets/mnist_500.png (row d = 50 digits of class d)."""
-    sheet = Image.open(Path(__file__).resolve().parent / "assets" / "mnist_500.png").convert("RGB")
+    sheet = Image.open(Path(__file__).resolve().parents[1] / "assets" / "mnist_500.png").convert("RGB")
     return [(sheet.crop((28 * i, 28 * d, 28 * i + 28, 28 * d + 28)), d) for d in range(10) for i in range(sheet.width // 28)]
 
 

@@ -28,8 +28,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-import sources
-from augment import NUM_PARAMS, TrainTransform
+from stage2 import formats
+from stage2.augment import NUM_PARAMS, TrainTransform
 
 RECALL_KS = (1, 5, 10)
 
@@ -80,12 +80,12 @@ class HeldOutPairs:
     def __init__(self, units, count, image_size, context_length=77, image_column="images", text_column="texts"):
         self.images, self.tokens = [], []
         for unit in units:
-            for sample in sources.read_unit(unit, 0, image_column=image_column, text_column=text_column):
+            for sample in formats.read_unit(unit, 0, image_column=image_column, text_column=text_column):
                 if len(self.images) == count:
                     break
                 if "problem" in sample or sample.get("image") is None:
                     continue
-                tokens = sources.caption_tokens(sample, context_length)
+                tokens = formats.caption_tokens(sample, context_length)
                 if isinstance(tokens, str):  # a skip reason
                     continue
                 self.images.append(bytes(sample["image"]))

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nights import NIGHTS_SPLITS, NightsDataset, root_key
-from triplets import LineOf, TripletDataset
+from stage1.nights import NIGHTS_SPLITS, NightsDataset, root_key
+from stage1.triplets import LineOf, TripletDataset
 
 DATA_FORMATS = ("nights", "bapps", "things", "triplets", "categories", "rdm")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".JPEG", ".JPG", ".PNG")
