@@ -31,91 +31,18 @@ retrained, and a run cut short resumes from its checkpoint (the trainers do that
 Delete OUT (and data/demo) to start afresh.
 """
 import argparse
-import dataclasses
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-import yaml
 
-import evaluate
+from analysis import zero_shot
 from world import make_data
-from stage1 import nights
-from world.report import ARMS, PROBED, _mean_sd, _signed, collect, main_metrics, plot, plot_probes, read_results, report
-from model import create_model
-
-ROOT = Path(__file__).resolve().parent
-
-# The two demo sizes. `full` is tuned so that stage 1 clearly learns (val 2AFC well above 0.5, while
-# pixel distance scores 0.55 on this world) and stage 2 is in the few-data regime where an
-# initialisation can matter; `quick` only proves the pipeline end to end.
-PLANS = {
-    "full": dict(
-        data=dict(size=64, triplets=6000, pairs=3000, per_class=40, retrieval=200, probe=200),
-        stage1=[], stage2=[], posthoc=[],  # the config files hold the full settings
-        linear_probe="demo",  # every demo task with a train split
-    ),
-    "quick": dict(
-        data=dict(size=32, triplets=300, pairs=256, per_class=6, retrieval=30, probe=40),
-        stage1=["--epochs", "2", "--batch_size", "32", "--warmup_steps", "2"],
-        stage2=["--epochs", "1", "--max_steps", "6", "--batch_size", "32", "--warmup_steps", "2", "--eval_every", "6",
-                "--save_every", "3"],
-        posthoc=["--epochs", "1", "--batch_size", "32"],
-        linear_probe="demo_colour,demo_size",
-    ),
-}
-
-
-def run_step(title, command, done_file):
-    """Run one script as a subprocess unless its output says it already finished."""
-    if done_file.exists():
-        print(f"== {title}: finished earlier ({done_file}), reused")
-        return 0.0
-    print(f"== {title}\n   {' '.join(command)}", flush=True)
-    start = time.time()
-    result = subprocess.run([sys.executable, *command], cwd=ROOT)
-    if result.returncode != 0:
-        raise SystemExit(f"demo: {title} failed (exit code {result.returncode}); command:\n  {' '.join(command)}\n"
-                         "Rerun demo.py to resume where it stopped.")
-    if not done_file.exists():  # a trainer stopped by SIGTERM saves and exits 0 before it has finished
-        raise SystemExit(f"demo: {title} stopped before it finished ({done_file} was not written); "
-                         "rerun demo.py to resume where it stopped.")
-    return time.time() - start
-
-
-def shard_spec(shard_dir):
-    """{00000..000NN}.tar brace spec of the shards make_data wrote (names from sizes.json)."""
-    names = sorted(json.loads((shard_dir / "sizes.json").read_text()))
-    first, last = Path(names[0]).stem, Path(names[-1]).stem
-    return str(shard_dir / (f"{{{first}..{last}}}.tar" if first != last else f"{first}.tar"))
-
-
-def untrained(seed, nights_root, folder):
-    """The stage-1 model before any training (same preset, same seed), saved as a checkpoint for the
-    probes, and its 2AFC: the floor that the shuffled-vote control should stay near. A random network
-    is not at 0.5: like pixel distance, it already sees some of what the observers see."""
-    if (folder / "ckpt.pt").exists() and (folder.parent / "untrained_2afc.json").exists():
-        return
-    preset = yaml.safe_load((ROOT / "configs" / "demo_nights.yaml").read_text())["model"]
-    torch.manual_seed(seed)
-    model = create_model(preset)
-    test = nights.NightsDataset(nights_root, "test", model.config.image_size)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "model_config": dataclasses.asdict(model.config)}, folder / "ckpt.pt")
-    (folder.parent / "untrained_2afc.json").write_text(json.dumps({"test": evaluate.evaluate_nights(model, test, "cpu")}) + "\n")
-
-
-def _stale(result, checkpoints):
-    """Delete `result` when a checkpoint it was computed from is newer (a run changed afterwards)."""
-    newest = max(c.stat().st_mtime for c in checkpoints)
-    if result.exists() and result.stat().st_mtime < newest:
-        result.unlink()
-
+from world.report import ARMS, PROBED, mean_sd, signed, collect, main_metrics, plot, plot_probes, read_results, report
+from world.pipeline import PLANS, drop_if_stale, run_step, shard_spec, untrained
 
 def run_seed(seed, plan, data_root, out, control, authors=False):
     """Stages 1-4 and the probes for one seed -> {step: seconds}. control=False skips the shuffled and
@@ -151,7 +78,7 @@ def run_seed(seed, plan, data_root, out, control, authors=False):
               "--init", str(runs["baseline"] / "ckpt.pt"), *plan["posthoc"]], "posthoc")
     checkpoints = [runs[a] / "ckpt.pt" for a in arms]
     results = seed_dir / "results.json"
-    _stale(results, checkpoints)
+    drop_if_stale(results, checkpoints)
     evaluation = ["evaluate.py", "--suite", "demo", "--data-root", str(tasks_root), "--out", str(results), "--workers", "0"]
     seconds["evaluate"] = run_step(f"seed {seed}: zero-shot evaluation of the {len(arms)} arms",
                                    evaluation + [a for c in checkpoints for a in ("--ckpt", str(c))], results)
@@ -159,7 +86,7 @@ def run_seed(seed, plan, data_root, out, control, authors=False):
         seconds.update(run_authors_arms(seed_dir, stage1, stage2, evaluation))
     probed = [runs[name] / "ckpt.pt" for name in PROBED if (runs[name] / "ckpt.pt").exists()]
     probes = seed_dir / "probes.json"
-    _stale(probes, probed)
+    drop_if_stale(probes, probed)
     seconds["probes"] = run_step(
         f"seed {seed}: probes of the feature space (CKA, similarity to the observers, linear probes)",
         ["evaluate.py", "--probe", *map(str, probed), "--images", str(data_root / "probe"), "--linear-probe", plan["linear_probe"],
@@ -192,7 +119,7 @@ def run_authors_arms(seed_dir, stage1, stage2, evaluation):
         seconds[name] = run_step(f"{seed_dir.name}: {title}", command + ["--out_dir", str(runs[name])], runs[name] / "summary.json")
     checkpoints = [runs[name] / "ckpt.pt" for name in ("pi_authors", "baseline_authors")]
     results = seed_dir / "results_authors.json"
-    _stale(results, checkpoints)
+    drop_if_stale(results, checkpoints)
     command = evaluation[:evaluation.index("--out") + 1] + [str(results)] + evaluation[evaluation.index("--out") + 2:]
     seconds["evaluate authors"] = run_step(f"{seed_dir.name}: zero-shot evaluation of the authors' arms",
                                            command + [a for c in checkpoints for a in ("--ckpt", str(c))], results)
@@ -207,7 +134,7 @@ def authors_table(out, per_seed):
     for seed, numbers in per_seed.items():
         by_run = read_results(out / f"seed{seed}" / "results_authors.json")
         tables.append(f"seed {seed}, the PI authors' model (preset tiny-authors, {AUTHORS_SETTINGS}):\n\n"
-                      f"{evaluate.comparison_table(by_run)}")
+                      f"{zero_shot.comparison_table(by_run)}")
         average = {run: statistics.fmean(tasks.values()) for run, tasks in {**numbers["zero_shot"], **main_metrics(by_run)}.items()}
         gains["OpenAI's (tiny)"].append(average["pi"] - average["baseline"])
         gains["the authors' (tiny-authors)"].append(average["pi_authors"] - average["baseline_authors"])
@@ -215,8 +142,8 @@ def authors_table(out, per_seed):
              "| model | " + " | ".join(f"seed {s}" for s in per_seed) + " | mean ± sd | seeds won |",
              "|---|" + "---|" * (len(per_seed) + 2)]
     for model, values in gains.items():
-        lines.append(f"| {model} | " + " | ".join(_signed(v) for v in values)
-                     + f" | {_signed(*_mean_sd(values))} | {sum(v > 0 for v in values)}/{len(values)} |")
+        lines.append(f"| {model} | " + " | ".join(signed(v) for v in values)
+                     + f" | {signed(*mean_sd(values))} | {sum(v > 0 for v in values)}/{len(values)} |")
     return "\n\n".join(tables + ["\n".join(lines)])
 
 

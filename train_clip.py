@@ -18,7 +18,7 @@ The story: config -> setup -> checkpoint (resume check, finished?) -> data -> mo
 
 Beside it, each with one responsibility, so that this file stays readable in one sitting:
 contrastive.py (the loss, over the whole batch or groups of it, and its cached-feature accumulation),
-held_out.py (which units train and which are held out, and the held-out score), tracking.py
+held_out.py (which units train and which are held out, and the held-out score), logs.py
 (TensorBoard / W&B beside metrics.jsonl), shards.py (the data order).
 """
 import dataclasses
@@ -33,17 +33,18 @@ import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401  (torch.distributed.nn.functional.all_gather: not imported by the line above)
 from tqdm import tqdm
 
-import common
+import cli
+import logs
+import training
 from stage1 import nights
 from stage2 import shards
 from stage2 import formats
-import tracking
 from stage2 import held_out
 from stage2.augment import TrainTransform
 from checkpoints import check_activation, check_state_dict, optional_key, read_checkpoint
 from stage2.contrastive import accumulate_gradients
 from model import create_model, model_config, parse_settings
-from progress import progress
+from cli import progress
 
 
 
@@ -104,7 +105,7 @@ class Config:
 
 
 # Settings that change what a run computes: resuming with another value would splice two runs, so
-# common.check_resume refuses it. Everything else (log_every, save_every, eval_*, nights_root,
+# training.check_resume refuses it. Everything else (log_every, save_every, eval_*, nights_root,
 # grad_checkpointing, compile, device, out_dir, workers, the number of ranks) may change between a run's
 # starts: the sample order depends on (seed, epoch, streams, shuffle_buffer, batch_size) and the units'
 # counts only (shards.py). train_data may move, not change: data_units / data_samples (the units and
@@ -122,7 +123,7 @@ DATA_FACTS = ("data_units", "data_samples")  # found in train_data at start-up, 
 
 def make_optimizer(model, cfg, device):
     """AdamW as the PI fork and open_clip run it; fused (one kernel for all parameters) on CUDA."""
-    return torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+    return torch.optim.AdamW(training.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              fused=torch.device(device).type == "cuda")
 
 
@@ -157,16 +158,16 @@ def train_step(model, forward, ddp, optimizer, scaler, amp, images, tokens, lr, 
 def resolve_config(cfg, world):
     """The config with its derived defaults filled in (streams), checked against the number of ranks."""
     if cfg.batch_size % world or cfg.batch_size // world < cfg.accum_steps:  # micro-batches may differ by a row
-        raise common.UserError(f"batch_size {cfg.batch_size} must divide into {world} rank(s) of at least {cfg.accum_steps} "
+        raise cli.UserError(f"batch_size {cfg.batch_size} must divide into {world} rank(s) of at least {cfg.accum_steps} "
                                "(accum_steps) rows each")
     if not cfg.streams:  # what divides the batch, as `python shards.py` picks: --batch_size=16 runs on any config
         cfg = dataclasses.replace(cfg, streams=math.gcd(64, cfg.batch_size))
     if 0 < cfg.contrastive_batch < cfg.batch_size and cfg.batch_size % cfg.contrastive_batch:
-        raise common.UserError(f"contrastive_batch {cfg.contrastive_batch} must divide batch_size {cfg.batch_size} "
+        raise cli.UserError(f"contrastive_batch {cfg.contrastive_batch} must divide batch_size {cfg.batch_size} "
                                "(or be 0: the whole batch)")
     if cfg.lr_schedule not in ("cosine", "authors"):
-        raise common.UserError(f"lr_schedule must be cosine or authors, got {cfg.lr_schedule!r}")
-    tracking.check(cfg.log_to)
+        raise cli.UserError(f"lr_schedule must be cosine or authors, got {cfg.lr_schedule!r}")
+    logs.check(cfg.log_to)
     return cfg
 
 
@@ -179,7 +180,7 @@ def lr_function(schedule):
     course at the end (the lr ends at ~94% of its peak): in effect, warmup then a nearly constant lr."""
     lr, warmup, length = schedule["lr"], schedule["warmup_steps"], schedule["total_steps"]
     if schedule.get("lr_schedule", "cosine") == "cosine":
-        return lambda step: common.cosine_lr(step - 1, lr, warmup, length)
+        return lambda step: training.cosine_lr(step - 1, lr, warmup, length)
     length *= schedule["groups_per_step"]  # their micro-batches: one per group of contrastive_batch
 
     def authors(step):
@@ -198,7 +199,7 @@ def list_units(cfg, argv, d):
                                       text_column=cfg.text_column)
         except FileNotFoundError as e:
             source = next((a for a in argv if a.endswith((".yaml", ".yml"))), "the Config defaults")
-            raise common.UserFileNotFound(
+            raise cli.UserFileNotFound(
                 f"train_data: {e} (train_data={cfg.train_data!r}, from {source} or the command line). Put the data "
                 f"there, or point elsewhere with --train_data='/path/to/{{00000..00099}}.tar' (or .parquet; several "
                 "specs joined by '::')") from None
@@ -216,15 +217,15 @@ def list_units(cfg, argv, d):
 def load_init(model, path, include_text):
     """The vision tower (and with include_text, everything) from any CLIP checkpoint checkpoints.load_checkpoint
     reads; one that records the other activation than this model's is an error naming both."""
-    with common.user_input():
+    with cli.user_input():
         state_dict, stored = read_checkpoint(path)
         if stored is not None:
             check_activation(f"--init {path}", stored["quickgelu"], model.config.quickgelu)
     taken = {k: v for k, v in state_dict.items() if include_text or k.startswith("visual.")}
     missing = [k for k in model.state_dict() if k.startswith("visual.") and k not in taken and not optional_key(k)]
     if missing:
-        raise common.UserError(f"--init {path}: no vision tower for this model, missing {missing[:5]}{' ...' * (len(missing) > 5)}")
-    with common.user_input():
+        raise cli.UserError(f"--init {path}: no vision tower for this model, missing {missing[:5]}{' ...' * (len(missing) > 5)}")
+    with cli.user_input():
         check_state_dict(model, {**model.state_dict(), **taken}, f"--init {path} (for model {model.config})")
     model.load_state_dict(taken, strict=False)
     return len(taken)
@@ -233,26 +234,27 @@ def load_init(model, path, include_text):
 def evaluate_now(model, cfg, d, precision, held_out_pairs=None):
     """Zero-shot tasks, NIGHTS 2AFC and the held-out pairs (held_out.py) on the main process -> flat
     {metric: value}; the other ranks wait
-    on the CPU group, whose timeout (common.WAIT_TIMEOUT) is far above any evaluation's time. evaluate.py
+    on the CPU group, whose timeout (training.WAIT_TIMEOUT) is far above any evaluation's time. evaluate.py
     is imported only when something is asked for, so a run without evaluation needs nothing of it."""
     tasks = [t.strip() for t in cfg.eval_tasks.split(",") if t.strip()]
     metrics = {}
     if d.is_main and held_out_pairs is not None:
-        metrics.update(held_out_pairs.score(model, d.device, common.autocast(d.device, precision), workers=min(cfg.workers, 4)))
+        metrics.update(held_out_pairs.score(model, d.device, training.autocast(d.device, precision), workers=min(cfg.workers, 4)))
     if d.is_main and (tasks or cfg.nights_root):
-        import evaluate
+        from analysis import zero_shot
+        from stage1 import objective
 
         model.eval()
         if tasks:
-            results = evaluate.run_tasks(model, tasks, cfg.eval_data_root, d.device, workers=cfg.workers, precision=precision)
+            results = zero_shot.run_tasks(model, tasks, cfg.eval_data_root, d.device, workers=cfg.workers, precision=precision)
             for task, result in results.items():
-                name, value = evaluate.main_metric(task, result)
+                name, value = zero_shot.main_metric(task, result)
                 metrics[f"zeroshot/{task}/{name}"] = value
         if cfg.nights_root:
             triplets = nights.NightsDataset(cfg.nights_root, "test", model.config.image_size)
-            metrics["nights/2afc"] = evaluate.evaluate_nights(model, triplets, d.device, precision=precision, workers=cfg.workers)
+            metrics["nights/2afc"] = objective.two_afc_by_triplet(model, triplets, d.device, precision=precision, workers=cfg.workers)
         model.train()
-    common.wait_for_main(d)
+    training.wait_for_main(d)
     return metrics
 
 
@@ -265,28 +267,28 @@ def write_summary(out_dir, step, cfg, skipped_by_reason, metrics, ckpt_path):
 
 
 def main(argv):
-    with common.StopSignal() as stop:  # SIGTERM / SIGINT: stop at a step boundary, saved
+    with training.StopSignal() as stop:  # SIGTERM / SIGINT: stop at a step boundary, saved
         train(argv, stop)
 
 
 def train(argv, stop):
     # --- config and setup -------------------------------------------------------------------------
-    cfg = common.load_config(Config, argv)
-    d = common.setup_distributed(cfg.device)
-    precision = cfg.precision or common.default_precision(d.device)
-    amp = common.autocast(d.device, precision)
+    cfg = cli.load_config(Config, argv)
+    d = training.setup_distributed(cfg.device)
+    precision = cfg.precision or training.default_precision(d.device)
+    amp = training.autocast(d.device, precision)
     world = d.world_size
     cfg = resolve_config(cfg, world)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "ckpt.pt"
-    log = tracking.open_log(out_dir, d.is_main, cfg.log_to, dataclasses.asdict(cfg))
+    log = logs.open_log(out_dir, d.is_main, cfg.log_to, dataclasses.asdict(cfg))
 
     # --- checkpoint: the resume check (settings here, the data below); a finished run is left as it is
-    state = common.load_training_state(ckpt_path) if ckpt_path.exists() else None
+    state = training.load_training_state(ckpt_path) if ckpt_path.exists() else None
     saved = {**state["config"], **state.get("run", {})} if state is not None else None
     if state is not None:
-        common.check_resume(ckpt_path, saved, {**dataclasses.asdict(cfg), "precision": precision},
+        training.check_resume(ckpt_path, saved, {**dataclasses.asdict(cfg), "precision": precision},
                             [k for k in TRAJECTORY_KEYS if k not in DATA_FACTS])
     if state is not None and state["step"] >= state["schedule"]["total_steps"]:
         if d.is_main and not (out_dir / "summary.json").exists():  # killed between the last save and this
@@ -294,32 +296,32 @@ def train(argv, stop):
         if d.is_main:
             tqdm.write(f"{out_dir} holds a finished run ({state['step']} steps): nothing to do "
                        "(use another out_dir for a new run)")
-        common.cleanup_distributed()
+        training.cleanup_distributed()
         return
 
     # --- data -------------------------------------------------------------------------------------
     # The sample order depends on (seed, epoch, streams, shuffle_buffer, batch_size) and the units'
     # counts, not on ranks or workers (shards.py); the data position is (epoch, step), two integers.
     # Images leave the workers as uint8 crops; jitter, grayscale, blur and normalisation run on the device.
-    with common.user_input():  # data_fraction, max_samples, val_samples that the data cannot meet
+    with cli.user_input():  # data_fraction, max_samples, val_samples that the data cannot meet
         units, held_out_units = held_out.split_units(list_units(cfg, argv, d), cfg.data_fraction, cfg.max_samples, cfg.val_samples)
-    with common.user_input():  # a bad preset name or setting
+    with cli.user_input():  # a bad preset name or setting
         shape = model_config(cfg.model, **parse_settings(cfg.model_settings))
-    with common.user_input():  # streams that do not fit the batch or the ranks
+    with cli.user_input():  # streams that do not fit the batch or the ranks
         loader = shards.Loader(units, TrainTransform(shape.image_size, cfg.augment), cfg.batch_size, cfg.streams, d.rank,
                                world, cfg.workers, cfg.accum_steps, cfg.seed, cfg.shuffle_buffer, shape.context_length,
                                d.device, cfg.image_column, cfg.text_column, decode_on_device=cfg.decode_on_device,
-                               worker_init_fn=common.ignore_stop_signals)  # workers leave SIGTERM to the loop
+                               worker_init_fn=training.ignore_stop_signals)  # workers leave SIGTERM to the loop
     plan = loader.plan(0)
     run_facts = {"precision": precision, "data_units": len(units), "data_samples": plan.total}
     if state is not None:  # the same data: its units and samples (it may have moved to another path)
-        common.check_resume(ckpt_path, saved, run_facts, DATA_FACTS)
+        training.check_resume(ckpt_path, saved, run_facts, DATA_FACTS)
     if plan.steps == 0:
-        raise common.UserError(f"train_data: {plan.total} samples do not fill one batch of {cfg.batch_size}: lower batch_size")
+        raise cli.UserError(f"train_data: {plan.total} samples do not fill one batch of {cfg.batch_size}: lower batch_size")
     held_out_pairs = None
     if d.is_main and cfg.val_samples:  # read once by the rank that evaluates
         shape_kwargs = {"image_size": shape.image_size, "context_length": shape.context_length}
-        with common.user_input():
+        with cli.user_input():
             held_out_pairs = held_out.HeldOutPairs(held_out_units, cfg.val_samples, **shape_kwargs, image_column=cfg.image_column,
                                                      text_column=cfg.text_column)
     if d.is_main:
@@ -337,8 +339,8 @@ def train(argv, stop):
     # --- model: resume, else --init, else random --------------------------------------------------
     # The random init is drawn first in every case, so the baseline and the PI run share the text
     # tower and (seeded separately, inside the loader) the data order.
-    common.seed_everything(cfg.seed)
-    with common.user_input():
+    training.seed_everything(cfg.seed)
+    with cli.user_input():
         model = create_model(shape)
     if state is not None:
         model.load_state_dict(state["state_dict"])
@@ -351,41 +353,41 @@ def train(argv, stop):
     model.to(d.device).train()
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     optimizer = make_optimizer(model, cfg, d.device)
-    scaler = common.grad_scaler(d.device, precision)
-    step, skipped = 0, torch.zeros(len(shards.SKIP_REASONS), dtype=torch.int64)
+    scaler = training.grad_scaler(d.device, precision)
+    step, skipped = 0, torch.zeros(len(formats.SKIP_REASONS), dtype=torch.int64)
     position = {"epoch": 0, "step": 0}  # the next step to take: exact ints, valid for any ranks and workers
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        common.set_rng_state(state["rng"])
+        training.set_rng_state(state["rng"])
         step, position = state["step"], state["data_position"]
         if d.is_main:  # the saved count is the sum over ranks: one rank carries it on
-            skipped += torch.tensor([state["samples_skipped"][r] for r in shards.SKIP_REASONS], dtype=torch.int64)
-    forward, ddp = common.wrap_model(model, d, cfg.compile, cfg.compile_backend, cfg.sync_batchnorm)  # `model` stays plain for saving
+            skipped += torch.tensor([state["samples_skipped"][r] for r in formats.SKIP_REASONS], dtype=torch.int64)
+    forward, ddp = training.wrap_model(model, d, cfg.compile, cfg.compile_backend, cfg.sync_batchnorm)  # `model` stays plain for saving
 
     saved_step = step
 
     def save(metrics, path=ckpt_path):
-        skipped_total = common.all_reduce_sum(skipped.tolist(), d.device, torch.int64)
+        skipped_total = training.all_reduce_sum(skipped.tolist(), d.device, torch.int64)
         if d.is_main:
-            common.atomic_save({
+            training.atomic_save({
                 "state_dict": model.state_dict(), "model_config": dataclasses.asdict(model.config),
                 "config": dataclasses.asdict(cfg), "run": run_facts, "metrics": metrics, "step": step,
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": common.rng_state(),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": training.rng_state(),
                 "schedule": schedule, "data_position": dict(position),
-                "samples_skipped": dict(zip(shards.SKIP_REASONS, skipped_total)),
+                "samples_skipped": dict(zip(formats.SKIP_REASONS, skipped_total)),
             }, path)
-        common.wait_for_main(d)  # no rank runs ahead (and into a NCCL timeout) while the main one writes
-        return dict(zip(shards.SKIP_REASONS, skipped_total))
+        training.wait_for_main(d)  # no rank runs ahead (and into a NCCL timeout) while the main one writes
+        return dict(zip(formats.SKIP_REASONS, skipped_total))
 
     # --- the loop ---------------------------------------------------------------------------------
     if d.is_main:
-        log.write({**common.run_header(cfg), "resumed_from_step": step, "total_steps": total_steps,
+        log.write({**logs.run_header(cfg), "resumed_from_step": step, "total_steps": total_steps,
                    "steps_per_epoch": steps_per_epoch, "samples_per_epoch": plan.total, "dropped_per_epoch": plan.dropped,
                    "world_size": world, "precision": precision, "params": model.num_params()})
     bar = progress(total=total_steps, initial=step, disable=not d.is_main, desc="train", dynamic_ncols=True)
     epoch, metrics = position["epoch"], state["metrics"] if state is not None else {}
-    watch = common.LossWatch(d, lr_at)  # losses stay on the device; read at log, evaluation and save steps
+    watch = training.LossWatch(d, lr_at)  # losses stay on the device; read at log, evaluation and save steps
     interval = {"steps": 0, "wait": 0.0, "start": time.perf_counter()}
     while step < total_steps:
         ready = time.perf_counter()
@@ -415,7 +417,7 @@ def train(argv, stop):
                 watch.check(ckpt_path, saved_step)  # nothing non-finite is logged as good, evaluated or saved
             if log_now:
                 seconds = time.perf_counter() - interval["start"]
-                skipped_total = common.all_reduce_sum(skipped.tolist(), d.device, torch.int64)
+                skipped_total = training.all_reduce_sum(skipped.tolist(), d.device, torch.int64)
                 record = {"step": step, "epoch": epoch, "loss": watch.interval_mean(), "lr": lr_at(step),
                           "logit_scale": model.logit_scale.exp().item(), "samples_per_s": interval["steps"] * cfg.batch_size / seconds,
                           "data_wait": interval["wait"] / seconds, "samples_seen": step * cfg.batch_size,
@@ -441,7 +443,7 @@ def train(argv, stop):
                     tqdm.write(f"stopped by {stop.received or 'another rank'} at step {step} of {total_steps}, saved "
                                f"{ckpt_path}; run the same command to resume")
                 log.close()
-                common.cleanup_distributed()
+                training.cleanup_distributed()
                 return
             if step >= total_steps:
                 break
@@ -455,8 +457,8 @@ def train(argv, stop):
     if d.is_main:
         summary = write_summary(out_dir, step, cfg, skipped_by_reason, metrics, ckpt_path)
         tqdm.write(f"done: {step} steps, {summary['samples_seen']} samples seen, {summary['samples_skipped']} skipped")
-    common.cleanup_distributed()
+    training.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    cli.run_cli(main)

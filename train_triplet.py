@@ -15,7 +15,7 @@ full CLIP (text tower at its random init), so it loads anywhere a CLIP checkpoin
 
 Start-up order: if out_dir holds ckpt.pt the run resumes from it exactly (weights, optimiser, step,
 RNG, schedule; the data order is a function of seed + epoch (triplets.epoch_batches), so skipping the
-batches already seen reproduces it) after common.check_resume has refused any changed TRAJECTORY_KEYS; a finished run is
+batches already seen reproduces it) after training.check_resume has refused any changed TRAJECTORY_KEYS; a finished run is
 left as it is. Otherwise weights come from `init` when given, else from a random init. SIGTERM /
 SIGINT stop it at the next step boundary with a checkpoint (exit 0).
 Outputs in out_dir: ckpt.pt, metrics.jsonl (run header, one line per log interval and evaluation),
@@ -31,13 +31,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import common
-import evaluate
+import cli
+import logs
+import training
+from analysis import alignment
+from stage1 import objective
 from stage1 import other_sources
 from stage1 import triplets
 from checkpoints import check_state_dict, config_from_state_dict, read_checkpoint
-from model import CLIP, CLIPConfig, create_model, model_config, nights_distances, parse_settings
-from progress import progress
+from model import CLIP, CLIPConfig, create_model, model_config, parse_settings
+from stage1.objective import triplet_distances
+from cli import progress
 
 
 @dataclass
@@ -80,7 +84,7 @@ class Config:
     epochs: int = 32
     batch_size: int = 768  # global: each of N ranks takes batch_size / N
     lr: float = 5e-4
-    weight_decay: float = 0.1  # not on biases, norms, class / positional embeddings (common.param_groups)
+    weight_decay: float = 0.1  # not on biases, norms, class / positional embeddings (training.param_groups)
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-8
@@ -99,7 +103,7 @@ class Config:
 
 
 # Settings that change what a run computes: resuming with different values would splice two runs, so
-# common.check_resume refuses it. Everything else (workers, log_every, save_every, eval_batch_size,
+# training.check_resume refuses it. Everything else (workers, log_every, save_every, eval_batch_size,
 # stop_after_steps, grad_checkpointing, compile, device, the number of ranks) may change between starts;
 # precision is compared as resolved, train_triplets (the training set's size) as found.
 TRAJECTORY_KEYS = ("model", "model_settings", "image_size", "init", "posthoc", "epochs", "batch_size", "lr", "weight_decay", "beta1",
@@ -136,7 +140,7 @@ def train_mode(model, posthoc):
 def build_model(cfg):
     """A CLIP with only the parameters stage 1 trains left trainable: the whole vision tower, or for
     the post-hoc control only the attention qkv projections of the vision tower (posthoc_parameter)."""
-    with common.user_input():  # a bad preset name or init checkpoint is the user's to fix
+    with cli.user_input():  # a bad preset name or init checkpoint is the user's to fix
         settings = parse_settings(cfg.model_settings)
         if cfg.init and settings:
             raise ValueError(f"model_settings ({cfg.model_settings}) sets up a new model; --init {cfg.init} brings its own")
@@ -161,7 +165,7 @@ def build_model(cfg):
 def make_optimizer(model, cfg, device):
     """AdamW over the trainable parameters; fused (one kernel for all parameters) on CUDA. With
     weight_decay 0 it is exactly Adam: the post-hoc control's optimiser."""
-    return torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+    return torch.optim.AdamW(training.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.eps, fused=torch.device(device).type == "cuda")
 
 
@@ -172,7 +176,7 @@ def train_step(forward, optimizer, scaler, amp, ref, left, right, p, lr, cfg):
     for group in optimizer.param_groups:
         group["lr"] = lr
     with amp:
-        d0, d1 = nights_distances(forward, ref, left, right)
+        d0, d1 = triplet_distances(forward, ref, left, right)
     loss = hinge_loss(d0, d1, p, cfg.margin)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -182,47 +186,47 @@ def train_step(forward, optimizer, scaler, amp, ref, left, right, p, lr, cfg):
 
 
 def main(argv=None):
-    with common.StopSignal() as stop:  # SIGTERM / SIGINT: stop at a step boundary, saved
+    with training.StopSignal() as stop:  # SIGTERM / SIGINT: stop at a step boundary, saved
         return train(sys.argv[1:] if argv is None else argv, stop)
 
 
 def train(argv, stop):
     # ---- setup ------------------------------------------------------------------------------------
-    cfg = common.load_config(Config, argv)
+    cfg = cli.load_config(Config, argv)
     if cfg.posthoc and not cfg.init:
-        raise common.UserError("posthoc: true fine-tunes a trained CLIP: give its checkpoint with --init=PATH")
-    d = common.setup_distributed(cfg.device)
-    device, precision = d.device, cfg.precision or common.default_precision(d.device)
-    amp = common.autocast(device, precision)
+        raise cli.UserError("posthoc: true fine-tunes a trained CLIP: give its checkpoint with --init=PATH")
+    d = training.setup_distributed(cfg.device)
+    device, precision = d.device, cfg.precision or training.default_precision(d.device)
+    amp = training.autocast(device, precision)
     if cfg.batch_size % d.world_size:
-        raise common.UserError(f"batch_size {cfg.batch_size} is not divisible by the {d.world_size} processes")
+        raise cli.UserError(f"batch_size {cfg.batch_size} is not divisible by the {d.world_size} processes")
     out_dir, ckpt_path = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt.pt"
     out_dir.mkdir(parents=True, exist_ok=True)
-    log = common.MetricsLog(out_dir, enabled=d.is_main)
+    log = logs.MetricsLog(out_dir, enabled=d.is_main)
 
     # ---- checkpoint: the resume check; a finished run is left as it is ----------------------------
-    state = common.load_training_state(ckpt_path) if ckpt_path.exists() else None
+    state = training.load_training_state(ckpt_path) if ckpt_path.exists() else None
     if state is not None:
         saved = {**state["config"], **state.get("run", {})}
-        common.check_resume(ckpt_path, saved, {**dataclasses.asdict(cfg), "precision": precision}, TRAJECTORY_KEYS)
+        training.check_resume(ckpt_path, saved, {**dataclasses.asdict(cfg), "precision": precision}, TRAJECTORY_KEYS)
         if "schedule" in state and state["step"] >= state["schedule"]["total_steps"] and (out_dir / "summary.json").exists():
             if d.is_main:
                 tqdm.write(f"{out_dir} holds a finished run ({state['step']} steps): nothing to do "
                            "(use another out_dir for a new run)")
-            common.cleanup_distributed()
+            training.cleanup_distributed()
             return state["metrics"]
-    common.seed_everything(cfg.seed)  # the same random init on every rank
+    training.seed_everything(cfg.seed)  # the same random init on every rank
 
     # ---- model ------------------------------------------------------------------------------------
     model = build_model(cfg).to(device)
     # All that trains is the vision tower: DDP (and compile) wrap just it; `model` stays plain for saving.
-    forward, ddp = common.wrap_model(model.visual, d, cfg.compile, cfg.compile_backend, cfg.sync_batchnorm)
+    forward, ddp = training.wrap_model(model.visual, d, cfg.compile, cfg.compile_backend, cfg.sync_batchnorm)
 
     # ---- data -------------------------------------------------------------------------------------
     # Any source becomes rows of (ref, left, right, p) (other_sources.py). With the cache, every image
     # is decoded here, once (the first process to get there builds it, other ranks wait); later runs
     # reuse it while the source files are unchanged.
-    with common.user_input():  # a missing file or image, a bad row: named by the reader
+    with cli.user_input():  # a missing file or image, a bad row: named by the reader
         splits = other_sources.open_splits(cfg.data_format, cfg.data_root, model.config.image_size, cfg.skip_missing,
                                              cfg.cache, cfg.cache_dir, cfg.workers,
                                              **{k: getattr(cfg, k) for k in other_sources.OPTIONS})
@@ -231,7 +235,7 @@ def train(argv, stop):
     if len(train_set) < cfg.batch_size:
         votes = f" with >= {cfg.min_votes} votes" if cfg.data_format == "nights" else ""
         subset = " after max_triplets / triplet_fraction" if cfg.max_triplets or cfg.triplet_fraction < 1 else ""
-        raise common.UserError(f"{cfg.data_root} ({cfg.data_format}) gives {len(train_set)} training triplets{votes}{subset}, "
+        raise cli.UserError(f"{cfg.data_root} ({cfg.data_format}) gives {len(train_set)} training triplets{votes}{subset}, "
                                f"fewer than one batch of {cfg.batch_size}")
     if cfg.shuffle_labels:
         train_set.p = train_set.p[torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed))]
@@ -240,51 +244,51 @@ def train(argv, stop):
     schedule = {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "total_steps": cfg.epochs * steps_per_epoch,
                 "steps_per_epoch": steps_per_epoch}
     if state is not None:  # the same data (the order is a permutation of this many triplets); the saved schedule
-        common.check_resume(ckpt_path, {**state["config"], **state.get("run", {})}, run_facts, ["train_triplets"])
+        training.check_resume(ckpt_path, {**state["config"], **state.get("run", {})}, run_facts, ["train_triplets"])
         schedule.update(state.get("schedule", {}))
     steps_per_epoch, total_steps = schedule["steps_per_epoch"], schedule["total_steps"]
     # Built once: its workers live across epochs; the batches stay a pure function of seed + epoch.
     loader = triplets.train_loader(train_set, cfg.batch_size, cfg.seed, cfg.workers, d.rank, d.world_size,
                                  pin_memory=device.type == "cuda",
-                                 worker_init_fn=common.ignore_stop_signals)  # SIGTERM is the loop's
+                                 worker_init_fn=training.ignore_stop_signals)  # SIGTERM is the loop's
 
     def lr_at(step):  # the lr of optimiser step number `step` (counting from 1)
-        return common.cosine_lr(step - 1, schedule["lr"], schedule["warmup_steps"], total_steps)
+        return training.cosine_lr(step - 1, schedule["lr"], schedule["warmup_steps"], total_steps)
 
     # ---- optimiser and resume ---------------------------------------------------------------------
     optimizer = make_optimizer(model, cfg, device)
-    scaler = common.grad_scaler(device, precision)
+    scaler = training.grad_scaler(device, precision)
     step, metrics = 0, {}
     if state is not None:
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        common.set_rng_state(state["rng"])
+        training.set_rng_state(state["rng"])
         step, metrics = state["step"], state["metrics"]
     saved_step = step
 
     def save():
         if d.is_main:
             epoch, batch = divmod(step, steps_per_epoch)
-            common.atomic_save({"state_dict": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+            training.atomic_save({"state_dict": model.state_dict(), "model_config": dataclasses.asdict(model.config),
                                 "config": dataclasses.asdict(cfg), "run": run_facts, "metrics": metrics, "step": step,
-                                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": common.rng_state(),
+                                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": training.rng_state(),
                                 "schedule": schedule, "data_position": {"epoch": epoch, "batch": batch}}, ckpt_path)
-        common.wait_for_main(d)  # no rank runs ahead (and into a NCCL timeout) while the main one writes
+        training.wait_for_main(d)  # no rank runs ahead (and into a NCCL timeout) while the main one writes
         return step
 
-    def evaluate_val():  # on the main rank; the others wait on the CPU group (common.WAIT_TIMEOUT)
+    def evaluate_val():  # on the main rank; the others wait on the CPU group (training.WAIT_TIMEOUT)
         if d.is_main:
-            metrics["val"] = evaluate.evaluate_triplets(model, splits["val"], device, cfg.eval_batch_size, precision, cfg.workers)
+            metrics["val"] = objective.two_afc(model, splits["val"], device, cfg.eval_batch_size, precision, cfg.workers)
             log.write({"step": step, "epoch": step // steps_per_epoch, "val_2afc": metrics["val"]},
                       f"epoch {step // steps_per_epoch}: val 2AFC {metrics['val']:.4f}")
-        common.wait_for_main(d)
+        training.wait_for_main(d)
 
     counts = {s: split.counts for s, split in splits.items()}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     few_votes, missing = (sum(counts.get(s, {}).get(k, 0) for s in ("train", "val", "test") for k in keys)
                           for keys in (("few_votes",), ("missing_images", "unreadable_images")))
-    log.write({**common.run_header(cfg), "precision": precision, "world_size": d.world_size, "resumed_from_step": step,
+    log.write({**logs.run_header(cfg), "precision": precision, "world_size": d.world_size, "resumed_from_step": step,
                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "data": counts},
               f"{trainable:,} trainable parameters on {d.world_size} x {device} ({precision}) | triplets: "
               + ", ".join(f"{s} {c['triplets']}" for s, c in counts.items())
@@ -294,12 +298,12 @@ def train(argv, stop):
     # ---- loop -------------------------------------------------------------------------------------
     train_mode(model, cfg.posthoc)
     bar = progress(total=total_steps, initial=step, desc="stage 1", disable=not d.is_main)
-    watch = common.LossWatch(d, lr_at)  # losses stay on the device; read at log, evaluation and save steps
+    watch = training.LossWatch(d, lr_at)  # losses stay on the device; read at log, evaluation and save steps
     loss_count, clock = 0, time.time()
     while step < total_steps:
         epoch, position = divmod(step, steps_per_epoch)
         loader.batch_sampler.set_epoch(epoch, position)
-        for ref, left, right, p in common.prefetch_to_device(loader, device):
+        for ref, left, right, p in training.prefetch_to_device(loader, device):
             ref, left, right = (triplets.model_input(t, device) for t in (ref, left, right))  # uint8 -> normalised
             loss = train_step(forward, optimizer, scaler, amp, ref, left, right, p, lr_at(step + 1), cfg)
             step += 1
@@ -335,7 +339,7 @@ def train(argv, stop):
                     reason = stop.received or ("stop_after_steps" if step == cfg.stop_after_steps else "another rank")
                     tqdm.write(f"stopped by {reason} at step {step} of {total_steps}, saved {ckpt_path}; "
                                "run the same command to resume")
-                common.cleanup_distributed()
+                training.cleanup_distributed()
                 return metrics
             clock += time.time() - paused
     bar.close()
@@ -345,9 +349,9 @@ def train(argv, stop):
     if d.is_main:
         for split, dataset in splits.items():
             if len(dataset):
-                metrics[split] = evaluate.evaluate_triplets(model, dataset, device, cfg.eval_batch_size, precision, cfg.workers)
+                metrics[split] = objective.two_afc(model, dataset, device, cfg.eval_batch_size, precision, cfg.workers)
                 if hasattr(dataset, "trials"):  # THINGS: the odd-one-out accuracy of the same split's trials
-                    odd_one_out[split] = evaluate.odd_one_out_accuracy(model, dataset, device, cfg.eval_batch_size, precision)
+                    odd_one_out[split] = alignment.odd_one_out_accuracy(model, dataset, device, cfg.eval_batch_size, precision)
         sizes = {s: len(splits[s]) for s in ("test_imagenet", "test_no_imagenet") if s in metrics}
         if sizes:  # "nights_total": the size-weighted mean of the two test subsets (DreamSim)
             metrics["total"] = sum(metrics[s] * n for s, n in sizes.items()) / sum(sizes.values())
@@ -358,9 +362,9 @@ def train(argv, stop):
                    "steps": step, "model_config": dataclasses.asdict(model.config)}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.write({"step": step, "2afc": metrics}, "2AFC " + ", ".join(f"{s} {v:.4f}" for s, v in metrics.items()))
-    common.cleanup_distributed()
+    training.cleanup_distributed()
     return metrics
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    cli.run_cli(main)

@@ -19,14 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from analysis import probes
 from stage1 import other_sources
 from checkpoints import load_checkpoint, run_labels
-from common import autocast, default_precision, ignore_stop_signals, user_input
-from model import nights_distances
-from progress import progress as progress_bar
+from cli import user_input
+from training import default_precision
+from stage1.objective import embed_images, two_afc, two_afc_from_embeddings
 from stage1.triplets import decode, model_input
 
 
@@ -37,72 +36,6 @@ def _percent(value):
 # ---------------------------------------------------------------------------------------------------
 # NIGHTS 2AFC
 # ---------------------------------------------------------------------------------------------------
-
-
-def two_afc_score(d0, d1, p):
-    """DreamSim's 2AFC score per triplet: the share of observers the metric agrees with.
-    d0 = d(ref, left), d1 = d(ref, right), p = share of observers who chose right. A tie scores 0.5."""
-    return (d0 < d1) * (1 - p) + (d1 < d0) * p + (d0 == d1) * 0.5
-
-
-@torch.no_grad()
-def evaluate_nights(model, dataset, device, batch_size=64, precision="fp32", workers=0):
-    """Mean 2AFC score of a CLIP's image embeddings on a stage-1 split (nights.NightsDataset or any
-    triplets.TripletDataset), triplet by triplet (0.5 = chance, 1 = agrees with every observer)."""
-    # Workers leave SIGTERM / SIGINT to the main process (a trainer evaluating stops after it).
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, worker_init_fn=ignore_stop_signals)
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for ref, left, right, p in progress_bar(loader, desc=f"2afc {dataset.split}", leave=False):
-        ref, left, right = (model_input(t, device) for t in (ref, left, right))  # uint8 -> normalised, on device
-        p = p.to(device)
-        with autocast(device, precision):
-            d0, d1 = nights_distances(model.visual, ref, left, right)
-        total += two_afc_score(d0, d1, p).sum().item()
-        count += len(p)
-    model.train(was_training)
-    return total / max(count, 1)
-
-
-# ---- Any stage-1 source (triplets.TripletDataset) ----
-# Sources whose rows share images (THINGS: 1,854 concepts in 4.7M trials; an RDM's N images) are scored
-# by embedding each image once: the same distances as evaluate_nights computes triplet by triplet
-# (tests/test_alignment.py checks the two agree), thousands of times fewer forwards.
-
-
-@torch.no_grad()
-def embed_images(model, dataset, device, batch_size=256, precision="fp32"):
-    """Every image of a TripletDataset (dataset.images, from its cache) -> (M, E) float32 unit vectors."""
-    was_training = model.training
-    model.eval()
-    features = []
-    for start in progress_bar(range(0, len(dataset.images), batch_size), desc=f"embed {dataset.split}", leave=False):
-        batch = torch.stack([dataset.image(k) for k in range(start, min(start + batch_size, len(dataset.images)))])
-        with autocast(device, precision):
-            x = model.visual(model_input(batch, device))
-        features.append(F.normalize(x.float(), dim=-1).cpu())
-    model.train(was_training)
-    return torch.cat(features) if features else torch.zeros(0, 0)
-
-
-def two_afc_from_embeddings(features, rows, p, chunk=2**18):
-    """Mean 2AFC score of rows (N, 3) = (ref, left, right) image indices into unit vectors features (M, E),
-    `chunk` rows at a time (THINGS' 8M training rows would need ~50 GB of gathered vectors at once)."""
-    total = 0.0
-    for start in range(0, len(rows), chunk):
-        ref, left, right = (features[rows[start:start + chunk, c]] for c in range(3))
-        d0, d1 = 1 - (ref * left).sum(-1), 1 - (ref * right).sum(-1)
-        total += two_afc_score(d0, d1, p[start:start + chunk]).double().sum().item()
-    return total / max(len(rows), 1)
-
-
-def evaluate_triplets(model, dataset, device, batch_size=64, precision="fp32", workers=0):
-    """Mean 2AFC score on any stage-1 split: triplet by triplet (evaluate_nights) when each row has its
-    own images (NIGHTS, BAPPS), else from one embedding per image."""
-    if len(dataset.images) >= 3 * len(dataset):
-        return evaluate_nights(model, dataset, device, batch_size, precision, workers)
-    return two_afc_from_embeddings(embed_images(model, dataset, device, batch_size, precision), dataset.rows, dataset.p)
 
 
 def odd_one_out_choice(features, trials):
@@ -181,7 +114,7 @@ def alignment_scores(models, labels, bapps=None, nights=None, things=None, rdm_r
                         results[label][f"things/{key}/odd_one_out_normalised"] = scores["ceiling_normalised"]
                         results[label][f"things/{key}/2afc"] = two_afc_from_embeddings(features, split.rows, split.p)
                     else:
-                        results[label][f"{source}/{key}"] = evaluate_triplets(model, split, device, batch_size,
+                        results[label][f"{source}/{key}"] = two_afc(model, split, device, batch_size,
                                                                               precision, workers)
         if rdm_root:
             with user_input():

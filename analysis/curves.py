@@ -11,7 +11,7 @@ import math
 import sys
 from pathlib import Path
 
-from common import run_cli, user_input
+from cli import run_cli, user_input
 
 # ---------------------------------------------------------------------------------------------------
 # Training curves: zero-shot, NIGHTS and held-out metrics against samples seen, for several runs

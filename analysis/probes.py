@@ -32,9 +32,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from data import BenchmarkTask, image_transform, resolve_tasks, task_dir
-from common import user_input
+from cli import user_input
 from checkpoints import load_checkpoint
-from progress import progress as progress_bar
+from cli import progress as progress_bar
 
 # Letters: N images, D features (block width or embedding size), K classes.
 

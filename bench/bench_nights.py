@@ -28,7 +28,8 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from world.make_data import write_nights  # noqa: E402
-from stage1.nights import NightsDataset, model_input, train_loader  # noqa: E402
+from stage1.nights import NightsDataset  # noqa: E402
+from stage1.triplets import model_input, train_loader  # noqa: E402
 
 # NIGHTS' images are Stable Diffusion 2.1 PNGs (DreamSim: Fu et al. 2023, arXiv 2306.09344); 768 px is SD 2.1's
 # output size (stabilityai/stable-diffusion-2-1's model card), assumed here: the dataset does not state it.

@@ -57,7 +57,7 @@ print((steps // 3) * batch / (time.perf_counter() - start))
 PEAK_MEMORY = """
 import resource, sys, torch
 sys.path.insert(0, sys.argv[1])
-import common, train_clip
+import training, train_clip
 from model import create_model
 torch.manual_seed(0)
 model = create_model("small")
@@ -68,7 +68,7 @@ tokens[:, -1] = 49407
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
 before = rss()
-train_clip.accumulate_gradients(model, images, tokens, 1, common.autocast("cpu", "fp32"), common.grad_scaler("cpu", "fp32"))
+train_clip.accumulate_gradients(model, images, tokens, 1, training.autocast("cpu", "fp32"), training.grad_scaler("cpu", "fp32"))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
 """
 

@@ -12,12 +12,12 @@ failing part loses only what was running):
   ceiling   the measured bf16 matmul TFLOP/s (8192^3), printed beside the datasheet's dense peak;
   eager     train_clip.train_step with grad checkpointing off / on, at accum_steps 1 and the config's;
             and TrainTransform.device (the augmentation's GPU half) on one step's batch, ms;
-  compiled  the config's step (its checkpointing, its accum_steps) through common.wrap_model's compile,
+  compiled  the config's step (its checkpointing, its accum_steps) through training.wrap_model's compile,
             compiled once (warmup_s holds the compile time); and the augmentation compiled;
   fit       the largest micro-batch at the config's accum_steps, without / with checkpointing.
 What is timed is train_clip.train_step itself (lr set, zero_grad, accumulate_gradients with its cached
 no-grad forward, clipping, the scaler's step, the logit clamp), with train_clip.make_optimizer's fused
-AdamW and TF32 from common.setup_distributed, on synthetic data made on the GPU (the loader is benched
+AdamW and TF32 from training.setup_distributed, on synthetic data made on the GPU (the loader is benched
 in bench/bench_loader.py): one micro-batch of --micro-batch (default: the config's per-GPU micro-batch,
 batch_size / accum_steps), 3 warm-up steps, then --steps timed steps.
 
@@ -54,10 +54,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
-import train_clip  # noqa: E402
+import cli  # noqa: E402
+import training
+import train_clip
+from stage2 import contrastive  # noqa: E402
 from stage2.augment import TrainTransform  # noqa: E402
-from model import create_model, model_config  # noqa: E402
+from model import create_model, model_config
 
 EOT = 49407
 # Dense bf16 tensor-core peak, TFLOP/s, from NVIDIA's datasheets (SXM parts; PCIe / NVL ones are lower:
@@ -115,8 +117,8 @@ def step_flops(model_name, batch, accum_steps, checkpointing):
     tokens = torch.zeros(batch, model.config.context_length, dtype=torch.long, device="meta")
     counter = FlopCounterMode(display=False)
     with counter:
-        train_clip.accumulate_gradients(model, images, tokens, accum_steps, common.autocast("cpu", "fp32"),
-                                        common.grad_scaler("cpu", "fp32"))
+        contrastive.accumulate_gradients(model, images, tokens, accum_steps, training.autocast("cpu", "fp32"),
+                                        training.grad_scaler("cpu", "fp32"))
     return counter.get_total_flops()
 
 
@@ -137,9 +139,9 @@ def build(cfg, device, precision, compiled, backend):
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model).to(device).train()
     model.set_grad_checkpointing(cfg.grad_checkpointing)
-    forward, ddp = common.wrap_model(model, common.Dist(device=torch.device(device)), compiled, backend)
+    forward, ddp = training.wrap_model(model, training.Dist(device=torch.device(device)), compiled, backend)
     optimizer = train_clip.make_optimizer(model, cfg, device)
-    return model, forward, ddp, optimizer, common.grad_scaler(device, precision), common.autocast(device, precision)
+    return model, forward, ddp, optimizer, training.grad_scaler(device, precision), training.autocast(device, precision)
 
 
 def time_steps(parts, cfg, images, tokens, steps, warmup=3):
@@ -262,7 +264,7 @@ def main(argv=None):
     parts = set(args.parts.split(","))
     if parts - set(PARTS):
         parser.error(f"--parts: unknown {', '.join(sorted(parts - set(PARTS)))}; choose from {', '.join(PARTS)}")
-    cfg = common.load_config(train_clip.Config, [args.config])
+    cfg = cli.load_config(train_clip.Config, [args.config])
     cfg = dataclasses.replace(cfg, model=args.model or cfg.model)
     if args.dry_run:
         device, precision, steps, warmup = "cpu", "fp32", 2, 1
@@ -273,7 +275,7 @@ def main(argv=None):
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no GPU visible: use --dry-run to check the script on the CPU")
-        common.setup_distributed("cuda")  # what the trainer sets on CUDA (TF32)
+        training.setup_distributed("cuda")  # what the trainer sets on CUDA (TF32)
         device, precision, steps, warmup = "cuda", "bf16", args.steps, 3
         name = torch.cuda.get_device_name()
         args.peak_tflops = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)

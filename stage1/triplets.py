@@ -38,7 +38,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from data import CLIP_MEAN, CLIP_STD
-from progress import progress
+from cli import progress
 
 # ---------------------------------------------------------------------------------------------------
 # Decoding and the model's input

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401  (torch.distributed.nn.functional.all_gather, with gradients)
 import torch.nn.functional as F
 
-import common
+import training
 from model import running_statistics_kept
 
 # -1e4 is far below any logit (|logit| <= 100): its exp is exactly 0, as -inf's would be, yet a row of
@@ -150,7 +150,7 @@ def accumulate_gradients(model, images, tokens, accum_steps, amp, scaler, ddp=No
     cached_images, cached_texts = [c[0] for c in cached], [c[1] for c in cached]
     for j in range(accum_steps):
         last = j == accum_steps - 1
-        with common.no_sync(ddp, skip=not last):
+        with training.no_sync(ddp, skip=not last):
             with amp:
                 image_features, text_features, logit_scale = model(image_chunks[j], token_chunks[j])
                 all_images = torch.cat(cached_images[:j] + [image_features] + cached_images[j + 1:])  # (n, E)

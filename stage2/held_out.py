@@ -14,7 +14,7 @@ training stream never sees a held-out sample, and what the held-out units hold b
 
 The PI authors hold out 10,000 pairs of YFCC15M (github cheesepuff90/Brain_Initialization
 src/dataset.py create_dataloaders, val_split_size) and log their contrastive loss; the kit adds
-image-to-text and text-to-image recall@1/5/10 (evaluate.retrieval_metrics, proved against
+image-to-text and text-to-image recall@1/5/10 (zero_shot.retrieval_metrics, proved against
 CLIP_benchmark in tests/test_evaluate.py).
 
 Why a file of its own: train_clip.py keeps the run; evaluate.py owns the zero-shot tasks and the
@@ -103,7 +103,7 @@ class HeldOutPairs:
         """-> {"val/contrastive_loss", "val/image_to_text_recall@k", "val/text_to_image_recall@k"}: the
         CLIP loss over all held-out pairs at once (so its value depends on their number: ln N at
         chance) and retrieval among them. The model is left in the mode it came in."""
-        import evaluate  # the metric's home; imported only where a run scores held-out pairs
+        from analysis import zero_shot
 
         was_training = model.training
         model.eval()
@@ -123,7 +123,7 @@ class HeldOutPairs:
         logits = logit_scale.float() * image @ text.T  # (N images, N texts)
         labels = torch.arange(len(image), device=image.device)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        recalls = evaluate.retrieval_metrics((text @ image.T).cpu(), torch.arange(len(image)), ks=RECALL_KS)
+        recalls = zero_shot.retrieval_metrics((text @ image.T).cpu(), torch.arange(len(image)), ks=RECALL_KS)
         metrics = {"val/contrastive_loss": loss.item()}
         for k in RECALL_KS:  # evaluate.py's names: image retrieval = text -> image, text retrieval = image -> text
             metrics[f"val/image_to_text_recall@{k}"] = recalls[f"text_retrieval_recall@{k}"]

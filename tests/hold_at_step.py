@@ -3,7 +3,7 @@
   python tests/hold_at_step.py STEP READY_FD GO_FD train_clip.py CONFIG --key=value ...
 
 The trainer (train_clip.py or train_triplet.py, imported and run as its `__main__` runs it:
-common.run_cli(main) with the same arguments) calls its module's train_step once per optimiser step.
+cli.run_cli(main) with the same arguments) calls its module's train_step once per optimiser step.
 Before the STEP-th call of this process, everything of the steps before is done (their checkpoints
 written, their log lines flushed); the helper writes one byte to READY_FD and blocks reading GO_FD. The
 test reads READY_FD (a pipe: no polling), then kills or signals the process at a known step, and for a
@@ -59,7 +59,7 @@ def main():
 
     trainer.train_step = held_step
     sys.argv = [str(ROOT / script), *args]
-    trainer.common.run_cli(trainer.main)
+    trainer.cli.run_cli(trainer.main)
 
 
 if __name__ == "__main__":

@@ -190,13 +190,13 @@ def test_rn50_configs_load_and_hand_the_tower_over():
     """configs/rn50_nights.yaml's tower is what configs/rn50_yfcc15m.yaml's --init takes: the same preset."""
     from pathlib import Path
 
-    import common
+    import cli
     import train_clip
     import train_triplet
 
     configs = Path(__file__).resolve().parents[1] / "configs"
-    stage1 = common.load_config(train_triplet.Config, [str(configs / "rn50_nights.yaml")])
-    stage2 = common.load_config(train_clip.Config, [str(configs / "rn50_yfcc15m.yaml")])
+    stage1 = cli.load_config(train_triplet.Config, [str(configs / "rn50_nights.yaml")])
+    stage2 = cli.load_config(train_clip.Config, [str(configs / "rn50_yfcc15m.yaml")])
     assert stage1.model == stage2.model == "RN50-quickgelu" and M.model_config(stage1.model).resnet
     assert stage1.sync_batchnorm and not stage2.sync_batchnorm  # the PI authors' setting; open_clip's default
     assert (stage2.beta1, stage2.beta2, stage2.eps) == (0.9, 0.999, 1e-8)

@@ -1,4 +1,4 @@
-"""common.py: the trainers' shared plumbing behaves as documented.
+"""training.py: the trainers' shared plumbing behaves as documented.
 
 Configs: YAML + command-line overrides, typed, with errors that name the key and its source.
 Schedule: hand-computed warmup and cosine values. Weight decay: CLIP's exclusions.
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import cli
+import training
 import model as M
 
 
@@ -32,10 +33,10 @@ class Config:
 def test_yaml_then_command_line(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("lr: 1.0e-3\nepochs: 4\nmodel: tiny\n")
-    config = common.load_config(Config, [str(path), "--epochs=7", "--init", "ckpt.pt", "--grad-checkpointing", "true"])
+    config = cli.load_config(Config, [str(path), "--epochs=7", "--init", "ckpt.pt", "--grad-checkpointing", "true"])
     assert config == Config(lr=1e-3, epochs=7, model="tiny", init="ckpt.pt", grad_checkpointing=True)
-    assert common.load_config(Config, [], default_path=str(path)).epochs == 4
-    assert common.load_config(Config, ["--init=none"]).init is None
+    assert cli.load_config(Config, [], default_path=str(path)).epochs == 4
+    assert cli.load_config(Config, ["--init=none"]).init is None
 
 
 @pytest.mark.parametrize(
@@ -55,17 +56,17 @@ def test_config_errors_name_the_key(tmp_path, yaml_text, argv, message):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml_text)
     with pytest.raises(ValueError, match=message) as error:
-        common.load_config(Config, [str(path), *argv])
+        cli.load_config(Config, [str(path), *argv])
     assert ("bad.yaml" if not argv else "command line") in str(error.value)
 
 
 def test_missing_config_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
-        common.load_config(Config, [str(tmp_path / "nope.yaml")])
+        cli.load_config(Config, [str(tmp_path / "nope.yaml")])
 
 
 def test_cosine_schedule_hand_computed():
-    lr = lambda step: common.cosine_lr(step, 1.0, warmup_steps=4, total_steps=14)  # noqa: E731
+    lr = lambda step: training.cosine_lr(step, 1.0, warmup_steps=4, total_steps=14)  # noqa: E731
     assert [lr(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert lr(4) == 1.0  # cosine starts at the top
     assert lr(9) == pytest.approx(0.5)  # half way through the 10 cosine steps
@@ -75,7 +76,7 @@ def test_cosine_schedule_hand_computed():
 
 def test_param_groups_exclusions():
     clip = M.create_model("tiny")
-    decay, no_decay = common.param_groups(clip, 0.1)
+    decay, no_decay = training.param_groups(clip, 0.1)
     names = {id(p): n for n, p in clip.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     decay_names = {names[id(p)] for p in decay["params"]}
@@ -124,58 +125,58 @@ def last_good_file_survives_a_crash(save, path, monkeypatch):
 
 
 def test_atomic_save_keeps_last_good_file(tmp_path, monkeypatch):
-    assert last_good_file_survives_a_crash(common.atomic_save, tmp_path / "ckpt.pt", monkeypatch)
+    assert last_good_file_survives_a_crash(training.atomic_save, tmp_path / "ckpt.pt", monkeypatch)
     # The crash is a real one: a plain torch.save, which writes in place, loses the last good file to it.
     plain_save = lambda obj, path: torch.save(obj, path)  # noqa: E731  (looked up at call time: crashes too)
     assert not last_good_file_survives_a_crash(plain_save, tmp_path / "plain.pt", monkeypatch)
 
 
 def test_rng_state_round_trip_through_safe_load():
-    common.seed_everything(3)
+    training.seed_everything(3)
     buffer = io.BytesIO()
-    torch.save(common.rng_state(), buffer)
+    torch.save(training.rng_state(), buffer)
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     buffer.seek(0)
-    common.set_rng_state(torch.load(buffer, weights_only=True))
+    training.set_rng_state(torch.load(buffer, weights_only=True))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
 def test_autocast_and_scaler():
-    assert common.default_precision("cpu") == "fp32"
-    with common.autocast("cpu", "bf16"):
+    assert training.default_precision("cpu") == "fp32"
+    with training.autocast("cpu", "bf16"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
-    with common.autocast("cpu", "fp32"):
+    with training.autocast("cpu", "fp32"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
-    assert not common.grad_scaler("cpu", "bf16").is_enabled()
+    assert not training.grad_scaler("cpu", "bf16").is_enabled()
     with pytest.raises(ValueError, match="precision"):
-        common.autocast("cpu", "fp8")
+        training.autocast("cpu", "fp8")
 
 
 def test_resume_check_names_every_changed_key():
     saved, current = {"lr": 1e-3, "batch_size": 8, "log_every": 5}, {"lr": 1e-2, "batch_size": 16, "log_every": 1}
-    common.check_resume("out/ckpt.pt", saved, {**saved, "log_every": 1}, ["lr", "batch_size"])  # log_every may change
-    with pytest.raises(common.UserError) as error:
-        common.check_resume("out/ckpt.pt", saved, current, ["lr", "batch_size"])
+    training.check_resume("out/ckpt.pt", saved, {**saved, "log_every": 1}, ["lr", "batch_size"])  # log_every may change
+    with pytest.raises(cli.UserError) as error:
+        training.check_resume("out/ckpt.pt", saved, current, ["lr", "batch_size"])
     message = str(error.value)
     assert "out/ckpt.pt" in message and "lr: 0.001 -> 0.01" in message and "batch_size: 8 -> 16" in message
     assert "log_every" not in message and "another out_dir" in message
 
 
 def test_loss_watch_names_the_first_non_finite_step_and_its_lr():
-    watch = common.LossWatch(common.Dist(), lr_at=lambda step: 0.1 * step)
+    watch = training.LossWatch(training.Dist(), lr_at=lambda step: 0.1 * step)
     for step, loss in enumerate([1.0, 3.0], start=1):
         watch.add(torch.tensor(loss), step)
     watch.check("ckpt.pt", saved_step=0)  # all finite: nothing raised
     assert watch.interval_mean() == 2.0 and watch.interval_mean() is None
     for step, loss in enumerate([1.0, float("inf"), float("nan"), 1.0], start=3):
         watch.add(torch.tensor(loss), step)
-    with pytest.raises(common.NonFiniteLoss, match=r"step 4 \(lr 0.4\).*ckpt.pt still holds step 2"):
+    with pytest.raises(training.NonFiniteLoss, match=r"step 4 \(lr 0.4\).*ckpt.pt still holds step 2"):
         watch.check("ckpt.pt", saved_step=2)
 
 
 def test_run_cli_one_line_for_user_errors_only(monkeypatch):
     def user_mistake(argv):
-        raise common.UserError("config.yaml: lr must be of type float, got 'fast'")
+        raise cli.UserError("config.yaml: lr must be of type float, got 'fast'")
 
     def kit_bug(argv):
         raise ValueError("not enough values to unpack")  # e.g. from inside torch or numpy: keeps its traceback
@@ -183,18 +184,18 @@ def test_run_cli_one_line_for_user_errors_only(monkeypatch):
     monkeypatch.setattr("sys.argv", ["train_x.py"])
     monkeypatch.delenv("PI_TRACEBACK", raising=False)
     with pytest.raises(SystemExit) as exit_:
-        common.run_cli(user_mistake)
+        cli.run_cli(user_mistake)
     assert exit_.value.code == "train_x.py: error: config.yaml: lr must be of type float, got 'fast'"
     with pytest.raises(ValueError, match="not enough values"):
-        common.run_cli(kit_bug)
-    with pytest.raises(common.UserFileNotFound):  # what a trainer raises for a file of the user's
-        with common.user_input():
+        cli.run_cli(kit_bug)
+    with pytest.raises(cli.UserFileNotFound):  # what a trainer raises for a file of the user's
+        with cli.user_input():
             open("/nonexistent/data.csv")
 
 
 def test_prefetch_keeps_the_batch_structure():
     batches = [{"images": torch.ones(2, 3), "meta": [torch.zeros(1), "key"]}, (torch.ones(1), 7)]
-    out = list(common.prefetch_to_device(iter(batches), "cpu"))
+    out = list(training.prefetch_to_device(iter(batches), "cpu"))
     assert out[0]["meta"][1] == "key" and out[1][1] == 7 and torch.equal(out[0]["images"], torch.ones(2, 3))
 
 
@@ -204,6 +205,6 @@ def test_sync_batchnorm_on_cpu_ranks_is_refused_by_name():
     from model import create_model
 
     visual = create_model("tiny-rn").visual
-    with pytest.raises(common.UserError, match="sync_batchnorm.*--sync_batchnorm=false"):
-        common.wrap_model(visual, common.Dist(world_size=2), sync_batchnorm=True)
+    with pytest.raises(cli.UserError, match="sync_batchnorm.*--sync_batchnorm=false"):
+        training.wrap_model(visual, training.Dist(world_size=2), sync_batchnorm=True)
     assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in visual.modules())

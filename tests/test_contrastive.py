@@ -22,12 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import common  # noqa: E402
+import training  # noqa: E402
 from stage2 import contrastive  # noqa: E402
 import train_clip  # noqa: E402
 from test_train_clip import global_batch, tiny_model  # noqa: E402
 
-FP32 = common.autocast("cpu", "fp32")
+FP32 = training.autocast("cpu", "fp32")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
@@ -62,7 +62,7 @@ def step_gradients(images, tokens, accum_steps, contrastive_batch, slots=None):
     cfg = train_clip.Config(batch_size=len(images), accum_steps=accum_steps, contrastive_batch=contrastive_batch, lr=1e-3)
     optimizer = train_clip.make_optimizer(model, cfg, "cpu")
     slots = torch.arange(len(images)) if slots is None else slots
-    loss = train_clip.train_step(model, model, None, optimizer, common.grad_scaler("cpu", "fp32"), FP32, images, tokens,
+    loss = train_clip.train_step(model, model, None, optimizer, training.grad_scaler("cpu", "fp32"), FP32, images, tokens,
                                  cfg.lr, cfg, None, slots)
     return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -110,22 +110,22 @@ def test_the_loader_places_rows_by_position_the_same_on_one_and_two_ranks(tmp_pa
 def ddp_worker(out):
     """Run by torchrun: rank r holds streams r and r + 2 of 4 (2 rows each), as shards.Loader deals them."""
     torch.set_num_threads(1)
-    d = common.setup_distributed("cpu")
+    d = training.setup_distributed("cpu")
     images, tokens = global_batch(8)  # rows in position order
     slots = torch.tensor([p for stream in (d.rank, d.rank + 2) for p in (2 * stream, 2 * stream + 1)])
     results = {}
     for accum_steps in (1, 2):
         model = tiny_model()
-        forward, ddp = common.wrap_model(model, d)
+        forward, ddp = training.wrap_model(model, d)
         cfg = train_clip.Config(batch_size=8, accum_steps=accum_steps, contrastive_batch=4, lr=1e-3)
         optimizer = train_clip.make_optimizer(model, cfg, "cpu")
-        loss = train_clip.train_step(model, forward, ddp, optimizer, common.grad_scaler("cpu", "fp32"), FP32,
+        loss = train_clip.train_step(model, forward, ddp, optimizer, training.grad_scaler("cpu", "fp32"), FP32,
                                      images[slots], tokens[slots], cfg.lr, cfg, None, slots)
-        results[accum_steps] = (common.all_reduce_sum([loss.item()], "cpu")[0] / d.world_size,
+        results[accum_steps] = (training.all_reduce_sum([loss.item()], "cpu")[0] / d.world_size,
                                 {name: p.grad.clone() for name, p in model.named_parameters()})
     if d.is_main:
         torch.save(results, out)
-    common.cleanup_distributed()
+    training.cleanup_distributed()
 
 
 def test_two_ranks_with_groups_equal_the_reference(tmp_path):

@@ -34,6 +34,7 @@ from PIL import Image
 
 import data
 import demo
+from world import pipeline, report
 from scenes.scenes import make_data as M
 from stage1 import nights
 from stage2 import formats
@@ -142,7 +143,7 @@ def test_mnist_asset_is_500_real_digits():
 
 # ---- the demo's data through the kit's readers, and demo.py end to end ----------------------------
 
-QUICK = demo.PLANS["quick"]["data"]
+QUICK = pipeline.PLANS["quick"]["data"]
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +179,7 @@ def test_demo_data_passes_the_real_readers(quick_run):
     # Shards: the kit's reader and the webdataset library see the same samples, equal to the stream.
     import webdataset as wds
 
-    shard_paths = formats.expand_spec(demo.shard_spec(root / "shards"))
+    shard_paths = formats.expand_spec(pipeline.shard_spec(root / "shards"))
     ours = [s for unit in formats.list_units(shard_paths, progress=False) for s in formats.read_unit(unit)]
     theirs = list(wds.WebDataset(shard_paths, shardshuffle=False))
     expected = list(scenes.demo_pairs(QUICK["pairs"], 0, QUICK["size"]))
@@ -264,24 +265,24 @@ def test_demo_runs_every_stage_and_reports(quick_run):
     # Evaluation: one record per (arm, task), and the demo's summary holds the same main metrics.
     records = json.loads((seed / "results.json").read_text())
     tasks = (data_root / "tasks" / "tasks.txt").read_text().split()
-    assert sorted((r["model"], r["dataset"]) for r in records) == sorted((m, t) for m in demo.ARMS for t in tasks)
+    assert sorted((r["model"], r["dataset"]) for r in records) == sorted((m, t) for m in report.ARMS for t in tasks)
     summary = json.loads((out / "summary.json").read_text())
     per_seed = summary["per_seed"]["0"]
     for r in records:
         value = per_seed["zero_shot"][r["model"]][r["dataset"]]
         assert value == pytest.approx(next(v for k, v in r["metrics"].items() if k in ("acc1", "mean_recall@1")))
     # summary.json: today's schema, extended to four arms and the probes.
-    assert set(per_seed["zero_shot"]) == set(demo.ARMS) and all(set(per_seed["zero_shot"][a]) == set(tasks) for a in demo.ARMS)
-    assert set(per_seed["2afc"]) == set(demo.PROBED) and all(0 <= per_seed["2afc"][m]["test"] <= 1 for m in demo.PROBED)
+    assert set(per_seed["zero_shot"]) == set(report.ARMS) and all(set(per_seed["zero_shot"][a]) == set(tasks) for a in report.ARMS)
+    assert set(per_seed["2afc"]) == set(report.PROBED) and all(0 <= per_seed["2afc"][m]["test"] <= 1 for m in report.PROBED)
     stage2 = {r: json.loads((seed / r / "summary.json").read_text())["metrics"]["nights/2afc"] for r in ("pi", "baseline", "shuffled")}
     assert {r: per_seed["2afc"][r]["test"] for r in stage2} == stage2
     assert per_seed["2afc"]["posthoc"] == json.loads((seed / "posthoc" / "summary.json").read_text())["2afc"]
     probed = json.loads((seed / "probes.json").read_text())
-    assert probed["checkpoints"] == [str(seed / m / "ckpt.pt") for m in demo.PROBED]
+    assert probed["checkpoints"] == [str(seed / m / "ckpt.pt") for m in report.PROBED]
     assert per_seed["probes"]["cka"] == probed["cka"] and len(probed["cka"]) == 21  # every pair of 7 towers
-    assert per_seed["probes"]["rsa"] == probed["rsa"] and set(probed["rsa"]) == set(demo.PROBED)
-    linear = demo.PLANS["quick"]["linear_probe"].split(",")  # (the full demo: every task with a train split)
-    assert {m: set(v) for m, v in per_seed["probes"]["linear_probe"].items()} == {m: set(linear) for m in demo.PROBED}
+    assert per_seed["probes"]["rsa"] == probed["rsa"] and set(probed["rsa"]) == set(report.PROBED)
+    linear = pipeline.PLANS["quick"]["linear_probe"].split(",")  # (the full demo: every task with a train split)
+    assert {m: set(v) for m, v in per_seed["probes"]["linear_probe"].items()} == {m: set(linear) for m in report.PROBED}
     assert per_seed["probes"]["linear_probe"]["pi"]["demo_size"] == probed["linear_probe"]["pi"]["demo_size"]["lp_acc1"]
     assert per_seed["probes"]["n_images"] == QUICK["probe"]
     table = (out / "results.md").read_text()
@@ -325,7 +326,7 @@ def test_authors_arm_pair_runs_their_model_as_the_demo_sets_it(quick_run):
 
 
 def test_real_scale_control_configs_change_only_the_control():
-    from common import load_config
+    from cli import load_config
     from train_triplet import Config
 
     root = Path(demo.__file__).parent / "configs"

@@ -33,6 +33,7 @@ import scipy.stats
 from PIL import Image
 
 import demo
+from world import pipeline
 from scenes.scenes import studies
 from scenes.scenes import make_data as M
 from stage1 import other_sources
@@ -161,17 +162,17 @@ def test_study_data_passes_the_readers_users_run(quick_studies):
 def test_every_arm_trains_on_the_source_it_names(study, size, tmp_path):
     """Each arm's stage-1 command, as train_triplet.py parses it (its typed config: an unknown key or a
     bad value is an error): the data format, data and amount each arm claims."""
-    import common
+    import cli
     import train_triplet
     data_root = tmp_path / "data"
     budget = studies.STUDY_PLANS[size]["budget"]
     for arm in studies.ARMS[study]:
-        command = studies.stage1_command(study, arm, 0, demo.PLANS[size], studies.STUDY_PLANS[size], data_root)
+        command = studies.stage1_command(study, arm, 0, pipeline.PLANS[size], studies.STUDY_PLANS[size], data_root)
         if arm == "baseline":
             assert command is None
             continue
         assert command[:2] == ["train_triplet.py", "configs/demo_nights.yaml"]
-        config = common.load_config(train_triplet.Config, command[1:])
+        config = cli.load_config(train_triplet.Config, command[1:])
         got = (config.data_format, Path(config.data_root).name, config.rdm, config.shuffle_labels)
         if study == "efficiency":
             assert got == ("nights", "nights", "", False) and config.max_triplets == 0
@@ -258,8 +259,8 @@ def test_a_rerun_reuses_every_run(quick_studies, capsys):
 
 def test_a_step_that_exits_0_unfinished_stops_the_demo(tmp_path):
     """A trainer stopped by SIGTERM saves a checkpoint and exits 0 before it has finished: the demo and
-    the studies (demo.run_step) must stop there, not train the next stage from a half-trained tower."""
+    the studies (pipeline.run_step) must stop there, not train the next stage from a half-trained tower."""
     with pytest.raises(SystemExit, match="stopped before it finished"):
-        demo.run_step("a step", ["-c", "pass"], tmp_path / "summary.json")
+        pipeline.run_step("a step", ["-c", "pass"], tmp_path / "summary.json")
     (tmp_path / "summary.json").write_text("{}")
-    assert demo.run_step("a step", ["-c", "pass"], tmp_path / "summary.json") == 0.0  # finished earlier: reused
+    assert pipeline.run_step("a step", ["-c", "pass"], tmp_path / "summary.json") == 0.0  # finished earlier: reused

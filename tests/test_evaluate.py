@@ -36,6 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import evaluate  # noqa: E402
+from analysis import probes
+from analysis import zero_shot
+import data
 import model as kit_model  # noqa: E402
 from data import BenchmarkTask, ImageFolderTask  # noqa: E402
 from world.make_data import write_benchmark_task  # noqa: E402
@@ -146,7 +149,7 @@ def _clip_benchmark_metrics(reference, preprocess, tokenizer, task_dir, retrieva
 def test_metrics_equal_clip_benchmark(tasks, tiny, tmp_path, name):
     net, _ = tiny
     reference, preprocess, tokenizer = _open_clip_twin(net, tmp_path)
-    ours = evaluate.evaluate_task(net, tasks / name, "cpu", batch_size=7, progress=False)
+    ours = zero_shot.evaluate_task(net, tasks / name, "cpu", batch_size=7, progress=False)
     theirs = _clip_benchmark_metrics(reference, preprocess, tokenizer, tasks / name, retrieval=name == "wds_captions")
     assert sorted(ours) == sorted(theirs)
     for key in theirs:
@@ -163,7 +166,7 @@ def test_resnet_zero_shot_equals_clip_benchmark(tasks, tmp_path):
     torch.manual_seed(0)
     net = kit_model.create_model("tiny-rn").eval()
     reference, preprocess, tokenizer = _open_clip_twin(net, tmp_path)
-    ours = evaluate.evaluate_task(net, tasks / "wds_photos", "cpu", batch_size=7, progress=False)
+    ours = zero_shot.evaluate_task(net, tasks / "wds_photos", "cpu", batch_size=7, progress=False)
     theirs = _clip_benchmark_metrics(reference, preprocess, tokenizer, tasks / "wds_photos", retrieval=False)
     for key in ("acc1", "mean_per_class_recall"):
         assert ours[key] == pytest.approx(theirs[key], abs=1e-6), key
@@ -176,11 +179,11 @@ def test_classification_metrics_by_hand():
                            [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],   # target 0: last, outside the top 5
                            [2.0, 2.1, 2.2, 2.3, 2.4, 2.5]])  # target 4: second best
     targets = torch.tensor([2, 0, 0, 4])
-    m = evaluate.classification_metrics(logits, targets)
+    m = probes.classification_metrics(logits, targets)
     assert m["acc1"] == 0.25 and m["acc5"] == 0.75
     # Classes present in the targets: 0 (recall 1/2), 2 (0/1), 4 (0/1); class 1, only ever predicted, is not averaged.
     assert m["mean_per_class_recall"] == pytest.approx((0.5 + 0 + 0) / 3)
-    assert math.isnan(evaluate.classification_metrics(logits[:, :4], torch.tensor([2, 0, 0, 3]))["acc5"])
+    assert math.isnan(probes.classification_metrics(logits[:, :4], torch.tensor([2, 0, 0, 3]))["acc5"])
 
 
 def test_classification_recall_equals_sklearn_balanced_accuracy():
@@ -189,7 +192,7 @@ def test_classification_recall_equals_sklearn_balanced_accuracy():
     g = torch.Generator().manual_seed(0)
     logits, targets = torch.randn(300, 12, generator=g), torch.randint(0, 9, (300,), generator=g)
     expected = balanced_accuracy_score(targets.numpy(), logits.argmax(1).numpy())
-    assert evaluate.classification_metrics(logits, targets)["mean_per_class_recall"] == pytest.approx(expected, abs=1e-12)
+    assert probes.classification_metrics(logits, targets)["mean_per_class_recall"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_retrieval_metrics_by_hand():
@@ -200,7 +203,7 @@ def test_retrieval_metrics_by_hand():
                            [0.05, 0.0, 0.01],  # caption 3: image 2 second
                            [0.1, 0.2, 0.8]])   # caption 4: its image first
     text_to_image = torch.tensor([0, 0, 1, 2, 2])
-    m = evaluate.retrieval_metrics(scores, text_to_image, ks=(1, 2))
+    m = zero_shot.retrieval_metrics(scores, text_to_image, ks=(1, 2))
     assert m["image_retrieval_recall@1"] == pytest.approx(2 / 5)
     assert m["image_retrieval_recall@2"] == pytest.approx(4 / 5)
     # Per image, captions ranked by the image's column. Image 0: column (.9,.2,.3,.05,.1): caption 0 first -> hit@1.
@@ -233,8 +236,8 @@ def test_retrieval_ties_equal_clip_benchmark_functions(seed, block):
     assert len(scores.unique()) < scores.numel() // 2  # many exact ties
     positive = torch.zeros_like(scores, dtype=torch.bool)
     positive[torch.arange(len(scores)), text_to_image] = True
-    ours = evaluate.retrieval_metrics(scores, text_to_image, block=block)
-    for k in evaluate.RECALL_KS:  # CLIP_benchmark's zeroshot_retrieval.evaluate, from the score matrix on
+    ours = zero_shot.retrieval_metrics(scores, text_to_image, block=block)
+    for k in zero_shot.RECALL_KS:  # CLIP_benchmark's zeroshot_retrieval.evaluate, from the score matrix on
         image = (batchify(recall_at_k, scores, positive, block, "cpu", k=k) > 0).float().mean().item()
         text = (batchify(recall_at_k, scores.T, positive.T, block, "cpu", k=k) > 0).float().mean().item()
         assert ours[f"image_retrieval_recall@{k}"] == image, k
@@ -252,12 +255,12 @@ def test_classification_and_map_ties_equal_clip_benchmark_functions(seed):
     images = torch.randn(20, 16, generator=g)[torch.randint(0, 20, (60,), generator=g)]
     logits = (100 * images @ columns.t()).round()  # rounding adds ties among different classes too
     targets = torch.randint(0, 12, (60,), generator=g)
-    ours = evaluate.classification_metrics(logits, targets)
+    ours = probes.classification_metrics(logits, targets)
     acc1, acc5 = accuracy(logits, targets, topk=(1, 5))
     assert ours["acc1"] == acc1 and ours["acc5"] == acc5
     assert ours["mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(targets, logits.argmax(1)), abs=1e-15)
     multi = (torch.rand(60, 12, generator=g) < 0.3).long()
-    assert evaluate.mean_average_precision(logits, multi)["mean_average_precision"] == \
+    assert zero_shot.mean_average_precision(logits, multi)["mean_average_precision"] == \
         average_precision_per_class(logits, multi).mean().item()
 
 
@@ -266,16 +269,16 @@ def test_mean_average_precision_by_hand():
     targets = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]])
     # Class 0 ranking: samples 0, 1, 3, 2 -> positives at ranks 1 and 4: AP = (1/1 + 2/4) / 2.
     # Class 1 ranking: samples 1, 2, 3, 0 -> positives at ranks 1, 2: AP = 1.
-    m = evaluate.mean_average_precision(scores, targets)
+    m = zero_shot.mean_average_precision(scores, targets)
     assert m["mean_average_precision"] == pytest.approx(((1 + 0.5) / 2 + 1) / 2)
 
 
 def test_main_metric_follows_datacomp():
     cls = {"acc1": 0.5, "acc5": 0.9, "mean_per_class_recall": 0.4}
-    assert evaluate.main_metric("cifar10", cls) == ("acc1", 0.5)
-    assert evaluate.main_metric("vtab/pets", cls) == ("mean_per_class_recall", 0.4)
-    assert evaluate.main_metric("flickr30k", {"mean_recall@1": 0.3, "image_retrieval_recall@1": 0.2}) == ("mean_recall@1", 0.3)
-    assert len(evaluate.GROUPS["all"]) == 31 and len(evaluate.GROUPS["imagenet"]) == 7
+    assert zero_shot.main_metric("cifar10", cls) == ("acc1", 0.5)
+    assert zero_shot.main_metric("vtab/pets", cls) == ("mean_per_class_recall", 0.4)
+    assert zero_shot.main_metric("flickr30k", {"mean_recall@1": 0.3, "image_retrieval_recall@1": 0.2}) == ("mean_recall@1", 0.3)
+    assert len(data.GROUPS["all"]) == 31 and len(data.GROUPS["imagenet"]) == 7
 
 
 def test_reader_keeps_tar_order_and_writer_format(tasks):
@@ -305,7 +308,7 @@ def test_image_folder_labels_follow_sorted_folders(tmp_path):
 
 def test_missing_task_is_reported_and_others_run(tasks, tiny, capsys):
     net, _ = tiny
-    results = evaluate.run_tasks(net, ["vtab/pets", "photos"], tasks, "cpu", progress=False)
+    results = zero_shot.run_tasks(net, ["vtab/pets", "photos"], tasks, "cpu", progress=False)
     assert list(results) == ["photos"]
     assert (f"vtab/pets (tried {tasks / 'wds_vtab-pets'} and {tasks / 'wds_vtab-pets_test'}): skipped"
             in capsys.readouterr().out)
@@ -314,12 +317,12 @@ def test_missing_task_is_reported_and_others_run(tasks, tiny, capsys):
 def test_datacomp_folder_name_is_found(tasks, tiny, tmp_path):
     net, _ = tiny
     shutil.copytree(tasks / "wds_digits", tmp_path / "wds_vtab-digits_test")  # DataComp: wds_<task>_test
-    assert evaluate.task_dir(tmp_path, "vtab/digits") == tmp_path / "wds_vtab-digits_test"
-    assert evaluate.task_dir(tasks, "digits") == tasks / "wds_digits"  # CLIP_benchmark: wds_<task>
-    assert evaluate.task_dir(tmp_path, "digits") is None
-    assert evaluate.run_tasks(net, ["vtab/digits"], tmp_path, "cpu", progress=False)["vtab/digits"] == \
-        evaluate.evaluate_task(net, tasks / "wds_digits", "cpu", progress=False)
-    assert evaluate.resolve_tasks("demo", tmp_path) == ["vtab-digits"]
+    assert data.task_dir(tmp_path, "vtab/digits") == tmp_path / "wds_vtab-digits_test"
+    assert data.task_dir(tasks, "digits") == tasks / "wds_digits"  # CLIP_benchmark: wds_<task>
+    assert data.task_dir(tmp_path, "digits") is None
+    assert zero_shot.run_tasks(net, ["vtab/digits"], tmp_path, "cpu", progress=False)["vtab/digits"] == \
+        zero_shot.evaluate_task(net, tasks / "wds_digits", "cpu", progress=False)
+    assert data.resolve_tasks("demo", tmp_path) == ["vtab-digits"]
 
 
 def test_several_models_in_one_pass_equal_each_alone(tasks, tiny):
@@ -327,9 +330,9 @@ def test_several_models_in_one_pass_equal_each_alone(tasks, tiny):
     torch.manual_seed(5)
     other = kit_model.create_model("tiny").eval()
     names = ["photos", "captions", "multi", "digits"]
-    together = evaluate.run_suite([net, other], names, tasks, "cpu", batch_size=7, progress=False)
+    together = zero_shot.run_suite([net, other], names, tasks, "cpu", batch_size=7, progress=False)
     for model, results in zip([net, other], together):
-        alone = {t: evaluate.evaluate_task(model, tasks / f"wds_{t}", "cpu", batch_size=7, progress=False) for t in names}
+        alone = {t: zero_shot.evaluate_task(model, tasks / f"wds_{t}", "cpu", batch_size=7, progress=False) for t in names}
         assert json.dumps(results) == json.dumps(alone)  # NaN (photos' acc5) compares equal as text
     assert together[0]["digits"] != together[1]["digits"]
 
@@ -337,10 +340,10 @@ def test_several_models_in_one_pass_equal_each_alone(tasks, tiny):
 def test_class_prompts_are_encoded_once_per_model(tasks, tiny, monkeypatch):
     net, _ = tiny
     encoded = []
-    real = evaluate._encode_texts
+    real = zero_shot._encode_texts
     monkeypatch.setattr(evaluate, "_encode_texts", lambda model, texts, *a: encoded.extend(texts) or real(model, texts, *a))
     same_prompts = ["digits", "wds-mnist"]  # the same ten digit names and three templates
-    evaluate.run_suite([net], same_prompts, tasks, "cpu", progress=False)
+    zero_shot.run_suite([net], same_prompts, tasks, "cpu", progress=False)
     assert len(encoded) == 10 * 3
 
 
@@ -365,11 +368,11 @@ def test_malformed_folder_error_names_the_file(tasks, tmp_path, breakage, messag
 def test_sample_without_label_names_shard_and_key(tmp_path):
     (tmp_path / "test").mkdir()
     with tarfile.open(tmp_path / "test/0.tar", "w") as tar:
-        data = io.BytesIO()
-        _photo("coffee", 0).save(data, format="PNG")
+        png = io.BytesIO()
+        _photo("coffee", 0).save(png, format="PNG")
         info = tarfile.TarInfo("s0000000.png")
-        info.size = len(data.getvalue())
-        tar.addfile(info, io.BytesIO(data.getvalue()))
+        info.size = len(png.getvalue())
+        tar.addfile(info, io.BytesIO(png.getvalue()))
     (tmp_path / "test/nshards.txt").write_text("1")
     (tmp_path / "classnames.txt").write_text("a\nb\n")
     (tmp_path / "zeroshot_classification_templates.txt").write_text("{c}\n")
@@ -395,7 +398,7 @@ def test_cli_records_table_and_defaults(tasks, tiny, tmp_path, monkeypatch, caps
         ("pi", "photos", "zeroshot_classification"), ("pi", "captions", "zeroshot_retrieval"),
         ("baseline", "photos", "zeroshot_classification"), ("baseline", "captions", "zeroshot_retrieval")]
     assert set(records[0]) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
-    assert records[1]["metrics"] == evaluate.evaluate_task(net, tasks / "wds_captions", "cpu", progress=False)
+    assert records[1]["metrics"] == zero_shot.evaluate_task(net, tasks / "wds_captions", "cpu", progress=False)
     # The chart beside the JSON (matplotlib is required) holds bars of both runs, in matplotlib's first
     # two default colours (C0 #1f77b4 for the first run, C1 #ff7f0e for the second).
     chart = np.asarray(Image.open(tmp_path / "results.png").convert("RGB"))
@@ -408,9 +411,9 @@ def test_cli_records_table_and_defaults(tasks, tiny, tmp_path, monkeypatch, caps
 
 
 def test_demo_group_reads_tasks_txt(tasks, tmp_path):
-    assert evaluate.resolve_tasks("demo", tasks) == ["captions", "digits", "multi", "photos", "wds-mnist"]
+    assert data.resolve_tasks("demo", tasks) == ["captions", "digits", "multi", "photos", "wds-mnist"]
     (tmp_path / "tasks.txt").write_text("shapes\nwds_colors\n")
-    assert evaluate.resolve_tasks("demo", tmp_path) == ["shapes", "colors"]
+    assert data.resolve_tasks("demo", tmp_path) == ["shapes", "colors"]
 
 
 def test_cli_activation_flag(tasks, tiny, tmp_path, capsys):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
+from analysis import zero_shot
 import model as M
 from world.make_data import write_benchmark_task
 from test_evaluate import _photo
@@ -31,20 +32,20 @@ CLASSES, TEMPLATES = ["person", "cat", "cup of coffee"], ["a photo of a {c}.", "
 def test_prompt_tokens_pad_with_zeros_or_end_of_text():
     texts = [t.format(c=c) for c in CLASSES for t in TEMPLATES]
     reference = open_clip.tokenize(texts)
-    torch.testing.assert_close(evaluate.prompt_tokens(texts, 77), reference, atol=0, rtol=0)
-    padded = evaluate.prompt_tokens(texts, 77, "eot")
+    torch.testing.assert_close(zero_shot.prompt_tokens(texts, 77), reference, atol=0, rtol=0)
+    padded = zero_shot.prompt_tokens(texts, 77, "eot")
     for ids, ref in zip(padded, reference):
         end = ref.tolist().index(49407)
         assert ids[:end + 1].tolist() == ref[:end + 1].tolist() and (ids[end + 1:] == 49407).all()
     with pytest.raises(ValueError, match="prompt padding 'hf'"):
-        evaluate.prompt_tokens(texts, 77, "hf")
+        zero_shot.prompt_tokens(texts, 77, "hf")
 
 
 def test_authors_model_averages_all_positions_with_eot_padding():
     torch.manual_seed(0)
     model = M.create_model("tiny-authors").eval()
     model.prompt_padding = "eot"
-    classifier = evaluate.zero_shot_classifier(model, CLASSES, TEMPLATES, "cpu")  # (E, C)
+    classifier = zero_shot.zero_shot_classifier(model, CLASSES, TEMPLATES, "cpu")  # (E, C)
     reference = open_clip_text_tower_without_causal_mask(model)
     texts = [t.format(c=c) for c in CLASSES for t in TEMPLATES]
     ids = open_clip.tokenize(texts)
@@ -55,15 +56,15 @@ def test_authors_model_averages_all_positions_with_eot_padding():
     expected = F.normalize(per_prompt.view(len(CLASSES), len(TEMPLATES), -1).mean(1), dim=-1).t()
     torch.testing.assert_close(classifier, expected, atol=1e-5, rtol=0)
     model.prompt_padding = "zeros"
-    assert (evaluate.zero_shot_classifier(model, CLASSES, TEMPLATES, "cpu") - classifier).abs().max() > 1e-3
+    assert (zero_shot.zero_shot_classifier(model, CLASSES, TEMPLATES, "cpu") - classifier).abs().max() > 1e-3
 
 
 def test_openai_model_is_unaffected():
     torch.manual_seed(0)
     model = M.create_model("tiny").eval()
-    zeros = evaluate.zero_shot_classifier(model, CLASSES, TEMPLATES, "cpu")
+    zeros = zero_shot.zero_shot_classifier(model, CLASSES, TEMPLATES, "cpu")
     model.prompt_padding = "eot"
-    torch.testing.assert_close(evaluate.zero_shot_classifier(model, CLASSES, TEMPLATES, "cpu"), zeros, atol=1e-6, rtol=0)
+    torch.testing.assert_close(zero_shot.zero_shot_classifier(model, CLASSES, TEMPLATES, "cpu"), zeros, atol=1e-6, rtol=0)
 
 
 def test_cli_option_reaches_the_classifier(tmp_path, monkeypatch):
@@ -73,7 +74,7 @@ def test_cli_option_reaches_the_classifier(tmp_path, monkeypatch):
     torch.manual_seed(0)
     save_lightning_checkpoint(TheirCLIP(M.model_config("tiny")).eval(), tmp_path / "authors.pt", monkeypatch)
     model = load_checkpoint(tmp_path / "authors.pt")
-    seen, prompt_tokens = [], evaluate.prompt_tokens
+    seen, prompt_tokens = [], zero_shot.prompt_tokens
     monkeypatch.setattr(evaluate, "prompt_tokens", lambda texts, length, padding: seen.append(padding) or prompt_tokens(texts, length, padding))
     for padding in ("zeros", "eot"):
         out = tmp_path / f"{padding}.json"
@@ -83,7 +84,7 @@ def test_cli_option_reaches_the_classifier(tmp_path, monkeypatch):
         assert set(seen) == {padding}
         seen.clear()
         model.prompt_padding = padding
-        expected = evaluate.evaluate_task(model, tmp_path / "wds_photos", "cpu", progress=False)
+        expected = zero_shot.evaluate_task(model, tmp_path / "wds_photos", "cpu", progress=False)
         reported = json.loads(out.read_text())[0]["metrics"]
         assert {k: reported[k] for k in ("acc1", "mean_per_class_recall")} == {k: expected[k] for k in ("acc1", "mean_per_class_recall")}
         seen.clear()

@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402
+import training  # noqa: E402
 import train_clip  # noqa: E402
 
 WITHOUT_FTFY = """
@@ -47,7 +47,7 @@ def test_the_kit_imports_without_ftfy_and_says_what_to_do_when_text_needs_it():
 def test_tf32_reads_back_through_the_old_and_new_getters():
     before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     try:
-        common.enable_tf32()
+        training.enable_tf32()
         assert torch.backends.cuda.matmul.allow_tf32 is True  # the getter inductor's autotuning reads
         assert torch.get_float32_matmul_precision() == "high"
         assert torch.backends.cuda.matmul.fp32_precision == "tf32"
@@ -61,8 +61,8 @@ def test_tf32_reads_back_through_the_old_and_new_getters():
 def test_list_units_waits_on_the_cpu_control_group(monkeypatch, rank):
     control, waits = object(), []
     monkeypatch.setattr(train_clip.dist, "barrier", lambda group=None: waits.append(group))
-    monkeypatch.setattr(train_clip.sources, "list_units", lambda *args, **kwargs: ["unit"])
-    d = common.Dist(rank=rank, world_size=2, control=control)
+    monkeypatch.setattr(train_clip.formats, "list_units", lambda *args, **kwargs: ["unit"])
+    d = training.Dist(rank=rank, world_size=2, control=control)
     cfg = types.SimpleNamespace(train_data="x.tar", image_column="images", text_column="texts")
     assert train_clip.list_units(cfg, [], d) == ["unit"]
     assert waits == [control]

@@ -314,19 +314,19 @@ def test_authors_configs_load_and_the_defaults_stay_openai():
 
     import yaml
 
-    import common
+    import cli
     import train_clip
     import train_triplet
 
     root = Path(__file__).resolve().parent.parent
-    stage1 = common.load_config(train_triplet.Config, [str(root / "configs/nights_authors.yaml")])
+    stage1 = cli.load_config(train_triplet.Config, [str(root / "configs/nights_authors.yaml")])
     assert (stage1.model, stage1.seed, stage1.eps, stage1.batch_size) == ("ViT-B-32-authors", 42, 1e-8, 768)
     read = lambda name: yaml.safe_load((root / "configs" / name).read_text())  # noqa: E731
     for name in ("nights.yaml", "yfcc15m.yaml"):
         assert read(name)["model"] == "ViT-B-32"
     recipe = lambda cfg: {k: v for k, v in cfg.items() if k not in ("model", "out_dir")}  # noqa: E731
     assert recipe(read("nights_authors.yaml")) == recipe(read("nights.yaml"))  # stage 1: only the model differs
-    stage2 = common.load_config(train_clip.Config, [str(root / "configs/yfcc15m_authors.yaml")])
+    stage2 = cli.load_config(train_clip.Config, [str(root / "configs/yfcc15m_authors.yaml")])
     assert (stage2.model, stage2.batch_size, stage2.contrastive_batch, stage2.grad_clip, stage2.eps) == (
         "ViT-B-32-authors", 6144, 1024, 3.0, 1e-8)
     assert stage2.lr_schedule == "authors"
@@ -374,11 +374,11 @@ def test_model_settings_set_one_of_a_presets_fields_at_a_time():
 
 def test_train_triplet_refuses_model_settings_with_an_init_checkpoint(tmp_path):
     """--init brings its own architecture: settings beside it would be silently ignored, so they are refused."""
-    import common
+    import cli
     import train_triplet
 
     model = M.create_model("tiny-authors")
     torch.save({"state_dict": model.state_dict(), "model_config": dataclasses.asdict(model.config)}, tmp_path / "ckpt.pt")
-    with pytest.raises(common.UserError, match="model_settings .* --init"):
+    with pytest.raises(cli.UserError, match="model_settings .* --init"):
         train_triplet.main([f"--init={tmp_path / 'ckpt.pt'}", "--model_settings=context_length=16",
                             f"--data_root={tmp_path}", f"--out_dir={tmp_path / 'run'}", "--device=cpu"])

@@ -32,11 +32,12 @@ import torch
 from PIL import Image, ImageFilter
 
 from data import image_transform
-from evaluate import evaluate_nights, nights_distances, two_afc_score
+from stage1.objective import two_afc_by_triplet, triplet_distances, two_afc_score
 from world.make_data import make_nights, write_nights
 from model import create_model
-from stage1.nights import NightsDataset, epoch_batches, model_input, train_loader
-from train_triplet import hinge_loss
+from stage1.nights import NightsDataset
+from stage1.triplets import epoch_batches, model_input, train_loader
+from stage1.objective import hinge_loss
 
 SIZE = 8
 
@@ -324,11 +325,11 @@ def test_untrained_tower_agrees_with_obvious_votes_through_the_training_loader(t
         loader.batch_sampler.set_epoch(epoch)
         with torch.no_grad():
             for ref, left, right, p in loader:
-                d0, d1 = nights_distances(model.visual, *(model_input(t, "cpu") for t in (ref, left, right)))
+                d0, d1 = triplet_distances(model.visual, *(model_input(t, "cpu") for t in (ref, left, right)))
                 scores.append(two_afc_score(d0, d1, p))
     score = torch.cat(scores).mean().item()
     assert score >= 0.8, score  # measured 1.0; reading shares as right_vote / votes would give ~0.58
-    assert evaluate_nights(model, dataset, "cpu") == pytest.approx(score)
+    assert two_afc_by_triplet(model, dataset, "cpu") == pytest.approx(score)
 
 
 # ---- stage 1's loader --------------------------------------------------------------------------------

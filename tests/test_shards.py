@@ -120,10 +120,10 @@ def corrupt_shards(folder):
 
 def rank_epoch(out):
     """Run by torchrun (2 gloo ranks): this rank's loader, as train_clip.py builds it, over one epoch."""
-    import common
+    import training
 
     torch.set_num_threads(1)
-    d = common.setup_distributed("cpu")
+    d = training.setup_distributed("cpu")
     spec = os.environ["SPEC"]
     ours = shards.Loader(formats.list_units(spec, progress=False), MOCO, 8, 4, d.rank, d.world_size, workers=2, window=5)
     batches = [{"positions": b["positions"].tolist(), "tokens": b["tokens"].tolist(), "skipped": b["skipped"].tolist()}
@@ -139,7 +139,7 @@ def rank_epoch(out):
     loss = contrastive.contrastive_loss(image, text, torch.tensor(10.0), valid[mine])
     loss.backward()  # through the all-gather: the sum over ranks' losses, which DDP then averages
     torch.save({"loss": loss.detach(), "image": image.grad, "text": text.grad}, f"{out}.grad{d.rank}")
-    common.cleanup_distributed()
+    training.cleanup_distributed()
 
 
 def padded_features():
@@ -269,7 +269,7 @@ def test_the_check_command_reads_batches_and_ends_in_json(tmp_path):
     batches = epoch(reference)[:3]
     skipped = sum(b["skipped"] for b in batches)
     assert report["batches"] == 3 and report["samples"] == sum(int(b["valid"].sum()) for b in batches)
-    assert report["skipped"] == dict(zip(shards.SKIP_REASONS, skipped.tolist())) and int(skipped.sum()) > 0
+    assert report["skipped"] == dict(zip(formats.SKIP_REASONS, skipped.tolist())) and int(skipped.sum()) > 0
     # One worker: its delivery is the whole delivery, and the workers alone outrun workers + device half.
     assert report["delivery_samples_per_s_per_worker"] == report["delivery_samples_per_s"] > report["samples_per_s"]
     assert report["device_samples_per_s"] > report["samples_per_s"]  # the two halves timed apart, then in sequence

@@ -185,7 +185,7 @@ def test_start_skips_earlier_samples_without_reading_their_data(tmp_path, monkey
 
 def test_counts_come_from_sizes_json_without_reading_shards(tmp_path, monkeypatch):
     write_shards(tmp_path, pairs(7), per_shard=3)  # writes sizes.json, as webdataset's tools do
-    monkeypatch.setattr(sources, "count_tar_samples", lambda path: pytest.fail(f"counted {path}"))
+    monkeypatch.setattr(formats, "count_tar_samples", lambda path: pytest.fail(f"counted {path}"))
     units = formats.list_units(str(tmp_path / "{00000..00002}.tar"), progress=False)
     assert [u.samples for u in units] == [3, 3, 1] and all(u.row_group == -1 for u in units)
 
@@ -201,7 +201,7 @@ def test_counting_pass_is_saved_and_reused(tmp_path, monkeypatch):
     # A second start reads nothing; a shard that changed (size, mtime) is counted again, alone.
     counted = []
     real = formats.count_tar_samples
-    monkeypatch.setattr(sources, "count_tar_samples", lambda path: counted.append(path) or real(path))
+    monkeypatch.setattr(formats, "count_tar_samples", lambda path: counted.append(path) or real(path))
     assert [u.samples for u in formats.list_units(spec, progress=False)] == [3, 3, 1] and counted == []
     write_shards(tmp_path / "new", pairs(2), per_shard=2)
     shutil.copy(tmp_path / "new" / "00000.tar", tmp_path / "00002.tar")
@@ -223,13 +223,13 @@ def test_a_killed_counting_pass_keeps_what_it_counted(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(path)
 
-    monkeypatch.setattr(sources, "count_tar_samples", killed_at_the_third)
+    monkeypatch.setattr(formats, "count_tar_samples", killed_at_the_third)
     with pytest.raises(KeyboardInterrupt):
         formats.list_units("{00000..00003}.tar", progress=False)
     saved = json.loads((tmp_path / formats.COUNTS_FILE).read_text())["files"]
     assert {name: entry["samples"] for name, entry in saved.items()} == {"00000.tar": 2, "00001.tar": 2}
     calls.clear()
-    monkeypatch.setattr(sources, "count_tar_samples", lambda path: calls.append(path) or real(path))
+    monkeypatch.setattr(formats, "count_tar_samples", lambda path: calls.append(path) or real(path))
     assert formats.list_units("{00000..00003}.tar", progress=False) == [
         formats.Unit(f"{i:05d}.tar", -1, 2) for i in range(4)]
     assert calls == ["00002.tar", "00003.tar"]  # the restart counts only what was left
@@ -244,7 +244,7 @@ def test_counting_pass_in_a_read_only_folder_goes_to_cache_dir(tmp_path, monkeyp
     assert [u.samples for u in formats.list_units(spec, cache_dir=cache, progress=True)] == [2, 2]
     assert "counting samples" in capsys.readouterr().err  # a progress bar while counting
     assert len(list(cache.glob("counts-*.json"))) == 1
-    monkeypatch.setattr(sources, "count_tar_samples", lambda path: pytest.fail(f"counted {path} again"))
+    monkeypatch.setattr(formats, "count_tar_samples", lambda path: pytest.fail(f"counted {path} again"))
     assert [u.samples for u in formats.list_units(spec, cache_dir=cache, progress=False)] == [2, 2]
 
 
@@ -541,7 +541,7 @@ def test_real_img2dataset_output_reads_exactly_its_successes(tmp_path, monkeypat
     assert len(successes) == len(PHOTOS) and len(rows) == len(urls)
     stats = [json.loads((out / f"{os.path.basename(p)[:5]}_stats.json").read_text())["successes"] for p in tars]
 
-    monkeypatch.setattr(sources, "count_tar_samples", lambda path: pytest.fail(f"counted {path}: the stats have it"))
+    monkeypatch.setattr(formats, "count_tar_samples", lambda path: pytest.fail(f"counted {path}: the stats have it"))
     units = formats.list_units(str(out / "{00000..00001}.tar"), progress=False)
     assert [u.samples for u in units] == stats and sum(stats) == len(PHOTOS)
     assert not (out / formats.COUNTS_FILE).exists()

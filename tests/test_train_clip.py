@@ -33,17 +33,17 @@ from skimage import data as skdata
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402
+import training  # noqa: E402
 from stage2 import contrastive  # noqa: E402
-import evaluate  # noqa: E402
+from stage1 import objective
 from stage1 import nights  # noqa: E402
 import hold_at_step  # noqa: E402  (tests/: holds a trainer at a step)
 import train_clip  # noqa: E402
 from checkpoints import load_checkpoint  # noqa: E402
 from world.make_data import make_nights, write_shards  # noqa: E402
-from model import create_model  # noqa: E402
+from model import create_model
 
-FP32 = common.autocast("cpu", "fp32")
+FP32 = training.autocast("cpu", "fp32")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
@@ -59,7 +59,7 @@ def one_step(model, images, tokens, accum_steps, forward=None, ddp=None):
     """One optimiser step as the loop runs it (train_clip.train_step, lr 1e-3): returns the loss."""
     cfg = train_clip.Config(accum_steps=accum_steps, lr=1e-3, weight_decay=0.1, grad_clip=0.0)
     optimizer = train_clip.make_optimizer(model, cfg, "cpu")
-    loss = train_clip.train_step(model, forward or model, ddp, optimizer, common.grad_scaler("cpu", "fp32"), FP32,
+    loss = train_clip.train_step(model, forward or model, ddp, optimizer, training.grad_scaler("cpu", "fp32"), FP32,
                                  images, tokens, cfg.lr, cfg)
     return loss.item()
 
@@ -102,7 +102,7 @@ def ddp_worker(out):
     from open_clip.loss import ClipLoss
 
     torch.set_num_threads(1)
-    d = common.setup_distributed("cpu")
+    d = training.setup_distributed("cpu")
     images, tokens = global_batch(8)
     mine = slice(4 * d.rank, 4 * d.rank + 4)
     model = tiny_model()
@@ -110,15 +110,15 @@ def ddp_worker(out):
         image, text, scale = model(images[mine], tokens[mine])
         reference = ClipLoss(local_loss=True, gather_with_grad=True, rank=d.rank, world_size=d.world_size)(image, text, scale)
         assert torch.allclose(contrastive.contrastive_loss(image, text, scale), reference, atol=1e-6)
-    forward, ddp = common.wrap_model(model, d)  # as train_clip.main wraps it
+    forward, ddp = training.wrap_model(model, d)  # as train_clip.main wraps it
     results, grads = {}, None
     for accum_steps in (1, 2):
         loss = one_step(model, images[mine], tokens[mine], accum_steps, forward, ddp)
-        results[accum_steps] = common.all_reduce_sum([loss], "cpu")[0] / d.world_size
+        results[accum_steps] = training.all_reduce_sum([loss], "cpu")[0] / d.world_size
         grads = grads or {name: p.grad.clone() for name, p in model.named_parameters()}  # after the first step
     if d.is_main:
         torch.save({"loss": results, "grads": grads, "state_dict": model.state_dict()}, out)
-    common.cleanup_distributed()
+    training.cleanup_distributed()
 
 
 def recorded_step(model, forward, ddp, optimizer, images, tokens, cfg):
@@ -130,7 +130,7 @@ def recorded_step(model, forward, ddp, optimizer, images, tokens, cfg):
         seen.update({name: p.grad.detach().clone() for name, p in model.named_parameters()})
 
     handle = optimizer.register_step_pre_hook(record)
-    loss = train_clip.train_step(model, forward, ddp, optimizer, common.grad_scaler("cpu", "fp32"), FP32, images, tokens,
+    loss = train_clip.train_step(model, forward, ddp, optimizer, training.grad_scaler("cpu", "fp32"), FP32, images, tokens,
                                  cfg.lr, cfg).item()
     handle.remove()
     return loss, seen
@@ -141,7 +141,7 @@ def compile_worker(out):
     train_step with accum_steps=2, eager and compiled, each wrapped as train_clip.main wraps; the
     gradients of each step are recorded before the optimiser uses them."""
     torch.set_num_threads(1)
-    d = common.setup_distributed("cpu")
+    d = training.setup_distributed("cpu")
     images, tokens = global_batch(8, seed=1)
     mine = slice(4 * d.rank, 4 * d.rank + 4)
     # No clipping: clipping (like Adam) divides out a constant factor in the gradients, so a path that
@@ -153,14 +153,14 @@ def compile_worker(out):
         # aot_eager: dynamo's graph capture, DDP's graph splitting at bucket boundaries and AOTAutograd's
         # joint forward-backward graph, i.e. everything of compile that touches DDP and no_sync; only
         # inductor's C++ code generation is left out (it would take minutes on 2 shared cores).
-        forward, ddp = common.wrap_model(model, d, compile=compiled, compile_backend="aot_eager")
+        forward, ddp = training.wrap_model(model, d, compile=compiled, compile_backend="aot_eager")
         optimizer = train_clip.make_optimizer(model, cfg, "cpu")
         steps = [recorded_step(model, forward, ddp, optimizer, images[mine], tokens[mine], cfg) for _ in range(2)]
         results[compiled] = {"losses": [loss for loss, _ in steps], "grads": [grads for _, grads in steps],
                              "state_dict": model.state_dict()}
     if d.is_main:
         torch.save(results, out)
-    common.cleanup_distributed()
+    training.cleanup_distributed()
 
 
 # Gradients of the same batch agree to fp32 rounding of the sums' order, measured as a share of each
@@ -233,7 +233,7 @@ def test_accumulation_updates_batchnorm_statistics_once_per_micro_batch():
     plain.load_state_dict(model.state_dict())
     images, tokens = global_batch(8)
     images = torch.nn.functional.interpolate(images, size=64)  # tiny-rn's input size
-    train_clip.accumulate_gradients(model, images, tokens, 2, FP32, common.grad_scaler("cpu", "fp32"))
+    contrastive.accumulate_gradients(model, images, tokens, 2, FP32, training.grad_scaler("cpu", "fp32"))
     with torch.no_grad():
         for chunk in images.chunk(2):  # what the re-forwards with gradients alone would do
             plain.visual(chunk)
@@ -335,7 +335,7 @@ def test_rerun_of_a_finished_run_changes_nothing_and_a_changed_setting_is_refuse
     reported = json.loads(before["summary.json"])["metrics"]["nights/2afc"]
     model = load_checkpoint(straight / "ckpt.pt")
     triplets = nights.NightsDataset(straight.parent / "nights", "test", model.config.image_size)
-    assert reported == pytest.approx(evaluate.evaluate_nights(model, triplets, "cpu"), abs=1e-6)
+    assert reported == pytest.approx(objective.two_afc_by_triplet(model, triplets, "cpu"), abs=1e-6)
     # Settings that do not change the run may differ: still a finished run, left as it is.
     rerun = subprocess.run(command(straight, "--log_every=1", "--save_every=2", "--eval_every=3"), env=ENV,
                            capture_output=True, text=True, timeout=120)
@@ -370,9 +370,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(clip_run, tmp_
 
     monkeypatch.setattr(train_clip, "train_step", poisoned)
     saves = []
-    monkeypatch.setattr(common, "atomic_save", lambda obj, path, save=common.atomic_save: (saves.append(obj["step"]), save(obj, path)))
+    monkeypatch.setattr(training, "atomic_save", lambda obj, path, save=training.atomic_save: (saves.append(obj["step"]), save(obj, path)))
     out = tmp_path / "nan"
-    with pytest.raises(common.NonFiniteLoss, match=r"non-finite loss at step 6 \(lr 0.0003\).*still holds step 4"):
+    with pytest.raises(training.NonFiniteLoss, match=r"non-finite loss at step 6 \(lr 0.0003\).*still holds step 4"):
         train_clip.main(command(out)[2:])
     # Checked at step 8's save (no host sync per step), yet named exactly; the save of step 8 never happened.
     assert len(losses) == 8 and saves == [4]

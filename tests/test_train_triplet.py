@@ -31,10 +31,11 @@ import pytest
 import torch
 import yaml
 
-import common
+import training
 import hold_at_step  # tests/: holds a trainer at a step
 import train_triplet
-from evaluate import evaluate_nights
+from stage1 import objective
+from stage1.objective import two_afc_by_triplet
 from world.make_data import make_nights
 from checkpoints import load_checkpoint
 from model import create_model
@@ -86,7 +87,7 @@ def test_real_labels_are_learned_and_shuffled_are_not(nights, trained, tmp_path)
     model = create_model("tiny", image_size=SIZE)
     splits = {s: NightsDataset(nights, s, SIZE) for s in ("val", "test")}
     counts = {s: len(d) for s, d in splits.items()}
-    untrained = held_out({s: evaluate_nights(model, d, "cpu") for s, d in splits.items()}, counts)
+    untrained = held_out({s: two_afc_by_triplet(model, d, "cpu") for s, d in splits.items()}, counts)
     real, control = held_out(summary["2afc"], counts), held_out(shuffled["2afc"], counts)
     print(f"val+test 2AFC: random init {untrained:.3f}, trained {real:.3f}, shuffled labels {control:.3f}")
     # Measured with this config on data seeds 0 / 1 / 2 (run seed 42), val+test 2AFC:
@@ -114,7 +115,7 @@ def test_checkpoint_loads_anywhere_and_only_vision_trained(nights, trained):
     # batches the float sums run in another order, and a triplet whose two distances differ by one ulp
     # (seen: 6e-8) can flip and move the score by ~5e-4.
     batch_size = yaml.safe_load((ROOT / "configs/nights_tiny.yaml").read_text())["eval_batch_size"]
-    assert evaluate_nights(model, val, "cpu", batch_size) == pytest.approx(summary["2afc"]["val"], abs=1e-6)
+    assert two_afc_by_triplet(model, val, "cpu", batch_size) == pytest.approx(summary["2afc"]["val"], abs=1e-6)
     torch.manual_seed(42)
     initial = create_model("tiny", image_size=SIZE).state_dict()
     for key, value in model.state_dict().items():
@@ -178,14 +179,14 @@ def test_sigterm_saves_at_the_step_and_restart_is_exact(small_nights, tmp_path, 
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_nights, tmp_path, monkeypatch):
-    real_loss, losses = train_triplet.hinge_loss, []
+    real_loss, losses = objective.hinge_loss, []
 
     def poisoned(*args):  # the loss of step 4 (only) is NaN, as in a one-step spike
         losses.append(real_loss(*args))
         return losses[-1] * float("nan") if len(losses) == 4 else losses[-1]
 
     monkeypatch.setattr(train_triplet, "hinge_loss", poisoned)
-    with pytest.raises(common.NonFiniteLoss, match=r"non-finite loss at step 4 \(lr 0.00012\).*still holds step 3"):
+    with pytest.raises(training.NonFiniteLoss, match=r"non-finite loss at step 4 \(lr 0.00012\).*still holds step 3"):
         run(small_nights, tmp_path, "--epochs=2", "--batch_size=32", "--log_every=100")  # 3 steps an epoch
     # Found at the next check (the last step: no host sync per step), yet named exactly; the checkpoint
     # is the one of step 3 (epoch end), nothing was saved after the bad step.

@@ -47,13 +47,15 @@ import skimage.data
 import torch
 from PIL import Image, ImageFilter
 
-import evaluate
+from analysis import alignment
+from stage1 import objective
 import train_triplet
 from stage1 import other_sources
 from stage1 import triplets
-from common import grad_scaler
+from training import grad_scaler
 from data import image_transform
-from model import create_model, nights_distances
+from model import create_model
+from stage1.objective import triplet_distances
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -94,8 +96,8 @@ def score_through_training_loader(dataset, steps=2):
     loader.batch_sampler.set_epoch(1)
     with torch.no_grad():
         for ref, left, right, p in loader:
-            d0, d1 = nights_distances(model.visual, *(triplets.model_input(t, "cpu") for t in (ref, left, right)))
-            scores.append(evaluate.two_afc_score(d0, d1, p))
+            d0, d1 = triplet_distances(model.visual, *(triplets.model_input(t, "cpu") for t in (ref, left, right)))
+            scores.append(objective.two_afc_score(d0, d1, p))
     return torch.cat(scores).mean().item()
 
 
@@ -165,7 +167,7 @@ def test_bapps_2afc_equals_lpips_scoring(tmp_path):
     splits = other_sources.open_splits("bapps", root, SIZE)
     for subset in ("traditional", "cnn"):
         reference, _ = score_2afc_dataset(Loader(root / "val" / subset), distance)
-        assert evaluate.evaluate_triplets(model, splits[f"val_{subset}"], "cpu") == pytest.approx(reference, abs=1e-6)
+        assert objective.two_afc(model, splits[f"val_{subset}"], "cpu") == pytest.approx(reference, abs=1e-6)
 
 
 def test_bapps_bad_input_is_named(tmp_path):
@@ -240,8 +242,8 @@ def test_things_labels_rows_and_odd_one_out(tmp_path):
     assert score_through_training_loader(wrong["train"]) <= 0.4  # measured 0.31
     torch.manual_seed(0)
     model = create_model("tiny", image_size=SIZE)
-    assert evaluate.odd_one_out_accuracy(model, splits["val"], "cpu")["accuracy"] >= 0.8
-    assert evaluate.odd_one_out_accuracy(model, wrong["val"], "cpu")["accuracy"] <= 0.2
+    assert alignment.odd_one_out_accuracy(model, splits["val"], "cpu")["accuracy"] >= 0.8
+    assert alignment.odd_one_out_accuracy(model, wrong["val"], "cpu")["accuracy"] <= 0.2
     # A reader that sorted the concept names would pair the wrong images: near chance, not >= 0.8.
     (root / "unique_id.txt").write_text("".join(f"{c}\n" for c in sorted(order)))
     assert score_through_training_loader(other_sources.open_splits("things", root, SIZE)["train"]) < 0.8
@@ -263,10 +265,10 @@ def test_odd_one_out_accuracy_equals_a_hand_loop_and_per_image_2afc_equals_per_t
     for i, j, k in np.loadtxt(root / "triplet_dataset/validationset.txt", dtype=int):
         similarity = {"k": features[i] @ features[j], "j": features[i] @ features[k], "i": features[j] @ features[k]}
         hits += max(similarity, key=similarity.get) == "k"  # the most similar pair leaves k out
-    scores = evaluate.odd_one_out_accuracy(model, val, "cpu")
+    scores = alignment.odd_one_out_accuracy(model, val, "cpu")
     assert scores["accuracy"] == pytest.approx(hits / 12)
     assert scores["ceiling_normalised"] == pytest.approx((hits / 12 - 1 / 3) / (0.6767 - 1 / 3))
-    assert evaluate.evaluate_triplets(model, val, "cpu") == pytest.approx(evaluate.evaluate_nights(model, val, "cpu"), abs=1e-6)
+    assert objective.two_afc(model, val, "cpu") == pytest.approx(objective.two_afc_by_triplet(model, val, "cpu"), abs=1e-6)
 
 
 def test_things_bad_input_is_named(tmp_path):
@@ -442,7 +444,7 @@ def test_rsa_per_layer_equals_rsatoolbox(tmp_path):
     torch.manual_seed(2)
     model = create_model("tiny", image_size=SIZE).eval()
     images = torch.stack([torch.from_numpy(np.ascontiguousarray(triplets.decode(p, SIZE))) for p in paths])
-    ours = evaluate.rsa_per_layer(model, images, rdm)
+    ours = alignment.rsa_per_layer(model, images, rdm)
     assert list(ours) == [f"block{k + 1}" for k in range(len(model.visual.transformer.resblocks))] + ["embedding"]
     captured = []
     hooks = [b.register_forward_hook(lambda m, a, out: captured.append(out[:, 0].detach().double().numpy()))
@@ -528,7 +530,7 @@ def test_alignment_command_scores_several_checkpoints(tmp_path):
     torch.manual_seed(1)
     model = create_model("tiny", image_size=SIZE)
     val = other_sources.open_splits("things", things, SIZE)["val"]
-    assert scores["run1"]["things/val/odd_one_out"] == pytest.approx(evaluate.odd_one_out_accuracy(model, val, "cpu")["accuracy"])
+    assert scores["run1"]["things/val/odd_one_out"] == pytest.approx(alignment.odd_one_out_accuracy(model, val, "cpu")["accuracy"])
     images = torch.stack([torch.from_numpy(np.ascontiguousarray(triplets.decode(p, SIZE)))
                           for p in other_sources.rdm_images(rdm_root)[0]])
-    assert scores["run1"]["rsa/V1/embedding"] == pytest.approx(evaluate.rsa_per_layer(model, images, rdm)["embedding"])
+    assert scores["run1"]["rsa/V1/embedding"] == pytest.approx(alignment.rsa_per_layer(model, images, rdm)["embedding"])

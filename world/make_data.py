@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from progress import progress
+from cli import progress
 from world.scenes import (demo_concepts, demo_odd_one_out, demo_pairs, demo_probe_scenes, demo_tasks, demo_triplets,
                    perceptual_distance, render_scene)
 

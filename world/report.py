@@ -10,7 +10,7 @@ import math
 import statistics
 from pathlib import Path
 
-import evaluate
+from analysis import zero_shot
 
 # The four stage-2 arms, each a CLIP scored on every task and on 2AFC: the vision tower starts from
 # stage 1 (pi), from random weights (baseline), from the shuffled-vote control of stage 1 (shuffled:
@@ -37,14 +37,14 @@ def read_results(path):
 
 
 def main_metrics(by_run):
-    """{run: {task: metrics}} -> {run: {task: the task's main metric}} (evaluate.main_metric)."""
-    return {run: {task: evaluate.main_metric(task, m)[1] for task, m in tasks.items()} for run, tasks in by_run.items()}
+    """{run: {task: metrics}} -> {run: {task: the task's main metric}} (zero_shot.main_metric)."""
+    return {run: {task: zero_shot.main_metric(task, m)[1] for task, m in tasks.items()} for run, tasks in by_run.items()}
 
 
 def collect(seed_dir):
     """One seed's numbers: final zero-shot main metric per task and arm, 2AFC of every model, the
     probes (CKA per layer, similarity to the observers, linear-probe acc1) and the stage-2 curves."""
-    zero_shot = main_metrics(read_results(seed_dir / "results.json"))
+    scores = main_metrics(read_results(seed_dir / "results.json"))
     summaries = {name: json.loads((seed_dir / name / "summary.json").read_text())
                  for name in PROBED if (seed_dir / name / "summary.json").exists()}
     two_afc = {"untrained": json.loads((seed_dir / "untrained_2afc.json").read_text())}
@@ -55,24 +55,24 @@ def collect(seed_dir):
     probes = json.loads((seed_dir / "probes.json").read_text())
     probes = {"n_images": probes["n_images"], "cka": probes["cka"], "rsa": probes.get("rsa", {}),
               "linear_probe": {m: {t: r["lp_acc1"] for t, r in by_task.items()} for m, by_task in probes["linear_probe"].items()}}
-    return {"zero_shot": zero_shot, "2afc": two_afc, "probes": probes, "curves": curves}
+    return {"zero_shot": scores, "2afc": two_afc, "probes": probes, "curves": curves}
 
 
-def _mean_sd(values):
+def mean_sd(values):
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return math.nan, math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
 
 
-def _pct(mean, sd=math.nan):
+def percent(mean, sd=math.nan):
     if math.isnan(mean):
         return "-"
     return f"{100 * mean:.1f}" + ("" if math.isnan(sd) else f" ± {100 * sd:.1f}")
 
 
-def _signed(mean, sd=math.nan):
-    return ("+" if mean >= 0 else "") + _pct(mean, sd)
+def signed(mean, sd=math.nan):
+    return ("+" if mean >= 0 else "") + percent(mean, sd)
 
 
 LABELS = {"untrained": "untrained network (random init)", "stage1": "stage 1 (perceptual)",
@@ -109,7 +109,7 @@ def report(per_seed):
              "| task | metric | " + " | ".join(arms) + " |", "|---|---|" + "---|" * len(arms)]
     for task in rows:
         metric = "" if task is None else "mean_recall@1" if "retrieval" in task else "acc1"
-        lines.append(f"| {name(task)} | {metric} | " + " | ".join(_pct(*_mean_sd([score(a, task, s) for s in seeds]))
+        lines.append(f"| {name(task)} | {metric} | " + " | ".join(percent(*mean_sd([score(a, task, s) for s in seeds]))
                                                          for a in arms) + " |")
     lines += ["", "PI against each other arm: difference in points (mean ± sd over seeds) and the seeds PI won", "",
               "| task | " + " | ".join(f"PI - {a} | wins" for a in others) + " |", "|---|" + "---|---|" * len(others)]
@@ -118,8 +118,8 @@ def report(per_seed):
         cells = []
         for other in others:
             diff = [score("pi", task, s) - score(other, task, s) for s in seeds]
-            d_mean, d_sd = _mean_sd(diff)
-            cells += [_signed(d_mean, d_sd), f"{sum(d > 0 for d in diff)}/{n}"]
+            d_mean, d_sd = mean_sd(diff)
+            cells += [signed(d_mean, d_sd), f"{sum(d > 0 for d in diff)}/{n}"]
             if task is not None:
                 verdicts[other]["ahead"] += d_mean > 0
                 # "clear": the mean difference is more than two standard errors from zero (needs >= 3 seeds)
@@ -140,7 +140,7 @@ def report(per_seed):
     # 2AFC beside the probes that ask the same question of the whole feature space.
     models = [m for m in PROBED if any(m in per_seed[s]["2afc"] for s in seeds)]
     probe_tasks = list(first["probes"]["linear_probe"].get("pi", {}))
-    stat = lambda get: _pct(*_mean_sd([get(per_seed[s]) for s in seeds]))
+    stat = lambda get: percent(*mean_sd([get(per_seed[s]) for s in seeds]))
     lp_mean = lambda r, m: statistics.fmean(r["probes"]["linear_probe"][m].values()) if m in r["probes"]["linear_probe"] else math.nan
     lines += ["", f"Perceptual alignment and probes of the feature space (%, except Spearman's rho x 100; "
               f"{first['probes']['n_images']} probe scenes): 2AFC on the demo's NIGHTS-format test triplets (chance 50), "
@@ -161,7 +161,7 @@ def report(per_seed):
     for a, b, label in CKA_ROWS:
         if all(_cka(per_seed[s]["probes"], a, b) for s in seeds):
             lines.append(f"| {label} | " + " | ".join(
-                f"{_mean_sd([_cka(per_seed[s]['probes'], a, b)[k] for s in seeds])[0]:.2f}" for k in layers) + " |")
+                f"{mean_sd([_cka(per_seed[s]['probes'], a, b)[k] for s in seeds])[0]:.2f}" for k in layers) + " |")
     return "\n".join(lines)
 
 
@@ -169,7 +169,7 @@ COLOURS = {"pi": "tab:orange", "baseline": "tab:blue", "shuffled": "tab:green", 
            "untrained": "tab:grey", "stage1": "tab:red", "stage1_shuffled": "tab:olive"}
 
 
-def _pyplot():
+def pyplot():
     import matplotlib  # a runtime requirement (requirements.txt); imported only when a plot is drawn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -179,21 +179,21 @@ def _pyplot():
 def plot(per_seed, path):
     """Final zero-shot results per task for every arm, and mean zero-shot and NIGHTS 2AFC over stage 2
     (one line per stage-2 run and seed; the post-hoc arm as a point after the baseline's last step)."""
-    plt = _pyplot()
+    plt = pyplot()
     seeds = list(per_seed)
     tasks = list(per_seed[seeds[0]]["zero_shot"]["pi"])
     arms = [a for a in ARMS if all(a in per_seed[s]["zero_shot"] for s in seeds)]
     width = 0.8 / len(arms)
-    fig, (bars, zero_shot, curves) = plt.subplots(1, 3, figsize=(17, 4.8))
+    fig, (bars, zero_shot_axes, curves) = plt.subplots(1, 3, figsize=(17, 4.8))
     for i, run in enumerate(arms):
-        stats = [_mean_sd([100 * per_seed[s]["zero_shot"][run][t] for s in seeds]) for t in tasks]
+        stats = [mean_sd([100 * per_seed[s]["zero_shot"][run][t] for s in seeds]) for t in tasks]
         bars.bar([x + width * i for x in range(len(tasks))], [m for m, _ in stats], width, label=run, color=COLOURS[run],
                  yerr=[0 if math.isnan(sd) else sd for _, sd in stats])
         for s in seeds:
             label = run if s == seeds[0] else None
             if run == "posthoc":  # after the baseline's stage 2: one point, at its last step
                 step = per_seed[s]["curves"]["baseline"][-1]["step"]
-                zero_shot.plot([step], [100 * statistics.fmean(per_seed[s]["zero_shot"]["posthoc"].values())], "*",
+                zero_shot_axes.plot([step], [100 * statistics.fmean(per_seed[s]["zero_shot"]["posthoc"].values())], "*",
                                ms=12, color=COLOURS[run], label=label and "posthoc (baseline, then tuned)")
                 curves.plot([step], [100 * per_seed[s]["2afc"]["posthoc"]["test"]], "*", ms=12, color=COLOURS[run],
                             label=label and "posthoc (baseline, then tuned)")
@@ -201,17 +201,17 @@ def plot(per_seed, path):
             points = per_seed[s]["curves"][run]
             steps = [p["step"] for p in points]
             mean_zero_shot = [100 * statistics.fmean(v for k, v in p.items() if k.startswith("zeroshot/")) for p in points]
-            zero_shot.plot(steps, mean_zero_shot, color=COLOURS[run], alpha=0.8, marker="o", label=label)
+            zero_shot_axes.plot(steps, mean_zero_shot, color=COLOURS[run], alpha=0.8, marker="o", label=label)
             curves.plot(steps, [100 * p["nights/2afc"] for p in points], color=COLOURS[run], alpha=0.8, marker="o", label=label)
     bars.set_xticks([x + width * (len(arms) - 1) / 2 for x in range(len(tasks))], [t.removeprefix("demo_") for t in tasks],
                     rotation=30)
     bars.set_ylabel("zero-shot main metric (%)")
     bars.set_title(f"Zero-shot after stage 2 ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
     bars.legend(fontsize=8)
-    zero_shot.set_xlabel("stage-2 step")
-    zero_shot.set_ylabel(f"mean zero-shot main metric over {len(tasks)} tasks (%)")
-    zero_shot.set_title("Zero-shot during stage 2")
-    zero_shot.legend(fontsize=8)
+    zero_shot_axes.set_xlabel("stage-2 step")
+    zero_shot_axes.set_ylabel(f"mean zero-shot main metric over {len(tasks)} tasks (%)")
+    zero_shot_axes.set_title("Zero-shot during stage 2")
+    zero_shot_axes.legend(fontsize=8)
     curves.axhline(50, color="grey", lw=0.8, ls="--")
     curves.set_xlabel("stage-2 step")
     curves.set_ylabel("NIGHTS-format 2AFC, test (%)")
@@ -226,7 +226,7 @@ def plot(per_seed, path):
 def plot_probes(per_seed, path):
     """The probes over seeds: CKA per layer for the pairs of the table, 2AFC against the observer-distance
     correlation per model (one point per seed), mean linear-probe acc1 per model."""
-    plt = _pyplot()
+    plt = pyplot()
     seeds = list(per_seed)
     models = [m for m in PROBED if all(m in per_seed[s]["probes"]["linear_probe"] for s in seeds)]
     fig, (cka, rsa, probe) = plt.subplots(1, 3, figsize=(17, 4.8))
@@ -243,7 +243,7 @@ def plot_probes(per_seed, path):
     rsa.set(xlabel="Spearman rho x 100: image distances vs the observers' distance", ylabel="2AFC, test (%)",
             title="Perceptual alignment: whole distance matrix vs triplets")
     rsa.legend(fontsize=7)
-    stats = [_mean_sd([100 * statistics.fmean(per_seed[s]["probes"]["linear_probe"][m].values()) for s in seeds]) for m in models]
+    stats = [mean_sd([100 * statistics.fmean(per_seed[s]["probes"]["linear_probe"][m].values()) for s in seeds]) for m in models]
     probe.bar(models, [m for m, _ in stats], yerr=[0 if math.isnan(sd) else sd for _, sd in stats],
               color=[COLOURS[m] for m in models])
     probe.tick_params(axis="x", rotation=30)

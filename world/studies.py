@@ -33,8 +33,8 @@ import sys
 import time
 
 from world import make_data
-from demo import PLANS, _stale, run_step, shard_spec, untrained
-from world.report import _mean_sd, _pct, _pyplot, _signed, main_metrics, read_results
+from world.pipeline import PLANS, drop_if_stale, run_step, shard_spec, untrained
+from world.report import mean_sd, percent, pyplot, signed, main_metrics, read_results
 
 STUDIES = ("efficiency", "sources")
 # Arm label (as results.md names it) -> run folder under seed<S>/ (stage 1 in stage1_<folder>).
@@ -100,14 +100,14 @@ def run_seed(study, seed, plan, study_plan, data_root, out):
     untrained(seed, data_root / "nights", seed_dir / "stage1_baseline")
     finals = [seed_dir / folder / "ckpt.pt" for folder in ARMS[study].values()]
     results = seed_dir / "results.json"
-    _stale(results, finals)
+    drop_if_stale(results, finals)
     seconds["evaluate"] = run_step(
         f"{study}, seed {seed}: zero-shot evaluation of the {len(finals)} arms",
         ["evaluate.py", "--suite", "demo", "--data-root", str(tasks_root), "--out", str(results), "--workers", "0",
          *[a for c in finals for a in ("--ckpt", str(c))]], results)
     towers = finals + sorted(seed_dir.glob("stage1_*/ckpt.pt"))
     scores = seed_dir / "scores.json"
-    _stale(scores, towers)
+    drop_if_stale(scores, towers)
     if scores.exists():
         print(f"== {study}, seed {seed}: alignment scores: finished earlier ({scores}), reused")
     else:
@@ -126,7 +126,8 @@ def alignment_scores(checkpoints, data_root):
     held-out stimuli. The data is read by the readers train_triplet.py uses (other_sources.py), the
     scores are evaluate.py's."""
     import numpy as np  # imported here, where they are needed: the report does without torch
-    import evaluate
+    from analysis import alignment
+    from stage1 import objective
     from stage1 import other_sources
     from checkpoints import load_checkpoint
     from analysis.probes import representational_similarity
@@ -141,10 +142,10 @@ def alignment_scores(checkpoints, data_root):
                 # the RDM reader's image list: every held-out image, in images.txt's order (the RDM's rows)
                 "heldout": other_sources.open_splits("rdm", data_root / "stimuli_test", size, rdm=make_data.AREAS[0])["train"]}
         data = splits[size]
-        heldout = evaluate.embed_images(model, data["heldout"], "cpu")
+        heldout = objective.embed_images(model, data["heldout"], "cpu")
         scores[path.parent.name] = {
-            "2afc": evaluate.evaluate_nights(model, data["nights"], "cpu"),
-            "odd_one_out": evaluate.odd_one_out_accuracy(model, data["things"], "cpu")["accuracy"],
+            "2afc": objective.two_afc_by_triplet(model, data["nights"], "cpu"),
+            "odd_one_out": alignment.odd_one_out_accuracy(model, data["things"], "cpu")["accuracy"],
             **{f"rsa_{area}": representational_similarity(heldout, np.load(data_root / "stimuli_test" / "rdms" / f"{area}.npy"))
                for area in make_data.AREAS}}
     return scores
@@ -179,7 +180,7 @@ def collect(study, seed_dir):
 
 
 def _verdict(diffs, n):
-    mean, sd = _mean_sd(diffs)
+    mean, sd = mean_sd(diffs)
     if n >= 3 and sd > 0 and abs(mean) > 2 * sd / math.sqrt(n):  # the demo's rule: > 2 standard errors
         return "ahead" if mean > 0 else "behind"
     return None
@@ -197,7 +198,7 @@ def report(study, per_seed, areas):
     lines = [f"Zero-shot main metric (%), {n} seed{'s' * (n > 1)} ({', '.join(map(str, seeds))}); mean ± sd over seeds", "",
              "| task | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
     for task in [*tasks, None]:
-        lines.append(f"| {name(task)} | " + " | ".join(_pct(*_mean_sd([score(a, task, s) for s in seeds])) for a in arms) + " |")
+        lines.append(f"| {name(task)} | " + " | ".join(percent(*mean_sd([score(a, task, s) for s in seeds])) for a in arms) + " |")
     others = [a for a in arms if a != "baseline"]
     lines += ["", "Each arm against the baseline: difference in points (mean ± sd over seeds) and the seeds it won", "",
               "| task | " + " | ".join(f"{a} - baseline | wins" for a in others) + " |", "|---|" + "---|---|" * len(others)]
@@ -206,7 +207,7 @@ def report(study, per_seed, areas):
         cells = []
         for arm in others:
             diffs = [score(arm, task, s) - score("baseline", task, s) for s in seeds]
-            cells += [_signed(*_mean_sd(diffs)), f"{sum(d > 0 for d in diffs)}/{n}"]
+            cells += [signed(*mean_sd(diffs)), f"{sum(d > 0 for d in diffs)}/{n}"]
             if (v := _verdict(diffs, n)) and task is not None:
                 verdicts[arm][v].append(task)
         lines.append(f"| {name(task)} | " + " | ".join(cells) + " |")
@@ -215,13 +216,13 @@ def report(study, per_seed, areas):
     for arm, v in verdicts.items():
         average = [score(arm, None, s) - score("baseline", None, s) for s in seeds]
         if n < 3:
-            lines.append(f"- {arm} vs baseline: {_signed(statistics.fmean(average))} points on average; with {n} "
+            lines.append(f"- {arm} vs baseline: {signed(statistics.fmean(average))} points on average; with {n} "
                          f"seed{'s' * (n > 1)} no verdict: run with --seeds 0,1,2.")
         else:
-            lines.append(f"- {arm} vs baseline: {_signed(*_mean_sd(average))} on average "
+            lines.append(f"- {arm} vs baseline: {signed(*mean_sd(average))} on average "
                          f"({'clearly ahead' if _verdict(average, n) == 'ahead' else 'clearly behind' if _verdict(average, n) == 'behind' else 'not clear'}); "
                          f"clearly ahead on {', '.join(v['ahead']) or 'none'}; clearly behind on {', '.join(v['behind']) or 'none'}.")
-    stat = lambda get: _pct(*_mean_sd([get(per_seed[s]) for s in seeds]))
+    stat = lambda get: percent(*mean_sd([get(per_seed[s]) for s in seeds]))
     lines += ["", "Alignment (%; RSA as Spearman's rho x 100): 2AFC on the NIGHTS-format test triplets (chance 50), "
               "odd-one-out accuracy on the THINGS-format test trials (chance 33.3), RSA of the tower's image distances "
               "with each area's RDM on held-out stimuli"]
@@ -248,7 +249,7 @@ def plot(study, per_seed, path):
     """efficiency: PI's gain over the baseline (mean zero-shot over tasks) and final 2AFC against the
     number of training triplets, one faint point per seed, mean ± sd; sources: per arm, the gain and
     each alignment score of the final tower."""
-    plt = _pyplot()
+    plt = pyplot()
     seeds, arms = list(per_seed), list(ARMS[study])
     gain = lambda arm, s: 100 * (statistics.fmean(per_seed[s]["zero_shot"][arm].values())
                                  - statistics.fmean(per_seed[s]["zero_shot"]["baseline"].values()))
@@ -259,7 +260,7 @@ def plot(study, per_seed, path):
         for ax, get, label, base in ((axes[0], gain, "PI - baseline, mean zero-shot over tasks (points)", 0),
                                      (axes[1], lambda a, s: final(a, "2afc", s), "2AFC of the final tower (%)", None)):
             xs = [statistics.fmean(per_seed[s]["n_triplets"][a] for s in seeds) for a in pis]
-            stats = [_mean_sd([get(a, s) for s in seeds]) for a in pis]
+            stats = [mean_sd([get(a, s) for s in seeds]) for a in pis]
             for s in seeds:
                 ax.scatter([per_seed[s]["n_triplets"][a] for a in pis], [get(a, s) for a in pis], color="tab:orange", alpha=0.35, s=14)
             ax.errorbar(xs, [m for m, _ in stats], yerr=[0 if math.isnan(sd) else sd for _, sd in stats], marker="o",
@@ -284,7 +285,7 @@ def plot(study, per_seed, path):
         fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
         for ax, (key, label) in zip(axes.flat, panels):
             get = gain if key == "gain" else (lambda a, s, k=key: final(a, k, s))
-            stats = [_mean_sd([get(a, s) for s in seeds]) for a in arms]
+            stats = [mean_sd([get(a, s) for s in seeds]) for a in arms]
             ax.bar(arms, [m for m, _ in stats], yerr=[0 if math.isnan(sd) else sd for _, sd in stats],
                    color=[colours[a] for a in arms])
             ax.tick_params(axis="x", rotation=35)
@@ -292,7 +293,7 @@ def plot(study, per_seed, path):
         # The stage-1 towers: which area each source's tower resembles before stage 2.
         ax, sources = axes.flat[-1], [a for a in arms if a in per_seed[seeds[0]]["stage1"]]  # baseline: untrained
         for k, area in enumerate(make_data.AREAS):
-            stats = [_mean_sd([100 * per_seed[s]["stage1"][a][f"rsa_{area}"] for s in seeds]) for a in sources]
+            stats = [mean_sd([100 * per_seed[s]["stage1"][a][f"rsa_{area}"] for s in seeds]) for a in sources]
             ax.bar([i + 0.4 * k for i in range(len(sources))], [m for m, _ in stats], 0.4, label=f"RSA {area}",
                    yerr=[0 if math.isnan(sd) else sd for _, sd in stats])
         ax.set_xticks([i + 0.2 for i in range(len(sources))], sources, rotation=35)

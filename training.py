@@ -1,152 +1,28 @@
-"""The plumbing both trainers share, so that neither copies it nor imports the other.
+"""The plumbing both trainers share, written once so that the two cannot drift apart.
 
-  config        typed dataclass configs from YAML + `--key=value` overrides, errors that name the key
   distributed   single process by default, DDP when torchrun sets RANK; DDP + compile wrapping
   precision     one autocast path (bf16 / fp16 / fp32) and the GradScaler that fp16 alone needs
-  optimiser     AdamW parameter groups with CLIP's weight-decay exclusions, warmup + cosine schedule
+  optimiser     AdamW parameter groups with CLIP's weight-decay exclusions, the lr schedules
   checkpoints   atomic saves, RNG state capture, the resume check both trainers apply
   faults        SIGTERM / SIGINT stop at a step boundary agreed by all ranks; non-finite losses caught
                 without a host sync per step; the next batch copied to the GPU while the step runs
-  logging       run header (code version, libraries, hardware), metrics.jsonl, run_cli and UserError
-
-Why a third shared file: model.py imports nothing of the kit and data.py holds only data helpers
-(the house rules), yet the two trainers share all of this; copying it would let them drift. It is
-one responsibility, a training run's plumbing, and past ~400 lines because both trainers' fault
-handling lives here (once, for both) rather than in each loop. If it grows further, the natural cut
-is config + run_cli (what every script's command line needs) apart from the rest.
 """
 import contextlib
 import dataclasses
 import datetime
-import json
 import math
 import os
-import platform
 import random
 import signal
-import subprocess
-import sys
 import threading
-import types
-import typing
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from tqdm import tqdm
 
-# ---------------------------------------------------------------------------------------------------
-# Config
-# ---------------------------------------------------------------------------------------------------
-
-_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
-
-
-class UserError(ValueError):
-    """A mistake of the user's that the kit itself detected (a config key or value, missing data, a
-    resume that would splice two runs): run_cli prints its message as one line, without a traceback.
-    Anything else, including a ValueError raised inside torch or numpy, keeps its traceback.
-    (A ValueError, so that code catching the old ValueErrors keeps working.)"""
-
-
-class UserFileNotFound(UserError, FileNotFoundError):
-    """A file the user named (a config, data, a checkpoint) does not exist."""
-
-
-@contextlib.contextmanager
-def user_input():
-    """Around a call into model.py or data.py that reads what the user named (a preset, a checkpoint,
-    a data folder): its FileNotFoundError / ValueError is the user's mistake. model.py imports nothing of
-    the kit, so it cannot raise UserError itself; the caller, which knows the input came from the user,
-    converts. The original exception stays chained (PI_TRACEBACK=1 shows it)."""
-    try:
-        yield
-    except UserError:
-        raise
-    except FileNotFoundError as e:
-        raise UserFileNotFound(str(e)) from e
-    except ValueError as e:
-        raise UserError(str(e)) from e
-
-
-def _coerce(value, annotation, key, source):
-    """Check / convert one value to the field's type; strings (from the command line) are parsed."""
-    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
-    base = next(a for a in typing.get_args(annotation) if a is not type(None)) if optional else annotation
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
-        if optional:
-            return None
-        raise UserError(f"{source}: {key} must be of type {base.__name__}, got nothing")
-    try:
-        if base is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-                return value.lower() in _TRUE
-            raise ValueError
-        if base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
-        if base is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if base is str:
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise ValueError
-            return str(value)
-    except ValueError:
-        raise UserError(f"{source}: {key} must be of type {base.__name__}, got {value!r}") from None
-    raise TypeError(f"config field {key} has an unsupported type {annotation}")
-
-
-def load_config(cls, argv, default_path=None, aliases=None):
-    """Build dataclass `cls` from `[CONFIG.yaml] [--key=value | --key value ...]`.
-
-    Values come, in increasing priority, from the dataclass defaults, the YAML file, the command line.
-    An unknown key or a value of the wrong type is an error that names the key and where it came from.
-    `aliases` maps extra flag spellings to keys (e.g. {"data-root": "data_root"}); `-` and `_` are
-    interchangeable in flags anyway.
-    """
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    path, overrides, i = default_path, [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--"):
-            key, eq, value = arg[2:].partition("=")
-            if not eq:
-                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                    raise UserError(f"command line: --{key} needs a value")
-                value, i = argv[i + 1], i + 1
-            key = (aliases or {}).get(key, key).replace("-", "_")
-            overrides.append((key, value))
-        elif path is default_path and arg.endswith((".yaml", ".yml")):
-            path = arg
-        else:
-            raise UserError(f"command line: unexpected argument {arg!r} (expected CONFIG.yaml and --key=value)")
-        i += 1
-    values = {}
-    if path is not None:
-        if not os.path.exists(path):
-            raise UserFileNotFound(f"config file {path} does not exist")
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise UserError(f"{path}: expected a mapping of key: value at the top level")
-        for key, value in loaded.items():
-            if key not in names:
-                raise UserError(f"{path}: unknown key {key!r}; known keys: {', '.join(sorted(names))}")
-            values[key] = _coerce(value, hints[key], key, path)
-    for key, value in overrides:
-        if key not in names:
-            raise UserError(f"command line: unknown key --{key}; known keys: {', '.join(sorted(names))}")
-        values[key] = _coerce(value, hints[key], key, "command line")
-    return cls(**values)
-
+from cli import UserError
 
 # ---------------------------------------------------------------------------------------------------
 # Distributed
@@ -556,60 +432,3 @@ def prefetch_to_device(batches, device):
             t.record_stream(compute)
         upcoming = issue()
         yield batch
-
-
-# ---------------------------------------------------------------------------------------------------
-# Logging
-# ---------------------------------------------------------------------------------------------------
-
-
-def run_header(config):
-    """What produced a run: config, code version, libraries, hardware (modded-nanogpt's habit)."""
-    root = Path(__file__).resolve().parent
-
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
-        except Exception:
-            return ""
-
-    return {
-        "time": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
-        "config": dataclasses.asdict(config),
-        "git_commit": git("rev-parse", "HEAD") or "unknown",
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "hardware": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)",
-    }
-
-
-class MetricsLog:
-    """Appends one JSON object per line to out_dir/metrics.jsonl (main process only) and prints a
-    readable line. On other ranks it does nothing, so the loop needs no `if rank == 0` around it."""
-
-    def __init__(self, out_dir, enabled=True):
-        self.path = Path(out_dir) / "metrics.jsonl"
-        self.enabled = enabled
-
-    def write(self, record, line=None):
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if line:
-            tqdm.write(line)  # keeps progress bars intact
-
-
-def run_cli(main):
-    """A script's entry point: main(sys.argv[1:]). A UserError (a mistake of the user's that the kit
-    detected: a missing file, a bad key or value, a resume that does not fit) prints one line naming
-    it instead of a traceback; PI_TRACEBACK=1 shows the traceback. Every other error keeps its own."""
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        if os.environ.get("PI_TRACEBACK"):
-            raise
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")

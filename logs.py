@@ -1,12 +1,14 @@
-"""Experiment tracking beside metrics.jsonl: TensorBoard event files and / or a W&B run.
+"""What a training run writes down: its header (config, code version, libraries, hardware), one JSON
+line per interval in out_dir/metrics.jsonl with a readable line beside it, and the same numbers to
+TensorBoard and / or W&B when asked.
 
-  log = open_log(out_dir, is_main, "tensorboard,wandb", config)   # a common.MetricsLog that also sends
+  log = open_log(out_dir, is_main, "tensorboard,wandb", config)   # log_to: "" for metrics.jsonl alone
   log.write({"step": 50, "loss": 4.1, ...}, "a readable line")     # every number of a record with a "step"
   log.close()
 
-The same scalars as metrics.jsonl, under the same names, at the record's step (the run header, which
-has no step, goes to W&B as the run's config). Each library is imported only when asked for, and only
-once something is written (a finished run rerun creates no W&B run).
+TensorBoard and W&B get the same scalars as metrics.jsonl, under the same names, at the record's step
+(the run header, which has no step, goes to W&B as the run's config). Each library is imported only
+when asked for, and only once something is written (a finished run rerun creates no W&B run).
   - tensorboard: torch.utils.tensorboard's SummaryWriter into out_dir/tensorboard (`tensorboard --logdir
     runs`); needs `pip install tensorboard`.
   - wandb: a run in out_dir/wandb, OFFLINE unless WANDB_MODE says otherwise (nothing leaves the machine
@@ -14,14 +16,63 @@ once something is written (a finished run rerun creates no W&B run).
     run id is kept in out_dir/wandb_id.txt, so a resumed run continues the same W&B run. The PI authors
     log to W&B (github cheesepuff90/Brain_Initialization config/trainingconfig/*.json, "wandb").
     WANDB_PROJECT names the project (default "perceptual-init"); needs `pip install wandb`.
-
-Why a file of its own: two optional libraries and their quirks stay out of the trainer and common.py.
 """
+import dataclasses
+import datetime
+import json
 import os
+import platform
 import secrets
+import subprocess
+import sys
 from pathlib import Path
 
-import common
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cli import UserError
+
+def run_header(config):
+    """What produced a run: config, code version, libraries, hardware (modded-nanogpt's habit)."""
+    root = Path(__file__).resolve().parent
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
+        except Exception:
+            return ""
+
+    return {
+        "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "config": dataclasses.asdict(config),
+        "git_commit": git("rev-parse", "HEAD") or "unknown",
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "hardware": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+    }
+
+
+class MetricsLog:
+    """Appends one JSON object per line to out_dir/metrics.jsonl (main process only) and prints a
+    readable line. On other ranks it does nothing, so the loop needs no `if rank == 0` around it."""
+
+    def __init__(self, out_dir, enabled=True):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.enabled = enabled
+
+    def write(self, record, line=None):
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if line:
+            tqdm.write(line)  # keeps progress bars intact
+
+
 
 KINDS = ("tensorboard", "wandb")
 
@@ -31,16 +82,16 @@ def check(log_to):
     kinds = [k.strip() for k in log_to.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
-        raise common.UserError(f"log_to: unknown {', '.join(unknown)}; expected a comma-separated choice of {', '.join(KINDS)}")
+        raise UserError(f"log_to: unknown {', '.join(unknown)}; expected a comma-separated choice of {', '.join(KINDS)}")
     return kinds
 
 
 def open_log(out_dir, enabled, log_to, config):
-    """common.MetricsLog(out_dir, enabled) that also writes to the trackers in `log_to`."""
+    """MetricsLog(out_dir, enabled) that also writes to the trackers in `log_to`."""
     return TrackedLog(out_dir, enabled, check(log_to), config)
 
 
-class TrackedLog(common.MetricsLog):
+class TrackedLog(MetricsLog):
     def __init__(self, out_dir, enabled, kinds, config):
         super().__init__(out_dir, enabled)
         self.out_dir, self.kinds, self.config = Path(out_dir), kinds if enabled else [], config
@@ -51,13 +102,13 @@ class TrackedLog(common.MetricsLog):
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise common.UserError(f"log_to=tensorboard needs the tensorboard package: pip install tensorboard ({e})") from e
+                raise UserError(f"log_to=tensorboard needs the tensorboard package: pip install tensorboard ({e})") from e
             self.tensorboard = SummaryWriter(str(self.out_dir / "tensorboard"))
         if "wandb" in self.kinds and self.wandb is None:
             try:
                 import wandb
             except ImportError as e:
-                raise common.UserError(f"log_to=wandb needs the wandb package: pip install wandb ({e})") from e
+                raise UserError(f"log_to=wandb needs the wandb package: pip install wandb ({e})") from e
             id_file = self.out_dir / "wandb_id.txt"
             if not id_file.exists():
                 id_file.write_text(secrets.token_hex(4))  # W&B ids: a few random letters and digits
