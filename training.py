@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cli import UserError
+from cli import UserError, load_config
 
 # ---------------------------------------------------------------------------------------------------
 # Distributed
@@ -37,8 +38,9 @@ WAIT_TIMEOUT = datetime.timedelta(hours=4)
 
 
 @dataclasses.dataclass
-class Dist:
-    """The distributed state both trainers call `d`: which process this is, and where it computes."""
+class Ranks:
+    """Where this process stands among the ranks of a run (one rank without torchrun), and where it
+    computes."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -76,7 +78,7 @@ def setup_distributed(device=""):
     if device.startswith("cuda"):
         enable_tf32()
     if "RANK" not in os.environ:
-        return Dist(device=torch.device(device))
+        return Ranks(device=torch.device(device))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device.startswith("cuda"):
@@ -86,7 +88,7 @@ def setup_distributed(device=""):
     else:
         dist.init_process_group("gloo")
         device = torch.device("cpu")
-    return Dist(rank, world_size, local_rank, device, dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT))
+    return Ranks(rank, world_size, local_rank, device, dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT))
 
 
 def cleanup_distributed():
@@ -103,23 +105,23 @@ def all_reduce_sum(values, device, dtype=torch.float64):
     return t.tolist()
 
 
-def any_rank(flag, d):
+def any_rank(flag, ranks):
     """True on every rank when `flag` is true on any: one tiny all-reduce on the CPU group, so asking
     at every step costs no GPU synchronisation."""
-    if not d.enabled:
+    if not ranks.enabled:
         return bool(flag)
     t = torch.tensor([int(bool(flag))])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=d.control)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ranks.control)
     return bool(t.item())
 
 
-def wait_for_main(d):
+def wait_for_main(ranks):
     """Every rank waits here until the main one arrives (after its evaluation), up to WAIT_TIMEOUT."""
-    if d.enabled:
-        dist.barrier(group=d.control)
+    if ranks.enabled:
+        dist.barrier(group=ranks.control)
 
 
-def wrap_model(module, d, compile=False, compile_backend="inductor", sync_batchnorm=False):
+def wrap_model(module, ranks, compile=False, compile_backend="inductor", sync_batchnorm=False):
     """-> (forward, ddp): what runs the training forward, and the DistributedDataParallel under it
     (None on one process). DDP first, then compile (PyTorch's recommended order); `ddp` is kept apart
     because torch.compile(DDP(m)) is no longer a DistributedDataParallel, and accumulation needs
@@ -131,14 +133,14 @@ def wrap_model(module, d, compile=False, compile_backend="inductor", sync_batchn
     so checkpoints are unchanged). A ViT has no BatchNorm: the setting does nothing there."""
     ddp = None
     has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
-    if d.enabled and sync_batchnorm and has_batchnorm:
-        if d.device.type != "cuda":
+    if ranks.enabled and sync_batchnorm and has_batchnorm:
+        if ranks.device.type != "cuda":
             raise UserError("sync_batchnorm: torch's SyncBatchNorm runs on GPUs only; on CPU ranks set "
                             "--sync_batchnorm=false (each rank then normalises by its own share of the batch)")
         converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
         assert converted is module  # children replaced in place: the caller's model is what trains and saves
-    if d.enabled:
-        device_ids = [d.local_rank] if d.device.type == "cuda" else None
+    if ranks.enabled:
+        device_ids = [ranks.local_rank] if ranks.device.type == "cuda" else None
         ddp = torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True)
     forward = ddp if ddp is not None else module
     if compile:
@@ -193,12 +195,44 @@ def param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(model, cfg, device):
+    """AdamW over the trainable parameters, as the PI authors and open_clip run it (cfg's lr,
+    weight_decay, beta1, beta2, eps); fused (one kernel for all parameters) on CUDA. With
+    weight_decay 0 it is exactly Adam."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             fused=torch.device(device).type == "cuda")
+
+
 def cosine_lr(step, base_lr, warmup_steps, total_steps):
     """Linear warmup to base_lr over warmup_steps, then cosine to 0 at total_steps (open_clip)."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * base_lr
+
+
+LR_SCHEDULES = ("cosine", "authors")
+
+
+def lr_function(schedule):
+    """step (optimiser steps counted from 1) -> lr. cosine: linear warmup, then a cosine to 0 at the
+    last step (open_clip). authors: the PI authors' LambdaLR as their code runs it (github
+    cheesepuff90/Brain_Initialization src/lightning_module.py _get_lr_scheduler): warmup from 0,
+    then a cosine whose length is counted in MICRO-batches (num_training_batches x max_epochs) while
+    the scheduler steps once per OPTIMISER step; with accumulate_grad_batches 6 it has run ~1/6 of
+    its course at the end (the lr ends at ~94% of its peak): warmup, then a nearly constant lr."""
+    lr, warmup, length = schedule["lr"], schedule["warmup_steps"], schedule["total_steps"]
+    if schedule.get("lr_schedule", "cosine") == "cosine":
+        return lambda step: cosine_lr(step - 1, lr, warmup, length)
+    length *= schedule["groups_per_step"]  # their micro-batches: one per group of contrastive_batch
+
+    def authors(step):
+        if step - 1 < warmup:
+            return lr * (step - 1) / warmup
+        progress = min(1.0, (step - 1 - warmup) / max(1, length - warmup))
+        return lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return authors
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -314,8 +348,8 @@ class StopSignal:
         for s, handler in self.previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)  # None: set outside Python
 
-    def stop_now(self, d):
-        return any_rank(self.received is not None, d)
+    def stop_now(self, ranks):
+        return any_rank(self.received is not None, ranks)
 
 
 def ignore_stop_signals(worker_id=None):
@@ -343,10 +377,10 @@ class LossWatch:
 
     NONE = 2**62
 
-    def __init__(self, d, lr_at):
-        self.d, self.lr_at = d, lr_at
-        self.total = torch.zeros((), dtype=torch.float64, device=d.device)
-        self.first_bad = torch.full((), self.NONE, dtype=torch.int64, device=d.device)
+    def __init__(self, ranks, lr_at):
+        self.ranks, self.lr_at = ranks, lr_at
+        self.total = torch.zeros((), dtype=torch.float64, device=ranks.device)
+        self.first_bad = torch.full((), self.NONE, dtype=torch.int64, device=ranks.device)
         self.steps = 0
 
     def add(self, loss, step):
@@ -359,7 +393,7 @@ class LossWatch:
     def check(self, ckpt_path, saved_step):
         """Raise NonFiniteLoss if any rank's loss has not been finite (every rank raises together)."""
         first_bad = self.first_bad.clone()
-        if self.d.enabled:
+        if self.ranks.enabled:
             dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
         step = int(first_bad.item())
         if step != self.NONE:
@@ -372,9 +406,9 @@ class LossWatch:
     def interval_mean(self):
         """The mean loss over the steps since the last call and over ranks (None if none); resets."""
         total = self.total.clone()
-        if self.d.enabled:
+        if self.ranks.enabled:
             dist.all_reduce(total)
-        mean = total.item() / self.steps / self.d.world_size if self.steps else None
+        mean = total.item() / self.steps / self.ranks.world_size if self.steps else None
         self.total.zero_()
         self.steps = 0
         return mean
@@ -432,3 +466,157 @@ def prefetch_to_device(batches, device):
             t.record_stream(compute)
         upcoming = issue()
         yield batch
+
+
+# ---------------------------------------------------------------------------------------------------
+# A run: what both trainers do alike around their loop
+# ---------------------------------------------------------------------------------------------------
+
+
+def start_run(config_class, argv):
+    """-> (cfg, ranks, precision, out_dir): the config (defaults < YAML < flags), this process's place
+    among the ranks (DDP when torchrun set RANK), the resolved precision, and the output folder."""
+    cfg = load_config(config_class, argv)
+    ranks = setup_distributed(cfg.device)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return cfg, ranks, cfg.precision or default_precision(ranks.device), out_dir
+
+
+def saved_settings(state):
+    """The settings a checkpoint was written with: its config and the facts found at its start."""
+    return {**state["config"], **state.get("run", {})}
+
+
+def read_resume_state(ckpt_path, cfg, precision, keys):
+    """The checkpoint a run resumes from (None: a new run), once check_resume has refused any change
+    of the settings in `keys` (precision compared as resolved)."""
+    if not ckpt_path.exists():
+        return None
+    state = load_training_state(ckpt_path)
+    check_resume(ckpt_path, saved_settings(state), {**dataclasses.asdict(cfg), "precision": precision},
+                 keys)
+    return state
+
+
+def is_finished(state):
+    """True for the checkpoint of a run that took all its steps."""
+    return state is not None and state["step"] >= state.get("schedule", {}).get("total_steps", 2**62)
+
+
+def restore(state, model, optimizer, scaler, schedule):
+    """A resumed run's weights, optimiser, scaler and RNGs -> (step, data position, metrics); a new
+    run's (0, its first position, {})."""
+    if state is None:
+        return 0, {"epoch": 0, "step": 0}, {}
+    model.load_state_dict(state["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    position = position_after(state["step"], schedule["steps_per_epoch"])
+    return state["step"], position, state["metrics"]
+
+
+def position_after(step, steps_per_epoch):
+    """The data position after `step` optimiser steps: {"epoch", "step"}, the next step to take inside
+    that epoch (every epoch has the same number of steps, in both stages)."""
+    epoch, step_in_epoch = divmod(step, steps_per_epoch)
+    return {"epoch": epoch, "step": step_in_epoch}
+
+
+def save_checkpoint(path, ranks, model, optimizer, scaler, cfg, facts, schedule, step, metrics,
+                    **extra):
+    """The whole state of a run at `step`, written atomically by the main rank while the others wait
+    (none runs ahead, into a NCCL timeout): model and its config, optimiser, scaler, RNGs, the config
+    and the facts found at start (the resume check reads both), the schedule and the data position."""
+    if ranks.is_main:
+        atomic_save({
+            "state_dict": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+            "config": dataclasses.asdict(cfg), "run": facts, "metrics": metrics, "step": step,
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+            "schedule": schedule, "data_position": position_after(step, schedule["steps_per_epoch"]),
+            **extra}, path)
+    wait_for_main(ranks)
+
+
+@dataclasses.dataclass
+class Due:
+    """What the loop does after an optimiser step, decided alike for both trainers from the config's
+    log_every, eval_every, eval_every_epochs, save_every and keep_every_epochs."""
+    log: bool
+    evaluate: bool
+    save: bool
+    keep: bool  # also keep this epoch's checkpoint as ckpt_epoch{E}.pt
+    stop: bool  # a signal (or the config) asked to stop here: save and exit
+
+
+def due_after(step, total_steps, epochs_done, cfg, stop_asked):
+    """Due after optimiser step `step` (counting from 1). epochs_done: the epochs completed by this
+    step (counting from 1), or None inside an epoch. The last step always logs, evaluates and saves."""
+    def every(n, count):
+        return bool(n) and count is not None and count % n == 0
+
+    last = step == total_steps
+    keep = every(cfg.keep_every_epochs, epochs_done)
+    stop = stop_asked and not last
+    return Due(log=last or every(cfg.log_every, step),
+               evaluate=last or every(cfg.eval_every, step) or every(cfg.eval_every_epochs, epochs_done),
+               save=last or stop or keep or every(cfg.save_every, step), keep=keep, stop=stop)
+
+
+def epochs_from(position, epoch_batches):
+    """(epoch, step inside it, batch) from a data position on, epoch after epoch, without end:
+    epoch_batches(epoch, first step) gives one epoch's batches (each stage's loader has it)."""
+    epoch, first = position["epoch"], position["step"]
+    while True:
+        for step_in_epoch, batch in enumerate(epoch_batches(epoch, first), first):
+            yield epoch, step_in_epoch, batch
+        epoch, first = epoch + 1, 0
+
+
+class Throughput:
+    """Samples per second over a log interval, and the share of it the loop waited for data. Time
+    spent evaluating and saving is left out (`pause`), so the rate is the training's."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self):
+        self.steps, self.wait, self.start = 0, 0.0, time.perf_counter()
+
+    def timed(self, batches):
+        """The same batches, the time spent waiting for each one counted as data wait."""
+        iterator = iter(batches)
+        while True:
+            ready = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.wait += time.perf_counter() - ready
+            yield batch
+
+    @contextlib.contextmanager
+    def pause(self):
+        paused = time.perf_counter()
+        yield
+        self.start += time.perf_counter() - paused
+
+    def rates(self, batch_size):
+        """-> (samples per second, share of the time spent waiting for data) since the restart."""
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        return self.steps * batch_size / seconds, self.wait / seconds
+
+
+def log_interval(log, step, total_steps, steps_per_epoch, watch, lr, throughput, batch_size, **extra):
+    """One log record of the interval just ended (both trainers' keys, and theirs in `extra`) and its
+    readable line; restarts the interval. Reads the loss (one all-reduce): at log steps only."""
+    samples_per_s, data_wait = throughput.rates(batch_size)
+    record = {"step": step, "epoch": step / steps_per_epoch, "loss": watch.interval_mean(), "lr": lr,
+              "samples_per_s": samples_per_s, "data_wait": data_wait, "samples_seen": step * batch_size,
+              **extra}
+    shown = "".join(f"  {k.replace('_', ' ')} {v:.4g}" for k, v in extra.items())
+    log.write(record, f"step {step}/{total_steps}  loss {record['loss']:.4f}  lr {lr:.3g}{shown}  "
+                      f"{samples_per_s:.0f} samples/s  data wait {100 * data_wait:.0f}%")
+    throughput.restart()
+    return record

@@ -119,9 +119,9 @@ class Watch(threading.Thread):
 def run_kit(spec, args, device_half):
     transform = TrainTransform(args.image_size, "moco")
     loader = shards.Loader(formats.list_units(spec, progress=False), transform, args.batch, args.streams,
-                           workers=args.workers, window=max(1, args.shuffle // args.streams), device=args.device)
-    return ((transform.device(b["images"], b["params"]) if device_half else b["images"], b["tokens"])
-            for b in loader.epoch_batches(0))
+                           workers=args.workers, shuffle_buffer=max(1, args.shuffle // args.streams), device=args.device)
+    return ((transform.device_half(b["images"], b["params"]) if device_half else b["images"], b["tokens"])
+            for b in loader.delivered_batches(0))
 
 
 def run_webdataset(spec, args):

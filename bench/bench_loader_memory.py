@@ -72,18 +72,18 @@ def samples(n):
 def measure(spec, args, accum, device):
     transform = TrainTransform(args.image_size, "moco")
     loader = shards.Loader(formats.list_units(spec, progress=False), transform, args.batch, args.streams,
-                           workers=args.workers, accum_steps=accum, window=args.window, device=device,
+                           workers=args.workers, accum_steps=accum, shuffle_buffer=args.window, device=device,
                            prefetch=args.prefetch)
-    work = loader.work
-    piece = max(sum(min(work.chunk_size, args.batch // args.streams - c * work.chunk_size) for _, c in g)
-                for w in range(args.workers) for g in work.groups(w, args.workers))
+    parcels = loader.parcels
+    piece = max(sum(min(parcels.chunk_size, args.batch // args.streams - c * parcels.chunk_size) for _, c in g)
+                for w in range(args.workers) for g in parcels.parcels(w, args.workers))
     watch = Peak()
     base = pss_bytes(watch.pids())
     watch.start()
     start, n = time.perf_counter(), 0
-    for batch in loader.epoch_batches(0):
+    for batch in loader.delivered_batches(0):
         if device == "cpu":
-            images = transform.device(batch["images"], batch["params"])
+            images = transform.device_half(batch["images"], batch["params"])
             del images
         n += 1
         del batch  # a training step keeps nothing of its batch

@@ -16,7 +16,7 @@ failing part loses only what was running):
             compiled once (warmup_s holds the compile time); and the augmentation compiled;
   fit       the largest micro-batch at the config's accum_steps, without / with checkpointing.
 What is timed is train_clip.train_step itself (lr set, zero_grad, accumulate_gradients with its cached
-no-grad forward, clipping, the scaler's step, the logit clamp), with train_clip.make_optimizer's fused
+no-grad forward, clipping, the scaler's step, the logit clamp), with training.make_optimizer's fused
 AdamW and TF32 from training.setup_distributed, on synthetic data made on the GPU (the loader is benched
 in bench/bench_loader.py): one micro-batch of --micro-batch (default: the config's per-GPU micro-batch,
 batch_size / accum_steps), 3 warm-up steps, then --steps timed steps.
@@ -139,8 +139,8 @@ def build(cfg, device, precision, compiled, backend):
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model).to(device).train()
     model.set_grad_checkpointing(cfg.grad_checkpointing)
-    forward, ddp = training.wrap_model(model, training.Dist(device=torch.device(device)), compiled, backend)
-    optimizer = train_clip.make_optimizer(model, cfg, device)
+    forward, ddp = training.wrap_model(model, training.Ranks(device=torch.device(device)), compiled, backend)
+    optimizer = training.make_optimizer(model, cfg, device)
     return model, forward, ddp, optimizer, training.grad_scaler(device, precision), training.autocast(device, precision)
 
 
@@ -226,7 +226,7 @@ def fits_in_training(cfg, device, precision, checkpointing, log=print):
             parts = build(step_cfg, device, precision, False, "inductor")
             model, forward, ddp, optimizer, scaler, amp = parts
             batch = synthetic_loader_batch(n * cfg.accum_steps, model.config, device)
-            images = transform.device(batch[0], batch[1])
+            images = transform.device_half(batch[0], batch[1])
             loss = train_clip.train_step(model, forward, ddp, optimizer, scaler, amp, images, batch[2], cfg.lr, step_cfg,
                                          slots=torch.arange(images.shape[0], device=device))
             ok = bool(torch.isfinite(loss))

@@ -17,8 +17,7 @@ import hashlib
 import math
 from pathlib import Path
 
-from stage1.triplets import (DECODE_ERRORS, EpochBatches, LineOf, TripletDataset, decode, default_cache_dir,  # noqa: F401
-                      epoch_batches, model_input, train_loader)
+from stage1.triplets import LineOf, TripletDataset
 
 # ---------------------------------------------------------------------------------------------------
 # The table (DreamSim's layout: github.com/ssundaram21/dreamsim, dataset/download_dataset.sh and its dataset.py)
@@ -149,3 +148,10 @@ class NightsDataset(TripletDataset):
                          f"nights-{root_key(self.root)}-{base}-{int(image_size)}px",
                          serve=[s and k for s, k in zip(in_subset, kept)], skip_missing=skip_missing, cache=cache,
                          cache_dir=cache_dir, workers=workers, label="NIGHTS", counts=counts)
+
+
+def read_splits(root, image_size, min_votes=6, skip_missing=False, cache=True, cache_dir=None,
+                workers=0, splits=NIGHTS_SPLITS):
+    """{split: NightsDataset} of a NIGHTS folder: train, val, test and test's two subsets."""
+    return {split: NightsDataset(root, split, image_size, min_votes, skip_missing, cache, cache_dir,
+                                 workers) for split in splits}

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stage1.nights import NIGHTS_SPLITS, NightsDataset, root_key
+from stage1.nights import NIGHTS_SPLITS, read_splits, root_key
 from stage1.triplets import LineOf, TripletDataset
 
 DATA_FORMATS = ("nights", "bapps", "things", "triplets", "categories", "rdm")
@@ -457,6 +457,6 @@ def open_splits(data_format, data_root, image_size, skip_missing=False, cache=Tr
     options = {**DEFAULTS, **settings, "skip_missing": skip_missing, "cache": cache, "cache_dir": cache_dir,
                "workers": workers, "splits": splits}
     if data_format == "nights":
-        return {s: NightsDataset(data_root, s, image_size, options["min_votes"], skip_missing, cache, cache_dir, workers)
-                for s in NIGHTS_SPLITS if splits is None or s in splits}
+        return read_splits(data_root, image_size, options["min_votes"], skip_missing, cache, cache_dir, workers,
+                           [s for s in NIGHTS_SPLITS if splits is None or s in splits])
     return READERS[data_format](data_root, image_size, options)

@@ -39,6 +39,7 @@ from torchvision import transforms as T
 
 from data import CLIP_MEAN, CLIP_STD
 from cli import progress
+from training import prefetch_to_device
 
 # ---------------------------------------------------------------------------------------------------
 # Decoding and the model's input
@@ -355,7 +356,7 @@ def nested_subset(n, max_triplets=0, fraction=1.0, seed=0):
 # ---------------------------------------------------------------------------------------------------
 
 
-def epoch_batches(n, batch_size, seed, epoch, rank=0, world_size=1):
+def batch_order(n, batch_size, seed, epoch, rank=0, world_size=1):
     """This rank's batches (lists of indices) for one epoch: a pure function of seed and epoch.
     A fresh permutation is cut into global batches (a tail too short for one is dropped); rank r
     takes every world_size-th index of each, as DistributedSampler does, so the ranks together see
@@ -364,9 +365,9 @@ def epoch_batches(n, batch_size, seed, epoch, rank=0, world_size=1):
     return [order[start + rank:start + batch_size:world_size] for start in range(0, n - batch_size + 1, batch_size)]
 
 
-class EpochBatches(torch.utils.data.Sampler):
+class BatchOrder(torch.utils.data.Sampler):
     """The batch sampler of a loader built once: set_epoch(epoch, start) before each pass, which then
-    yields epoch_batches(...)[start:] (start > 0 resumes mid-epoch). It runs in the main process, so
+    yields batch_order(...)[start:] (start > 0 resumes mid-epoch). It runs in the main process, so
     the workers, which live across epochs, only ever see indices."""
 
     def __init__(self, n, batch_size, seed, rank=0, world_size=1):
@@ -377,15 +378,34 @@ class EpochBatches(torch.utils.data.Sampler):
         self.epoch, self.start = epoch, start
 
     def __iter__(self):
-        return iter(epoch_batches(self.n, self.batch_size, self.seed, self.epoch, self.rank, self.world_size)[self.start:])
+        return iter(batch_order(self.n, self.batch_size, self.seed, self.epoch, self.rank, self.world_size)[self.start:])
 
     def __len__(self):
         return max(0, self.n // self.batch_size - self.start)
 
 
 def train_loader(dataset, batch_size, seed, workers=0, rank=0, world_size=1, pin_memory=False, worker_init_fn=None):
-    """Stage 1's training loader: EpochBatches over `dataset`, built once for the whole run; set the
+    """Stage 1's training DataLoader: BatchOrder over `dataset`, built once for the whole run; set the
     epoch with loader.batch_sampler.set_epoch(epoch, start) before iterating it."""
-    return torch.utils.data.DataLoader(dataset, batch_sampler=EpochBatches(len(dataset), batch_size, seed, rank, world_size),
+    return torch.utils.data.DataLoader(dataset, batch_sampler=BatchOrder(len(dataset), batch_size, seed, rank, world_size),
                                        num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
                                        worker_init_fn=worker_init_fn)
+
+
+class Loader:
+    """Stage 1's training batches, as stage2/shards.Loader gives stage 2's: epoch_batches(epoch,
+    first step) yields (ref, left, right, p) on `device`, each image batch the model's float input
+    (model_input). Built once, so its workers live across epochs; the batches stay a pure function
+    of seed and epoch (batch_order)."""
+
+    def __init__(self, dataset, batch_size, seed, workers=0, rank=0, world_size=1, device="cpu",
+                 worker_init_fn=None):
+        self.device = torch.device(device)
+        self.dataloader = train_loader(dataset, batch_size, seed, workers, rank, world_size,
+                                       pin_memory=self.device.type == "cuda",
+                                       worker_init_fn=worker_init_fn)
+
+    def epoch_batches(self, epoch, start_step=0):
+        self.dataloader.batch_sampler.set_epoch(epoch, start_step)
+        for ref, left, right, p in prefetch_to_device(self.dataloader, self.device):
+            yield (*(model_input(images, self.device) for images in (ref, left, right)), p)

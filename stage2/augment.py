@@ -1,13 +1,13 @@
 """Stage 2's image augmentation, split between the loader's workers (host) and the training device.
 
   transform = TrainTransform(224, "moco")
-  image, params = transform.host(jpeg_bytes, seed)      # in a worker: uint8 (3, 224, 224), params (P,)
-  images = transform.device(images, params)             # on the GPU, batched: float, CLIP-normalised
+  image, params = transform.host_half(jpeg_bytes, seed) # in a worker: uint8 (3, 224, 224), params (P,)
+  images = transform.device_half(images, params)             # on the GPU, batched: float, CLIP-normalised
 
 Why a file of its own: the host half (decode, crop, resize, flip -> uint8) and the device half
 (colour jitter, grayscale, blur, normalisation, batched with per-sample parameters) are one
 augmentation that must stay in step, and data.py is already long. Every random choice of a sample is
-drawn in `host` from random.Random(seed), the sample's own seed (the loader derives it from seed,
+drawn in `host_half` from random.Random(seed), the sample's own seed (the loader derives it from seed,
 epoch and the sample's position), and travels as numbers in `params`: the device half draws nothing,
 so the result is the same whatever the number of workers or ranks, and a resumed run is exact.
 
@@ -30,7 +30,7 @@ from PIL import Image
 
 from data import CLIP_MEAN, CLIP_STD
 
-# params columns, drawn in host(), read in device()
+# params columns, drawn in host_half(), read in device_half()
 JITTER, BRIGHTNESS, CONTRAST, SATURATION, HUE, ORDER, GRAY, SIGMA = range(8)
 NUM_PARAMS = 8
 ORDERS = torch.tensor([[a, b, c, d] for a in range(4) for b in range(4) for c in range(4) for d in range(4)
@@ -59,7 +59,7 @@ def random_resized_crop_box(width, height, scale, ratio, rng):
 
 
 class TrainTransform:
-    """host(image, seed) -> (uint8 (3, S, S), float params (NUM_PARAMS,)); device(images, params) ->
+    """host_half(image, seed) -> (uint8 (3, S, S), float params (NUM_PARAMS,)); device_half(images, params) ->
     normalised float (B, 3, S, S). `draft`: let libjpeg decode at 1/2, 1/4 or 1/8 scale when the crop
     still has at least S pixels each way there (most of the decode time of large photos)."""
 
@@ -89,7 +89,7 @@ class TrainTransform:
             flip = rng.random() < 0.5
         return box, params, flip
 
-    def host(self, image, seed):
+    def host_half(self, image, seed):
         if isinstance(image, (bytes, bytearray, memoryview)):
             image = Image.open(io.BytesIO(image))
         width, height = image.size
@@ -106,21 +106,21 @@ class TrainTransform:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
         return torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1).contiguous(), params
 
-    def host_encoded(self, image_bytes, seed):
+    def host_half_encoded(self, image_bytes, seed):
         """For decoding on the device: a JPEG's header only is read here; -> (bytes as a uint8 tensor,
-        (left, top, right, bottom, flip) float tensor, params), or host()'s result for other images."""
+        (left, top, right, bottom, flip) float tensor, params), or host_half()'s result for other images."""
         image = Image.open(io.BytesIO(image_bytes))
         if image.format != "JPEG" or image.mode not in ("RGB", "L"):
-            return self.host(image, seed)
+            return self.host_half(image, seed)
         box, params, flip = self.draw(*image.size, seed)
         return torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8), torch.tensor([*box, flip], dtype=torch.float), params
 
-    def device_decode(self, jpegs, boxes, device):
+    def decode_jpegs_on_device(self, jpegs, boxes, device):
         """JPEGs (uint8 tensors of their bytes) decoded on `device` (torchvision.io.decode_jpeg: nvjpeg on
         CUDA), cropped to boxes (n, 5) = (left, top, right, bottom, flip), a CPU tensor, resized and
         flipped -> (uint8 (k, 3, S, S) of those that decode, in order; the indices of those that do
         not). One corrupt JPEG fails the batched decode: the batch is then decoded one by one, so only
-        that one is lost (the loader counts it as bad_image). Close to host(), not bit-equal."""
+        that one is lost (the loader counts it as bad_image). Close to host_half(), not bit-equal."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
         try:
@@ -138,7 +138,7 @@ class TrainTransform:
             return torch.zeros((0, 3, self.image_size, self.image_size), dtype=torch.uint8, device=device), failed
         return resize_crops([image for image, _ in kept], [box for _, box in kept], self.image_size), failed
 
-    def device(self, images, params):
+    def device_half(self, images, params):
         """uint8 (B, 3, S, S) and params (B, NUM_PARAMS), both on the device -> float (B, 3, S, S).
         No host syncs: every per-sample choice is a torch.where mask, not a Python `if` on a device
         value or a boolean-mask index (each of those makes the host wait for the step in flight), and

@@ -70,7 +70,7 @@ def split_units(units, data_fraction=1.0, max_samples=0, val_samples=0):
 
 def _decode_rows(transform, images, rows):
     """A DataLoader's collate_fn (a module-level function: picklable where workers are spawned)."""
-    return torch.stack([transform.host(images[i], 0)[0] for i in rows])
+    return torch.stack([transform.host_half(images[i], 0)[0] for i in rows])
 
 
 class HeldOutPairs:
@@ -111,7 +111,7 @@ class HeldOutPairs:
                                              collate_fn=functools.partial(_decode_rows, self.transform, self.images))
         image_features, text_features, first = [], [], 0
         for images in loader:
-            images = self.transform.device(images.to(device), torch.zeros(len(images), NUM_PARAMS, device=device))
+            images = self.transform.device_half(images.to(device), torch.zeros(len(images), NUM_PARAMS, device=device))
             tokens = torch.stack(self.tokens[first:first + len(images)]).to(device)
             first += len(images)
             with amp:

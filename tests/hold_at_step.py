@@ -46,6 +46,8 @@ def start(script, args, hold, timeout=180, **popen_kwargs):
 def main():
     hold, ready, go, script, *args = sys.argv[1:]
     hold, ready, go = int(hold), int(ready), int(go)
+    from cli import run_cli
+
     trainer = importlib.import_module(Path(script).stem)
     real_step, calls = trainer.train_step, 0
 
@@ -59,7 +61,7 @@ def main():
 
     trainer.train_step = held_step
     sys.argv = [str(ROOT / script), *args]
-    trainer.cli.run_cli(trainer.main)
+    run_cli(trainer.main)
 
 
 if __name__ == "__main__":

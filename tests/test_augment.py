@@ -92,13 +92,13 @@ def test_host_is_seeded_and_draft_decoding_changes_little():
     Image.fromarray(skdata.astronaut()).save(buffer, "JPEG", quality=90)  # 512 x 512
     jpeg = buffer.getvalue()
     transform = augment.TrainTransform(64, "train")  # crops of >= 90% area: 1/4-scale drafts
-    a, pa = transform.host(jpeg, 7)
-    b, pb = transform.host(jpeg, 7)
+    a, pa = transform.host_half(jpeg, 7)
+    b, pb = transform.host_half(jpeg, 7)
     assert a.dtype == torch.uint8 and a.shape == (3, 64, 64) and torch.equal(a, b) and torch.equal(pa, pb)
-    assert not torch.equal(a, transform.host(jpeg, 8)[0])
-    full, _ = augment.TrainTransform(64, "train", draft=False).host(jpeg, 7)
+    assert not torch.equal(a, transform.host_half(jpeg, 8)[0])
+    full, _ = augment.TrainTransform(64, "train", draft=False).host_half(jpeg, 7)
     assert (a.float() - full.float()).abs().mean() < 3  # grey levels of 255
-    images = torch.stack([augment.TrainTransform(64, "moco").host(jpeg, s)[0] for s in range(4)])
-    params = torch.stack([augment.TrainTransform(64, "moco").host(jpeg, s)[1] for s in range(4)])
+    images = torch.stack([augment.TrainTransform(64, "moco").host_half(jpeg, s)[0] for s in range(4)])
+    params = torch.stack([augment.TrainTransform(64, "moco").host_half(jpeg, s)[1] for s in range(4)])
     out = augment.TrainTransform(64, "moco").device(images, params)
     assert out.dtype == torch.float32 and out.shape == (4, 3, 64, 64) and torch.isfinite(out).all()

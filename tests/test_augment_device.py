@@ -90,7 +90,7 @@ def test_the_sync_check_catches_each_kind():
 def test_device_half_makes_no_host_sync(kind):
     images, params = photo_batch(8), drawn_params(8)
     transform = augment.TrainTransform(SIZE, kind)
-    transform.device(images, params)  # the first call on a device makes its constants, once
+    transform.device_half(images, params)  # the first call on a device makes its constants, once
     with HostSyncs() as check:
-        transform.device(images, params)
+        transform.device_half(images, params)
     assert check.calls == []

@@ -163,7 +163,7 @@ def test_resume_check_names_every_changed_key():
 
 
 def test_loss_watch_names_the_first_non_finite_step_and_its_lr():
-    watch = training.LossWatch(training.Dist(), lr_at=lambda step: 0.1 * step)
+    watch = training.LossWatch(training.Ranks(), lr_at=lambda step: 0.1 * step)
     for step, loss in enumerate([1.0, 3.0], start=1):
         watch.add(torch.tensor(loss), step)
     watch.check("ckpt.pt", saved_step=0)  # all finite: nothing raised
@@ -206,5 +206,5 @@ def test_sync_batchnorm_on_cpu_ranks_is_refused_by_name():
 
     visual = create_model("tiny-rn").visual
     with pytest.raises(cli.UserError, match="sync_batchnorm.*--sync_batchnorm=false"):
-        training.wrap_model(visual, training.Dist(world_size=2), sync_batchnorm=True)
+        training.wrap_model(visual, training.Ranks(world_size=2), sync_batchnorm=True)
     assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in visual.modules())

@@ -60,7 +60,7 @@ def step_gradients(images, tokens, accum_steps, contrastive_batch, slots=None):
     """One train_clip.train_step (the loop's) on a fresh tiny model -> (loss, {name: grad})."""
     model = tiny_model()
     cfg = train_clip.Config(batch_size=len(images), accum_steps=accum_steps, contrastive_batch=contrastive_batch, lr=1e-3)
-    optimizer = train_clip.make_optimizer(model, cfg, "cpu")
+    optimizer = training.make_optimizer(model, cfg, "cpu")
     slots = torch.arange(len(images)) if slots is None else slots
     loss = train_clip.train_step(model, model, None, optimizer, training.grad_scaler("cpu", "fp32"), FP32, images, tokens,
                                  cfg.lr, cfg, None, slots)
@@ -96,15 +96,15 @@ def test_the_loader_places_rows_by_position_the_same_on_one_and_two_ranks(tmp_pa
     from test_shards import corrupt_shards, loader
 
     spec, _ = corrupt_shards(tmp_path / "bad")  # 24 samples, 15 bad: batches are padded
-    one = list(loader(spec, batch_size=8, streams=4).epoch_batches(0))
-    two = [list(loader(spec, batch_size=8, streams=4, rank=r, world_size=2).epoch_batches(0)) for r in (0, 1)]
+    one = list(loader(spec, batch_size=8, streams=4).delivered_batches(0))
+    two = [list(loader(spec, batch_size=8, streams=4, rank=r, world_size=2).delivered_batches(0)) for r in (0, 1)]
     assert any(not b["valid"].all() for b in one)
     for step, batch in enumerate(one):
         placed = torch.full((8,), -2)
-        placed[batch["slots"]] = batch["positions"]
+        placed[batch["slots"]] = batch["indices"]
         assert sorted(batch["slots"].tolist()) == list(range(8))
         for rank in (0, 1):
-            assert torch.equal(placed[two[rank][step]["slots"]], two[rank][step]["positions"]), (step, rank)
+            assert torch.equal(placed[two[rank][step]["slots"]], two[rank][step]["indices"]), (step, rank)
 
 
 def ddp_worker(out):
@@ -118,7 +118,7 @@ def ddp_worker(out):
         model = tiny_model()
         forward, ddp = training.wrap_model(model, d)
         cfg = train_clip.Config(batch_size=8, accum_steps=accum_steps, contrastive_batch=4, lr=1e-3)
-        optimizer = train_clip.make_optimizer(model, cfg, "cpu")
+        optimizer = training.make_optimizer(model, cfg, "cpu")
         loss = train_clip.train_step(model, forward, ddp, optimizer, training.grad_scaler("cpu", "fp32"), FP32,
                                      images[slots], tokens[slots], cfg.lr, cfg, None, slots)
         results[accum_steps] = (training.all_reduce_sum([loss.item()], "cpu")[0] / d.world_size,

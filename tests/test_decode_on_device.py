@@ -55,14 +55,14 @@ def test_a_truncated_jpeg_is_counted_as_bad_image_as_on_the_host(tmp_path):
     transform = augment.TrainTransform(48, "moco", draft=False)
 
     def epoch(**kwargs):
-        loader = shards.Loader(units, transform, 8, 4, window=5, **kwargs)
-        return list(loader.epoch_batches(0))
+        loader = shards.Loader(units, transform, 8, 4, shuffle_buffer=5, **kwargs)
+        return list(loader.delivered_batches(0))
 
     plain, on_device = epoch(), epoch(workers=2, decode_on_device=True)
     bad_image = formats.SKIP_REASONS.index("bad_image")
     assert sum(int(b["skipped"][bad_image]) for b in plain) == 1  # the host path drops it too (PIL)
     assert len(plain) == len(on_device) == 5
     for a, b in zip(plain, on_device):
-        for key in ("positions", "params", "tokens", "valid", "skipped"):
+        for key in ("indices", "params", "tokens", "valid", "skipped"):
             assert torch.equal(a[key], b[key]), key
         assert (a["images"].float() - b["images"].float()).abs().mean() < 3  # grey levels: another resize

@@ -35,10 +35,10 @@ from PIL import Image
 import data
 import demo
 from world import pipeline, report
-from scenes.scenes import make_data as M
+from world import make_data as M
 from stage1 import nights
 from stage2 import formats
-from scenes.scenes import scenes
+from world import scenes
 from checkpoints import load_checkpoint
 
 
@@ -214,12 +214,12 @@ def test_demo_data_passes_the_real_readers(quick_run):
             assert sorted(train[i][1] for i in range(len(train))) == sorted(test[i][1] for i in range(len(test)))
             assert train[0][0].tobytes() != test[0][0].tobytes()
     # The probe set: QUICK["probe"] images, their scenes, and the observers' distance between them.
-    scenes = [json.loads(line) for line in (root / "probe" / "scenes.jsonl").read_text().splitlines()]
+    drawn = [json.loads(line) for line in (root / "probe" / "scenes.jsonl").read_text().splitlines()]
     reference = np.load(root / "probe" / "reference_distance.npy")
-    assert len(scenes) == len(list((root / "probe").glob("*.png"))) == QUICK["probe"] == len(reference)
-    assert reference[0, 1] == pytest.approx(scenes.perceptual_distance(scenes[0], scenes[1]))
+    assert len(drawn) == len(list((root / "probe").glob("*.png"))) == QUICK["probe"] == len(reference)
+    assert reference[0, 1] == pytest.approx(scenes.perceptual_distance(drawn[0], drawn[1]))
     assert np.asarray(Image.open(root / "probe" / "00003.png").convert("RGB")).tobytes() == \
-        np.asarray(scenes.render_scene(scenes[3], QUICK["size"])).tobytes()
+        np.asarray(scenes.render_scene(drawn[3], QUICK["size"])).tobytes()
 
 
 def test_demo_data_is_reused(quick_run, capsys):

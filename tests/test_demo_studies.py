@@ -34,10 +34,10 @@ from PIL import Image
 
 import demo
 from world import pipeline
-from scenes.scenes import studies
-from scenes.scenes import make_data as M
+from world import studies
+from world import make_data as M
 from stage1 import other_sources
-from scenes.scenes import scenes
+from world import scenes
 
 QUICK_STIMULI = dict(concepts=40, trials=(60, 30, 60), heldout=30)
 
@@ -60,9 +60,9 @@ def test_the_odd_one_out_is_the_item_outside_the_most_alike_pair():
 
 
 def test_trials_carry_the_observers_structure():
-    ids, scenes = scenes.demo_concepts(200, seed=0)
-    trials = scenes.demo_odd_one_out(scenes, {"testset1": 800}, seed=0)["testset1"]
-    pixels = [np.asarray(scenes.render_scene(s, 32), dtype=float) for s in scenes]
+    ids, drawn = scenes.demo_concepts(200, seed=0)
+    trials = scenes.demo_odd_one_out(drawn, {"testset1": 800}, seed=0)["testset1"]
+    pixels = [np.asarray(scenes.render_scene(s, 32), dtype=float) for s in drawn]
 
     def agreement(distance):
         hits = 0
@@ -71,7 +71,7 @@ def test_trials_carry_the_observers_structure():
             hits += min(pairs, key=pairs.get) == odd
         return hits / len(trials)
 
-    ideal = agreement(lambda x, y: scenes.perceptual_distance(scenes[x], scenes[y]))
+    ideal = agreement(lambda x, y: scenes.perceptual_distance(drawn[x], drawn[y]))
     pixel = agreement(lambda x, y: np.linalg.norm(pixels[x] - pixels[y]))
     assert ideal > 0.7 and pixel < ideal - 0.2, (ideal, pixel)
 
@@ -88,8 +88,8 @@ def test_things_files_are_laid_out_as_things_data_documents(stimuli):
         assert trials.shape == (count, 3) and trials.min() >= 0 and trials.max() < len(unique_ids)
         assert all(len(set(t)) == 3 for t in trials.tolist())
     # The odd one is last: the world's judgment, replayed with the same seed, says so.
-    _, scenes = scenes.demo_concepts(QUICK_STIMULI["concepts"], seed=0)
-    replayed = scenes.demo_odd_one_out(scenes, dict(zip(M.THINGS_SPLITS, QUICK_STIMULI["trials"])), seed=0)
+    _, drawn = scenes.demo_concepts(QUICK_STIMULI["concepts"], seed=0)
+    replayed = scenes.demo_odd_one_out(drawn, dict(zip(M.THINGS_SPLITS, QUICK_STIMULI["trials"])), seed=0)
     assert np.loadtxt(root / "triplet_dataset" / "trainset.txt", dtype=int).tolist() == [list(t) for t in replayed["trainset"]]
 
 
@@ -97,9 +97,9 @@ def test_things_files_are_laid_out_as_things_data_documents(stimuli):
 def test_areas_are_what_their_names_claim(stimuli, folder):
     root = stimuli / folder
     paths = (root / "images.txt").read_text().split("\n")[:-1]
-    scenes = [json.loads(line) for line in (root / "scenes.jsonl").read_text().splitlines()]
+    drawn = [json.loads(line) for line in (root / "scenes.jsonl").read_text().splitlines()]
     images = [Image.open(root / p) for p in paths]
-    pixel, observers = M.early_area_distance(images), M.late_area_distance(scenes)
+    pixel, observers = M.early_area_distance(images), M.late_area_distance(drawn)
     rdms = {area: np.load(root / "rdms" / f"{area}.npy") for area in M.AREAS}
     upper = np.triu_indices(len(paths), 1)
     rho = lambda a, b: scipy.stats.spearmanr(a[upper], b[upper])[0]

@@ -62,7 +62,7 @@ def test_list_units_waits_on_the_cpu_control_group(monkeypatch, rank):
     control, waits = object(), []
     monkeypatch.setattr(train_clip.dist, "barrier", lambda group=None: waits.append(group))
     monkeypatch.setattr(train_clip.formats, "list_units", lambda *args, **kwargs: ["unit"])
-    d = training.Dist(rank=rank, world_size=2, control=control)
+    d = training.Ranks(rank=rank, world_size=2, control=control)
     cfg = types.SimpleNamespace(train_data="x.tar", image_column="images", text_column="texts")
     assert train_clip.list_units(cfg, [], d) == ["unit"]
     assert waits == [control]

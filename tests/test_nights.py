@@ -16,7 +16,7 @@ Proves that
   - the decode cache gives exactly the plain decode path's numbers (which equal
     data.image_transform(S, "nights") bit for bit), is reused, is rebuilt when a source file changes,
     can live outside data_root, and builds the same with worker processes;
-  - stage 1's loader keeps its workers across epochs and yields epoch_batches' order (resume too);
+  - stage 1's loader keeps its workers across epochs and yields batch_order' order (resume too);
   - make_data.write_nights writes the real convention and make_nights is deterministic.
 """
 import csv
@@ -36,7 +36,7 @@ from stage1.objective import two_afc_by_triplet, triplet_distances, two_afc_scor
 from world.make_data import make_nights, write_nights
 from model import create_model
 from stage1.nights import NightsDataset
-from stage1.triplets import epoch_batches, model_input, train_loader
+from stage1.triplets import batch_order, model_input, train_loader
 from stage1.objective import hinge_loss
 
 SIZE = 8
@@ -349,14 +349,14 @@ def test_loader_keeps_its_workers_and_the_batch_order(tmp_path):
     for epoch in (0, 1):
         loader.batch_sampler.set_epoch(epoch)
         batches = list(loader)
-        assert [b[:, 0].tolist() for b in batches] == epoch_batches(40, 8, 3, epoch)
+        assert [b[:, 0].tolist() for b in batches] == batch_order(40, 8, 3, epoch)
         served[epoch] = {pid for b in batches for pid in b[:, 1].tolist()}
     assert served[0] == served[1] and os.getpid() not in served[0] and len(served[0]) == 2  # the same 2 processes
     loader.batch_sampler.set_epoch(1, 3)  # resume after 3 batches of epoch 1
-    assert [b[:, 0].tolist() for b in loader] == epoch_batches(40, 8, 3, 1)[3:] and len(loader) == 2
+    assert [b[:, 0].tolist() for b in loader] == batch_order(40, 8, 3, 1)[3:] and len(loader) == 2
     # Two ranks together see each global batch of one process.
-    halves = [epoch_batches(40, 8, 3, 2, rank, 2) for rank in (0, 1)]
-    assert [sorted(a + b) for a, b in zip(*halves)] == [sorted(b) for b in epoch_batches(40, 8, 3, 2)]
+    halves = [batch_order(40, 8, 3, 2, rank, 2) for rank in (0, 1)]
+    assert [sorted(a + b) for a, b in zip(*halves)] == [sorted(b) for b in batch_order(40, 8, 3, 2)]
 
 
 # ---- the kit's writer --------------------------------------------------------------------------------

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import evaluate
-from scenes.scenes import make_data
+from world import make_data
 from analysis import probes
-from scenes.scenes import scenes
+from world import scenes
 from model import create_model
 
 scipy_stats = pytest.importorskip("scipy.stats")  # installed with scikit-learn (requirements-test.txt)
@@ -212,10 +212,10 @@ def test_cli_probes_checkpoints_on_a_task_and_an_image_folder(tmp_path, capsys, 
         assert flat(streamed[probe]) == pytest.approx(flat(results[probe]), abs=1e-6, nan_ok=True), probe
     monkeypatch.undo()
     # The reference the demo writes is the observers' distance between the probe scenes, in file order.
-    scenes = [json.loads(line) for line in (tmp_path / "probe" / "scenes.jsonl").read_text().splitlines()]
+    drawn = [json.loads(line) for line in (tmp_path / "probe" / "scenes.jsonl").read_text().splitlines()]
     reference = np.load(tmp_path / "probe" / "reference_distance.npy")
     assert reference.shape == (12, 12) and np.allclose(reference, reference.T) and not reference.diagonal().any()
-    assert reference[2, 7] == pytest.approx(scenes.perceptual_distance(scenes[2], scenes[7]))
+    assert reference[2, 7] == pytest.approx(scenes.perceptual_distance(drawn[2], drawn[7]))
     assert sorted(p.name for p in (tmp_path / "probe").glob("*.png"))[0] == "00000.png"
     # The same tower twice: CKA 1 at every layer; a task folder as --images (its test split) works too.
     evaluate.main(["--probe", first, first, "--images", str(tmp_path / "tasks" / "wds_shapes"), "--out", str(out),

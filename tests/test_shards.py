@@ -46,11 +46,11 @@ MOCO = TrainTransform(16, "moco")
 
 def loader(spec, batch_size=8, streams=4, workers=0, transform=MOCO, **kwargs):
     return shards.Loader(formats.list_units(spec, progress=False), transform, batch_size, streams, workers=workers,
-                         window=5, **kwargs)
+                         shuffle_buffer=5, **kwargs)
 
 
 def epoch(loader_, e=0, start=0):
-    return [{k: v for k, v in b.items()} for b in loader_.epoch_batches(e, start)]
+    return [{k: v for k, v in b.items()} for b in loader_.delivered_batches(e, start)]
 
 
 def test_samples_are_webdatasets_bytes_through_the_transform(tmp_path):
@@ -63,11 +63,11 @@ def test_samples_are_webdatasets_bytes_through_the_transform(tmp_path):
     ours = loader(spec, transform=TrainTransform(24, "moco"), seed=3)
     plan = ours.plan(2)
     rows = 0
-    for batch in ours.epoch_batches(2):
-        for image, tokens, params, raw in zip(batch["images"], batch["tokens"], batch["params"], batch["positions"]):
+    for batch in ours.delivered_batches(2):
+        for image, tokens, params, raw in zip(batch["images"], batch["tokens"], batch["params"], batch["indices"]):
             u, offset = plan.locate(int(raw))
             sample = by_path[plan.units[u].path][offset]  # webdataset's sample at the plan's position
-            expected = TrainTransform(24, "moco").host(sample["jpg"], shards._seed("sample", 3, 2, int(raw)))
+            expected = TrainTransform(24, "moco").host_half(sample["jpg"], shards._seed("sample", 3, 2, int(raw)))
             assert torch.equal(image, expected[0]) and torch.equal(params, expected[1])
             assert torch.equal(tokens, data.tokenize(sample["txt"].decode())[0])
             rows += 1
@@ -83,11 +83,11 @@ def test_workers_and_accumulation_do_not_change_the_batches(tmp_path):
         other = epoch(loader(spec, workers=workers, accum_steps=accum_steps), 1)
         assert len(other) == len(reference)
         for a, b in zip(reference, other):
-            for key in ("images", "tokens", "params", "positions", "valid", "skipped"):
+            for key in ("images", "tokens", "params", "indices", "valid", "skipped"):
                 assert torch.equal(a[key], b[key]), (workers, key)
-    assert epoch(loader(spec), 1)[0]["positions"].tolist() == reference[0]["positions"].tolist()  # deterministic
-    assert epoch(loader(spec), 2)[0]["positions"].tolist() != reference[0]["positions"].tolist()  # reshuffled
-    assert epoch(loader(spec, seed=1), 1)[0]["positions"].tolist() != reference[0]["positions"].tolist()
+    assert epoch(loader(spec), 1)[0]["indices"].tolist() == reference[0]["indices"].tolist()  # deterministic
+    assert epoch(loader(spec), 2)[0]["indices"].tolist() != reference[0]["indices"].tolist()  # reshuffled
+    assert epoch(loader(spec, seed=1), 1)[0]["indices"].tolist() != reference[0]["indices"].tolist()
 
 
 def corrupt_shards(folder):
@@ -125,9 +125,9 @@ def rank_epoch(out):
     torch.set_num_threads(1)
     d = training.setup_distributed("cpu")
     spec = os.environ["SPEC"]
-    ours = shards.Loader(formats.list_units(spec, progress=False), MOCO, 8, 4, d.rank, d.world_size, workers=2, window=5)
-    batches = [{"positions": b["positions"].tolist(), "tokens": b["tokens"].tolist(), "skipped": b["skipped"].tolist()}
-               for b in ours.epoch_batches(0)]
+    ours = shards.Loader(formats.list_units(spec, progress=False), MOCO, 8, 4, d.rank, d.world_size, workers=2, shuffle_buffer=5)
+    batches = [{"indices": b["indices"].tolist(), "tokens": b["tokens"].tolist(), "skipped": b["skipped"].tolist()}
+               for b in ours.delivered_batches(0)]
     Path(f"{out}.{d.rank}").write_text(json.dumps(batches))
     # The loss of padded batches whose good rows differ between ranks (3 and 1 of 4): gradients of
     # this rank's features, for the test to hold against one process's loss over the good rows alone.
@@ -166,12 +166,12 @@ def test_each_good_sample_once_per_epoch_over_two_ranks_and_two_workers(tmp_path
         positions = set()
         for r in range(2):
             row = ranks[r][step]
-            for raw, tokens in zip(row["positions"], row["tokens"]):
+            for raw, tokens in zip(row["indices"], row["tokens"]):
                 if raw >= 0:
                     positions.add(raw)
                     seen.append(by_tokens[tuple(tokens)])
             skipped.update(dict(zip(formats.SKIP_REASONS, row["skipped"])))
-        assert positions == set(batch["positions"][batch["valid"]].tolist())  # the same global batch, in any split
+        assert positions == set(batch["indices"][batch["valid"]].tolist())  # the same global batch, in any split
     # Which samples an epoch reads: the first 12 raw positions of each of the 4 streams (6 steps x 2),
     # the rest (54 - 48) dropped and counted. Raw positions lie in the shuffled unit order.
     read = {plan.raw_position(s, j) for s in range(4) for j in range(plan.used)}
@@ -243,7 +243,7 @@ def test_decoding_on_the_device_gives_the_same_samples(tmp_path):
     on_device = epoch(loader(spec, transform=transform, workers=2, decode_on_device=True))
     assert len(plain) == len(on_device) == 5
     for a, b in zip(plain, on_device):
-        for key in ("positions", "params", "tokens", "valid"):
+        for key in ("indices", "params", "tokens", "valid"):
             assert torch.equal(a[key], b[key]), key
         # Grey levels: torch's bicubic antialiased resize vs PIL's, measured 0.12-0.19 per batch (CPU
         # decoder). A bilinear resize measures 0.6-1.4, no antialiasing 1.0-2.6, a box 1 px off 3.8-7.4.
@@ -280,7 +280,7 @@ def test_the_check_command_reads_batches_and_ends_in_json(tmp_path):
     delivery, device = report["delivery_samples_per_s"], report["device_samples_per_s"]
     assert samples / (seconds + 0.005) - 0.05 <= delivery <= samples / (seconds - 0.005) + 0.05
     assert report["samples_per_s"] == pytest.approx(1 / (1 / delivery + 1 / device), abs=0.1)
-    last = reference.transform.device(batches[-1]["images"], batches[-1]["params"])
+    last = reference.transform.device_half(batches[-1]["images"], batches[-1]["params"])
     assert report["image_mean"] == pytest.approx(float(last.float().mean()), abs=1e-4)
     with pytest.raises(SystemExit, match="none-0.tar"):  # the same command in this process: a spec of missing files
         shards.check([str(tmp_path / "none-{0..2}.tar")])

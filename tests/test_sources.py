@@ -570,11 +570,11 @@ def test_same_pairs_as_tar_and_as_parquet_give_the_same_epoch(tmp_path):
     assert [u.samples for u in as_tar] == [u.samples for u in as_parquet] == [10, 10, 5]
 
     def epoch(units, epoch_index):
-        loader = shards.Loader(units, TrainTransform(24, "moco"), batch_size=4, streams=2, seed=3, window=5)
-        batches = list(loader.epoch_batches(epoch_index))
+        loader = shards.Loader(units, TrainTransform(24, "moco"), batch_size=4, streams=2, seed=3, shuffle_buffer=5)
+        batches = list(loader.delivered_batches(epoch_index))
         plan = loader.plan(epoch_index)
         pair_ids = []  # which of the 25 pairs each position is: the unit's first pair + the index inside it
-        for raw in torch.cat([b["positions"] for b in batches]).tolist():
+        for raw in torch.cat([b["indices"] for b in batches]).tolist():
             u, inside = plan.locate(raw)
             unit = plan.units[u]
             first = 10 * (unit.row_group if unit.row_group >= 0 else int(os.path.basename(unit.path)[:5]))
@@ -587,7 +587,7 @@ def test_same_pairs_as_tar_and_as_parquet_give_the_same_epoch(tmp_path):
         assert len(tar_batches) == len(parquet_batches) == 6  # 2 streams x 12 positions, 2 per stream and step
         assert tar_pairs == parquet_pairs and len(set(tar_pairs)) == 24  # the same pairs in the same order
         for a, b in zip(tar_batches, parquet_batches):
-            assert torch.equal(a["positions"], b["positions"]) and bool(a["valid"].all())
+            assert torch.equal(a["indices"], b["indices"]) and bool(a["valid"].all())
             assert torch.equal(a["images"], b["images"])  # the same decoded, cropped pixels
             assert torch.equal(a["tokens"], b["tokens"])  # txt tokenised == the stored first token block
             assert torch.equal(a["params"], b["params"])  # the same augmentation

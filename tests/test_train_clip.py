@@ -58,7 +58,7 @@ def global_batch(n=8, seed=0):
 def one_step(model, images, tokens, accum_steps, forward=None, ddp=None):
     """One optimiser step as the loop runs it (train_clip.train_step, lr 1e-3): returns the loss."""
     cfg = train_clip.Config(accum_steps=accum_steps, lr=1e-3, weight_decay=0.1, grad_clip=0.0)
-    optimizer = train_clip.make_optimizer(model, cfg, "cpu")
+    optimizer = training.make_optimizer(model, cfg, "cpu")
     loss = train_clip.train_step(model, forward or model, ddp, optimizer, training.grad_scaler("cpu", "fp32"), FP32,
                                  images, tokens, cfg.lr, cfg)
     return loss.item()
@@ -154,7 +154,7 @@ def compile_worker(out):
         # joint forward-backward graph, i.e. everything of compile that touches DDP and no_sync; only
         # inductor's C++ code generation is left out (it would take minutes on 2 shared cores).
         forward, ddp = training.wrap_model(model, d, compile=compiled, compile_backend="aot_eager")
-        optimizer = train_clip.make_optimizer(model, cfg, "cpu")
+        optimizer = training.make_optimizer(model, cfg, "cpu")
         steps = [recorded_step(model, forward, ddp, optimizer, images[mine], tokens[mine], cfg) for _ in range(2)]
         results[compiled] = {"losses": [loss for loss, _ in steps], "grads": [grads for _, grads in steps],
                              "state_dict": model.state_dict()}
@@ -186,7 +186,7 @@ def test_compile_with_ddp_and_accumulation_equals_eager(tmp_path):
     torch.set_num_threads(1)
     images, tokens = global_batch(8, seed=1)
     model = tiny_model()
-    _, whole_batch = recorded_step(model, model, None, train_clip.make_optimizer(model, train_clip.Config(), "cpu"),
+    _, whole_batch = recorded_step(model, model, None, training.make_optimizer(model, train_clip.Config(), "cpu"),
                                    images, tokens, train_clip.Config(accum_steps=1, lr=1e-3, weight_decay=0.1, grad_clip=0.0))
     assert_same_gradients(eager["grads"][0], whole_batch, "eager, 2 ranks x 2 micro-batches vs 1 process")
     for step in range(2):  # the second step's gradients also depend on the first step's update

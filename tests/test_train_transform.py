@@ -200,11 +200,11 @@ def reference_device(image, params):
 def test_device_equals_torchvisions_ops_on_the_drawn_parameters():
     transform = TrainTransform(SIZE, "moco")
     jpegs = [jpeg(photo) for photo in PHOTOS]
-    samples = [transform.host(jpegs[i % len(jpegs)], loader_like_seed(i)) for i in range(64)]
+    samples = [transform.host_half(jpegs[i % len(jpegs)], loader_like_seed(i)) for i in range(64)]
     images, params = torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
     for column in (augment.JITTER, augment.GRAY, augment.SIGMA):  # every op runs on some samples, not all
         assert 0 < int((params[:, column] > 0).sum()) < len(params)
-    ours = transform.device(images, params)  # the batch, as the trainer calls it
+    ours = transform.device_half(images, params)  # the batch, as the trainer calls it
     assert ours.dtype == torch.float32 and ours.shape == (64, 3, SIZE, SIZE)
     for i in range(len(images)):
         # fp32 rounding of the same sums in another order (measured: at most 2.9e-6), over CLIP's std (~0.27)
@@ -216,7 +216,7 @@ def test_host_equals_torchvisions_resized_crop_and_flip_on_the_drawn_box():
     flipped = 0
     for i in range(24):
         photo = Image.fromarray(PHOTOS[i % len(PHOTOS)]).convert("RGB")
-        ours, _ = transform.host(photo, loader_like_seed(i))
+        ours, _ = transform.host_half(photo, loader_like_seed(i))
         (left, top, right, bottom), _, flip = transform.draw(*photo.size, loader_like_seed(i))
         expected = TF.pil_to_tensor(photo)
         expected = TF.resized_crop(expected, top, left, bottom - top, right - left, [SIZE, SIZE],

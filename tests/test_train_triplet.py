@@ -168,7 +168,7 @@ def test_sigterm_saves_at_the_step_and_restart_is_exact(small_nights, tmp_path, 
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
     state = torch.load(stopped / "ckpt.pt", weights_only=True)
-    assert state["step"] == 5 and state["data_position"] == {"epoch": 1, "batch": 2}
+    assert state["step"] == 5 and state["data_position"] == {"epoch": 1, "step": 2}
     assert "stopped by SIGTERM at step 5 of 12" in out and not (stopped / "summary.json").exists()
     run(small_nights, stopped, *args)
     straight = torch.load(tmp_path / "straight/ckpt.pt", weights_only=True)
