@@ -5,9 +5,9 @@ Sections, in the order a sample meets them:
   transforms    image preprocessing for training and evaluation (CLIP's mean / std)
   benchmark     the zero-shot tasks by name, where their folders sit, and the folders in CLIP_benchmark's
                 on-disk format (evaluation)
-Stage 2's streaming loader is shards.py (formats: sources.py; its augmentation: augment.py). Stage 1's
-triplets (decode cache, batch order) are triplets.py, read from NIGHTS by nights.py and from every other
-source by triplet_sources.py.
+Stage 2's streaming loader is stage2/shards.py (formats: stage2/formats.py; its augmentation: stage2/augment.py). Stage 1's
+triplets (decode cache, batch order) are stage1/triplets.py, read from NIGHTS by stage1/nights.py and from every other
+source by stage1/other_sources.py.
 
 model.py never imports this file and this file never imports model.py: the data side and the model
 side meet only in the three scripts.
@@ -242,7 +242,7 @@ def image_transform(image_size, kind="eval"):
 # index, so a DataLoader can spread one shard over many workers and the order stays the tar order.
 
 # The tasks by name: the PI paper's 31 (CLIP_benchmark's names), the groups evaluate.py's --suite takes,
-# and where each task's folder may sit under a data root (evaluate.py and probes.py both look them up).
+# and where each task's folder may sit under a data root (evaluate.py and analysis/probes.py both look them up).
 CLASSIFICATION_TASKS = [
     "imagenet1k", "imagenetv2", "imagenet_sketch", "imagenet-a", "imagenet-o", "imagenet-r", "objectnet",
     "cifar10", "vtab/cifar100", "vtab/caltech101", "vtab/dtd", "vtab/eurosat", "vtab/flowers", "vtab/pets",

@@ -7,7 +7,7 @@
   python demo.py --study sources      # and whether odd-one-out trials or "brain area" RDMs do as well as votes
   python demo.py --authors            # also PI and baseline with the PI authors' model (docs/authors-model.md)
 
-It runs the same scripts a GPU user runs, pointed at a generated world (world.py, written by make_data.py):
+It runs the same scripts a GPU user runs, pointed at a generated world (world/scenes.py, written by world/make_data.py):
   1. data      make_data.make_demo_data: NIGHTS-format triplets judged by simulated observers,
                image-caption shards, zero-shot tasks (shape, colour, size, position, count, retrieval,
                and real MNIST digits; train splits for the linear probe), the probe scenes -> data/demo
@@ -23,7 +23,7 @@ It runs the same scripts a GPU user runs, pointed at a generated world (world.py
   4. evaluate  evaluate.py on the four arms' checkpoints at once             -> OUT/seed<S>/results.json
                evaluate.py --probe on every tower (untrained, both stage 1s, the four arms): CKA per
                layer, Spearman with the observers' distance, linear probes  -> OUT/seed<S>/probes.json
-  5. report    demo_report.py: the tables (OUT/results.md), the numbers (OUT/summary.json) and the
+  5. report    world/report.py: the tables (OUT/results.md), the numbers (OUT/summary.json) and the
                plots (OUT/demo.png, OUT/probes.png)
 
 Rerunning is cheap: data that exists is reused, a finished run (its summary.json exists) is not
@@ -40,7 +40,7 @@ from pathlib import Path
 
 
 from analysis import zero_shot
-from world import make_data
+from world import make_data, studies
 from world.report import ARMS, PROBED, mean_sd, signed, collect, main_metrics, plot, plot_probes, read_results, report
 from world.pipeline import PLANS, drop_if_stale, run_step, shard_spec, untrained
 
@@ -171,7 +171,6 @@ def main(argv=None):
     out, data_root = Path(args.out or f"runs/demo{suffix}"), Path(args.data or f"data/demo{suffix}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if args.study:
-        from world import studies  # imports this module back for the steps and plans
         return studies.main(args.study, seeds, args.quick, out / "studies" / args.study, data_root,
                                  argv if argv is not None else sys.argv[1:])
     start = time.time()

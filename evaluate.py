@@ -32,11 +32,11 @@ DEFAULT_DATA_ROOT = os.environ.get("PI_BENCHMARK_ROOT", "data/clip_benchmark")
 
 
 def main(argv=None):
-    if "--probe" in (sys.argv[1:] if argv is None else argv):  # the probes' own CLI (probes.py)
+    if "--probe" in (sys.argv[1:] if argv is None else argv):  # the probes' own CLI (analysis/probes.py)
         return probes.main(argv)
-    if "--curves" in (sys.argv[1:] if argv is None else argv):  # training curves of runs (curves.py)
+    if "--curves" in (sys.argv[1:] if argv is None else argv):  # training curves of runs (analysis/curves.py)
         return curves.main(argv)
-    if "--alignment" in (sys.argv[1:] if argv is None else argv):  # alignment scores (alignment.py)
+    if "--alignment" in (sys.argv[1:] if argv is None else argv):  # alignment scores (analysis/alignment.py)
         return alignment_main(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         description="Zero-shot evaluation on CLIP_benchmark task folders, with a comparison table of the runs.")

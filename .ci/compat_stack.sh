@@ -8,7 +8,7 @@
 # the venv, and the ftfy / wcwidth wheels downloaded with the command docs/gpu-session.md gives.
 # Checks (~1 min on 2 cores, nothing downloaded): the kit imports without ftfy; bench/gpu_bench.py
 # --dry-run; then, with the carried wheels installed as on the GPU machine, generated shards through
-# shards.py's check command (decode_on_device: torchvision 0.26's decode_jpeg) and 3 steps of
+# stage2/shards.py's check command (decode_on_device: torchvision 0.26's decode_jpeg) and 3 steps of
 # train_clip.py. The last line counts the checks (N passed, N failed).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -62,13 +62,16 @@ check imports_without_ftfy "$PY" -c "
 import importlib.util, sys
 assert importlib.util.find_spec('ftfy') is None, 'this venv must lack ftfy, as the GPU image does'
 sys.path[:0] = ['$ROOT', '$ROOT/bench']
-import augment, checkpoints, common, contrastive, data, evaluate, model, nights, probes, shards, sources, tracking, train_clip, train_triplet, triplet_sources, triplets, validation, gpu_bench"
+import checkpoints, cli, data, demo, evaluate, logs, model, train_clip, train_triplet, training, gpu_bench
+from stage1 import nights, objective, other_sources, triplets
+from stage2 import augment, contrastive, formats, held_out, shards
+from analysis import alignment, curves, probes, zero_shot"
 check gpu_bench_dry_run "$PY" bench/gpu_bench.py --dry-run --out "$WORK/bench/gpu_bench.json"
 # The carried wheels, installed as docs/gpu-session.md installs them on the GPU machine.
 "$PY" -m pip install -q --no-index --no-deps --target "$WORK/site" "$VENV"/whl/*.whl
 export PYTHONPATH="$WORK/site"
 check shards "$PY" bench/make_bench_shards.py "$WORK/shards" --samples 256 --per-shard 64 --size 64 --distinct 16
-check decode_on_device "$PY" shards.py "$WORK/shards/{00000..00003}.tar" --batch_size 16 --image_size 32 --workers 1 \
+check decode_on_device "$PY" -m stage2.shards "$WORK/shards/{00000..00003}.tar" --batch_size 16 --image_size 32 --workers 1 \
   --batches 2 --device cpu --decode_on_device
 check train_clip "$PY" train_clip.py configs/clip_tiny.yaml "--train_data=$WORK/shards/{00000..00003}.tar" \
   "--out_dir=$WORK/run" --max_steps=3 --batch_size=16 --log_every=1 --save_every=100 --workers=1

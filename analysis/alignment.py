@@ -8,8 +8,8 @@ layer against a reference RDM, for several checkpoints in one table, JSON and pl
 
 evaluate.py is the one entry point for every metric: it imports these (the trainers' periodic 2AFC calls
 evaluate.evaluate_nights) and hands `--alignment` to alignment_main. They live beside it, as the probes
-do in probes.py, because evaluate.py with them ran past 700 lines; this file imports nothing of it.
-Sources are read by other_sources.py (docs/stage1-data.md).
+do in analysis/probes.py, because evaluate.py with them ran past 700 lines; this file imports nothing of it.
+Sources are read by stage1/other_sources.py (docs/stage1-data.md).
 """
 import argparse
 import json
@@ -66,7 +66,7 @@ def odd_one_out_accuracy(model, dataset, device, batch_size=256, precision="fp32
 # python evaluate.py --alignment --ckpt A.pt --ckpt B.pt [--bapps 2afc/] [--nights nights/] [--things things/]
 #                    [--rdm-root DIR [--rdm V1,V4]] --out alignment.json
 # Every score is also a function: alignment_scores(models, ...) -> {label: {score: value}}.
-# Sources are read by other_sources.py (docs/stage1-data.md); only the evaluation splits are decoded.
+# Sources are read by stage1/other_sources.py (docs/stage1-data.md); only the evaluation splits are decoded.
 
 ALIGNMENT_SPLITS = {"bapps": ("val",), "nights": ("val", "test", "test_imagenet", "test_no_imagenet"),
                     "things": ("val", "test")}

@@ -8,7 +8,7 @@ noise so that PNG compression is as poor as on real images: NIGHTS holds ~58 GB 
 each), once, in --dir. Then times epochs of stage 1's training loader exactly as train_triplet.py
 builds it (nights.train_loader, built once, workers kept; each batch through nights.model_input) over
 two datasets on the same files: cache=False (decode + resize every image every epoch, the path before
-the cache) and cache=True (nights.py's uint8 cache). Epochs alternate between the two after one warm-up
+the cache) and cache=True (stage1/nights.py's uint8 cache). Epochs alternate between the two after one warm-up
 epoch each (worker start-up), so load from other jobs hits both alike. Prints the time per epoch of
 each, their ratio (goal: >= 10x), the one-off cost of building the cache, and an ESTIMATE (arithmetic,
 not a measurement) of what the paper's stage-1 recipe then costs per epoch on a GPU.

@@ -1,15 +1,15 @@
-"""NIGHTS for stage 1: DreamSim's data.csv read as DreamSim wrote it, into triplets.py's rows.
+"""NIGHTS for stage 1: DreamSim's data.csv read as DreamSim wrote it, into stage1/triplets.py's rows.
 
 NIGHTS (DreamSim, Fu et al. 2023) is stage 1's default source and the PI paper's. This file is its
 reader; what every source shares (the decode cache, the dataset, model_input, the batch order and the
-loader) is triplets.py, and the other sources' readers are triplet_sources.py.
+loader) is stage1/triplets.py, and the other sources' readers are stage1/other_sources.py.
 
   read_table    data.csv -> rows; p = right_vote / (left_vote + right_vote): right for the real file's
                 vote shares and for counts; a bad value names its csv line and column
   NightsDataset one split -> (ref, left, right, p) with uint8 images (3, S, S) at the model's size,
                 each image decoded once into the cache (~7 GB for the train split at 224 px)
 
-model_input, epoch_batches, EpochBatches and train_loader are triplets.py's, importable from here too.
+model_input, epoch_batches, EpochBatches and train_loader are stage1/triplets.py's, importable from here too.
 Imports nothing of the model.
 """
 import csv

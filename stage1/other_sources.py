@@ -1,11 +1,11 @@
-"""Stage 1 from any similarity signal: a short reader per source, each producing triplets.py's rows.
+"""Stage 1 from any similarity signal: a short reader per source, each producing stage1/triplets.py's rows.
 
 Each reader reads a data set as its producer ships it and returns {split: TripletDataset}, rows of
 (reference, left, right, p = share of judges who chose RIGHT as closer). Everything after that (decode
 cache, batch order, loader, hinge, 2AFC score) is shared. `open_splits(data_format, data_root, ...)`
 picks the reader; train_triplet.py's `data_format` / `data_root` keys name it.
 
-  nights      DreamSim's NIGHTS (nights.py): data_root/data.csv, ref/, distort/
+  nights      DreamSim's NIGHTS (stage1/nights.py): data_root/data.csv, ref/, distort/
   bapps       LPIPS' BAPPS 2AFC: data_root = the 2afc folder, {train,val}/<subset>/{ref,p0,p1}/<stem>.png and
               judge/<stem>.npy (the share who preferred p1); rows ref, left p0, right p1, p = judge.
               Splits train, val and val_<subset> per val subset; BAPPS ships no test split
@@ -28,7 +28,7 @@ picks the reader; train_triplet.py's `data_format` / `data_root` keys name it.
               dissimilarity gap exceeds rdm_min_gap (ties skipped); images split into train / val / test
               parts (rdm_holdout each for val and test) so held-out triplets use unseen images
 
-Why a file of its own: nights.py reads the default source and triplets.py is the shared core; these five
+Why a file of its own: stage1/nights.py reads the default source and stage1/triplets.py is the shared core; these five
 readers are the rest of the room, each a function of ~40 lines.
 """
 import csv

@@ -1,8 +1,8 @@
 """Stage 1's data, the part every source shares: rows of (reference, left, right, p), each image decoded once.
 
 Every similarity signal stage 1 learns from (NIGHTS votes, BAPPS judgments, THINGS odd-one-out trials, a
-triplet table, class-folder triplets, a dissimilarity matrix) is read by a short reader (nights.py,
-triplet_sources.py) into the same form, and from there on one code path serves them all:
+triplet table, class-folder triplets, a dissimilarity matrix) is read by a short reader (stage1/nights.py,
+stage1/other_sources.py) into the same form, and from there on one code path serves them all:
 
   images + rows  a list of image files and an int array (N, 3) of indices into it (reference, left,
                  right), with p (N,) = the share of judges who chose RIGHT as closer to the reference
@@ -19,8 +19,8 @@ triplet_sources.py) into the same form, and from there on one code path serves t
   batches        stage 1's batch order (a pure function of seed and epoch) and a loader built once,
                  whose workers live across epochs
 
-Why a file of its own: it was nights.py's second half; with six sources a reader per source beside one
-shared core keeps each file short (nights.py and triplet_sources.py are the readers).
+Why a file of its own: it was stage1/nights.py's second half; with six sources a reader per source beside one
+shared core keeps each file short (stage1/nights.py and stage1/other_sources.py are the readers).
 Imports nothing of the model.
 """
 import contextlib

@@ -13,9 +13,9 @@ Sample counts (what an exact epoch needs) come from sizes.json beside the shards
 NNNNN_stats.json, else parquet metadata, else one counting pass that reads tar headers (no image is
 decoded) and is saved for the next start.
 
-Why a file of its own: shards.py is the engine (streams, epochs, resume, batching, decoding); this
+Why a file of its own: stage2/shards.py is the engine (streams, epochs, resume, batching, decoding); this
 file only knows formats, so a new format touches this file alone. It stays one file (~420 lines)
-because each format's counter and reader share its parsing rules. Like shards.py it knows no model.
+because each format's counter and reader share its parsing rules. Like stage2/shards.py it knows no model.
 """
 import glob
 import gzip

@@ -28,6 +28,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from analysis import zero_shot
 from stage2 import formats
 from stage2.augment import NUM_PARAMS, TrainTransform
 
@@ -103,8 +104,6 @@ class HeldOutPairs:
         """-> {"val/contrastive_loss", "val/image_to_text_recall@k", "val/text_to_image_recall@k"}: the
         CLIP loss over all held-out pairs at once (so its value depends on their number: ln N at
         chance) and retrieval among them. The model is left in the mode it came in."""
-        from analysis import zero_shot
-
         was_training = model.training
         model.eval()
         loader = torch.utils.data.DataLoader(range(len(self)), batch_size=batch_size, num_workers=workers,

@@ -375,7 +375,7 @@ class Loader:
 
     def _slots(self, plan, good):
         """Each row's position in the GLOBAL batch, which names its contrastive group
-        (contrastive.py): stream s's share is positions s * p ... s * p + p - 1; its `good[s]`
+        (stage2/contrastive.py): stream s's share is positions s * p ... s * p + p - 1; its `good[s]`
         samples take the first of them and the padding rows (at the batch's end) the rest, so no
         rank or worker count moves a row."""
         p = plan.per_stream

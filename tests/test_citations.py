@@ -5,7 +5,7 @@ repository: the project's private notes (the reference file the engineers worked
 folder). A source is cited as its paper, repository and file, or dataset documentation instead.
 
 NOTE: this test scans the WHOLE repository on purpose, so it fails on a branch where files that others
-are still rewriting keep such a citation (train_clip.py, train_triplet.py, nights.py, evaluate.py,
+are still rewriting keep such a citation (train_clip.py, train_triplet.py, stage1/nights.py, evaluate.py,
 bench/gpu_bench.py, configs/nights.yaml and configs/yfcc15m.yaml, as of issue 21). The lead makes it
 pass after merging, with the replacements listed in issue 21's closing note.
 """

@@ -86,7 +86,7 @@ def _module_flags(path):
 @functools.lru_cache(maxsize=None)
 def script_flags(script):
     """Flags `python SCRIPT` accepts: its own, and those of the kit modules it imports (evaluate.py
-    hands `--probe` to probes.py's parser)."""
+    hands `--probe` to analysis/probes.py's parser)."""
     path = ROOT / script
     flags, config_script = _module_flags(path)
     for node in ast.walk(ast.parse(path.read_text())):

@@ -20,9 +20,9 @@ import evaluate
 from analysis import zero_shot
 import model as M
 from world.make_data import write_benchmark_task
-from test_evaluate import _photo
+from tests.test_evaluate import _photo
 from checkpoints import load_checkpoint
-from test_model_authors import TheirCLIP, open_clip_text_tower_without_causal_mask, save_lightning_checkpoint
+from tests.test_model_authors import TheirCLIP, open_clip_text_tower_without_causal_mask, save_lightning_checkpoint
 
 open_clip = pytest.importorskip("open_clip")
 

@@ -29,7 +29,10 @@ WITHOUT_FTFY = """
 import sys
 sys.modules["ftfy"] = None  # import ftfy now raises ImportError, as on a machine without it
 sys.path[:0] = [{root!r}, {bench!r}]
-import augment, data, shards, sources, train_clip, train_triplet, evaluate, gpu_bench
+import checkpoints, cli, data, demo, evaluate, logs, model, train_clip, train_triplet, training, gpu_bench
+from stage1 import nights, objective, other_sources, triplets
+from stage2 import augment, contrastive, formats, held_out, shards
+from analysis import alignment, curves, probes, zero_shot
 try:
     data.tokenize(["a photo"])
 except ImportError as e:

@@ -27,8 +27,8 @@ import data  # noqa: E402
 import model as kit_model  # noqa: E402
 import train_clip  # noqa: E402
 from world.make_data import write_benchmark_task, write_shards  # noqa: E402
-from test_evaluate import register_open_clip_config  # noqa: E402
-from test_sources import photo_jpeg  # noqa: E402
+from tests.test_evaluate import register_open_clip_config  # noqa: E402
+from tests.stage2.test_formats import photo_jpeg  # noqa: E402
 
 COFFEE = skdata.coffee()
 

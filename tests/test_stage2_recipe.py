@@ -1,4 +1,4 @@
-"""The PI authors' stage-2 recipe and the tools around a long run: held_out.py's split, the paper
+"""The PI authors' stage-2 recipe and the tools around a long run: stage2/held_out.py's split, the paper
 config end to end, TensorBoard and W&B, and `python evaluate.py --curves`.
 
 Proves: the split of units into held-out / training / unused is the same whatever order the files are
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from stage2 import formats  # noqa: E402
 from stage2 import held_out  # noqa: E402
 from world.make_data import write_shards  # noqa: E402
-from test_train_clip import photo_jpeg  # noqa: E402
+from tests.test_train_clip import photo_jpeg  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 

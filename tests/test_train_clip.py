@@ -37,7 +37,7 @@ import training  # noqa: E402
 from stage2 import contrastive  # noqa: E402
 from stage1 import objective
 from stage1 import nights  # noqa: E402
-import hold_at_step  # noqa: E402  (tests/: holds a trainer at a step)
+from tests import hold_at_step  # noqa: E402  (tests/: holds a trainer at a step)
 import train_clip  # noqa: E402
 from checkpoints import load_checkpoint  # noqa: E402
 from world.make_data import make_nights, write_shards  # noqa: E402

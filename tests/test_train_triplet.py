@@ -32,7 +32,7 @@ import torch
 import yaml
 
 import training
-import hold_at_step  # tests/: holds a trainer at a step
+from tests import hold_at_step  # tests/: holds a trainer at a step
 import train_triplet
 from stage1 import objective
 from stage1.objective import two_afc_by_triplet
@@ -231,7 +231,7 @@ def test_resnet_tower_trains_on_the_hinge(small_nights, resnet_run, tmp_path):
 
 def test_resnet_checkpoint_loads_in_open_clip(resnet_run):
     open_clip = pytest.importorskip("open_clip")
-    from test_backbones import open_clip_twin
+    from tests.test_backbones import open_clip_twin
 
     ours = load_checkpoint(resnet_run / "ckpt.pt")
     reference = open_clip_twin(ours.config).eval()

@@ -1,8 +1,8 @@
 """Makes data in the kit's real formats, for runs without the real datasets.
 
-  python make_data.py --out data/demo            # the embedded demo's whole data set
-  python make_data.py --nights data/nights_tiny --triplets 1500 --size 32   # NIGHTS triplets only
-  python make_data.py --out data/demo --studies  # and the studies' stimuli (demo.py --study does it)
+  python -m world.make_data --out data/demo            # the embedded demo's whole data set
+  python -m world.make_data --nights data/nights_tiny --triplets 1500 --size 32   # NIGHTS triplets only
+  python -m world.make_data --out data/demo --studies  # and the studies' stimuli (demo.py --study does it)
 
 Writers (one per real format, so that made data goes through the same loaders as real data):
   NIGHTS        data.csv + ref/ + distort/ in DreamSim's layout
@@ -10,7 +10,7 @@ Writers (one per real format, so that made data goes through the same loaders as
   benchmark     zero-shot task folders in CLIP_benchmark's on-disk format
   THINGS        triplet_dataset/*.txt + unique_id.txt + images/ in THINGS-data's layout
   RDM           rdms/<name>.npy (N x N) + images.txt, an fMRI-style dissimilarity matrix per "area"
-and the embedded demo's data set, fed from the generated world in world.py, with the studies'
+and the embedded demo's data set, fed from the generated world in world/scenes.py, with the studies'
 stimuli: one image per concept, odd-one-out trials, and two simulated brain areas (early, late).
 Imports nothing of the model.
 """
@@ -198,7 +198,7 @@ def write_rdm(root, name, matrix, image_paths=None):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The demo's data set (its world: world.py)
+# The demo's data set (its world: world/scenes.py)
 # ---------------------------------------------------------------------------------------------------
 
 

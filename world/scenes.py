@@ -1,12 +1,12 @@
 """The demo world: generated scenes whose perceptual structure is known by construction.
 
-Used by make_data.py to make the embedded demo's data in the kit's real formats (docs/demo.md):
+Used by world/make_data.py to make the embedded demo's data in the kit's real formats (docs/demo.md):
   demo_triplets   NIGHTS-style triplets (a scene and two variations) judged by simulated observers
   demo_pairs      captioned scenes for image-text shards
   demo_tasks      zero-shot tasks: shape, colour, size, position, count, retrieval, real MNIST digits
   demo_concepts   one scene per "concept", and odd-one-out trials on them judged by the same observers
                   (THINGS-style, for `python demo.py --study sources`)
-Why a file of its own: make_data.py holds the writers of the real formats; this file holds only the
+Why a file of its own: world/make_data.py holds the writers of the real formats; this file holds only the
 world they are fed from (what a scene is, how it looks, how observers judge it, how it is described),
 which is long enough to read on its own. It imports nothing of the kit.
 """
@@ -450,7 +450,7 @@ def demo_tasks(seed=0, size=64, per_class=40, retrieval=200, split="test"):
 
 
 def demo_probe_scenes(n=200, seed=0):
-    """n scenes of their own random stream for the feature-space probes (probes.py), whose pairwise
+    """n scenes of their own random stream for the feature-space probes (analysis/probes.py), whose pairwise
     observer distance (perceptual_distance) is the reference the models' distances are compared with."""
     rng = random.Random(f"probe-{seed}")
     return [sample_scene(rng) for _ in range(n)]

@@ -32,6 +32,12 @@ import statistics
 import sys
 import time
 
+import numpy as np
+
+from analysis import alignment
+from analysis.probes import representational_similarity
+from checkpoints import load_checkpoint
+from stage1 import objective, other_sources
 from world import make_data
 from world.pipeline import PLANS, drop_if_stale, run_step, shard_spec, untrained
 from world.report import mean_sd, percent, pyplot, signed, main_metrics, read_results
@@ -123,14 +129,8 @@ def alignment_scores(checkpoints, data_root):
     """{run folder: {"2afc", "odd_one_out", "rsa_early", "rsa_late"}} for each checkpoint: 2AFC on the
     NIGHTS-format test triplets, odd-one-out accuracy on the THINGS-format test trials (testset1), and
     the Spearman correlation of the tower's image distances (1 - cos) with each area's RDM over the
-    held-out stimuli. The data is read by the readers train_triplet.py uses (other_sources.py), the
+    held-out stimuli. The data is read by the readers train_triplet.py uses (stage1/other_sources.py), the
     scores are evaluate.py's."""
-    import numpy as np  # imported here, where they are needed: the report does without torch
-    from analysis import alignment
-    from stage1 import objective
-    from stage1 import other_sources
-    from checkpoints import load_checkpoint
-    from analysis.probes import representational_similarity
     scores, splits = {}, {}
     for path in checkpoints:
         model = load_checkpoint(path)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -25,7 +25,7 @@ from stage2 import augment  # noqa: E402
 from stage2 import shards  # noqa: E402
 from stage2 import formats  # noqa: E402
 from world.make_data import write_shards  # noqa: E402
-from test_sources import caption, photo_jpeg  # noqa: E402
+from tests.stage2.test_formats import caption, photo_jpeg  # noqa: E402
 
 
 def test_batched_resize_equals_interpolate_per_crop():

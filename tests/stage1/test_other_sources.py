@@ -1,4 +1,4 @@
-"""Stage 1's other sources (other_sources.py) and what all sources share (triplets.py).
+"""Stage 1's other sources (stage1/other_sources.py) and what all sources share (stage1/triplets.py).
 
 Every fixture is laid out as its producer ships it, written here (not by the kit):
   - BAPPS: LPIPS' layout (github richzhang/PerceptualSimilarity, scripts/download_dataset.sh and
@@ -57,7 +57,7 @@ from data import image_transform
 from model import create_model
 from stage1.objective import triplet_distances
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SIZE = 32
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina", "hubble_deep_field", "camera")
 

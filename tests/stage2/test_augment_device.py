@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from stage2 import augment
 from data import CLIP_MEAN, CLIP_STD
-from test_train_transform import reference_device  # torchvision's ops on one sample, its drawn parameters
+from tests.stage2.test_train_transform import reference_device  # torchvision's ops on one sample, its drawn parameters
 
 SIZE = 40
 

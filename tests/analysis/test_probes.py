@@ -1,4 +1,4 @@
-"""The feature-space probes (probes.py, reached as `python evaluate.py --probe ...`) against independent
+"""The feature-space probes (analysis/probes.py, reached as `python evaluate.py --probe ...`) against independent
 references, not against the demo's numbers.
 
 What is proved:

@@ -1,4 +1,4 @@
-"""contrastive.py: the loss over groups of the global batch (`contrastive_batch`), the PI authors'
+"""stage2/contrastive.py: the loss over groups of the global batch (`contrastive_batch`), the PI authors'
 objective, against open_clip.
 
 Proves: with groups, the loss equals open_clip's ClipLoss computed on each group of consecutive
@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import training  # noqa: E402
 from stage2 import contrastive  # noqa: E402
 import train_clip  # noqa: E402
-from test_train_clip import global_batch, tiny_model  # noqa: E402
+from tests.test_train_clip import global_batch, tiny_model  # noqa: E402
 
 FP32 = training.autocast("cpu", "fp32")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -93,7 +93,7 @@ def test_a_step_with_groups_has_the_reference_gradients_at_once_and_accumulated(
 def test_the_loader_places_rows_by_position_the_same_on_one_and_two_ranks(tmp_path):
     """shards.Loader's `slots`: the rows of rank 0 and rank 1 of 2, put at their slots, are the rows of
     one rank's batch at its slots; padding rows (bad samples) take the slots their stream left empty."""
-    from test_shards import corrupt_shards, loader
+    from tests.stage2.test_shards import corrupt_shards, loader
 
     spec, _ = corrupt_shards(tmp_path / "bad")  # 24 samples, 15 bad: batches are padded
     one = list(loader(spec, batch_size=8, streams=4).delivered_batches(0))

@@ -1,4 +1,4 @@
-"""shards.py, the engine, on the path train_clip.py uses (shards.Loader; the trainer itself at the end).
+"""stage2/shards.py, the engine, on the path train_clip.py uses (shards.Loader; the trainer itself at the end).
 
 Proves: the loader's samples are webdataset's bytes through the transform, at the positions the epoch
 plan names; every good sample comes exactly once per epoch over 2 gloo ranks x 2 workers, in the
@@ -28,15 +28,15 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
-import hold_at_step  # noqa: E402  (tests/: holds a trainer at a step)
+from tests import hold_at_step  # noqa: E402  (tests/: holds a trainer at a step)
 from stage2 import shards  # noqa: E402
 from stage2 import formats  # noqa: E402
-from test_sources import caption, photo_jpeg  # noqa: E402  (one set of real-photo samples for both files)
-from test_sources import pairs as samples  # noqa: E402
+from tests.stage2.test_formats import caption, photo_jpeg  # noqa: E402  (one set of real-photo samples for both files)
+from tests.stage2.test_formats import pairs as samples  # noqa: E402
 from stage2.augment import TrainTransform  # noqa: E402
 from world.make_data import write_shards  # noqa: E402
 

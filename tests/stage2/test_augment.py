@@ -1,4 +1,4 @@
-"""augment.py: stage 2's MoCo v2 split between host (crop, uint8) and device (batched, per-sample params).
+"""stage2/augment.py: stage 2's MoCo v2 split between host (crop, uint8) and device (batched, per-sample params).
 
 Proves, against independent references on real photos (scikit-image's): each batched device op with
 one factor per image equals torchvision.transforms.functional's op on that image alone (brightness,

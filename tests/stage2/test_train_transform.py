@@ -48,7 +48,7 @@ ALPHA = 1e-6  # significance of each distribution test: a correct sampler fails 
 
 
 def loader_like_seed(i):
-    """64-bit seeds from a hash, as shards.py derives each sample's seed (not consecutive integers)."""
+    """64-bit seeds from a hash, as stage2/shards.py derives each sample's seed (not consecutive integers)."""
     return int.from_bytes(hashlib.blake2b(f"test sample {i}".encode(), digest_size=8).digest(), "little")
 
 

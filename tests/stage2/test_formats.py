@@ -1,4 +1,4 @@
-"""formats.py: shard specs, units, sample counts and raw samples, proved against the real producers.
+"""stage2/formats.py: shard specs, units, sample counts and raw samples, proved against the real producers.
 
 Where each format comes from:
 - tar shards: the webdataset library's reader is the reference for grouping members into samples, on a
@@ -38,7 +38,7 @@ from skimage import data as skdata
 from stage2 import formats
 from world.make_data import write_shards
 
-FIXTURE = Path(__file__).parent / "fixtures" / "webdataset-mnist-sample.tgz"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "webdataset-mnist-sample.tgz"
 
 
 def photo_jpeg(i, size=40, photo=None):
