@@ -11,7 +11,7 @@ Parts (--parts; each result is printed and appended to OUT's .jsonl as it comes,
 failing part loses only what was running):
   ceiling   the measured bf16 matmul TFLOP/s (8192^3), printed beside the datasheet's dense peak;
   eager     train_clip.train_step with grad checkpointing off / on, at accum_steps 1 and the config's;
-            and TrainTransform.device (the augmentation's GPU half) on one step's batch, ms;
+            and TrainTransform.device_half (the augmentation's GPU half) on one step's batch, ms;
   compiled  the config's step (its checkpointing, its accum_steps) through training.wrap_model's compile,
             compiled once (warmup_s holds the compile time); and the augmentation compiled;
   fit       the largest micro-batch at the config's accum_steps, without / with checkpointing.
@@ -22,7 +22,7 @@ in bench/bench_loader.py): one micro-batch of --micro-batch (default: the config
 batch_size / accum_steps), 3 warm-up steps, then --steps timed steps.
 
 The fit search measures what train_clip.py holds, not the step alone: the loader's uint8 batch of
-micro-batch x accum_steps images with params and tokens, the augmented fp32 batch TrainTransform.device
+micro-batch x accum_steps images with params and tokens, the augmented fp32 batch TrainTransform.device_half
 makes from it (its temporaries included), then one eager step at the config's accum_steps. It starts
 at --fit-start (near the expected answer), doubles or halves, then bisects to 64, at most --fit-probes
 full steps; every probe is logged with its peak memory.
@@ -209,7 +209,7 @@ def largest_fitting(fits, start, granularity, max_probes=12):
 def fits_in_training(cfg, device, precision, checkpointing, log=print):
     """fits(n): what train_clip.py holds at micro-batch n and the config's accum_steps fits in memory.
     As the training loop holds them: the loader's uint8 batch of n * accum_steps images with their
-    params and tokens, the augmented fp32 batch made from it by TrainTransform.device (its temporaries
+    params and tokens, the augmented fp32 batch made from it by TrainTransform.device_half (its temporaries
     included), and one eager train_step (the cached no-grad forward of all micro-batches, then each
     micro-batch's forward and backward, the optimiser's step). Each probe starts from an empty cache
     and frees everything it made; its peak memory is logged."""
@@ -336,12 +336,12 @@ def main(argv=None):
             torch.cuda.empty_cache()
 
     def augmentation(compiled):
-        """TrainTransform.device on one step's batch (micro-batch x the config's accum_steps): ms per
+        """TrainTransform.device_half on one step's batch (micro-batch x the config's accum_steps): ms per
         batch, eager or compiled (its torch.where form has no data-dependent shapes: one graph)."""
         image_size = model_config(cfg.model).image_size
         images, params, _ = synthetic_loader_batch(micro * cfg.accum_steps, model_config(cfg.model), device)
         transform = TrainTransform(image_size, cfg.augment)
-        run = torch.compile(transform.device) if compiled else transform.device
+        run = torch.compile(transform.device_half) if compiled else transform.device_half
         begun = time.perf_counter()
         run(images, params)
         seconds = time_calls(lambda: run(images, params), device, max(2, steps // 2))
@@ -367,7 +367,7 @@ def main(argv=None):
             results["largest_micro_batch"][key] = largest
             log({"largest_micro_batch": largest, "grad_checkpointing": checkpointing, "accum_steps": cfg.accum_steps,
                  "measured": "train_clip's step at the config's accum_steps with the uint8 batch, its params and the "
-                             "augmented fp32 batch (TrainTransform.device) held, as the training loop holds them"})
+                             "augmented fp32 batch (TrainTransform.device_half) held, as the training loop holds them"})
     print(f"wrote {out} and {jsonl} ({time.perf_counter() - started:.0f} s)")
     return results
 

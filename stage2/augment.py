@@ -143,7 +143,7 @@ class TrainTransform:
         No host syncs: every per-sample choice is a torch.where mask, not a Python `if` on a device
         value or a boolean-mask index (each of those makes the host wait for the step in flight), and
         constants come from a per-device cache, not a fresh host-to-device copy each call
-        (tests/test_augment_device.py counts them). Samples an op skips pass through it unchanged,
+        (tests/stage2/test_augment_device.py counts them). Samples an op skips pass through it unchanged,
         bit for bit."""
         x = images.float() / 255
         if self.kind == "moco":
@@ -229,7 +229,7 @@ def device_constants(device):
 
 # ---------------------------------------------------------------------------------------------------
 # Batched ops with one parameter per sample; each equals torchvision.transforms.functional's on float
-# images in [0, 1] (tests/test_augment.py holds them side by side).
+# images in [0, 1] (tests/stage2/test_augment.py holds them side by side).
 # ---------------------------------------------------------------------------------------------------
 
 

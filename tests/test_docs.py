@@ -23,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
-KIT_FOLDERS = ("configs", "bench", "tests", "assets", "docs", ".ci")
+KIT_FOLDERS = ("configs", "bench", "tests", "assets", "docs", ".ci", "stage1", "stage2", "analysis", "world")
 # `--key=value` is how the pages write the override syntax itself, not a flag.
 PLACEHOLDER_FLAGS = {"key"}
 # Other projects' files and flags the pages name on their own (without the command they belong to).
@@ -74,7 +74,8 @@ def _module_flags(path):
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
             flags |= {a.value[2:] for a in node.args if isinstance(a, ast.Constant) and str(a.value).startswith("--")}
-        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "load_config":
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in (
+                "load_config", "start_run"):
             config_script = True
     if config_script:  # the fields of its `class Config` dataclass
         for node in tree.body:
@@ -92,8 +93,10 @@ def script_flags(script):
     for node in ast.walk(ast.parse(path.read_text())):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
             [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+        if isinstance(node, ast.ImportFrom) and node.module:  # `from analysis import curves, probes`
+            names += [f"{node.module}.{a.name}" for a in node.names]
         for name in names:
-            module = ROOT / f"{name}.py"
+            module = ROOT / f"{name.replace('.', '/')}.py"
             if module.exists() and module != path:
                 flags |= _module_flags(module)[0]
     return flags, config_script
@@ -107,7 +110,10 @@ def accepts(script, flag):
 
 
 def kit_scripts():
-    return [p.relative_to(ROOT).as_posix() for p in [*ROOT.glob("*.py"), *ROOT.glob("bench/*.py")]]
+    """Scripts run as `python NAME.py` (the root, bench/) and the folders' commands run as
+    `python -m folder.module` (named here by their path)."""
+    return [p.relative_to(ROOT).as_posix() for p in [*ROOT.glob("*.py"), *ROOT.glob("bench/*.py"),
+                                                     *ROOT.glob("*/*.py")] if p.parent.name != "tests"]
 
 
 def flag_uses(text):
@@ -119,7 +125,8 @@ def flag_uses(text):
     for code in code_texts(text):
         code = re.sub(r"(^|\s)#.*$", "", code)
         for segment in re.split(r"&&|;|\|", code):
-            words = segment.split()
+            words = [f"{w.replace('.', '/')}.py" if i and words_[i - 1] == "-m" else w
+                     for words_ in [segment.split()] for i, w in enumerate(words_)]
             if not words:
                 continue
             owner = None
@@ -159,7 +166,8 @@ def test_named_kit_files_exist(page):
     named = set(re.findall(rf"(?<![\w./~-])((?:{folders})/[\w.*/{{}},-]*[\w*}}])", text))
     named |= set(re.findall(r"(?<![\w./~-])([A-Za-z_]\w*\.py)\b", text))
     missing = [name for pattern in sorted(named - set(FOREIGN_FILES)) for name in expand_braces(pattern)
-               if not any(list(folder.glob(name)) for folder in (ROOT, ROOT / "bench", ROOT / "tests"))]
+               if not any(list(folder.glob(name)) for folder in (ROOT, ROOT / "bench", ROOT / "tests",
+                                                                   *(ROOT / "tests").glob("*/")))]
     assert not missing, f"{page_id(page)} names files that do not exist: {missing}"
 
 

@@ -341,7 +341,7 @@ def test_class_prompts_are_encoded_once_per_model(tasks, tiny, monkeypatch):
     net, _ = tiny
     encoded = []
     real = zero_shot._encode_texts
-    monkeypatch.setattr(evaluate, "_encode_texts", lambda model, texts, *a: encoded.extend(texts) or real(model, texts, *a))
+    monkeypatch.setattr(zero_shot, "_encode_texts", lambda model, texts, *a: encoded.extend(texts) or real(model, texts, *a))
     same_prompts = ["digits", "wds-mnist"]  # the same ten digit names and three templates
     zero_shot.run_suite([net], same_prompts, tasks, "cpu", progress=False)
     assert len(encoded) == 10 * 3

@@ -75,7 +75,7 @@ def test_cli_option_reaches_the_classifier(tmp_path, monkeypatch):
     save_lightning_checkpoint(TheirCLIP(M.model_config("tiny")).eval(), tmp_path / "authors.pt", monkeypatch)
     model = load_checkpoint(tmp_path / "authors.pt")
     seen, prompt_tokens = [], zero_shot.prompt_tokens
-    monkeypatch.setattr(evaluate, "prompt_tokens", lambda texts, length, padding: seen.append(padding) or prompt_tokens(texts, length, padding))
+    monkeypatch.setattr(zero_shot, "prompt_tokens", lambda texts, length, padding: seen.append(padding) or prompt_tokens(texts, length, padding))
     for padding in ("zeros", "eot"):
         out = tmp_path / f"{padding}.json"
         extra = ["--prompt-padding", padding] if padding == "eot" else []  # zeros: the default

@@ -25,7 +25,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from stage2 import formats  # noqa: E402
 from stage2 import held_out  # noqa: E402

@@ -100,5 +100,5 @@ def test_host_is_seeded_and_draft_decoding_changes_little():
     assert (a.float() - full.float()).abs().mean() < 3  # grey levels of 255
     images = torch.stack([augment.TrainTransform(64, "moco").host_half(jpeg, s)[0] for s in range(4)])
     params = torch.stack([augment.TrainTransform(64, "moco").host_half(jpeg, s)[1] for s in range(4)])
-    out = augment.TrainTransform(64, "moco").device(images, params)
+    out = augment.TrainTransform(64, "moco").device_half(images, params)
     assert out.dtype == torch.float32 and out.shape == (4, 3, 64, 64) and torch.isfinite(out).all()

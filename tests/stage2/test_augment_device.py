@@ -46,7 +46,7 @@ def drawn_params(n):
 
 def test_batched_device_half_equals_torchvision_per_sample():
     images, params = photo_batch(24), drawn_params(24)
-    ours = augment.TrainTransform(SIZE, "moco").device(images, params)
+    ours = augment.TrainTransform(SIZE, "moco").device_half(images, params)
     for i in range(len(images)):
         torch.testing.assert_close(ours[i], reference_device(images[i], params[i]), atol=2e-5, rtol=0, msg=f"sample {i}")
     untouched = (params[:, augment.JITTER] == 0) & (params[:, augment.GRAY] == 0) & (params[:, augment.SIGMA] == 0)

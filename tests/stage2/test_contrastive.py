@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 import training  # noqa: E402
 from stage2 import contrastive  # noqa: E402

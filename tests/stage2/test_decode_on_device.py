@@ -19,7 +19,6 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from stage2 import augment  # noqa: E402
 from stage2 import shards  # noqa: E402

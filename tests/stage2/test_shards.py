@@ -174,7 +174,7 @@ def test_each_good_sample_once_per_epoch_over_two_ranks_and_two_workers(tmp_path
         assert positions == set(batch["indices"][batch["valid"]].tolist())  # the same global batch, in any split
     # Which samples an epoch reads: the first 12 raw positions of each of the 4 streams (6 steps x 2),
     # the rest (54 - 48) dropped and counted. Raw positions lie in the shuffled unit order.
-    read = {plan.raw_position(s, j) for s in range(4) for j in range(plan.used)}
+    read = {plan.sample_index(s, j) for s in range(4) for j in range(plan.used)}
     assert len(read) == 48 and plan.dropped == 6
     index_of = {}  # raw position -> sample number in the files
     for u, unit in enumerate(plan.units):
@@ -208,10 +208,10 @@ def test_resume_never_opens_a_consumed_shard(tmp_path):
     full = epoch(loader(spec, workers=2), 1)
     plan = loader(spec).plan(1)
     start = 6
-    # Needed on resume: each stream's raw range from the start of the window that holds step 6 on.
+    # Needed on resume: each stream's indices from the start of the buffer that holds step 6 on.
     needed = set()
     for s in range(4):
-        first = s * plan.stream_length + (start * plan.per_stream // plan.window) * plan.window
+        first = s * plan.stream_length + (start * plan.per_stream // plan.buffer) * plan.buffer
         for raw in range(first, s * plan.stream_length + plan.used):
             needed.add(plan.locate(raw)[0])
     consumed = [unit.path for u, unit in enumerate(plan.units) if u not in needed]

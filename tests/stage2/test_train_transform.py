@@ -22,7 +22,7 @@ seeds are fixed, so the answer is the same on every run; the bounds are those a 
 to, so a changed probability or range fails. On the same drawn parameters, device() equals
 torchvision.transforms.v2.functional's ops applied one sample at a time (jitter in the sample's order,
 grayscale, a Gaussian blur, normalisation), and host() equals torchvision's resized_crop + horizontal_flip.
-Not here: the batched ops one at a time (tests/test_augment.py).
+Not here: the batched ops one at a time (tests/stage2/test_augment.py).
 """
 import hashlib
 import io
