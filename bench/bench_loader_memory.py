@@ -72,7 +72,7 @@ def samples(n):
 def measure(spec, args, accum, device):
     transform = TrainTransform(args.image_size, "moco")
     loader = shards.Loader(formats.list_units(spec, progress=False), transform, args.batch, args.streams,
-                           workers=args.workers, accum_steps=accum, shuffle_buffer=args.window, device=device,
+                           workers=args.workers, accum_steps=accum, shuffle_buffer=args.shuffle_buffer, device=device,
                            prefetch=args.prefetch)
     parcels = loader.parcels
     piece = max(sum(min(parcels.chunk_size, args.batch // args.streams - c * parcels.chunk_size) for _, c in g)
@@ -104,12 +104,12 @@ def main():
     parser.add_argument("--batches", type=int, default=4, help="batches read per run (the pipeline is full after 1-2)")
     parser.add_argument("--devices", nargs="+", default=["meta"], choices=("meta", "cpu"))
     parser.add_argument("--streams", type=int, default=16)
-    parser.add_argument("--window", type=int, default=32, help="the shuffle buffer per stream (held undecoded)")
+    parser.add_argument("--shuffle-buffer", type=int, default=32, help="the shuffle buffer per stream (held undecoded)")
     parser.add_argument("--prefetch", type=int, default=2, help="pieces outstanding per worker (Loader's default)")
     parser.add_argument("--image-size", type=int, default=224)
     args = parser.parse_args()
     torch.set_num_threads(1)  # the main process only moves pieces (and, on cpu, runs the device half)
-    count = args.batch * args.batches + args.streams * args.window  # a few samples more than read
+    count = args.batch * args.batches + args.streams * args.shuffle_buffer  # a few samples more than read
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_shards(tmp, samples(count), per_shard=max(1, count // 16))
         spec = f"{tmp}/{{00000..{len(paths) - 1:05d}}}.tar"
@@ -119,7 +119,7 @@ def main():
         overhead = measure(spec, small, 1, "meta")[0]  # workers' own memory, the shuffle buffers: batch-free
     copy = args.batch * 3 * args.image_size ** 2
     print(f"batch {args.batch} at {args.image_size} px (one uint8 copy: {copy / 2**20:.0f} MiB), {args.workers} workers, "
-          f"prefetch {args.prefetch}, {args.streams} streams x window {args.window}, {count} samples of {mb:.0f} KB")
+          f"prefetch {args.prefetch}, {args.streams} streams x shuffle buffer {args.shuffle_buffer}, {count} samples of {mb:.0f} KB")
     for (device, accum), (peak, piece, seconds, n) in results.items():
         bound = (args.workers * args.prefetch + 1) * piece * 3 * args.image_size ** 2 / copy
         extra = "" if device == "meta" else " + the device side on the CPU: batch 1 + float32 4 + temporaries"
