@@ -2,10 +2,10 @@
 
 - every relative link points at a file that exists, and a `#anchor` at a heading of that file (as
   GitHub turns headings into anchors);
-- every kit file a page names (`configs/...`, `bench/...`, `tests/...`, `assets/...`, `docs/...`,
-  `.ci/...`, or a `name.py` at the top level, in bench/ or in tests/) exists;
+- every kit file a page names (`configs/...`, `stage1/...`, `bench/...`, `tests/...`, `docs/...`,
+  `.ci/...`, or a `name.py` at the top level or in one of those folders) exists;
 - every command-line flag (`--key`) a page gives to a kit script is one that script accepts: a field
-  of its config dataclass for the trainers (`common.load_config`: `-` and `_` alike), an
+  of its config dataclass for the trainers (`cli.load_config`: `-` and `_` alike), an
   `add_argument` option for the others (argparse: spelled exactly). A flag given without its script
   must be accepted by some kit script, or be another project's named in FOREIGN_FLAGS. Flags in other
   tools' commands (pip, torchrun, huggingface-cli, img2dataset) are theirs and not checked;
@@ -166,7 +166,7 @@ def test_named_kit_files_exist(page):
     named = set(re.findall(rf"(?<![\w./~-])((?:{folders})/[\w.*/{{}},-]*[\w*}}])", text))
     named |= set(re.findall(r"(?<![\w./~-])([A-Za-z_]\w*\.py)\b", text))
     missing = [name for pattern in sorted(named - set(FOREIGN_FILES)) for name in expand_braces(pattern)
-               if not any(list(folder.glob(name)) for folder in (ROOT, ROOT / "bench", ROOT / "tests",
+               if not any(list(folder.glob(name)) for folder in (ROOT, *(ROOT / f for f in KIT_FOLDERS),
                                                                    *(ROOT / "tests").glob("*/")))]
     assert not missing, f"{page_id(page)} names files that do not exist: {missing}"
 
