@@ -1,9 +1,9 @@
-"""Reading every CLIP checkpoint file users hold into the kit's CLIP (model.py), without running code
-from it: the kit's ckpt.pt, open_clip training checkpoints and hub files (.bin, .safetensors), OpenAI's
-TorchScript archives, and plain state dicts. The state-dict keys are those of OpenAI CLIP and open_clip
-(github openai/CLIP clip/model.py; github mlfoundations/open_clip src/open_clip/model.py), up to the
-prefixes DDP and torch.compile add. Split from model.py so that model.py stays the one place a reader
-looks for what a CLIP is; this file imports only model.py of the kit.
+"""Reading every CLIP checkpoint file users hold into the kit's CLIP (model.py), without running
+code from it: the kit's ckpt.pt, open_clip training checkpoints and hub files (.bin, .safetensors),
+OpenAI's TorchScript archives, and plain state dicts. The state-dict keys are those of OpenAI CLIP
+and open_clip (github openai/CLIP clip/model.py; github mlfoundations/open_clip
+src/open_clip/model.py), up to the prefixes DDP and torch.compile add. It imports only model.py of
+the kit.
 """
 import collections
 import io
@@ -19,31 +19,34 @@ import torch
 
 from model import AUTHORS, CLIP, CLIPConfig
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checkpoints
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # read_checkpoint tells the accepted files apart by their content, not their name:
-#   torch.save files: the kit's {"state_dict", "model_config", ...training state}, open_clip training
-#     checkpoints {"epoch", "name", "state_dict", ...}, raw state dicts (open_clip's hub file
-#     open_clip_pytorch_model.bin, OpenAI / open_clip weights saved with torch.save);
+#   torch.save files: the kit's {"state_dict", "model_config", ...training state}, open_clip
+#     training checkpoints {"epoch", "name", "state_dict", ...}, raw state dicts (open_clip's hub
+#     file open_clip_pytorch_model.bin, OpenAI / open_clip weights saved with torch.save);
 #   safetensors files (open_clip's hub open_clip_model.safetensors, or any with these keys);
 #   OpenAI's TorchScript archives (~/.cache/clip/ViT-B-32.pt), whose tensors are read without
 #     running the archive (see _read_torchscript).
-# The state dict keys are the same in all of them (OpenAI CLIP and open_clip name them alike), up to the prefixes below.
+# The state dict keys are the same in all of them (OpenAI CLIP and open_clip name them alike), up
+# to the prefixes below.
 
 _PREFIXES = ("module.", "_orig_mod.")  # added by DDP and by torch.compile
 _OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
-_STORAGE_DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-                   "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-                   "BoolStorage": torch.bool}
-ACCEPTED = ("the kit's ckpt.pt, an open_clip checkpoint or hub file (.bin, .safetensors), OpenAI's TorchScript "
-            "archive, a torch.save / safetensors state dict with OpenAI / open_clip keys, or a Lightning checkpoint of "
-            "the PI authors' code (Brain_Initialization)")
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16,
+                   "BFloat16Storage": torch.bfloat16, "DoubleStorage": torch.float64,
+                   "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8,
+                   "ByteStorage": torch.uint8, "BoolStorage": torch.bool}
+ACCEPTED = ("the kit's ckpt.pt, an open_clip checkpoint or hub file (.bin, .safetensors), OpenAI's "
+            "TorchScript archive, a torch.save / safetensors state dict with OpenAI / open_clip "
+            "keys, or a Lightning checkpoint of the PI authors' code (Brain_Initialization)")
 
 
 class _ScriptObject:
-    """Stands in for a TorchScript module while its pickle is read: keeps the attributes, runs nothing."""
+    """Stands in for a TorchScript module while its pickle is read: keeps the attributes, runs
+    nothing."""
 
     def __setstate__(self, state):
         self.state = state
@@ -51,8 +54,9 @@ class _ScriptObject:
 
 class _TorchScriptReader(pickle.Unpickler):
     """Reads a TorchScript archive's data.pkl (the module tree and its tensors) with an allow-list:
-    TorchScript classes become _ScriptObject, tensors are rebuilt from the archive's data/ entries, and
-    any other global is refused (standard pickle "restricting globals"), so no code of the file runs."""
+    TorchScript classes become _ScriptObject, tensors are rebuilt from the archive's data/ entries,
+    and any other global is refused (standard pickle "restricting globals"), so no code of the file
+    runs."""
 
     def __init__(self, archive, prefix):
         super().__init__(io.BytesIO(archive.read(f"{prefix}/data.pkl")))
@@ -63,12 +67,14 @@ class _TorchScriptReader(pickle.Unpickler):
             self.class_names.add(name)
             return type(name, (_ScriptObject,), {})
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return lambda storage, offset, size, stride, *_: storage.as_strided(size, stride, offset)
+            return (lambda storage, offset, size, stride, *_:
+                    storage.as_strided(size, stride, offset))
         if module == "torch" and name in _STORAGE_DTYPES:
             return _STORAGE_DTYPES[name]
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
-        raise pickle.UnpicklingError(f"it holds {module}.{name}, which is neither a module nor a tensor")
+        raise pickle.UnpicklingError(f"it holds {module}.{name}, "
+                                     "which is neither a module nor a tensor")
 
     def persistent_load(self, pid):  # ("storage", dtype, key, location, numel) -> flat tensor
         _, dtype, key, _, _ = pid
@@ -82,33 +88,38 @@ def _read_torchscript(archive, prefix, path):
     try:
         root = reader.load()
     except (pickle.UnpicklingError, KeyError, ValueError, TypeError) as e:
-        raise ValueError(f"{path} is a TorchScript archive whose weights cannot be read without running it ({e}). "
-                         "If you trust it, convert it once (torch.jit.load runs the archive's code): python -c "
-                         f"\"import torch; torch.save(torch.jit.load('{path}', map_location='cpu').state_dict(), "
+        raise ValueError(f"{path} is a TorchScript archive whose weights cannot be read without "
+                         f"running it ({e}). If you trust it, convert it once (torch.jit.load runs "
+                         "the archive's code): python -c \"import torch; "
+                         f"torch.save(torch.jit.load('{path}', map_location='cpu').state_dict(), "
                          "'weights.pt')\" and load weights.pt") from None
 
     def tensors(obj, prefix=""):
-        for name, value in (obj.state.items() if isinstance(getattr(obj, "state", None), dict) else ()):
-            if isinstance(value, torch.Tensor) and name != "attn_mask":  # the causal mask, no weight
+        for name, value in (obj.state.items() if isinstance(getattr(obj, "state", None), dict)
+                            else ()):
+            if isinstance(value, torch.Tensor) and name != "attn_mask":  # a causal mask, no weight
                 yield prefix + name, value
             elif isinstance(value, _ScriptObject):
                 yield from tensors(value, f"{prefix}{name}.")
 
     names = reader.class_names
-    return dict(tensors(root)), (True if "QuickGELU" in names else False if "GELU" in names else None)
+    return dict(tensors(root)), (True if "QuickGELU" in names
+                                 else False if "GELU" in names else None)
 
 
 def _is_safetensors(path):  # 8-byte little-endian header length, then the JSON header
     with open(path, "rb") as f:
         head = f.read(9)
-    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)
+    return (len(head) == 9 and head[8:] == b"{"
+            and int.from_bytes(head[:8], "little") < os.path.getsize(path))
 
 
 def _open_clip_hub_quickgelu(path):
     """open_clip's hub repositories keep open_clip_config.json beside the weights: its recorded
     activation (model_cfg.quick_gelu), or None when there is no such file."""
     config = Path(path).parent / "open_clip_config.json"
-    if Path(path).name not in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin") or not config.exists():
+    if (Path(path).name not in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+            or not config.exists()):
         return None
     try:
         return bool(json.loads(config.read_text()).get("model_cfg", {}).get("quick_gelu", False))
@@ -117,9 +128,10 @@ def _open_clip_hub_quickgelu(path):
 
 
 def read_checkpoint(path):
-    """Load any accepted checkpoint file (see above) without running code from it -> (clean state dict,
-    model config dict the file records, else None). torch.load runs with weights_only=True; a TorchScript
-    archive is read by _read_torchscript, never by torch.jit.load, which would compile and run its code."""
+    """Load any accepted checkpoint file (see above) without running code from it -> (clean state
+    dict, model config dict the file records, else None). torch.load runs with weights_only=True; a
+    TorchScript archive is read by _read_torchscript, never by torch.jit.load, which would compile
+    and run its code."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     stored_config, quickgelu = None, _open_clip_hub_quickgelu(path)
@@ -128,24 +140,29 @@ def read_checkpoint(path):
             from safetensors.torch import load_file
 
             obj = load_file(path)
-        elif zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+        elif zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl")
+                                              for n in zipfile.ZipFile(path).namelist()):
             with zipfile.ZipFile(path) as archive:
-                prefix = next(n for n in archive.namelist() if n.endswith("/data.pkl")).rsplit("/", 1)[0]
+                prefix = next(n for n in archive.namelist()
+                              if n.endswith("/data.pkl")).rsplit("/", 1)[0]
                 obj, quickgelu = _read_torchscript(archive, prefix, path)
         else:
             obj = _torch_load(path)
     except Exception as e:
-        if isinstance(e, ValueError) and str(path) in str(e):  # already names the file and what to do
+        # A ValueError naming the file already says what to do.
+        if isinstance(e, ValueError) and str(path) in str(e):
             raise
-        raise ValueError(f"{path} is not a readable checkpoint (truncated, or another format?): {e}. "
-                         f"Accepted: {ACCEPTED}") from e
+        raise ValueError(f"{path} is not a readable checkpoint (truncated, or another format?): "
+                         f"{e}. Accepted: {ACCEPTED}") from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         stored_config = obj.get("model_config")
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} holds no CLIP state dict (expected a dict of tensors, or one under 'state_dict'). "
-                         f"Accepted: {ACCEPTED}")
-    if _is_authors_layout(obj):  # the PI authors' names (their Lightning checkpoints): renamed, sized, checked
+    if (not isinstance(obj, dict) or not obj
+            or not all(isinstance(v, torch.Tensor) for v in obj.values())):
+        raise ValueError(f"{path} holds no CLIP state dict (expected a dict of tensors, or one "
+                         f"under 'state_dict'). Accepted: {ACCEPTED}")
+    # The PI authors' names (their Lightning checkpoints): renamed, sized, checked.
+    if _is_authors_layout(obj):
         return _read_authors(obj, path)
     state_dict = {}
     for key, value in obj.items():
@@ -153,7 +170,8 @@ def read_checkpoint(path):
             key = key.split(".", 1)[1]
         if key not in _OPENAI_SCALARS:
             state_dict[key] = value
-    if stored_config is None and quickgelu is not None:  # the file records its activation, not a config
+    # The file records its activation, not a config.
+    if stored_config is None and quickgelu is not None:
         try:
             stored_config = asdict(config_from_state_dict(state_dict, quickgelu))
         except ValueError as e:
@@ -162,10 +180,11 @@ def read_checkpoint(path):
 
 
 def _torch_load(path):
-    """torch.load with weights_only=True. A Lightning checkpoint also holds what save_hyperparameters() kept
-    (the PI authors': their config dataclasses), which weights_only refuses; each such class is then read
-    as an inert stand-in (a class of ours with its name, holding attributes and running nothing), so the
-    tensors load and no code named by the file runs."""
+    """torch.load with weights_only=True. A Lightning checkpoint also holds what
+    save_hyperparameters() kept (the PI authors': their config dataclasses), which weights_only
+    refuses; each such class is then read as an inert stand-in (a class of ours with its name,
+    holding attributes and running nothing), so the tensors load and no code named by the file
+    runs."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -179,75 +198,93 @@ def _torch_load(path):
 
 
 class _Inert:
-    """Stands in for a class a checkpoint names outside its tensors: takes any arguments, runs nothing."""
+    """Stands in for a class a checkpoint names outside its tensors: takes any arguments, runs
+    nothing."""
 
     def __init__(self, *args, **kwargs):
         pass
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The PI authors' checkpoints (github cheesepuff90/Brain_Initialization)
-# ---------------------------------------------------------------------------------------------------
-# Their Lightning module holds their CLIP as `self.model` (src/lightning_module.py), so a checkpoint's
-# state_dict keys are "model." + their module names (src/model.py): visual.{conv1, class_embedding,
-# positional_embedding, ln_pre, ln_post, proj}, visual.transformer.N.{norm1, attn.qkv, attn.proj, norm2, mlp.0,
-# mlp.3} (mlp = Linear, GELU, Dropout, Linear, Dropout), text.{token_embedding, positional_embedding, ln_final,
-# text_projection}, text.transformer.N.* like the vision blocks, and logit_scale. Their qkv Linear holds q, k, v
-# in its rows in the order of nn.MultiheadAttention's in_proj_weight (its output is viewed as (3, heads, head
-# width)), so every tensor moves unchanged: only the names change, and the model is the -authors preset's.
-_AUTHORS_BLOCK = (("norm1.", "ln_1."), ("attn.qkv.weight", "attn.in_proj_weight"), ("attn.qkv.bias", "attn.in_proj_bias"),
-                  ("attn.proj.", "attn.out_proj."), ("norm2.", "ln_2."), ("mlp.0.", "mlp.c_fc."), ("mlp.3.", "mlp.c_proj."))
+# --------------------------------------------------------------------------------------------------
+# Their Lightning module holds their CLIP as `self.model` (src/lightning_module.py), so a
+# checkpoint's state_dict keys are "model." + their module names (src/model.py):
+# visual.{conv1, class_embedding, positional_embedding, ln_pre, ln_post, proj},
+# visual.transformer.N.{norm1, attn.qkv, attn.proj, norm2, mlp.0, mlp.3} (mlp = Linear, GELU,
+# Dropout, Linear, Dropout), text.{token_embedding, positional_embedding, ln_final,
+# text_projection}, text.transformer.N.* like the vision blocks, and logit_scale. Their qkv Linear
+# holds q, k, v in its rows in the order of nn.MultiheadAttention's in_proj_weight (its output is
+# viewed as (3, heads, head width)), so every tensor moves unchanged: only the names change, and
+# the model is the -authors preset's.
+_AUTHORS_BLOCK = (("norm1.", "ln_1."), ("attn.qkv.weight", "attn.in_proj_weight"),
+                  ("attn.qkv.bias", "attn.in_proj_bias"), ("attn.proj.", "attn.out_proj."),
+                  ("norm2.", "ln_2."), ("mlp.0.", "mlp.c_fc."), ("mlp.3.", "mlp.c_proj."))
 _AUTHORS_BLOCK_KEY = re.compile(r"(visual\.|text\.)transformer\.(\d+)\.(.+)")
 _KIT_BLOCK_KEY = re.compile(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)")
 
 
-_AUTHORS_SIZING = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text.token_embedding.weight",
-                   "text.positional_embedding", "text.text_projection")  # their names of what fixes every size
+# Their names of the tensors that fix every size.
+_AUTHORS_SIZING = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj",
+                   "text.token_embedding.weight", "text.positional_embedding",
+                   "text.text_projection")
 
 
 def _is_authors_layout(state_dict):
     keys = [k.removeprefix("model.") for k in state_dict]
-    return any(k.startswith("text.") for k in keys) or any(_AUTHORS_BLOCK_KEY.fullmatch(k) for k in keys)
+    return (any(k.startswith("text.") for k in keys)
+            or any(_AUTHORS_BLOCK_KEY.fullmatch(k) for k in keys))
 
 
-def _authors_to_kit(key):  # "model.text.transformer.3.mlp.0.weight" -> "transformer.resblocks.3.mlp.c_fc.weight"
+def _authors_to_kit(key):
+    """A key in the PI authors' names -> the kit's: "model.text.transformer.3.mlp.0.weight" ->
+    "transformer.resblocks.3.mlp.c_fc.weight"."""
     key = key.removeprefix("model.")
     block = _AUTHORS_BLOCK_KEY.fullmatch(key)
     if block:
         tower, index, rest = block.groups()
-        rest = next((ours + rest[len(theirs):] for theirs, ours in _AUTHORS_BLOCK if rest.startswith(theirs)), rest)
+        rest = next((ours + rest[len(theirs):] for theirs, ours in _AUTHORS_BLOCK
+                     if rest.startswith(theirs)), rest)
         return f"{'visual.' if tower == 'visual.' else ''}transformer.resblocks.{index}.{rest}"
-    return key.removeprefix("text.")  # the text tower's other modules sit at the top level of the kit's CLIP
+    # The text tower's other modules sit at the top level of the kit's CLIP.
+    return key.removeprefix("text.")
 
 
 def _kit_to_authors(key):  # the inverse, for error messages in the file's own names
     block = _KIT_BLOCK_KEY.fullmatch(key)
     if block:
         tower, index, rest = block.groups()
-        rest = next((theirs + rest[len(ours):] for theirs, ours in _AUTHORS_BLOCK if rest.startswith(ours)), rest)
+        rest = next((theirs + rest[len(ours):] for theirs, ours in _AUTHORS_BLOCK
+                     if rest.startswith(ours)), rest)
         return f"model.{'visual.' if tower else 'text.'}transformer.{index}.{rest}"
     return "model." + (key if key.startswith("visual.") or key == "logit_scale" else "text." + key)
 
 
 def _read_authors(state_dict, path):
-    """A state dict in the PI authors' names -> (the kit's state dict, the -authors model config as a dict).
-    Sized from the tensors' shapes (any ViT width, depth, patch); every key the model needs and the file
-    lacks, every key it has and the model does not, and every wrong shape is named in the file's names."""
+    """A state dict in the PI authors' names -> (the kit's state dict, the -authors model config as
+    a dict). Sized from the tensors' shapes (any ViT width, depth, patch); every key the model needs
+    and the file lacks, every key it has and the model does not, and every wrong shape is named in
+    the file's names."""
     mapped = {_authors_to_kit(k): v for k, v in state_dict.items()}
     sizing = [f"model.{k}" for k in _AUTHORS_SIZING if _authors_to_kit(k) not in mapped]
     if sizing:
-        raise ValueError(f"{path} has the PI authors' parameter names (Brain_Initialization's CLIP) but lacks the "
-                         f"tensors that size the model: missing keys ({len(sizing)}): {sizing}. Pass the Lightning "
-                         "checkpoint (.ckpt) their training wrote, unchanged.")
-    config = CLIPConfig(**{**asdict(config_from_state_dict(mapped)), **AUTHORS})
-    with torch.device("meta"):  # the expected keys and shapes, without allocating or drawing weights
-        expected = CLIP(config).state_dict()
-    in_file = {_authors_to_kit(k): k for k in state_dict}  # keys named as the file names them, missing ones as it would
-    problems = key_problems(expected, mapped, name=lambda k: in_file.get(k) or _kit_to_authors(k), shown=8)
-    if problems:
-        raise ValueError(f"{path} has the PI authors' parameter names (Brain_Initialization's CLIP) but is not a whole "
-                         "ViT CLIP of theirs: " + "; ".join(problems) + ". Pass the Lightning checkpoint (.ckpt) their "
+        raise ValueError(f"{path} has the PI authors' parameter names (Brain_Initialization's "
+                         "CLIP) but lacks the tensors that size the model: missing keys "
+                         f"({len(sizing)}): {sizing}. Pass the Lightning checkpoint (.ckpt) their "
                          "training wrote, unchanged.")
+    config = CLIPConfig(**{**asdict(config_from_state_dict(mapped)), **AUTHORS})
+    # The expected keys and shapes, without allocating or drawing weights.
+    with torch.device("meta"):
+        expected = CLIP(config).state_dict()
+    # Keys named as the file names them, missing ones as it would.
+    in_file = {_authors_to_kit(k): k for k in state_dict}
+    problems = key_problems(expected, mapped, name=lambda k: in_file.get(k) or _kit_to_authors(k),
+                            shown=8)
+    if problems:
+        raise ValueError(f"{path} has the PI authors' parameter names (Brain_Initialization's "
+                         "CLIP) but is not a whole ViT CLIP of theirs: " + "; ".join(problems)
+                         + ". Pass the Lightning checkpoint (.ckpt) their training wrote, "
+                         "unchanged.")
     return mapped, asdict(config)
 
 
@@ -268,19 +305,23 @@ def _vision_config(state_dict):
         missing = [k for k in required if k not in state_dict]
         if missing:
             raise ValueError(f"not a CLIP ResNet state dict: missing {missing}")
-        width = state_dict["visual.layer1.0.conv1.weight"].shape[0]  # the first stage's bottleneck width
+        # The first stage's bottleneck width.
+        width = state_dict["visual.layer1.0.conv1.weight"].shape[0]
         grid = round((state_dict["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-        return dict(embed_dim=state_dict["visual.attnpool.c_proj.weight"].shape[0], image_size=32 * grid,
-                    patch_size=None, vision_width=width, vision_heads=32 * width // 64,  # open_clip: 64-wide heads
-                    vision_layers=tuple(_count_layers(state_dict, f"visual.layer{k}.") for k in (1, 2, 3, 4)))
+        return dict(embed_dim=state_dict["visual.attnpool.c_proj.weight"].shape[0],
+                    image_size=32 * grid, patch_size=None, vision_width=width,
+                    vision_heads=32 * width // 64,  # open_clip: 64-wide heads
+                    vision_layers=tuple(_count_layers(state_dict, f"visual.layer{k}.")
+                                        for k in (1, 2, 3, 4)))
     required = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj"]
     missing = [k for k in required if k not in state_dict]
     if missing:
         raise ValueError(f"not a CLIP ViT or ResNet state dict: missing {missing}")
     vision_width, _, patch_size, _ = state_dict["visual.conv1.weight"].shape
     grid = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    return dict(embed_dim=state_dict["visual.proj"].shape[1], image_size=patch_size * grid, patch_size=patch_size,
-                vision_width=vision_width, vision_layers=_count_layers(state_dict, "visual.transformer.resblocks."),
+    return dict(embed_dim=state_dict["visual.proj"].shape[1], image_size=patch_size * grid,
+                patch_size=patch_size, vision_width=vision_width,
+                vision_layers=_count_layers(state_dict, "visual.transformer.resblocks."),
                 vision_heads=vision_width // _VIT_HEAD_WIDTH.get(vision_width, 64))
 
 
@@ -310,50 +351,57 @@ def optional_key(key):
 
 
 def key_problems(expected, given, name=lambda key: key, shown=5):
-    """What keeps state dict `given` from loading into one with `expected`'s keys and shapes: a list of
-    "missing keys (n): [...]", "unexpected keys (n): [...]", "wrong shapes (n): [...]" (empty: it fits).
-    Optional keys (optional_key) may be missing; `name` turns a key into the name the user's file uses."""
+    """What keeps state dict `given` from loading into one with `expected`'s keys and shapes: a list
+    of "missing keys (n): [...]", "unexpected keys (n): [...]", "wrong shapes (n): [...]" (empty: it
+    fits). Optional keys (optional_key) may be missing; `name` turns a key into the name the user's
+    file uses."""
     missing = [name(k) for k in expected if k not in given and not optional_key(k)]
     unexpected = [name(k) for k in given if k not in expected]
     wrong = [f"{name(k)}: {tuple(given[k].shape)} != {tuple(v.shape)}"
              for k, v in expected.items() if k in given and given[k].shape != v.shape]
     return [f"{label} ({len(keys)}): {keys[:shown]}{' ...' if len(keys) > shown else ''}"
-            for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+            for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                ("wrong shapes", wrong))
             if keys]
 
 
 def check_state_dict(model, state_dict, path="state dict"):
-    """Raise one error listing every missing, unexpected and wrongly shaped key (no partial loads)."""
+    """Raise one error listing every missing, unexpected and wrongly shaped key (no partial
+    loads)."""
     problems = key_problems(model.state_dict(), state_dict)
     if problems:
         raise ValueError(f"{path} does not fit the model: " + "; ".join(problems))
 
 
 def check_activation(path, recorded, quickgelu):
-    """Raise when a file records one activation and the caller asks for the other (quickgelu None: no ask)."""
+    """Raise when a file records one activation and the caller asks for the other (quickgelu None:
+    no ask)."""
     if quickgelu is not None and bool(quickgelu) != bool(recorded):
         name = {True: "QuickGELU", False: "GELU"}
-        raise ValueError(f"{path} records the {name[bool(recorded)]} activation (quickgelu={bool(recorded)}), but "
-                         f"{name[bool(quickgelu)]} was asked for (quickgelu={bool(quickgelu)}); weights run with the "
-                         "other activation silently lose accuracy. Use the recorded one (drop the setting, or pick the model "
-                         "preset with that activation, e.g. ViT-B-32-quickgelu).")
+        raise ValueError(f"{path} records the {name[bool(recorded)]} activation "
+                         f"(quickgelu={bool(recorded)}), but {name[bool(quickgelu)]} was asked for "
+                         f"(quickgelu={bool(quickgelu)}); weights run with the other activation "
+                         "silently lose accuracy. Use the recorded one (drop the setting, or pick "
+                         "the model preset with that activation, e.g. ViT-B-32-quickgelu).")
 
 
 def load_checkpoint(path, quickgelu=None):
     """Any accepted CLIP checkpoint (see read_checkpoint) -> CLIP in eval mode, on the CPU.
 
     The architecture comes from the stored config when there is one, else from tensor shapes; the
-    `module.` / `_orig_mod.` prefixes of DDP / torch.compile are stripped. The activation is an explicit
-    setting. A file that records it (the kit's model_config; OpenAI's archives, by their QuickGELU
-    modules; open_clip hub files by open_clip_config.json beside them) is loaded with it, and quickgelu
-    True / False against the record is an error naming both. A file that records none (a state dict,
-    a bare safetensors file) is GELU unless quickgelu=True, which OpenAI-trained weights need.
+    `module.` / `_orig_mod.` prefixes of DDP / torch.compile are stripped. The activation is an
+    explicit setting. A file that records it (the kit's model_config; OpenAI's archives, by their
+    QuickGELU modules; open_clip hub files by open_clip_config.json beside them) is loaded with it,
+    and quickgelu True / False against the record is an error naming both. A file that records none
+    (a state dict, a bare safetensors file) is GELU unless quickgelu=True, which OpenAI-trained
+    weights need.
 
     Security: torch.load runs with weights_only=True and safetensors holds only tensors. OpenAI's
     archives are TorchScript, which torch.jit.load would compile and run (a file from the internet
-    could do anything then); the kit instead reads only their module tree and tensors with a restricted
-    unpickler and refuses anything else, at the cost of handling only archives made of modules and
-    tensors (every OpenAI CLIP archive is). The error for one it cannot read says how to convert it.
+    could do anything then); the kit instead reads only their module tree and tensors with a
+    restricted unpickler and refuses anything else, at the cost of handling only archives made of
+    modules and tensors (every OpenAI CLIP archive is). The error for one it cannot read says how to
+    convert it.
     """
     state_dict, stored = read_checkpoint(path)
     if stored is not None:
@@ -371,7 +419,8 @@ def load_checkpoint(path, quickgelu=None):
 
 
 def run_labels(paths):
-    """Run names from checkpoint paths, for tables: the parent folder (runs/pi/ckpt.pt -> pi), else the
-    file's stem; the full paths where those would collide."""
-    labels = [Path(p).resolve().parent.name if Path(p).name == "ckpt.pt" else Path(p).stem for p in paths]
+    """Run names from checkpoint paths, for tables: the parent folder (runs/pi/ckpt.pt -> pi), else
+    the file's stem; the full paths where those would collide."""
+    labels = [Path(p).resolve().parent.name if Path(p).name == "ckpt.pt" else Path(p).stem
+              for p in paths]
     return labels if len(set(labels)) == len(labels) else [str(p) for p in paths]

@@ -3,14 +3,15 @@
 Sections, in the order a sample meets them:
   tokenizer     CLIP's byte-pair encoding, id-for-id equal to OpenAI CLIP / open_clip
   transforms    image preprocessing for training and evaluation (CLIP's mean / std)
-  benchmark     the zero-shot tasks by name, where their folders sit, and the folders in CLIP_benchmark's
-                on-disk format (evaluation)
-Stage 2's streaming loader is stage2/shards.py (formats: stage2/formats.py; its augmentation: stage2/augment.py). Stage 1's
-triplets (decode cache, batch order) are stage1/triplets.py, read from NIGHTS by stage1/nights.py and from every other
-source by stage1/other_sources.py.
+  benchmark     the zero-shot tasks by name, where their folders sit, and the folders in
+                CLIP_benchmark's on-disk format (evaluation)
+Stage 2's streaming loader is stage2/shards.py (formats: stage2/formats.py; its augmentation:
+stage2/augment.py). Stage 1's triplets (decode cache, batch order) are stage1/triplets.py, read
+from NIGHTS by stage1/nights.py and from every other source by stage1/other_sources.py.
 
 model.py never imports this file and this file never imports model.py: the data side and the model
-side meet only in the three scripts.
+side meet only where a model runs on data (the trainers, evaluate.py, analysis/probes.py,
+world/pipeline.py).
 """
 import gzip
 import html
@@ -29,9 +30,9 @@ from torchvision import transforms as T
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Tokenizer (CLIP BPE)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 # CLIP's tokenizer: clean the text, split it into words with a regex, turn each word into UTF-8
 # bytes shown as printable characters, then merge adjacent symbols by the learned merge ranks
@@ -70,8 +71,9 @@ def fix_text(text):
     try:
         import ftfy
     except ImportError:
-        raise ImportError("CLIP's text cleaning needs ftfy (requirements.txt): `pip install ftfy==6.3.1`, or offline "
-                          "carry its wheel and wcwidth's as docs/gpu-session.md shows") from None
+        raise ImportError("CLIP's text cleaning needs ftfy (requirements.txt): "
+                          "`pip install ftfy==6.3.1`, or offline carry its wheel and wcwidth's as "
+                          "docs/gpu-session.md shows") from None
     return ftfy.fix_text(text)
 
 
@@ -171,9 +173,9 @@ def tokenize(texts, context_length=CONTEXT_LENGTH):
     return torch.tensor(rows, dtype=torch.long).view(len(rows), context_length)  # one copy, not N
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Image transforms
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 # CLIP's normalisation statistics (OpenAI CLIP: github openai/CLIP, clip/clip.py _transform).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -185,8 +187,8 @@ def _to_rgb(image):
 
 
 def _pil_gaussian_blur(image):
-    """MoCo v2's blur: PIL's Gaussian (a standard deviation in pixels) with sigma uniform in [0.1, 2.0],
-    drawn from torch's generator like torchvision's transforms."""
+    """MoCo v2's blur: PIL's Gaussian (a standard deviation in pixels) with sigma uniform in
+    [0.1, 2.0], drawn from torch's generator like torchvision's transforms."""
     sigma = 0.1 + 1.9 * torch.rand(()).item()
     return image.filter(ImageFilter.GaussianBlur(sigma))
 
@@ -197,8 +199,8 @@ def image_transform(image_size, kind="eval"):
     kind:
       "eval"    Resize shorter side (bicubic) + CenterCrop: CLIP / CLIP_benchmark evaluation.
       "train"   RandomResizedCrop(scale 0.9-1, bicubic): open_clip's training default.
-      "nights"  Resize to a square (bicubic), no crop, no augmentation: the PI fork's stage-1 recipe,
-                so that reference and distortions are seen whole and aligned.
+      "nights"  Resize to a square (bicubic), no crop, no augmentation: the PI fork's stage-1
+                recipe, so that reference and distortions are seen whole and aligned.
       "moco"    the PI fork's stage-2 augmentation (MoCo v2): RandomResizedCrop(scale 0.2-1),
                 ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2, blur p=0.5, flip.
     """
@@ -212,8 +214,9 @@ def image_transform(image_size, kind="eval"):
         steps = [T.Resize((image_size, image_size), interpolation=bicubic)]
     elif kind == "moco":
         # MoCo v2 blurs with PIL (moco/loader.py GaussianBlur: ImageFilter.GaussianBlur(sigma)), ~5x
-        # faster than torchvision's 23-px kernel. Stage 2 itself runs augment.TrainTransform, the
-        # same augmentation split between the loader's workers and the device.
+        # faster than torchvision's 23-px kernel. Stage 2 itself runs stage2/augment.py's
+        # TrainTransform, the same augmentation split between the loader's workers (host_half) and
+        # the device (device_half).
         steps = [
             T.RandomResizedCrop(image_size, scale=(0.2, 1.0), interpolation=bicubic),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
@@ -226,12 +229,13 @@ def image_transform(image_size, kind="eval"):
     return T.Compose([T.Lambda(_to_rgb), *steps, *normalize])
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLIP_benchmark task folders
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 # A task folder, as CLIP_benchmark publishes every task (github LAION-AI/CLIP_benchmark,
-# clip_benchmark/datasets/builder.py build_wds_dataset; its clip-benchmark/wds_* sets on the Hugging Face hub):
+# clip_benchmark/datasets/builder.py build_wds_dataset; its clip-benchmark/wds_* sets on the
+# Hugging Face hub):
 #   <root>/test/nshards.txt, <root>/test/0.tar ... (N-1).tar, classnames.txt,
 #   zeroshot_classification_templates.txt, dataset_type.txt (absent = classification).
 # Samples are grouped the way webdataset groups them: the key is a member's path up to the first dot
@@ -241,14 +245,15 @@ def image_transform(image_size, kind="eval"):
 # The reader indexes each shard's members once (name -> byte offset) and then reads samples by
 # index, so a DataLoader can spread one shard over many workers and the order stays the tar order.
 
-# The tasks by name: the PI paper's 31 (CLIP_benchmark's names), the groups evaluate.py's --suite takes,
-# and where each task's folder may sit under a data root (evaluate.py and analysis/probes.py both look them up).
+# The tasks by name: the PI paper's 31 (CLIP_benchmark's names), the groups evaluate.py's --suite
+# takes, and where each task's folder may sit under a data root (evaluate.py and analysis/probes.py
+# both look them up).
 CLASSIFICATION_TASKS = [
-    "imagenet1k", "imagenetv2", "imagenet_sketch", "imagenet-a", "imagenet-o", "imagenet-r", "objectnet",
-    "cifar10", "vtab/cifar100", "vtab/caltech101", "vtab/dtd", "vtab/eurosat", "vtab/flowers", "vtab/pets",
-    "vtab/pcam", "vtab/resisc45", "vtab/svhn", "vtab/clevr_count_all", "vtab/clevr_closest_object_distance",
-    "vtab/kitti_closest_vehicle_distance", "cars", "fgvc_aircraft", "food101", "country211", "gtsrb", "mnist",
-    "stl10", "renderedsst2", "voc2007",
+    "imagenet1k", "imagenetv2", "imagenet_sketch", "imagenet-a", "imagenet-o", "imagenet-r",
+    "objectnet", "cifar10", "vtab/cifar100", "vtab/caltech101", "vtab/dtd", "vtab/eurosat",
+    "vtab/flowers", "vtab/pets", "vtab/pcam", "vtab/resisc45", "vtab/svhn", "vtab/clevr_count_all",
+    "vtab/clevr_closest_object_distance", "vtab/kitti_closest_vehicle_distance", "cars",
+    "fgvc_aircraft", "food101", "country211", "gtsrb", "mnist", "stl10", "renderedsst2", "voc2007",
 ]
 RETRIEVAL_TASKS = ["flickr30k", "mscoco_captions"]
 GROUPS = {
@@ -261,7 +266,8 @@ GROUPS = {
 
 def task_dir_candidates(data_root, task):
     """The folders `task` may live in under data_root, in the order tried: CLIP_benchmark's hub name
-    wds_<task> ('/' -> '-'), DataComp's download name wds_<task>_test, and for ImageNet imagenet1k/val."""
+    wds_<task> ('/' -> '-'), DataComp's download name wds_<task>_test, and for ImageNet
+    imagenet1k/val."""
     name = "wds_" + task.replace("/", "-")
     candidates = [Path(data_root) / name, Path(data_root) / (name + "_test")]
     return candidates + ([Path(data_root) / "imagenet1k" / "val"] if task == "imagenet1k" else [])
@@ -277,8 +283,9 @@ def missing_task_message(data_root, task):
 
 
 def resolve_tasks(suite, data_root):
-    """A group name (all, imagenet, vtab, retrieval, demo) or comma-separated task names -> task list.
-    demo: the tasks listed in <data_root>/tasks.txt (one name a line), else every wds_* folder there."""
+    """A group name (all, imagenet, vtab, retrieval, demo) or comma-separated task names -> task
+    list. demo: the tasks listed in <data_root>/tasks.txt (one name a line), else every wds_* folder
+    there."""
     if suite in GROUPS:
         return list(GROUPS[suite])
     if suite == "demo":
@@ -336,8 +343,9 @@ class BenchmarkTask(torch.utils.data.Dataset):
 
     Attributes: root, task_type ("classification" | "retrieval" | "multilabel"), classnames,
     templates (lists of str; empty for retrieval). Items: (image, label) with label an int
-    (classification), a float tensor of 0/1 per class (multilabel) or a list of captions (retrieval).
-    `transform` maps the PIL image (None keeps it). Any file at fault is named in the error.
+    (classification), a float tensor of 0/1 per class (multilabel) or a list of captions
+    (retrieval). `transform` maps the PIL image (None keeps it). Any file at fault is named in the
+    error.
     """
 
     def __init__(self, root, transform=None, split="test"):
@@ -345,38 +353,47 @@ class BenchmarkTask(torch.utils.data.Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"benchmark task folder {self.root} does not exist")
         type_file = self.root / "dataset_type.txt"
-        self.task_type = type_file.read_text().strip().lower() if type_file.exists() else "classification"
+        self.task_type = (type_file.read_text().strip().lower() if type_file.exists()
+                          else "classification")
         if self.task_type not in BENCHMARK_TASK_TYPES:
-            raise ValueError(f"{type_file}: unknown dataset type {self.task_type!r}; expected one of {BENCHMARK_TASK_TYPES}")
+            raise ValueError(f"{type_file}: unknown dataset type {self.task_type!r}; "
+                             f"expected one of {BENCHMARK_TASK_TYPES}")
         self.classnames, self.templates = [], []
         if self.task_type != "retrieval":
-            for attr, name in (("classnames", "classnames.txt"), ("templates", "zeroshot_classification_templates.txt")):
+            for attr, name in (("classnames", "classnames.txt"),
+                               ("templates", "zeroshot_classification_templates.txt")):
                 if not (self.root / name).exists():
-                    raise FileNotFoundError(f"{self.root / name} is missing (needed for zero-shot classification)")
+                    raise FileNotFoundError(f"{self.root / name} is missing "
+                                            "(needed for zero-shot classification)")
                 setattr(self, attr, _read_lines(self.root / name))
                 if not getattr(self, attr):
                     raise ValueError(f"{self.root / name} is empty")
             bad = [t for t in self.templates if "{c}" not in t]
             if bad:
-                raise ValueError(f"{self.root / 'zeroshot_classification_templates.txt'}: template(s) without '{{c}}': {bad[:3]}")
+                raise ValueError(f"{self.root / 'zeroshot_classification_templates.txt'}: "
+                                 f"template(s) without '{{c}}': {bad[:3]}")
         nshards_file = self.root / split / "nshards.txt"
         try:
             nshards = int(nshards_file.read_text().strip())
         except FileNotFoundError:
-            raise FileNotFoundError(f"{nshards_file} is missing (it holds the number of tar shards)") from None
+            raise FileNotFoundError(f"{nshards_file} is missing "
+                                    "(it holds the number of tar shards)") from None
         except ValueError:
-            raise ValueError(f"{nshards_file}: expected one integer, got {nshards_file.read_text()[:40]!r}") from None
+            raise ValueError(f"{nshards_file}: expected one integer, "
+                             f"got {nshards_file.read_text()[:40]!r}") from None
         self.shards = [self.root / split / f"{i}.tar" for i in range(nshards)]
         self._items = []  # (shard index, key, image (offset, size), label (offset, size))
         label_ext = _LABEL_EXT[self.task_type]
         for shard_index, shard in enumerate(self.shards):
             if not shard.exists():
-                raise FileNotFoundError(f"{shard} is missing ({nshards_file} says {nshards} shards)")
+                raise FileNotFoundError(f"{shard} is missing "
+                                        f"({nshards_file} says {nshards} shards)")
             for key, parts in _index_tar(shard):
                 image_ext = next((e for e in BENCHMARK_IMAGE_EXTS if e in parts), None)
                 if image_ext is None or label_ext not in parts:
-                    raise ValueError(f"{shard}: sample {key!r} has {sorted(parts)}; a {self.task_type} sample needs "
-                                     f"an image ({'|'.join(BENCHMARK_IMAGE_EXTS)}) and a .{label_ext}")
+                    raise ValueError(f"{shard}: sample {key!r} has {sorted(parts)}; a "
+                                     f"{self.task_type} sample needs an image "
+                                     f"({'|'.join(BENCHMARK_IMAGE_EXTS)}) and a .{label_ext}")
                 self._items.append((shard_index, key, parts[image_ext], parts[label_ext]))
         if not self._items:
             raise ValueError(f"{self.root / split}: the shards hold no samples")
@@ -405,7 +422,8 @@ class BenchmarkTask(torch.utils.data.Dataset):
             else:
                 label = raw_label.decode("utf-8").splitlines()
         except Exception as e:
-            raise ValueError(f"{self.shards[shard_index]}: cannot decode sample {key!r}: {e}") from e
+            raise ValueError(f"{self.shards[shard_index]}: "
+                             f"cannot decode sample {key!r}: {e}") from e
         return (self.transform(image) if self.transform else image), label
 
     def __getstate__(self):  # open files do not travel to DataLoader workers
@@ -413,19 +431,21 @@ class BenchmarkTask(torch.utils.data.Dataset):
 
 
 class ImageFolderTask(BenchmarkTask):
-    """ImageNet's validation set in ImageFolder layout (root/<class folder>/*.JPEG) as a classification
-    task. Class folders are sorted (numerically when every name is a number) to give labels 0..C-1,
-    which is ImageNet's label order for WordNet-id folder names."""
+    """ImageNet's validation set in ImageFolder layout (root/<class folder>/*.JPEG) as a
+    classification task. Class folders are sorted (numerically when every name is a number) to give
+    labels 0..C-1, which is ImageNet's label order for WordNet-id folder names."""
 
     def __init__(self, root, classnames, templates, transform=None):
         self.root, self.transform = Path(root), transform
-        self.task_type, self.classnames, self.templates = "classification", list(classnames), list(templates)
+        self.task_type, self.classnames, self.templates = (
+            "classification", list(classnames), list(templates))
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
         folders = [d.name for d in self.root.iterdir() if d.is_dir()]
         folders.sort(key=(lambda n: int(n)) if all(n.isdigit() for n in folders) else None)
         if len(folders) != len(self.classnames):
-            raise ValueError(f"{self.root}: {len(folders)} class folders, but {len(self.classnames)} class names")
+            raise ValueError(f"{self.root}: {len(folders)} class folders, "
+                             f"but {len(self.classnames)} class names")
         exts = (".jpeg", ".jpg", ".png", ".webp")
         self._paths = [(str(p), label) for label, name in enumerate(folders)
                        for p in sorted((self.root / name).iterdir()) if p.suffix.lower() in exts]
@@ -446,5 +466,7 @@ class ImageFolderTask(BenchmarkTask):
 
 
 def imagenet_classnames_and_templates():
-    """OpenAI's 1000 ImageNet class names and 80 templates (shipped in assets/, from CLIP_benchmark)."""
-    return _read_lines(ASSETS / "imagenet1k_classnames.txt"), _read_lines(ASSETS / "imagenet1k_templates.txt")
+    """OpenAI's 1000 ImageNet class names and 80 templates (shipped in assets/, from
+    CLIP_benchmark)."""
+    return (_read_lines(ASSETS / "imagenet1k_classnames.txt"),
+            _read_lines(ASSETS / "imagenet1k_templates.txt"))

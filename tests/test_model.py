@@ -1,14 +1,16 @@
-"""model.py is OpenAI CLIP / open_clip's CLIP, written from scratch, and checkpoints.py reads the files users hold.
+"""model.py is OpenAI CLIP / open_clip's CLIP, written from scratch, and checkpoints.py reads the
+files users hold.
 
 Proved against open_clip (test-only reference): with the same state dict, encode_image and
-encode_text agree to 1e-5 in fp32 for ViT-B-32, ViT-B-32-quickgelu, ViT-B-16 and a small custom size;
-parameter counts agree (ViT-B-32: 151,277,313); state dicts move both ways with no conversion.
+encode_text agree to 1e-5 in fp32 for ViT-B-32, ViT-B-32-quickgelu, ViT-B-16 and a small custom
+size; parameter counts agree (ViT-B-32: 151,277,313, as open_clip's docs/model_profile.csv lists
+it: 151.28 M); state dicts move both ways with no conversion.
 Also: gradient checkpointing gives the same gradients, checkpoints round-trip in every accepted
 shape, and each bad checkpoint gets an error that says what is wrong. The files users hold load
 with equal outputs, each made by its own producer: open_clip's hub files (open_clip's save_for_hf
 writes the .safetensors, the .bin and open_clip_config.json), a safetensors file written by the
-safetensors library, and a TorchScript archive traced from open_clip's model (OpenAI's key names and
-QuickGELU modules, fp16, with OpenAI's scalar entries), read without torch.jit.load.
+safetensors library, and a TorchScript archive traced from open_clip's model (OpenAI's key names
+and QuickGELU modules, fp16, with OpenAI's scalar entries), read without torch.jit.load.
 """
 import math
 
@@ -30,8 +32,10 @@ def reference_tokens(context_length=77):
 def open_clip_tiny(quick_gelu=False):
     """open_clip's CLIP class built with the same numbers as the kit's `tiny` preset."""
     c = M.model_config("tiny")
-    vision = dict(image_size=c.image_size, patch_size=c.patch_size, width=c.vision_width, layers=c.vision_layers, head_width=64)
-    text = dict(context_length=c.context_length, vocab_size=c.vocab_size, width=c.text_width, heads=c.text_heads, layers=c.text_layers)
+    vision = dict(image_size=c.image_size, patch_size=c.patch_size, width=c.vision_width,
+                  layers=c.vision_layers, head_width=64)
+    text = dict(context_length=c.context_length, vocab_size=c.vocab_size, width=c.text_width,
+                heads=c.text_heads, layers=c.text_layers)
     return open_clip.model.CLIP(c.embed_dim, vision, text, quick_gelu=quick_gelu)
 
 
@@ -40,8 +44,12 @@ def assert_same_features(ours, reference, image_size):
     images = torch.randn(2, 3, image_size, image_size)
     tokens = reference_tokens()
     with torch.no_grad():
-        torch.testing.assert_close(ours.encode_image(images), reference.encode_image(images, normalize=True), atol=1e-5, rtol=0)
-        torch.testing.assert_close(ours.encode_text(tokens), reference.encode_text(tokens, normalize=True), atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.encode_image(images),
+                                   reference.encode_image(images, normalize=True),
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.encode_text(tokens),
+                                   reference.encode_text(tokens, normalize=True),
+                                   atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-32-quickgelu", "ViT-B-16"])
@@ -50,7 +58,7 @@ def test_equals_open_clip_presets(name):
     ours = M.create_model(name).eval()
     assert ours.num_params() == sum(p.numel() for p in reference.parameters())
     if name.startswith("ViT-B-32"):
-        assert ours.num_params() == 151_277_313  # open_clip's docs/model_profile.csv: ViT-B-32, 151.28 M
+        assert ours.num_params() == 151_277_313  # open_clip's count (see the module docstring)
     # open_clip -> kit: identical keys and shapes, strict load.
     ours.load_state_dict(reference.state_dict(), strict=True)
     assert_same_features(ours, reference, 224)
@@ -71,13 +79,15 @@ def test_state_dict_moves_both_ways_small_custom_size():
 
 
 def test_wrong_activation_is_visible():
-    """GELU vs QuickGELU is a real difference: loading QuickGELU weights into GELU changes outputs."""
+    """GELU vs QuickGELU is a real difference: loading QuickGELU weights into GELU changes
+    outputs."""
     reference = open_clip_tiny(quick_gelu=True).eval()
     ours = M.create_model("tiny", quickgelu=False).eval()
     ours.load_state_dict(reference.state_dict())
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert (ours.encode_image(images) - reference.encode_image(images, normalize=True)).abs().max() > 1e-4
+        assert (ours.encode_image(images)
+                - reference.encode_image(images, normalize=True)).abs().max() > 1e-4
 
 
 def test_initialisation():
@@ -117,9 +127,9 @@ def test_grad_checkpointing_gives_same_gradients():
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checkpoints
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -146,17 +156,21 @@ def test_kit_checkpoint_round_trip(tiny, tmp_path):
     from dataclasses import asdict
 
     path = tmp_path / "ckpt.pt"
-    torch.save({"state_dict": tiny.state_dict(), "model_config": asdict(tiny.config), "step": 3}, path)
+    torch.save({"state_dict": tiny.state_dict(), "model_config": asdict(tiny.config), "step": 3},
+               path)
     assert_loads_same(path, tiny)  # the stored config keeps quickgelu=True
 
 
 def test_raw_and_prefixed_state_dicts(tiny, tmp_path):
     raw = tmp_path / "raw.pt"
-    sd = dict(tiny.state_dict(), input_resolution=torch.tensor(32), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    sd = dict(tiny.state_dict(), input_resolution=torch.tensor(32),
+              context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
     torch.save(sd, raw)  # an OpenAI-style archive with its scalar keys
     assert_loads_same(raw, tiny, quickgelu=True)  # architecture inferred from shapes
     wrapped = tmp_path / "open_clip_train.pt"
-    torch.save({"epoch": 1, "name": "run", "state_dict": {"module._orig_mod." + k: v for k, v in tiny.state_dict().items()}}, wrapped)
+    torch.save({"epoch": 1, "name": "run",
+                "state_dict": {"module._orig_mod." + k: v for k, v in tiny.state_dict().items()}},
+               wrapped)
     assert_loads_same(wrapped, tiny, quickgelu=True)
     # without quickgelu=True, a file that records no activation loads as GELU
     assert C.load_checkpoint(raw).config.quickgelu is False
@@ -223,13 +237,15 @@ def test_missing_file_and_unknown_preset(tmp_path):
 def open_clip_tiny_config(quick_gelu):
     c = M.model_config("tiny")
     return {"embed_dim": c.embed_dim, "quick_gelu": quick_gelu,
-            "vision_cfg": {"image_size": c.image_size, "layers": c.vision_layers, "width": c.vision_width,
-                           "patch_size": c.patch_size, "head_width": 64},
-            "text_cfg": {"context_length": c.context_length, "vocab_size": c.vocab_size, "width": c.text_width,
-                         "heads": c.text_heads, "layers": c.text_layers}}
+            "vision_cfg": {"image_size": c.image_size, "layers": c.vision_layers,
+                           "width": c.vision_width, "patch_size": c.patch_size, "head_width": 64},
+            "text_cfg": {"context_length": c.context_length, "vocab_size": c.vocab_size,
+                         "width": c.text_width, "heads": c.text_heads, "layers": c.text_layers}}
 
 
-class _NoTokenizerFiles:  # save_for_hf also writes the tokenizer's files; the kit reads none of them
+class _NoTokenizerFiles:
+    """save_for_hf also writes the tokenizer's files; the kit reads none of them."""
+
     def save_pretrained(self, folder):
         pass
 
@@ -242,13 +258,15 @@ def test_open_clip_hub_files_load(tmp_path):
     (tmp_path / "pi-tiny-quickgelu.json").write_text(json.dumps(open_clip_tiny_config(True)))
     open_clip.add_model_config(tmp_path / "pi-tiny-quickgelu.json")
     torch.manual_seed(3)
-    reference = open_clip.create_model("pi-tiny-quickgelu").eval()  # what open_clip's hub export expects
+    # What open_clip's hub export expects: a model it created.
+    reference = open_clip.create_model("pi-tiny-quickgelu").eval()
     save_for_hf(reference, _NoTokenizerFiles(), open_clip_tiny_config(True), tmp_path / "hub")
     for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
         ours = C.load_checkpoint(tmp_path / "hub" / name)
         assert ours.config.quickgelu is True  # recorded in the open_clip_config.json beside it
         assert_same_features(ours, reference, 32)
-        with pytest.raises(ValueError, match=f"{name} records the QuickGELU activation .* but GELU was asked for"):
+        with pytest.raises(ValueError, match=f"{name} records the QuickGELU activation .* "
+                                             "but GELU was asked for"):
             C.load_checkpoint(tmp_path / "hub" / name, quickgelu=False)
 
 
@@ -257,7 +275,8 @@ def test_safetensors_file_with_openai_keys(tiny, tmp_path):
 
     path = tmp_path / "weights.safetensors"
     save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, path)
-    assert_loads_same(path, tiny, quickgelu=True)  # a bare file records no activation: it is asked for
+    # A bare file records no activation: it is asked for.
+    assert_loads_same(path, tiny, quickgelu=True)
     assert C.load_checkpoint(path).config.quickgelu is False
     save_file({"weight": torch.zeros(3)}, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="other.safetensors: not a CLIP ViT or ResNet state dict"):
@@ -265,14 +284,16 @@ def test_safetensors_file_with_openai_keys(tiny, tmp_path):
 
 
 def _openai_style_archive(path, quick_gelu):
-    """A TorchScript archive as OpenAI ships: a traced CLIP with OpenAI's key names (open_clip's CLIP
-    has them), fp16 weights, and the scalar entries OpenAI's archives carry. -> the fp32 reference."""
+    """A TorchScript archive as OpenAI ships: a traced CLIP with OpenAI's key names (open_clip's
+    CLIP has them), fp16 weights, and the scalar entries OpenAI's archives carry. -> the fp32
+    reference."""
     torch.manual_seed(4)
     reference = open_clip_tiny(quick_gelu=quick_gelu).eval()
     for name, value in (("input_resolution", 32), ("context_length", 77), ("vocab_size", 49408)):
         reference.__dict__.pop(name, None)  # open_clip keeps two of them as plain ints
         reference.register_buffer(name, torch.tensor(value))
-    traced = torch.jit.trace(reference, (torch.randn(1, 3, 32, 32), reference_tokens()[:1]), check_trace=False)
+    traced = torch.jit.trace(reference, (torch.randn(1, 3, 32, 32), reference_tokens()[:1]),
+                             check_trace=False)
     traced.half().save(str(path))
     return reference.half().float()  # the same rounded weights
 
@@ -297,7 +318,9 @@ def test_torchscript_archive_with_other_objects_is_refused(tmp_path):
 
     path = tmp_path / "evil.pt"
     with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("evil/data.pkl", pickle.dumps(os.system, protocol=2))  # a global that would run code
+        # A global that would run code.
+        archive.writestr("evil/data.pkl", pickle.dumps(os.system, protocol=2))
         archive.writestr("evil/constants.pkl", pickle.dumps((), protocol=2))
-    with pytest.raises(ValueError, match=r"evil.pt is a TorchScript archive .*(posix|os)\.system.*torch.jit.load runs the archive"):
+    with pytest.raises(ValueError, match=r"evil.pt is a TorchScript archive "
+                                         r".*(posix|os)\.system.*torch.jit.load runs the archive"):
         C.load_checkpoint(path)

@@ -5,8 +5,9 @@ What this proves:
     tower pools at argmax of the ids);
   - ids equal open_clip's, row for row, on tens of thousands of real strings (multilingual class
     names, prompt templates, CuPL and NLLB prompts from clip_benchmark, ImageNet class names and
-    templates from open_clip) and on hand-picked edge cases (empty, whitespace, HTML entities, emoji,
-    CJK, Arabic, digits, contractions, text longer than 77 tokens, mojibake, literal special tokens);
+    templates from open_clip) and on hand-picked edge cases (empty, whitespace, HTML entities,
+    emoji, CJK, Arabic, digits, contractions, text longer than 77 tokens, mojibake, literal special
+    tokens);
   - decode inverts encode on plain lowercase text, and the bounded word cache changes no ids.
 open_clip and clip_benchmark are test-only references: tests that need them skip without them.
 """
@@ -19,7 +20,8 @@ import torch
 
 import data
 
-CUPL_STRIDE = 4  # CuPL alone has 146k prompts: every 4th keeps the whole file under ~15 s on 2 cores
+# CuPL alone has 146k prompts: every 4th keeps the whole file under ~15 s on 2 cores.
+CUPL_STRIDE = 4
 
 
 def strings_in(value):
@@ -139,11 +141,13 @@ def test_tokenize_takes_a_string_or_a_list():
 
 @pytest.mark.parametrize(
     "text",
-    ["a photo of a cat", "the quick brown fox jumps over the lazy dog", "über café naïve", "猫の写真"],
+    ["a photo of a cat", "the quick brown fox jumps over the lazy dog", "über café naïve",
+     "猫の写真"],
 )
 def test_decode_inverts_encode_on_plain_text(text):
     tokenizer = data.Tokenizer()
-    assert tokenizer.decode(tokenizer.encode(text)) == text + " "  # every word ends in '</w>' -> ' '
+    # Every word ends in '</w>', decoded as ' '.
+    assert tokenizer.decode(tokenizer.encode(text)) == text + " "
 
 
 def test_bounded_word_cache_changes_no_ids():
