@@ -107,6 +107,14 @@ def _read_torchscript(archive, prefix, path):
                                  else False if "GELU" in names else None)
 
 
+def _is_torchscript(path):
+    """A TorchScript archive (OpenAI's ViT-B-32.pt): a zip holding <name>/constants.pkl."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
 def _is_safetensors(path):  # 8-byte little-endian header length, then the JSON header
     with open(path, "rb") as f:
         head = f.read(9)
@@ -140,8 +148,7 @@ def read_checkpoint(path):
             from safetensors.torch import load_file
 
             obj = load_file(path)
-        elif zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl")
-                                              for n in zipfile.ZipFile(path).namelist()):
+        elif _is_torchscript(path):
             with zipfile.ZipFile(path) as archive:
                 prefix = next(n for n in archive.namelist()
                               if n.endswith("/data.pkl")).rsplit("/", 1)[0]

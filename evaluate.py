@@ -33,14 +33,15 @@ DEFAULT_DATA_ROOT = os.environ.get("PI_BENCHMARK_ROOT", "data/clip_benchmark")
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     # --probe, --curves and --alignment hand over to their own commands: analysis/probes.py,
     # analysis/curves.py (training curves of runs) and analysis/alignment.py (alignment scores).
-    if "--probe" in (sys.argv[1:] if argv is None else argv):
+    if "--probe" in argv:
         return probes.main(argv)
-    if "--curves" in (sys.argv[1:] if argv is None else argv):
+    if "--curves" in argv:
         return curves.main(argv)
-    if "--alignment" in (sys.argv[1:] if argv is None else argv):
-        return alignment_main(sys.argv[1:] if argv is None else argv)
+    if "--alignment" in argv:
+        return alignment_main(argv)
     parser = argparse.ArgumentParser(
         description="Zero-shot evaluation on CLIP_benchmark task folders, "
                     "with a comparison table of the runs.")
@@ -104,8 +105,8 @@ def main(argv=None):
     labels = run_labels(checkpoints)
     models = []
     for label, path in zip(labels, checkpoints):
-        quickgelu = (True if args.quickgelu is not None
-                     and (not args.quickgelu or path in args.quickgelu) else None)
+        named = args.quickgelu is not None and (not args.quickgelu or path in args.quickgelu)
+        quickgelu = True if named else None  # None: what the file records
         # A missing or foreign file, a contradicted activation: the user's to fix.
         with user_input():
             models.append(load_checkpoint(path, quickgelu=quickgelu).to(args.device))

@@ -452,18 +452,6 @@ class CLIP(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def nights_distances(visual, ref, left, right):
-    """Perceptual distances d = 1 - cos of the projected image embeddings (PI fork, DreamSim):
-    (d(ref, left), d(ref, right)), each (B,). One forward over the 3B images, so that under DDP
-    each step is one forward and one backward; `visual` maps (B, 3, S, S) -> (B, E). The same
-    computation as stage1/objective.py's triplet_distances, which stage 1's forward
-    (train_triplet.py) and the 2AFC score (objective.two_afc) call; no code of the kit calls this
-    copy."""
-    features = F.normalize(visual(torch.cat([ref, left, right])).float(), dim=-1)  # (3B, E)
-    f_ref, f_left, f_right = features.chunk(3)  # 3 x (B, E)
-    return 1 - (f_ref * f_left).sum(-1), 1 - (f_ref * f_right).sum(-1)
-
-
 # --------------------------------------------------------------------------------------------------
 # Presets (numbers from open_clip's model_configs/*.json; heads = width / head width, 64 unless
 # noted)

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data import BenchmarkTask, image_transform, resolve_tasks, task_dir
-from cli import user_input
 from checkpoints import load_checkpoint
 from cli import progress as progress_bar
+from cli import user_input
+from data import BenchmarkTask, image_transform, resolve_tasks, task_dir
 
 # Letters: N images, D features (block width or embedding size), K classes.
 
