@@ -3,18 +3,20 @@ vision tower.
 
   python train_clip.py configs/clip_tiny.yaml                            # CPU, a minute
   torchrun --nproc_per_node=8 train_clip.py configs/yfcc15m.yaml --init stage1/ckpt.pt
-  python train_clip.py configs/yfcc15m.yaml --train_data='/data/{00000..00099}.tar' --batch_size=1024
+  python train_clip.py configs/yfcc15m.yaml --train_data='/data/{00000..00099}.tar' \
+      --batch_size=1024
 
-Without CONFIG, the Config defaults below (the paper's model, data and schedule with the kit's exact
-large-batch objective; configs/yfcc15m.yaml is the authors' recipe, every value with its source;
-docs/stage2-recipes.md compares them). Without --init: the random-initialisation baseline, with the
-same seed, text tower and data order as the PI run, so the two differ only in the vision tower's start.
-Starting the same command again on the same out_dir resumes exactly where it stopped, mid-epoch; with a
-setting that changes the run (TRAJECTORY_KEYS) it refuses and names it; on a finished run it does
-nothing. SIGTERM / SIGINT stop it at the next step boundary with a checkpoint (exit 0).
+Without CONFIG, the Config defaults below (the paper's model, data and schedule with the kit's
+exact large-batch objective; configs/yfcc15m.yaml is the authors' recipe, every value with its
+source; docs/stage2-recipes.md compares them). Without --init: the random-initialisation baseline,
+with the same seed, text tower and data order as the PI run, so the two differ only in the vision
+tower's start. Starting the same command again on the same out_dir resumes exactly where it
+stopped, mid-epoch; with a setting that changes the run (TRAJECTORY_KEYS) it refuses and names it;
+on a finished run it does nothing. SIGTERM / SIGINT stop it at the next step boundary with a
+checkpoint (exit 0).
 
-The story, as train() reads: config -> resume check -> data (stage2/shards.py) -> model (resume, else
---init, else random) -> optimiser -> loop (train_step, log, evaluate, save, stop) -> summary.
+The story, as train() reads: config -> resume check -> data (stage2/shards.py) -> model (resume,
+else --init, else random) -> optimiser -> loop (train_step, log, evaluate, save, stop) -> summary.
 """
 import dataclasses
 import json
@@ -40,7 +42,8 @@ from stage2.contrastive import accumulate_gradients
 @dataclass
 class Config:
     # --- data ---
-    train_data: str = "/data/yfcc15m/{00000..01499}.tar"  # tar or parquet files: braces; several: '::'
+    # tar or parquet files: braces for ranges; several specs joined by '::'
+    train_data: str = "/data/yfcc15m/{00000..01499}.tar"
     image_column: str = "images"  # parquet: the image column (binary, or a struct with `bytes`)
     text_column: str = "texts"  # parquet: captions (strings) or CLIP token ids (the first 77 used)
     data_fraction: float = 1.0  # train on this share of the units (the same subset for any ranks)
@@ -48,13 +51,14 @@ class Config:
     val_samples: int = 0  # pairs held out of training (whole units), scored at each evaluation
     augment: str = "moco"  # moco (MoCo v2, the PI authors'), train (open_clip's) or eval (none)
     streams: int = 0  # canonical data streams (0: gcd(64, batch_size)); they fix the sample order
-    shuffle_buffer: int = 1000  # each stream permutes its samples in windows of this many
+    shuffle_buffer: int = 1000  # each stream permutes its samples in buffers of this many
     decode_on_device: bool = False  # cuda: JPEGs decoded by nvjpeg, not in the loader's workers
     workers: int = 8  # DataLoader worker processes per rank
     # --- model ---
     model: str = "ViT-B-32"  # a preset of model.py
     model_settings: str = ""  # CLIPConfig fields over the preset, e.g. "context_length=16"
-    init: str = ""  # checkpoint whose vision tower starts the run (stage 1's ckpt.pt, open_clip, OpenAI)
+    # checkpoint whose vision tower starts the run (stage 1's ckpt.pt, open_clip, OpenAI)
+    init: str = ""
     init_text: bool = False  # also take the text tower (and logit scale) from `init`
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
     sync_batchnorm: bool = False  # DDP with a ResNet: BatchNorm statistics over the global batch
@@ -65,7 +69,8 @@ class Config:
     max_steps: int = 0  # stop after this many optimiser steps (0: epochs decide)
     batch_size: int = 6144  # GLOBAL batch: the same whatever the number of ranks
     accum_steps: int = 6  # micro-batches per rank and step (the same result, less memory)
-    contrastive_batch: int = 0  # pairs each loss contrasts: groups of the global batch (0: all of it)
+    # pairs each loss contrasts: groups of the global batch (0: all of it)
+    contrastive_batch: int = 0
     lr: float = 5e-4
     lr_schedule: str = "cosine"  # cosine (warmup, then to 0 at the end) or authors (their code's)
     warmup_steps: int = 2500
@@ -93,15 +98,16 @@ class Config:
 
 
 # Settings that change what a run computes: resuming with another value would splice two runs, so
-# training.check_resume refuses it. The rest (logging, saving, evaluation, workers, device, the number
-# of ranks, ...) may change between a run's starts: the sample order depends on (seed, epoch, streams,
-# shuffle_buffer, batch_size) and the units' counts only (stage2/shards.py). train_data may move, not
-# change: DATA_FACTS (the units and samples found) are compared instead of its path.
+# training.check_resume refuses it. The rest (logging, saving, evaluation, workers, device, the
+# number of ranks, ...) may change between a run's starts: the sample order depends on (seed, epoch,
+# streams, shuffle_buffer, batch_size) and the units' counts only (stage2/shards.py). train_data may
+# move, not change: DATA_FACTS (the units and samples found) are compared instead of its path.
 TRAJECTORY_KEYS = (
-    "model", "model_settings", "epochs", "max_steps", "batch_size", "accum_steps", "contrastive_batch",
-    "lr", "lr_schedule", "warmup_steps", "weight_decay", "beta1", "beta2", "eps", "data_fraction",
-    "max_samples", "val_samples", "grad_clip", "seed", "init", "init_text", "augment", "streams",
-    "shuffle_buffer", "decode_on_device", "image_column", "text_column", "precision")
+    "model", "model_settings", "epochs", "max_steps", "batch_size", "accum_steps",
+    "contrastive_batch", "lr", "lr_schedule", "warmup_steps", "weight_decay", "beta1", "beta2",
+    "eps", "data_fraction", "max_samples", "val_samples", "grad_clip", "seed", "init", "init_text",
+    "augment", "streams", "shuffle_buffer", "decode_on_device", "image_column", "text_column",
+    "precision")
 DATA_FACTS = ("data_units", "data_samples")  # found in train_data at start-up
 
 
@@ -118,7 +124,8 @@ def train(argv, stop):
     if training.is_finished(state):
         return finish(out_dir, ckpt_path, state["step"], state["metrics"], state["samples_skipped"],
                       cfg, ranks, already=True)
-    loader, held_out_pairs, facts, schedule = make_data(cfg, argv, ranks, precision, state, ckpt_path)
+    loader, held_out_pairs, facts, schedule = make_data(cfg, argv, ranks, precision, state,
+                                                        ckpt_path)
     lr_at = training.lr_function(schedule)  # the lr of optimiser step `step` (counting from 1)
     model = make_model(cfg, ranks, state)
     forward, ddp = training.wrap_model(model, ranks, cfg.compile, cfg.compile_backend,
@@ -167,7 +174,8 @@ def train(argv, stop):
                 saved_step = step
             if due.keep:  # the whole state, so a run can branch (or be scored) from any epoch
                 training.save_checkpoint(out_dir / f"ckpt_epoch{epochs_done:03d}.pt", **save,
-                                         step=step, metrics=metrics, samples_skipped=skipped_by_reason)
+                                         step=step, metrics=metrics,
+                                         samples_skipped=skipped_by_reason)
         if due.stop:
             return stopped(stop, ranks, step, total_steps, ckpt_path, bar, log)
         if step == total_steps:
@@ -177,9 +185,9 @@ def train(argv, stop):
     finish(out_dir, ckpt_path, step, metrics, skipped_by_reason, cfg, ranks, already=False)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # One optimiser step (the loss and its accumulation live in stage2/contrastive.py)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def train_step(model, forward, ddp, optimizer, scaler, amp, images, tokens, lr, cfg, valid=None,
@@ -189,8 +197,8 @@ def train_step(model, forward, ddp, optimizer, scaler, amp, images, tokens, lr, 
     (through the fp16 scaler, a no-op otherwise), clamp the temperature. `model` is the plain CLIP
     (parameters, logit scale), `forward` what runs it (DDP and / or compiled), `ddp` the DDP handle.
     `valid`: the rows that hold a sample (None: all); `slots`: the rows' positions in the global
-    batch, which name their groups when cfg.contrastive_batch is below the batch. Returns the loss as
-    a tensor on the device: reading it is the caller's choice (a host sync)."""
+    batch, which name their groups when cfg.contrastive_batch is below the batch. Returns the loss
+    as a tensor on the device: reading it is the caller's choice (a host sync)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
@@ -207,9 +215,9 @@ def train_step(model, forward, ddp, optimizer, scaler, amp, images, tokens, lr, 
     return loss
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Setup: the config, the data, the model
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def resolve_config(cfg, world):
@@ -235,13 +243,14 @@ def make_data(cfg, argv, ranks, precision, state, ckpt_path):
     (stage2/shards.py), so the data position is two integers. A resumed run's data must be the same:
     its units and samples (it may have moved to another path)."""
     with user_input():  # data_fraction, max_samples, val_samples that the data cannot meet
-        units, held_out_units = held_out.split_units(list_units(cfg, argv, ranks), cfg.data_fraction,
-                                                     cfg.max_samples, cfg.val_samples)
+        units, held_out_units = held_out.split_units(list_units(cfg, argv, ranks),
+                                                     cfg.data_fraction, cfg.max_samples,
+                                                     cfg.val_samples)
     architecture = model_architecture(cfg)
     with user_input():  # streams that do not fit the batch or the ranks
         loader = shards.Loader(
-            units, TrainTransform(architecture.image_size, cfg.augment), cfg.batch_size, cfg.streams,
-            ranks.rank, ranks.world_size, cfg.workers, cfg.accum_steps, cfg.seed,
+            units, TrainTransform(architecture.image_size, cfg.augment), cfg.batch_size,
+            cfg.streams, ranks.rank, ranks.world_size, cfg.workers, cfg.accum_steps, cfg.seed,
             cfg.shuffle_buffer, architecture.context_length, ranks.device, cfg.image_column,
             cfg.text_column, decode_on_device=cfg.decode_on_device,
             worker_init_fn=training.ignore_stop_signals)  # workers leave SIGTERM to the loop
@@ -260,16 +269,20 @@ def make_data(cfg, argv, ranks, precision, state, ckpt_path):
                 held_out_units, cfg.val_samples, architecture.image_size,
                 architecture.context_length, cfg.image_column, cfg.text_column)
     if ranks.is_main:
-        tqdm.write(f"data: {len(units)} units, {plan.total} samples; an epoch is {plan.steps} steps "
-                   f"of {cfg.batch_size} over {cfg.streams} streams ({plan.dropped} samples left "
-                   "over each epoch)" + (f"; {len(held_out_pairs)} pairs of {len(held_out_units)} "
-                                         "units held out" if held_out_pairs else ""))
-    groups = cfg.batch_size // cfg.contrastive_batch if 0 < cfg.contrastive_batch < cfg.batch_size else 1
+        tqdm.write(f"data: {len(units)} units, {plan.total} samples; an epoch is {plan.steps} "
+                   f"steps of {cfg.batch_size} over {cfg.streams} streams ({plan.dropped} samples "
+                   "left over each epoch)"
+                   + (f"; {len(held_out_pairs)} pairs of {len(held_out_units)} units held out"
+                      if held_out_pairs else ""))
+    groups = (cfg.batch_size // cfg.contrastive_batch
+              if 0 < cfg.contrastive_batch < cfg.batch_size else 1)
     schedule = {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
-                "total_steps": cfg.max_steps or cfg.epochs * plan.steps, "steps_per_epoch": plan.steps,
-                "lr_schedule": cfg.lr_schedule, "groups_per_step": groups}
+                "total_steps": cfg.max_steps or cfg.epochs * plan.steps,
+                "steps_per_epoch": plan.steps, "lr_schedule": cfg.lr_schedule,
+                "groups_per_step": groups}
     if state is not None:
-        schedule.update(state.get("schedule", {}))  # equal by the resume check; the checkpoint's is the truth
+        # equal by the resume check; the checkpoint's is the truth
+        schedule.update(state.get("schedule", {}))
     return loader, held_out_pairs, facts, schedule
 
 
@@ -341,9 +354,9 @@ def load_init(model, path, include_text):
     return len(taken)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Evaluation, checkpoints and the end of a run
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def evaluate_now(model, cfg, ranks, precision, held_out_pairs=None):
@@ -374,11 +387,11 @@ def evaluate_now(model, cfg, ranks, precision, held_out_pairs=None):
 
 
 def log_evaluation(log, step, steps_per_epoch, batch_size, metrics):
-    """The evaluation's metrics against samples seen and epochs (the x axes of evaluate.py
-    --curves)."""
+    """The evaluation's metrics against samples seen and epochs (the x axes of
+    `evaluate.py --curves`)."""
     if metrics:
-        log.write({"step": step, "samples_seen": step * batch_size, "epochs": step / steps_per_epoch,
-                   **metrics},
+        log.write({"step": step, "samples_seen": step * batch_size,
+                   "epochs": step / steps_per_epoch, **metrics},
                   f"eval at step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 

@@ -4,8 +4,11 @@
   precision     one autocast path (bf16 / fp16 / fp32) and the GradScaler that fp16 alone needs
   optimiser     AdamW parameter groups with CLIP's weight-decay exclusions, the lr schedules
   checkpoints   atomic saves, RNG state capture, the resume check both trainers apply
-  faults        SIGTERM / SIGINT stop at a step boundary agreed by all ranks; non-finite losses caught
-                without a host sync per step; the next batch copied to the GPU while the step runs
+  faults        SIGTERM / SIGINT stop at a step boundary agreed by all ranks; non-finite losses
+                caught without a host sync per step; the next batch copied to the GPU while the
+                step runs
+  a run         start, resume, checkpoint save, what is due after a step, the log interval: the
+                pieces both trainers' loops are made of
 """
 import contextlib
 import dataclasses
@@ -25,27 +28,28 @@ from tqdm import tqdm
 
 from cli import UserError, load_config
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Distributed
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 # Ranks wait for each other on a CPU (gloo) group with this timeout where one rank works alone: the
-# main rank's evaluation (an ImageNet-sized task can outlast NCCL's default 10 minutes), its checkpoint
-# save. No NCCL operation is pending meanwhile, so NCCL's watchdog does not fire; a rank that dies is
-# noticed by torchrun, which stops the others.
+# main rank's evaluation (an ImageNet-sized task can outlast NCCL's default 10 minutes), its
+# checkpoint save. No NCCL operation is pending meanwhile, so NCCL's watchdog does not fire; a rank
+# that dies is noticed by torchrun, which stops the others.
 WAIT_TIMEOUT = datetime.timedelta(hours=4)
 
 
 @dataclasses.dataclass
 class Ranks:
-    """Where this process stands among the ranks of a run (one rank without torchrun), and where it
+    """Where this process stands among a run's ranks (one rank without torchrun), and where it
     computes."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    control: object = None  # a gloo group for CPU-side agreement (stop flags, waiting for the main rank)
+    # a gloo group for CPU-side agreement (stop flags, waiting for the main rank)
+    control: object = None
 
     @property
     def is_main(self):
@@ -57,8 +61,8 @@ class Ranks:
 
 
 def enable_tf32():
-    """fp32 matmuls and convolutions in TF32, through the calls every torch from 2.9 on reads both ways:
-    set_float32_matmul_precision("high") and cudnn.allow_tf32. Setting the newer per-backend
+    """fp32 matmuls and convolutions in TF32, through the calls every torch from 2.9 on reads both
+    ways: set_float32_matmul_precision("high") and cudnn.allow_tf32. Setting the newer per-backend
     `fp32_precision` instead makes torch 2.11 .. 2.14 raise when anything reads the older getters
     (`torch.backends.cuda.matmul.allow_tf32`, `get_float32_matmul_precision`), as inductor's
     max-autotune does ("mix of the legacy and new APIs"); set this way, both kinds of getter answer
@@ -88,7 +92,8 @@ def setup_distributed(device=""):
     else:
         dist.init_process_group("gloo")
         device = torch.device("cpu")
-    return Ranks(rank, world_size, local_rank, device, dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT))
+    return Ranks(rank, world_size, local_rank, device,
+                 dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT))
 
 
 def cleanup_distributed():
@@ -106,8 +111,8 @@ def all_reduce_sum(values, device, dtype=torch.float64):
 
 
 def any_rank(flag, ranks):
-    """True on every rank when `flag` is true on any: one tiny all-reduce on the CPU group, so asking
-    at every step costs no GPU synchronisation."""
+    """True on every rank when `flag` is true on any: one tiny all-reduce on the CPU group, so
+    asking at every step costs no GPU synchronisation."""
     if not ranks.enabled:
         return bool(flag)
     t = torch.tensor([int(bool(flag))])
@@ -116,32 +121,37 @@ def any_rank(flag, ranks):
 
 
 def wait_for_main(ranks):
-    """Every rank waits here until the main one arrives (after its evaluation), up to WAIT_TIMEOUT."""
+    """Every rank waits here for the main one (done with its evaluation), up to WAIT_TIMEOUT."""
     if ranks.enabled:
         dist.barrier(group=ranks.control)
 
 
 def wrap_model(module, ranks, compile=False, compile_backend="inductor", sync_batchnorm=False):
     """-> (forward, ddp): what runs the training forward, and the DistributedDataParallel under it
-    (None on one process). DDP first, then compile (PyTorch's recommended order); `ddp` is kept apart
-    because torch.compile(DDP(m)) is no longer a DistributedDataParallel, and accumulation needs
-    ddp.no_sync(). gradient_as_bucket_view: gradients live in DDP's buckets, one copy fewer.
+    (None on one process). DDP first, then compile (PyTorch's recommended order); `ddp` is kept
+    apart because torch.compile(DDP(m)) is no longer a DistributedDataParallel, and accumulation
+    needs ddp.no_sync(). gradient_as_bucket_view: gradients live in DDP's buckets, one copy fewer.
 
     BatchNorm (the ResNet towers) under DDP normalises by each rank's share of the batch unless
-    sync_batchnorm, which swaps every BatchNorm of `module` in place for torch's SyncBatchNorm: batch
-    statistics over the global batch, as one process would compute them (same parameters and buffers,
-    so checkpoints are unchanged). A ViT has no BatchNorm: the setting does nothing there."""
+    sync_batchnorm, which swaps every BatchNorm of `module` in place for torch's SyncBatchNorm:
+    batch statistics over the global batch, as one process would compute them (same parameters
+    and buffers, so checkpoints are unchanged). A ViT has no BatchNorm: the setting does
+    nothing there."""
     ddp = None
-    has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                        for m in module.modules())
     if ranks.enabled and sync_batchnorm and has_batchnorm:
         if ranks.device.type != "cuda":
-            raise UserError("sync_batchnorm: torch's SyncBatchNorm runs on GPUs only; on CPU ranks set "
-                            "--sync_batchnorm=false (each rank then normalises by its own share of the batch)")
+            raise UserError("sync_batchnorm: torch's SyncBatchNorm runs on GPUs only; on CPU ranks "
+                            "set --sync_batchnorm=false (each rank then normalises by its own "
+                            "share of the batch)")
         converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
-        assert converted is module  # children replaced in place: the caller's model is what trains and saves
+        # children replaced in place: the caller's model is what trains and saves
+        assert converted is module
     if ranks.enabled:
         device_ids = [ranks.local_rank] if ranks.device.type == "cuda" else None
-        ddp = torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True)
+        ddp = torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids,
+                                                        gradient_as_bucket_view=True)
     forward = ddp if ddp is not None else module
     if compile:
         forward = torch.compile(forward, backend=compile_backend)
@@ -149,13 +159,13 @@ def wrap_model(module, ranks, compile=False, compile_backend="inductor", sync_ba
 
 
 def no_sync(ddp, skip):
-    """ddp.no_sync() when `skip` (a micro-batch whose gradients are only accumulated), else nothing."""
+    """ddp.no_sync() when `skip` (a micro-batch that only accumulates gradients), else nothing."""
     return ddp.no_sync() if ddp is not None and skip else contextlib.nullcontext()
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Precision
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def default_precision(device):
@@ -177,22 +187,24 @@ def grad_scaler(device, precision):
     return torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Optimiser and schedule
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 _NO_DECAY_NAMES = ("positional_embedding", "class_embedding", "logit_scale")
 
 
 def param_groups(model, weight_decay):
     """AdamW groups: decay on weight matrices only. Biases, LayerNorm gains, embeddings of position
-    and the class token and logit_scale are not decayed (open_clip; the PI fork's stage-1 recipe)."""
+    and the class token and logit_scale are not decayed (open_clip; the PI fork's
+    stage-1 recipe)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or any(n in name for n in _NO_DECAY_NAMES) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
 
 
 def make_optimizer(model, cfg, device):
@@ -235,9 +247,9 @@ def lr_function(schedule):
     return authors
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checkpoints and randomness
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def seed_everything(seed):
@@ -247,8 +259,9 @@ def seed_everything(seed):
 
 
 def rng_state():
-    """Every RNG the loop draws from, in types that torch.load(weights_only=True) accepts. On CUDA only
-    the current device's generator: a run resumed where fewer (or other) GPUs are visible still loads."""
+    """Every RNG the loop draws from, in types that torch.load(weights_only=True) accepts. On
+    CUDA only the current device's generator: a run resumed where fewer (or other) GPUs are
+    visible still loads."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -266,7 +279,7 @@ def set_rng_state(state):
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
-    if isinstance(cuda, (list, tuple)):  # checkpoints before this kit kept one state per visible GPU
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per visible GPU
         cuda = cuda[0] if cuda else None
     if cuda is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda)
@@ -300,29 +313,33 @@ def check_resume(ckpt_path, saved, current, keys):
     """Refuse to resume when a setting that changes the run's trajectory differs from the one its
     checkpoint was written with: resuming would splice two different runs into one. `saved` and
     `current` map keys to values (the configs, plus derived facts such as the number of training
-    samples); settings not in `keys` (logging, workers where they do not change the order, evaluation,
-    save_every, ...) may change freely. The error names every changed key with both values. A key the
-    checkpoint does not record (written before the key existed) is not compared."""
-    changed = [f"{k}: {saved[k]!r} -> {current.get(k)!r}" for k in keys if k in saved and saved[k] != current.get(k)]
+    samples); settings not in `keys` (logging, workers where they do not change the order,
+    evaluation, save_every, ...) may change freely. The error names every changed key with
+    both values. A key the checkpoint does not record (written before the key existed) is
+    not compared."""
+    changed = [f"{k}: {saved[k]!r} -> {current.get(k)!r}" for k in keys
+               if k in saved and saved[k] != current.get(k)]
     if changed:
-        raise UserError(f"{ckpt_path} is a run with other settings ({'; '.join(changed)}): resume it with the "
-                        f"saved values, or start afresh with another out_dir (or move {ckpt_path} away)")
+        raise UserError(f"{ckpt_path} is a run with other settings ({'; '.join(changed)}): resume "
+                        "it with the saved values, or start afresh with another out_dir (or move "
+                        f"{ckpt_path} away)")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Faults: preemption, non-finite losses; and the host-to-device copy
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 class StopSignal:
     """SIGTERM (what SLURM and other schedulers send before they kill a job; torchrun forwards it to
     every rank and waits 30 s before SIGKILL) and SIGINT (Ctrl-C) ask the run to stop instead of
-    killing it. The loop calls `stop_now()` at each step boundary: every rank gets the same answer (one
-    rank may see the signal a step later than another), then the main rank saves and all exit 0.
-    The check is one tiny all-reduce on the CPU (gloo) group: no GPU synchronisation.
-    A second signal kills at once. SLURM signals every process of the job, loader workers included, and
-    torch's workers die of SIGTERM unless it comes from their parent: every loader of the kit passes
-    worker_init_fn=ignore_stop_signals, so they leave the signal to the loop instead of dying under it. `with StopSignal() as stop:` restores the old handlers on exit."""
+    killing it. The loop calls `stop_now()` at each step boundary: every rank gets the same answer
+    (one rank may see the signal a step later than another), then the main rank saves and all
+    exit 0. The check is one tiny all-reduce on the CPU (gloo) group: no GPU synchronisation.
+    A second signal kills at once. SLURM signals every process of the job, loader workers included,
+    and torch's workers die of SIGTERM unless it comes from their parent: every loader of the kit
+    passes worker_init_fn=ignore_stop_signals, so they leave the signal to the loop instead of dying
+    under it. `with StopSignal() as stop:` restores the old handlers on exit."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -330,13 +347,15 @@ class StopSignal:
         self.received, self.previous = None, {}
 
     def _handle(self, signum, frame):
-        if self.received is not None or os.getpid() != self.pid:  # a second signal; or a forked worker
+        # a second signal; or a forked worker
+        if self.received is not None or os.getpid() != self.pid:
             if os.getpid() == self.pid:
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
             return
         self.received = signal.Signals(signum).name
-        tqdm.write(f"{self.received} received: stopping after this step with a checkpoint (again to kill now)")
+        tqdm.write(f"{self.received} received: stopping after this step with a checkpoint "
+                   "(again to kill now)")
 
     def __enter__(self):
         self.pid = os.getpid()
@@ -346,7 +365,8 @@ class StopSignal:
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)  # None: set outside Python
+            # handler None: it was set outside Python
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
     def stop_now(self, ranks):
         return any_rank(self.received is not None, ranks)
@@ -360,18 +380,18 @@ def ignore_stop_signals(worker_id=None):
 
 
 class NonFiniteLoss(UserError):
-    """The loss became NaN or infinite: the run stopped without saving over its last good checkpoint."""
+    """The loss became NaN or infinite: the run stopped, its last good checkpoint untouched."""
 
 
 class LossWatch:
     """Each step's loss kept on the device: a running sum for the log, and the first step whose loss
     was not finite. Nothing is read back to the host per step (a .item() per step stalls the GPU's
-    queue); `check()` at log steps and before every evaluation and save does one all-reduce and raises
-    NonFiniteLoss if any rank saw a non-finite loss since the start. So a checkpoint never holds a
-    state that a non-finite loss has touched, and the batches after the last save are not counted as
-    consumed: a restart repeats them from the last good state. The price: up to log_every steps run
-    on after a blow-up before the loop notices (their result is discarded). `interval_mean()` gives the
-    log its mean loss (one more all-reduce, at log steps only).
+    queue); `check()` at log steps and before every evaluation and save does one all-reduce and
+    raises NonFiniteLoss if any rank saw a non-finite loss since the start. So a checkpoint never
+    holds a state that a non-finite loss has touched, and the batches after the last save are not
+    counted as consumed: a restart repeats them from the last good state. The price: up to log_every
+    steps run on after a blow-up before the loop notices (their result is discarded).
+    `interval_mean()` gives the log its mean loss (one more all-reduce, at log steps only).
 
     `lr_at(step)` names the learning rate of the step in the message."""
 
@@ -387,24 +407,28 @@ class LossWatch:
         """The loss of optimiser step number `step` (counting from 1), this rank's value."""
         loss = loss.detach()
         self.total += loss.double()
-        self.first_bad = torch.where(torch.isfinite(loss), self.first_bad, self.first_bad.clamp(max=step))
+        self.first_bad = torch.where(torch.isfinite(loss), self.first_bad,
+                                     self.first_bad.clamp(max=step))
         self.steps += 1
 
     def check(self, ckpt_path, saved_step):
-        """Raise NonFiniteLoss if any rank's loss has not been finite (every rank raises together)."""
+        """Raise NonFiniteLoss if any rank's loss was not finite (every rank raises together)."""
         first_bad = self.first_bad.clone()
         if self.ranks.enabled:
             dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
         step = int(first_bad.item())
         if step != self.NONE:
             raise NonFiniteLoss(
-                f"non-finite loss at step {step} (lr {self.lr_at(step):.3g}): stopped without saving; {ckpt_path} "
-                + (f"still holds step {saved_step}, the last good state" if saved_step else "was not written")
-                + ". Try a lower lr or more warmup_steps, grad_clip=1.0 where the trainer has it, or precision=bf16 "
-                "or fp32 instead of fp16; then rerun (it resumes from the checkpoint), or start afresh in another out_dir")
+                f"non-finite loss at step {step} (lr {self.lr_at(step):.3g}): stopped without "
+                f"saving; {ckpt_path} "
+                + (f"still holds step {saved_step}, the last good state" if saved_step
+                   else "was not written")
+                + ". Try a lower lr or more warmup_steps, grad_clip=1.0 where the trainer has it, "
+                "or precision=bf16 or fp32 instead of fp16; then rerun (it resumes from the "
+                "checkpoint), or start afresh in another out_dir")
 
     def interval_mean(self):
-        """The mean loss over the steps since the last call and over ranks (None if none); resets."""
+        """Mean loss over the steps since the last call and over ranks (None if none); resets."""
         total = self.total.clone()
         if self.ranks.enabled:
             dist.all_reduce(total)
@@ -415,8 +439,8 @@ class LossWatch:
 
 
 def to_device(batch, device):
-    """A batch (a tensor, or a dict / list / tuple holding tensors and other values) with every tensor
-    moved to `device`, asynchronously where the source is pinned."""
+    """A batch (a tensor, or a dict / list / tuple holding tensors and other values) with every
+    tensor moved to `device`, asynchronously where the source is pinned."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
@@ -438,11 +462,11 @@ def _tensors(batch):
 
 
 def prefetch_to_device(batches, device):
-    """Yields the batches of `batches` already on `device` (any structure to_device takes). On CUDA the
-    next batch's host-to-device copy is issued on a side stream before the current one is handed out,
-    so it overlaps the current step's compute (the loader should pin its memory); record_stream keeps
-    the allocator from reusing a batch's memory while the compute stream still reads it. Elsewhere it
-    is a plain .to(device)."""
+    """Yields the batches of `batches` already on `device` (any structure to_device takes). On CUDA
+    the next batch's host-to-device copy is issued on a side stream before the current one is handed
+    out, so it overlaps the current step's compute (the loader should pin its memory); record_stream
+    keeps the allocator from reusing a batch's memory while the compute stream still reads it.
+    Elsewhere it is a plain .to(device)."""
     device = torch.device(device)
     if device.type != "cuda":
         for batch in batches:
@@ -468,14 +492,15 @@ def prefetch_to_device(batches, device):
         yield batch
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # A run: what both trainers do alike around their loop
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def start_run(config_class, argv):
-    """-> (cfg, ranks, precision, out_dir): the config (defaults < YAML < flags), this process's place
-    among the ranks (DDP when torchrun set RANK), the resolved precision, and the output folder."""
+    """-> (cfg, ranks, precision, out_dir): the config (defaults < YAML < flags), this
+    process's place among the ranks (DDP when torchrun set RANK), the resolved precision, and
+    the output folder."""
     cfg = load_config(config_class, argv)
     ranks = setup_distributed(cfg.device)
     out_dir = Path(cfg.out_dir)
@@ -494,14 +519,15 @@ def read_resume_state(ckpt_path, cfg, precision, keys):
     if not ckpt_path.exists():
         return None
     state = load_training_state(ckpt_path)
-    check_resume(ckpt_path, saved_settings(state), {**dataclasses.asdict(cfg), "precision": precision},
-                 keys)
+    check_resume(ckpt_path, saved_settings(state),
+                 {**dataclasses.asdict(cfg), "precision": precision}, keys)
     return state
 
 
 def is_finished(state):
     """True for the checkpoint of a run that took all its steps."""
-    return state is not None and state["step"] >= state.get("schedule", {}).get("total_steps", 2**62)
+    return (state is not None
+            and state["step"] >= state.get("schedule", {}).get("total_steps", 2**62))
 
 
 def restore(state, model, optimizer, scaler, schedule):
@@ -518,8 +544,8 @@ def restore(state, model, optimizer, scaler, schedule):
 
 
 def position_after(step, steps_per_epoch):
-    """The data position after `step` optimiser steps: {"epoch", "step"}, the next step to take inside
-    that epoch (every epoch has the same number of steps, in both stages)."""
+    """The data position after `step` optimiser steps: {"epoch", "step"}, the next step to take
+    inside that epoch (every epoch has the same number of steps, in both stages)."""
     epoch, step_in_epoch = divmod(step, steps_per_epoch)
     return {"epoch": epoch, "step": step_in_epoch}
 
@@ -527,14 +553,16 @@ def position_after(step, steps_per_epoch):
 def save_checkpoint(path, ranks, model, optimizer, scaler, cfg, facts, schedule, step, metrics,
                     **extra):
     """The whole state of a run at `step`, written atomically by the main rank while the others wait
-    (none runs ahead, into a NCCL timeout): model and its config, optimiser, scaler, RNGs, the config
-    and the facts found at start (the resume check reads both), the schedule and the data position."""
+    (none runs ahead, into a NCCL timeout): model and its config, optimiser, scaler, RNGs, the
+    config and the facts found at start (the resume check reads both), the schedule and the
+    data position."""
     if ranks.is_main:
         atomic_save({
             "state_dict": model.state_dict(), "model_config": dataclasses.asdict(model.config),
             "config": dataclasses.asdict(cfg), "run": facts, "metrics": metrics, "step": step,
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-            "schedule": schedule, "data_position": position_after(step, schedule["steps_per_epoch"]),
+            "schedule": schedule,
+            "data_position": position_after(step, schedule["steps_per_epoch"]),
             **extra}, path)
     wait_for_main(ranks)
 
@@ -552,7 +580,8 @@ class Due:
 
 def due_after(step, total_steps, epochs_done, cfg, stop_asked):
     """Due after optimiser step `step` (counting from 1). epochs_done: the epochs completed by this
-    step (counting from 1), or None inside an epoch. The last step always logs, evaluates and saves."""
+    step (counting from 1), or None inside an epoch. The last step always logs,
+    evaluates and saves."""
     def every(n, count):
         return bool(n) and count is not None and count % n == 0
 
@@ -560,7 +589,8 @@ def due_after(step, total_steps, epochs_done, cfg, stop_asked):
     keep = every(cfg.keep_every_epochs, epochs_done)
     stop = stop_asked and not last
     return Due(log=last or every(cfg.log_every, step),
-               evaluate=last or every(cfg.eval_every, step) or every(cfg.eval_every_epochs, epochs_done),
+               evaluate=(last or every(cfg.eval_every, step)
+                         or every(cfg.eval_every_epochs, epochs_done)),
                save=last or stop or keep or every(cfg.save_every, step), keep=keep, stop=stop)
 
 
@@ -608,13 +638,14 @@ class Throughput:
         return self.steps * batch_size / seconds, self.wait / seconds
 
 
-def log_interval(log, step, total_steps, steps_per_epoch, watch, lr, throughput, batch_size, **extra):
-    """One log record of the interval just ended (both trainers' keys, and theirs in `extra`) and its
-    readable line; restarts the interval. Reads the loss (one all-reduce): at log steps only."""
+def log_interval(log, step, total_steps, steps_per_epoch, watch, lr, throughput, batch_size,
+                 **extra):
+    """One log record of the interval just ended (both trainers' keys, and theirs in `extra`) and
+    its readable line; restarts the interval. Reads the loss (one all-reduce): at log steps only."""
     samples_per_s, data_wait = throughput.rates(batch_size)
-    record = {"step": step, "epoch": step / steps_per_epoch, "loss": watch.interval_mean(), "lr": lr,
-              "samples_per_s": samples_per_s, "data_wait": data_wait, "samples_seen": step * batch_size,
-              **extra}
+    record = {"step": step, "epoch": step / steps_per_epoch, "loss": watch.interval_mean(),
+              "lr": lr, "samples_per_s": samples_per_s, "data_wait": data_wait,
+              "samples_seen": step * batch_size, **extra}
     shown = "".join(f"  {k.replace('_', ' ')} {v:.4g}" for k, v in extra.items())
     log.write(record, f"step {step}/{total_steps}  loss {record['loss']:.4f}  lr {lr:.3g}{shown}  "
                       f"{samples_per_s:.0f} samples/s  data wait {100 * data_wait:.0f}%")

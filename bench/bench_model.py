@@ -39,7 +39,8 @@ def make_step(clip, images, tokens, precision):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
@@ -55,8 +56,10 @@ def main():
     reference.load_state_dict(ours.state_dict())
     size = ours.config.image_size
     images = torch.randn(args.batch, 3, size, size)
-    tokens = tokenize([f"a photo of object number {i}, seen from the side" for i in range(args.batch)])
-    steps = {"kit": make_step(ours, images, tokens, args.precision), "open_clip": make_step(reference, images, tokens, args.precision)}
+    tokens = tokenize([f"a photo of object number {i}, seen from the side"
+                       for i in range(args.batch)])
+    steps = {"kit": make_step(ours, images, tokens, args.precision),
+             "open_clip": make_step(reference, images, tokens, args.precision)}
     times = {name: [] for name in steps}
     for name, step in steps.items():  # warm-up, not timed
         step()
@@ -66,10 +69,12 @@ def main():
             step()
             times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(t) for name, t in times.items()}
-    print(f"{args.model}, batch {args.batch}, {args.precision}, {args.threads} threads, {args.rounds} rounds, torch {torch.__version__}")
+    print(f"{args.model}, batch {args.batch}, {args.precision}, {args.threads} threads, "
+          f"{args.rounds} rounds, torch {torch.__version__}")
     for name in steps:
         print(f"  {name:10s} {median[name]:.3f} s/step  ({args.batch / median[name]:.2f} img/s)")
-    print(f"ratio kit / open_clip (time per step): {median['kit'] / median['open_clip']:.3f}  (goal <= 1.0)")
+    print(f"ratio kit / open_clip (time per step): {median['kit'] / median['open_clip']:.3f}  "
+          "(goal <= 1.0)")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import data  # noqa: E402  (the kit's root is not a package)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from test_tokenizer import strings_in  # noqa: E402  (the same walk over the JSON files as the tests)
+# the same walk over the JSON files as the tests
+from test_tokenizer import strings_in  # noqa: E402
 
 NUM_STRINGS = 10_000
 

@@ -4,8 +4,8 @@
 installed but fails with webdataset 1.0.2 (KeyError 'fname' in its tarfile_to_samples_nothrow), so
 the reference is open_clip's model + ClipLoss + AdamW in a plain loop fed by a webdataset pipeline
 with the same workers. Both measure samples/s over the last third of the steps (start-up excluded);
-their ratio is printed (goal >= 1.0). Then peak memory of one training step of train_clip's step with
-and without gradient checkpointing (same batch, fresh processes), and their ratio.
+their ratio is printed (goal >= 1.0). Then peak memory of one training step of train_clip's step
+with and without gradient checkpointing (same batch, fresh processes), and their ratio.
 
   python bench/bench_train_clip.py [--steps 30] [--batch 32]
 """
@@ -25,6 +25,8 @@ OPEN_CLIP_SMALL = {  # model.py's "small" preset in open_clip's config language
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 6},
 }
 
+# The scripts below run with python -c; a backslash at the end of one of their lines joins it to the
+# next inside the string, so each runs as the one line it was written as.
 RUN_OPEN_CLIP = """
 import sys, time, torch, open_clip, webdataset as wds
 from open_clip.loss import ClipLoss
@@ -34,9 +36,12 @@ torch.manual_seed(0)
 model, preprocess, _ = open_clip.create_model_and_transforms("kit-small")
 tokenizer = open_clip.get_tokenizer("kit-small")
 pipeline = (wds.WebDataset(spec, shardshuffle=False, empty_check=False).shuffle(1000).decode("pil")
-            .to_tuple("jpg", "txt").map_tuple(preprocess, lambda t: tokenizer([t])[0]).batched(batch))
-loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=True)
-optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
+            .to_tuple("jpg", "txt").map_tuple(preprocess, lambda t: tokenizer([t])[0])\
+.batched(batch))
+loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers, \
+persistent_workers=True)
+optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, \
+weight_decay=0.1)
 loss_fn, done, start = ClipLoss(), 0, None
 model.train()
 while done < steps:
@@ -68,7 +73,8 @@ tokens[:, -1] = 49407
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
 before = rss()
-train_clip.accumulate_gradients(model, images, tokens, 1, training.autocast("cpu", "fp32"), training.grad_scaler("cpu", "fp32"))
+train_clip.accumulate_gradients(model, images, tokens, 1, training.autocast("cpu", "fp32"), \
+training.grad_scaler("cpu", "fp32"))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
 """
 
@@ -90,29 +96,39 @@ def main():
         spec = f"{tmp}/shards/{{00000..{len(shards) - 1:05d}}}.tar"
         log_every = args.steps // 3  # the last log interval is the last third
 
-        subprocess.run([sys.executable, str(ROOT / "train_clip.py"), str(ROOT / "configs/clip_tiny.yaml"), f"--train_data={spec}",
-                        f"--out_dir={tmp}/kit", "--model=small", f"--max_steps={args.steps}", f"--batch_size={args.batch}",
-                        f"--workers={args.workers}", f"--log_every={log_every}", "--augment=train", "--lr=5e-4", "--warmup_steps=10",
-                        "--shuffle_buffer=1000", "--save_every=100000"], check=True, capture_output=True)
-        kit = json.loads((tmp / "kit" / "metrics.jsonl").read_text().splitlines()[-1])["samples_per_s"]
+        subprocess.run([sys.executable, str(ROOT / "train_clip.py"),
+                        str(ROOT / "configs/clip_tiny.yaml"), f"--train_data={spec}",
+                        f"--out_dir={tmp}/kit", "--model=small", f"--max_steps={args.steps}",
+                        f"--batch_size={args.batch}", f"--workers={args.workers}",
+                        f"--log_every={log_every}", "--augment=train", "--lr=5e-4",
+                        "--warmup_steps=10", "--shuffle_buffer=1000", "--save_every=100000"],
+                       check=True, capture_output=True)
+        kit = json.loads((tmp / "kit" / "metrics.jsonl")
+                         .read_text().splitlines()[-1])["samples_per_s"]
 
         (tmp / "kit-small.json").write_text(json.dumps(OPEN_CLIP_SMALL))
-        out = subprocess.run([sys.executable, "-c", RUN_OPEN_CLIP, str(tmp / "kit-small.json"), spec, str(args.batch),
-                              str(args.steps), str(args.workers)], check=True, capture_output=True, text=True).stdout
+        out = subprocess.run([sys.executable, "-c", RUN_OPEN_CLIP, str(tmp / "kit-small.json"),
+                              spec, str(args.batch), str(args.steps), str(args.workers)],
+                             check=True, capture_output=True, text=True).stdout
         reference = float(out.strip().splitlines()[-1])
 
         peaks = {}
         for checkpointing in ("0", "1"):
-            out = subprocess.run([sys.executable, "-c", PEAK_MEMORY, str(ROOT), checkpointing, str(args.memory_batch)],
+            out = subprocess.run([sys.executable, "-c", PEAK_MEMORY, str(ROOT), checkpointing,
+                                  str(args.memory_batch)],
                                  check=True, capture_output=True, text=True).stdout
             peaks[checkpointing] = float(out.strip().splitlines()[-1])
 
-    print(f"model 'small' (64 px, 6+6 layers, width 256), batch {args.batch}, {args.steps} steps, {args.workers} worker(s), fp32, CPU")
-    print(f"train_clip.py:                            {kit:7.1f} samples/s (last third of the steps)")
-    print(f"open_clip 3.3 model + ClipLoss, plain loop: {reference:7.1f} samples/s (last third of the steps)")
+    print(f"model 'small' (64 px, 6+6 layers, width 256), batch {args.batch}, {args.steps} steps, "
+          f"{args.workers} worker(s), fp32, CPU")
+    print(f"train_clip.py:                            {kit:7.1f} samples/s "
+          "(last third of the steps)")
+    print(f"open_clip 3.3 model + ClipLoss, plain loop: {reference:7.1f} samples/s "
+          "(last third of the steps)")
     print(f"ratio kit / open_clip: {kit / reference:.2f} (goal >= 1.0)")
-    print(f"peak memory of one step at batch {args.memory_batch}: {peaks['0']:.0f} MiB without, {peaks['1']:.0f} MiB with "
-          f"gradient checkpointing: ratio with/without {peaks['1'] / peaks['0']:.2f}")
+    print(f"peak memory of one step at batch {args.memory_batch}: {peaks['0']:.0f} MiB without, "
+          f"{peaks['1']:.0f} MiB with gradient checkpointing: "
+          f"ratio with/without {peaks['1'] / peaks['0']:.2f}")
 
 
 if __name__ == "__main__":

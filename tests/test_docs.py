@@ -7,8 +7,8 @@
 - every command-line flag (`--key`) a page gives to a kit script is one that script accepts: a field
   of its config dataclass for the trainers (`cli.load_config`: `-` and `_` alike), an
   `add_argument` option for the others (argparse: spelled exactly). A flag given without its script
-  must be accepted by some kit script, or be another project's named in FOREIGN_FLAGS. Flags in other
-  tools' commands (pip, torchrun, huggingface-cli, img2dataset) are theirs and not checked;
+  must be accepted by some kit script, or be another project's named in FOREIGN_FLAGS. Flags in
+  other tools' commands (pip, torchrun, huggingface-cli, img2dataset) are theirs and not checked;
 - the line CI runs (after `<!-- test-command -->`) is still there.
 
 Everything is read with `ast` and regular expressions: no kit module is imported, so this costs
@@ -23,12 +23,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
-KIT_FOLDERS = ("configs", "bench", "tests", "assets", "docs", ".ci", "stage1", "stage2", "analysis", "world")
+KIT_FOLDERS = ("configs", "bench", "tests", "assets", "docs", ".ci", "stage1", "stage2", "analysis",
+               "world")
 # `--key=value` is how the pages write the override syntax itself, not a flag.
 PLACEHOLDER_FLAGS = {"key"}
 # Other projects' files and flags the pages name on their own (without the command they belong to).
 FOREIGN_FILES = {"docs/PRETRAINED.md": "open_clip", "docs/model_profile.csv": "open_clip"}
-FOREIGN_FLAGS = {"use-bn-sync": "open_clip_train", "python-version": "pip download", "platform": "pip download"}
+FOREIGN_FLAGS = {"use-bn-sync": "open_clip_train", "python-version": "pip download",
+                 "platform": "pip download"}
 
 
 def page_id(page):
@@ -61,7 +63,8 @@ def code_texts(text):
     for block in re.findall(r"```[^\n]*\n(.*?)```", text, flags=re.S):
         texts += block.splitlines()
     text = re.sub(r"```.*?```", "", text, flags=re.S)
-    texts += [line[4:] for line in text.splitlines() if line.startswith("    ") and not line.lstrip().startswith("-")]
+    texts += [line[4:] for line in text.splitlines()
+              if line.startswith("    ") and not line.lstrip().startswith("-")]
     texts += re.findall(r"`([^`\n]+)`", text)
     return texts
 
@@ -73,9 +76,11 @@ def _module_flags(path):
     flags, config_script = set(), False
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
-            flags |= {a.value[2:] for a in node.args if isinstance(a, ast.Constant) and str(a.value).startswith("--")}
-        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in (
-                "load_config", "start_run"):
+            flags |= {a.value[2:] for a in node.args
+                      if isinstance(a, ast.Constant) and str(a.value).startswith("--")}
+        if (isinstance(node, ast.Call)
+                and getattr(node.func, "attr", getattr(node.func, "id", None))
+                in ("load_config", "start_run")):
             config_script = True
     if config_script:  # the fields of its `class Config` dataclass
         for node in tree.body:
@@ -93,7 +98,8 @@ def script_flags(script):
     for node in ast.walk(ast.parse(path.read_text())):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
             [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
-        if isinstance(node, ast.ImportFrom) and node.module:  # `from analysis import curves, probes`
+        # `from analysis import curves, probes`: the modules too
+        if isinstance(node, ast.ImportFrom) and node.module:
             names += [f"{node.module}.{a.name}" for a in node.names]
         for name in names:
             module = ROOT / f"{name.replace('.', '/')}.py"
@@ -112,14 +118,15 @@ def accepts(script, flag):
 def kit_scripts():
     """Scripts run as `python NAME.py` (the root, bench/) and the folders' commands run as
     `python -m folder.module` (named here by their path)."""
-    return [p.relative_to(ROOT).as_posix() for p in [*ROOT.glob("*.py"), *ROOT.glob("bench/*.py"),
-                                                     *ROOT.glob("*/*.py")] if p.parent.name != "tests"]
+    return [p.relative_to(ROOT).as_posix()
+            for p in [*ROOT.glob("*.py"), *ROOT.glob("bench/*.py"), *ROOT.glob("*/*.py")]
+            if p.parent.name != "tests"]
 
 
 def flag_uses(text):
-    """(script or None, flag) for every `--flag` in the page's code. A command is split at `&&`, `;`,
-    `|` and a `#` comment; flags after a kit script belong to it; a segment that starts with another
-    tool's name is that tool's."""
+    """(script or None, flag) for every `--flag` in the page's code. A command is split at `&&`,
+    `;`, `|` and a `#` comment; flags after a kit script belong to it; a segment that starts with
+    another tool's name is that tool's."""
     scripts = set(kit_scripts())
     uses = []
     for code in code_texts(text):
@@ -155,7 +162,8 @@ def test_links_point_at_files_and_headings_that_exist(page):
         if not linked.exists():
             broken.append(f"{target}: no such file")
         elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
-            broken.append(f"{target}: no heading with anchor #{anchor} in {linked.relative_to(ROOT)}")
+            broken.append(f"{target}: no heading with anchor #{anchor} in "
+                          f"{linked.relative_to(ROOT)}")
     assert not broken, f"{page_id(page)}: " + "; ".join(broken)
 
 
@@ -165,9 +173,11 @@ def test_named_kit_files_exist(page):
     folders = "|".join(re.escape(f) for f in KIT_FOLDERS)
     named = set(re.findall(rf"(?<![\w./~-])((?:{folders})/[\w.*/{{}},-]*[\w*}}])", text))
     named |= set(re.findall(r"(?<![\w./~-])([A-Za-z_]\w*\.py)\b", text))
-    missing = [name for pattern in sorted(named - set(FOREIGN_FILES)) for name in expand_braces(pattern)
-               if not any(list(folder.glob(name)) for folder in (ROOT, *(ROOT / f for f in KIT_FOLDERS),
-                                                                   *(ROOT / "tests").glob("*/")))]
+    missing = [name for pattern in sorted(named - set(FOREIGN_FILES))
+               for name in expand_braces(pattern)
+               if not any(list(folder.glob(name))
+                          for folder in (ROOT, *(ROOT / f for f in KIT_FOLDERS),
+                                         *(ROOT / "tests").glob("*/")))]
     assert not missing, f"{page_id(page)} names files that do not exist: {missing}"
 
 
@@ -176,21 +186,24 @@ def test_flags_are_accepted_by_their_script(page):
     every_flag = set()
     for script in kit_scripts():
         every_flag |= {f.replace("_", "-") for f in script_flags(script)[0]}
-    wrong = sorted({f"{script or '(no script)'} --{flag}" for script, flag in flag_uses(page.read_text())
-                    if not (accepts(script, flag) if script else flag.replace("_", "-") in every_flag | set(FOREIGN_FLAGS))})
+    wrong = sorted({f"{script or '(no script)'} --{flag}"
+                    for script, flag in flag_uses(page.read_text())
+                    if not (accepts(script, flag) if script
+                            else flag.replace("_", "-") in every_flag | set(FOREIGN_FLAGS))})
     assert not wrong, f"{page_id(page)} gives flags that no such script accepts: {wrong}"
 
 
 def test_the_flag_check_catches_a_wrong_flag():
-    """The checker itself: a misspelt trainer key, an argparse flag in the trainers' spelling, a flag of
-    another script, and a flag of another tool (not ours, so not flagged)."""
+    """The checker itself: a misspelt trainer key, an argparse flag in the trainers' spelling, a
+    flag of another script, and a flag of another tool (not ours, so not flagged)."""
     text = ("    python train_triplet.py configs/nights.yaml --data-root=/x --epohcs 3\n"
             "    python evaluate.py --data_root /x --ckpt a.pt\n"
             "    python demo.py --seeds 0,1 --out_dir x\n"
             "    pip install --no-deps foo && python demo.py --quick\n")
     uses = flag_uses(text)
     rejected = {(s, f) for s, f in uses if not accepts(s, f)}
-    assert rejected == {("train_triplet.py", "epohcs"), ("evaluate.py", "data_root"), ("demo.py", "out_dir")}
+    assert rejected == {("train_triplet.py", "epohcs"), ("evaluate.py", "data_root"),
+                        ("demo.py", "out_dir")}
     assert ("demo.py", "quick") in uses and all(f != "no-deps" for _, f in uses)
 
 

@@ -51,20 +51,23 @@ def defined_names(module):
         elif isinstance(node, ast.Import):
             names.update((a.asname or a.name).split(".")[0] for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0:  # `from stage2 import formats`
-            names.update(a.asname or a.name for a in node.names if f"{node.module}.{a.name}" in MODULES)
+            names.update(a.asname or a.name for a in node.names
+                         if f"{node.module}.{a.name}" in MODULES)
         elif isinstance(node, (ast.If, ast.Try, ast.With)):
-            names.update(n.name for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.ClassDef)))
+            names.update(n.name for n in ast.walk(node)
+                         if isinstance(n, (ast.FunctionDef, ast.ClassDef)))
     if "." not in module and (ROOT / module).is_dir():  # a folder: its modules are its names
         names.update(m.split(".", 1)[1] for m in MODULES if m.startswith(module + "."))
     return names
 
 
 def imports(path):
-    """(line, module, name or None, alias) of every import of a kit module in `path`, lazy ones too."""
+    """(line, module, name or None, alias) of each kit-module import in `path`, lazy ones too."""
     found = []
     for node in ast.walk(TREES[path]):
         if isinstance(node, ast.Import):
-            found += [(node.lineno, a.name, None, a.asname or a.name) for a in node.names if a.name in MODULES]
+            found += [(node.lineno, a.name, None, a.asname or a.name) for a in node.names
+                      if a.name in MODULES]
         elif isinstance(node, ast.ImportFrom) and node.module in MODULES and node.level == 0:
             for a in node.names:
                 whole = f"{node.module}.{a.name}"
@@ -88,7 +91,8 @@ def test_no_module_in_a_folder_imports_a_command():
 
 
 def test_no_import_cycles_lazy_imports_included():
-    graph = {name: {module for _, module, _, _ in imports(path)} - {name} for name, path in MODULES.items()}
+    graph = {name: {module for _, module, _, _ in imports(path)} - {name}
+             for name, path in MODULES.items()}
     cycles, state = [], {}
 
     def visit(node, stack):
@@ -116,7 +120,8 @@ def test_each_name_is_imported_from_the_module_that_defines_it(path):
             for node in ast.walk(TREES[path]):
                 if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
                         and node.value.id == alias and node.attr not in defined_names(module)):
-                    bad.append(f"line {node.lineno}: {alias}.{node.attr} is not defined in {module}")
+                    bad.append(f"line {node.lineno}: {alias}.{node.attr} "
+                               f"is not defined in {module}")
     assert not bad, f"{path.relative_to(ROOT)}:\n" + "\n".join(sorted(set(bad)))
 
 
@@ -127,5 +132,6 @@ def test_no_function_runs_past_80_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1
                 if length > MAX_FUNCTION_LINES:
-                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {length} lines")
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: "
+                                f"{length} lines")
     assert not long, "\n".join(long)

@@ -1,6 +1,7 @@
-"""training.py: the trainers' shared plumbing behaves as documented.
+"""training.py and cli.py: the trainers' shared plumbing and command line behave as documented.
 
-Configs: YAML + command-line overrides, typed, with errors that name the key and its source.
+Configs (cli.py): YAML + command-line overrides, typed, with errors that name the key and its
+source; run_cli prints a user's mistake as one line.
 Schedule: hand-computed warmup and cosine values. Weight decay: CLIP's exclusions.
 Checkpoints: atomic writes and RNG state that survives torch.load(weights_only=True).
 DDP wrapping: sync_batchnorm on CPU ranks is refused by name.
@@ -33,8 +34,10 @@ class Config:
 def test_yaml_then_command_line(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("lr: 1.0e-3\nepochs: 4\nmodel: tiny\n")
-    config = cli.load_config(Config, [str(path), "--epochs=7", "--init", "ckpt.pt", "--grad-checkpointing", "true"])
-    assert config == Config(lr=1e-3, epochs=7, model="tiny", init="ckpt.pt", grad_checkpointing=True)
+    config = cli.load_config(Config, [str(path), "--epochs=7", "--init", "ckpt.pt",
+                                      "--grad-checkpointing", "true"])
+    assert config == Config(lr=1e-3, epochs=7, model="tiny", init="ckpt.pt",
+                            grad_checkpointing=True)
     assert cli.load_config(Config, [], default_path=str(path)).epochs == 4
     assert cli.load_config(Config, ["--init=none"]).init is None
 
@@ -81,8 +84,9 @@ def test_param_groups_exclusions():
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     decay_names = {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    for name in ["logit_scale", "positional_embedding", "visual.positional_embedding", "visual.class_embedding",
-                 "ln_final.weight", "visual.transformer.resblocks.0.attn.in_proj_bias"]:
+    for name in ["logit_scale", "positional_embedding", "visual.positional_embedding",
+                 "visual.class_embedding", "ln_final.weight",
+                 "visual.transformer.resblocks.0.attn.in_proj_bias"]:
         assert name in no_decay_names
     for name in ["visual.conv1.weight", "visual.proj", "text_projection", "token_embedding.weight",
                  "transformer.resblocks.1.mlp.c_fc.weight"]:
@@ -94,8 +98,8 @@ REAL_TORCH_SAVE = torch.save
 
 
 def crash_half_way(obj, f, *args, **kwargs):
-    """torch.save that dies half way through: it writes the first half of the file, then raises, as a
-    process killed (or a disk filling up) during a save does."""
+    """torch.save that dies half way through: it writes the first half of the file, then raises, as
+    a process killed (or a disk filling up) during a save does."""
     whole = io.BytesIO()
     REAL_TORCH_SAVE(obj, whole)
     half = whole.getvalue()[: len(whole.getvalue()) // 2]
@@ -126,8 +130,9 @@ def last_good_file_survives_a_crash(save, path, monkeypatch):
 
 def test_atomic_save_keeps_last_good_file(tmp_path, monkeypatch):
     assert last_good_file_survives_a_crash(training.atomic_save, tmp_path / "ckpt.pt", monkeypatch)
-    # The crash is a real one: a plain torch.save, which writes in place, loses the last good file to it.
-    plain_save = lambda obj, path: torch.save(obj, path)  # noqa: E731  (looked up at call time: crashes too)
+    # The crash is a real one: a plain torch.save, which writes in place, loses the last good file
+    # to it (torch.save is looked up at call time, so this one crashes too).
+    plain_save = lambda obj, path: torch.save(obj, path)  # noqa: E731
     assert not last_good_file_survives_a_crash(plain_save, tmp_path / "plain.pt", monkeypatch)
 
 
@@ -153,12 +158,15 @@ def test_autocast_and_scaler():
 
 
 def test_resume_check_names_every_changed_key():
-    saved, current = {"lr": 1e-3, "batch_size": 8, "log_every": 5}, {"lr": 1e-2, "batch_size": 16, "log_every": 1}
-    training.check_resume("out/ckpt.pt", saved, {**saved, "log_every": 1}, ["lr", "batch_size"])  # log_every may change
+    saved, current = ({"lr": 1e-3, "batch_size": 8, "log_every": 5},
+                      {"lr": 1e-2, "batch_size": 16, "log_every": 1})
+    # log_every may change
+    training.check_resume("out/ckpt.pt", saved, {**saved, "log_every": 1}, ["lr", "batch_size"])
     with pytest.raises(cli.UserError) as error:
         training.check_resume("out/ckpt.pt", saved, current, ["lr", "batch_size"])
     message = str(error.value)
-    assert "out/ckpt.pt" in message and "lr: 0.001 -> 0.01" in message and "batch_size: 8 -> 16" in message
+    assert ("out/ckpt.pt" in message and "lr: 0.001 -> 0.01" in message
+            and "batch_size: 8 -> 16" in message)
     assert "log_every" not in message and "another out_dir" in message
 
 
@@ -170,7 +178,8 @@ def test_loss_watch_names_the_first_non_finite_step_and_its_lr():
     assert watch.interval_mean() == 2.0 and watch.interval_mean() is None
     for step, loss in enumerate([1.0, float("inf"), float("nan"), 1.0], start=3):
         watch.add(torch.tensor(loss), step)
-    with pytest.raises(training.NonFiniteLoss, match=r"step 4 \(lr 0.4\).*ckpt.pt still holds step 2"):
+    with pytest.raises(training.NonFiniteLoss,
+                       match=r"step 4 \(lr 0.4\).*ckpt.pt still holds step 2"):
         watch.check("ckpt.pt", saved_step=2)
 
 
@@ -179,13 +188,15 @@ def test_run_cli_one_line_for_user_errors_only(monkeypatch):
         raise cli.UserError("config.yaml: lr must be of type float, got 'fast'")
 
     def kit_bug(argv):
-        raise ValueError("not enough values to unpack")  # e.g. from inside torch or numpy: keeps its traceback
+        # e.g. from inside torch or numpy: keeps its traceback
+        raise ValueError("not enough values to unpack")
 
     monkeypatch.setattr("sys.argv", ["train_x.py"])
     monkeypatch.delenv("PI_TRACEBACK", raising=False)
     with pytest.raises(SystemExit) as exit_:
         cli.run_cli(user_mistake)
-    assert exit_.value.code == "train_x.py: error: config.yaml: lr must be of type float, got 'fast'"
+    assert exit_.value.code == ("train_x.py: error: config.yaml: lr must be of type float, "
+                                "got 'fast'")
     with pytest.raises(ValueError, match="not enough values"):
         cli.run_cli(kit_bug)
     with pytest.raises(cli.UserFileNotFound):  # what a trainer raises for a file of the user's
@@ -196,12 +207,13 @@ def test_run_cli_one_line_for_user_errors_only(monkeypatch):
 def test_prefetch_keeps_the_batch_structure():
     batches = [{"images": torch.ones(2, 3), "meta": [torch.zeros(1), "key"]}, (torch.ones(1), 7)]
     out = list(training.prefetch_to_device(iter(batches), "cpu"))
-    assert out[0]["meta"][1] == "key" and out[1][1] == 7 and torch.equal(out[0]["images"], torch.ones(2, 3))
+    assert (out[0]["meta"][1] == "key" and out[1][1] == 7
+            and torch.equal(out[0]["images"], torch.ones(2, 3)))
 
 
 def test_sync_batchnorm_on_cpu_ranks_is_refused_by_name():
-    """torch's SyncBatchNorm runs on GPUs only: asking for it on CPU ranks with a BatchNorm tower is an
-    error that names the setting (before DDP is built), not a crash in the first forward."""
+    """torch's SyncBatchNorm runs on GPUs only: asking for it on CPU ranks with a BatchNorm tower is
+    an error that names the setting (before DDP is built), not a crash in the first forward."""
     from model import create_model
 
     visual = create_model("tiny-rn").visual
