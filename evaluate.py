@@ -42,6 +42,43 @@ def main(argv=None):
         return curves.main(argv)
     if "--alignment" in argv:
         return alignment_main(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    checkpoints = args.ckpt or [p for p in DEFAULT_CHECKPOINTS if Path(p).exists()]
+    if not checkpoints:
+        parser.error("no checkpoint given and none of the defaults exist "
+                     f"({', '.join(DEFAULT_CHECKPOINTS)}); pass --ckpt PATH")
+    unknown = [p for p in args.quickgelu or [] if p not in checkpoints]
+    if unknown:
+        parser.error(f"--quickgelu names {unknown}, "
+                     f"which are not among the --ckpt paths {checkpoints}")
+    precision = args.precision or default_precision(args.device)
+    tasks = resolve_tasks(args.suite, args.data_root)
+    missing = [t for t in tasks if task_dir(args.data_root, t) is None]
+    for t in missing:
+        print(f"missing: {missing_task_message(args.data_root, t)}")
+    if len(missing) == len(tasks):
+        parser.error(f"no task of suite {args.suite!r} has data under {args.data_root} "
+                     "(see --help for the layout)")
+    tasks = [t for t in tasks if t not in missing]
+    labels = run_labels(checkpoints)
+    models = load_models(checkpoints, labels, args)
+    print(f"{len(tasks)} tasks, {precision}, "
+          f"{len(models)} checkpoint(s) in one pass over each task's images")
+    # One pass per image size: models that share it share the decoded images.
+    results_by_run = {}
+    for size in dict.fromkeys(m.config.image_size for m in models):
+        group = [i for i, m in enumerate(models) if m.config.image_size == size]
+        for i, results in zip(group, run_suite([models[i] for i in group], tasks, args.data_root,
+                                               args.device, args.batch_size, args.workers,
+                                               precision)):
+            results_by_run[labels[i]] = results
+    results_by_run = {label: results_by_run[label] for label in labels}
+    print(comparison_table(results_by_run, tasks))
+    write_results(args.out, results_by_run, labels, checkpoints, tasks)
+
+
+def make_parser():
     parser = argparse.ArgumentParser(
         description="Zero-shot evaluation on CLIP_benchmark task folders, "
                     "with a comparison table of the runs.")
@@ -84,25 +121,11 @@ def main(argv=None):
                         help="default: cuda when present")
     parser.add_argument("--precision", default=None,
                         help="bf16 | fp16 | fp32 (default: bf16 on CUDA, fp32 on CPU)")
-    args = parser.parse_args(argv)
-    checkpoints = args.ckpt or [p for p in DEFAULT_CHECKPOINTS if Path(p).exists()]
-    if not checkpoints:
-        parser.error("no checkpoint given and none of the defaults exist "
-                     f"({', '.join(DEFAULT_CHECKPOINTS)}); pass --ckpt PATH")
-    unknown = [p for p in args.quickgelu or [] if p not in checkpoints]
-    if unknown:
-        parser.error(f"--quickgelu names {unknown}, "
-                     f"which are not among the --ckpt paths {checkpoints}")
-    precision = args.precision or default_precision(args.device)
-    tasks = resolve_tasks(args.suite, args.data_root)
-    missing = [t for t in tasks if task_dir(args.data_root, t) is None]
-    for t in missing:
-        print(f"missing: {missing_task_message(args.data_root, t)}")
-    if len(missing) == len(tasks):
-        parser.error(f"no task of suite {args.suite!r} has data under {args.data_root} "
-                     "(see --help for the layout)")
-    tasks = [t for t in tasks if t not in missing]
-    labels = run_labels(checkpoints)
+    return parser
+
+
+def load_models(checkpoints, labels, args):
+    """The checkpoints as CLIPs on args.device, each saying what it is."""
     models = []
     for label, path in zip(labels, checkpoints):
         named = args.quickgelu is not None and (not args.quickgelu or path in args.quickgelu)
@@ -114,29 +137,22 @@ def main(argv=None):
         print(f"{label}: {path}, {models[-1].num_params() / 1e6:.1f}M parameters, "
               f"{'QuickGELU' if models[-1].config.quickgelu else 'GELU'}, "
               f"{models[-1].config.image_size} px")
-    print(f"{len(tasks)} tasks, {precision}, "
-          f"{len(models)} checkpoint(s) in one pass over each task's images")
-    # One pass per image size: models that share it share the decoded images.
-    results_by_run = {}
-    for size in dict.fromkeys(m.config.image_size for m in models):
-        group = [i for i, m in enumerate(models) if m.config.image_size == size]
-        for i, results in zip(group, run_suite([models[i] for i in group], tasks, args.data_root,
-                                               args.device, args.batch_size, args.workers,
-                                               precision)):
-            results_by_run[labels[i]] = results
-    results_by_run = {label: results_by_run[label] for label in labels}
+    return models
+
+
+def write_results(out, results_by_run, labels, checkpoints, tasks):
+    """CLIP_benchmark's records, one per (checkpoint, task), in `out`, and a chart beside it."""
     records = [{"dataset": task, "model": label, "pretrained": str(path),
                 "task": ("zeroshot_retrieval" if "mean_recall@1" in metrics
                          else "zeroshot_classification"),
                 "metrics": metrics, "language": "en"}
                for label, path in zip(labels, checkpoints)
                for task, metrics in results_by_run[label].items()]
-    print(comparison_table(results_by_run, tasks))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
         json.dump(records, f, indent=1)
-    chart = plot_comparison(results_by_run, Path(args.out).with_suffix(".png"), tasks)
-    print(f"wrote {args.out} and {chart}")
+    chart = plot_comparison(results_by_run, Path(out).with_suffix(".png"), tasks)
+    print(f"wrote {out} and {chart}")
 
 
 if __name__ == "__main__":
