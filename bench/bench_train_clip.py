@@ -62,8 +62,9 @@ print((steps // 3) * batch / (time.perf_counter() - start))
 PEAK_MEMORY = """
 import resource, sys, torch
 sys.path.insert(0, sys.argv[1])
-import training, train_clip
+import training
 from model import create_model
+from stage2.contrastive import accumulate_gradients
 torch.manual_seed(0)
 model = create_model("small")
 model.set_grad_checkpointing(sys.argv[2] == "1")
@@ -73,7 +74,7 @@ tokens[:, -1] = 49407
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
 before = rss()
-train_clip.accumulate_gradients(model, images, tokens, 1, training.autocast("cpu", "fp32"), \
+accumulate_gradients(model, images, tokens, 1, training.autocast("cpu", "fp32"), \
 training.grad_scaler("cpu", "fp32"))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
 """

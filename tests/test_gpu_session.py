@@ -69,9 +69,9 @@ def test_list_units_waits_on_the_cpu_control_group(monkeypatch, rank):
     control, waits = object(), []
     monkeypatch.setattr(train_clip.dist, "barrier", lambda group=None: waits.append(group))
     monkeypatch.setattr(train_clip.formats, "list_units", lambda *args, **kwargs: ["unit"])
-    d = training.Ranks(rank=rank, world_size=2, control=control)
+    ranks = training.Ranks(rank=rank, world_size=2, control=control)
     cfg = types.SimpleNamespace(train_data="x.tar", image_column="images", text_column="texts")
-    assert train_clip.list_units(cfg, [], d) == ["unit"]
+    assert train_clip.list_units(cfg, [], ranks) == ["unit"]
     assert waits == [control]
 
 

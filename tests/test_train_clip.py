@@ -106,24 +106,24 @@ def ddp_worker(out):
     from open_clip.loss import ClipLoss
 
     torch.set_num_threads(1)
-    d = training.setup_distributed("cpu")
+    ranks = training.setup_distributed("cpu")
     images, tokens = global_batch(8)
-    mine = slice(4 * d.rank, 4 * d.rank + 4)
+    mine = slice(4 * ranks.rank, 4 * ranks.rank + 4)
     model = tiny_model()
     with torch.no_grad():  # the local loss equals open_clip's with gathered features
         image, text, scale = model(images[mine], tokens[mine])
-        reference = ClipLoss(local_loss=True, gather_with_grad=True, rank=d.rank,
-                             world_size=d.world_size)(image, text, scale)
+        reference = ClipLoss(local_loss=True, gather_with_grad=True, rank=ranks.rank,
+                             world_size=ranks.world_size)(image, text, scale)
         assert torch.allclose(contrastive.contrastive_loss(image, text, scale), reference,
                               atol=1e-6)
-    forward, ddp = training.wrap_model(model, d)  # as train_clip.main wraps it
+    forward, ddp = training.wrap_model(model, ranks)  # as train_clip.main wraps it
     results, grads = {}, None
     for accum_steps in (1, 2):
         loss = one_step(model, images[mine], tokens[mine], accum_steps, forward, ddp)
-        results[accum_steps] = training.all_reduce_sum([loss], "cpu")[0] / d.world_size
+        results[accum_steps] = training.all_reduce_sum([loss], "cpu")[0] / ranks.world_size
         # after the first step
         grads = grads or {name: p.grad.clone() for name, p in model.named_parameters()}
-    if d.is_main:
+    if ranks.is_main:
         torch.save({"loss": results, "grads": grads, "state_dict": model.state_dict()}, out)
     training.cleanup_distributed()
 
@@ -150,9 +150,9 @@ def compile_worker(out):
     loop's train_step with accum_steps=2, eager and compiled, each wrapped as train_clip.main wraps;
     the gradients of each step are recorded before the optimiser uses them."""
     torch.set_num_threads(1)
-    d = training.setup_distributed("cpu")
+    ranks = training.setup_distributed("cpu")
     images, tokens = global_batch(8, seed=1)
-    mine = slice(4 * d.rank, 4 * d.rank + 4)
+    mine = slice(4 * ranks.rank, 4 * ranks.rank + 4)
     # No clipping: clipping (like Adam) divides out a constant factor in the gradients, so a path
     # that doubles them would reach the same weights. The raw gradients show it.
     cfg = train_clip.Config(accum_steps=2, lr=1e-3, weight_decay=0.1, grad_clip=0.0)
@@ -163,14 +163,14 @@ def compile_worker(out):
         # AOTAutograd's joint forward-backward graph, i.e. everything of compile that touches
         # DDP and no_sync; only inductor's C++ code generation is left out (it would take
         # minutes on 2 shared cores).
-        forward, ddp = training.wrap_model(model, d, compile=compiled, compile_backend="aot_eager")
+        forward, ddp = training.wrap_model(model, ranks, compile=compiled, compile_backend="aot_eager")
         optimizer = training.make_optimizer(model, cfg, "cpu")
         steps = [recorded_step(model, forward, ddp, optimizer, images[mine], tokens[mine], cfg)
                  for _ in range(2)]
         results[compiled] = {"losses": [loss for loss, _ in steps],
                              "grads": [grads for _, grads in steps],
                              "state_dict": model.state_dict()}
-    if d.is_main:
+    if ranks.is_main:
         torch.save(results, out)
     training.cleanup_distributed()
 
@@ -442,10 +442,6 @@ def test_two_ranks_count_bad_samples_into_the_summary(tmp_path):
     assert summary["samples_skipped"] == 4 and summary["skipped_by_reason"]["no_caption"] == 4
 
 
-if __name__ == "__main__":
-    compile_worker(sys.argv[2]) if sys.argv[1] == "compile" else ddp_worker(sys.argv[1])
-
-
 def test_init_moves_a_stage1_resnet_tower_exactly(tmp_path):
     """The script's own load path: a stage-1 ckpt.pt (the kit's format) -> train_clip.py --init,
     run at lr 0 (AdamW then leaves every weight as it is), so the saved weights are the ones it
@@ -499,3 +495,7 @@ def test_model_settings_reach_the_checkpoint_and_a_changed_one_is_refused(clip_r
     assert refused.returncode != 0 and (
         "model_settings: 'context_length=16,init_logit_scale=2.6593' -> 'context_length=16'"
         in refused.stderr), refused.stderr
+
+
+if __name__ == "__main__":
+    compile_worker(sys.argv[2]) if sys.argv[1] == "compile" else ddp_worker(sys.argv[1])
