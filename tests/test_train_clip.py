@@ -163,7 +163,8 @@ def compile_worker(out):
         # AOTAutograd's joint forward-backward graph, i.e. everything of compile that touches
         # DDP and no_sync; only inductor's C++ code generation is left out (it would take
         # minutes on 2 shared cores).
-        forward, ddp = training.wrap_model(model, ranks, compile=compiled, compile_backend="aot_eager")
+        forward, ddp = training.wrap_model(model, ranks, compile=compiled,
+                                           compile_backend="aot_eager")
         optimizer = training.make_optimizer(model, cfg, "cpu")
         steps = [recorded_step(model, forward, ddp, optimizer, images[mine], tokens[mine], cfg)
                  for _ in range(2)]
