@@ -1,23 +1,26 @@
-"""Stage 2's image augmentation, split between the loader's workers (host) and the training device.
+"""Stage 2's image augmentation, split between loader workers (host) and the training device.
 
   transform = TrainTransform(224, "moco")
-  image, params = transform.host_half(jpeg_bytes, seed) # in a worker: uint8 (3, 224, 224), params (P,)
-  images = transform.device_half(images, params)             # on the GPU, batched: float, CLIP-normalised
+  # in a worker: uint8 (3, 224, 224), params (P,)
+  image, params = transform.host_half(jpeg_bytes, seed)
+  # on the GPU, batched: float, CLIP-normalised
+  images = transform.device_half(images, params)
 
-Why a file of its own: the host half (decode, crop, resize, flip -> uint8) and the device half
-(colour jitter, grayscale, blur, normalisation, batched with per-sample parameters) are one
-augmentation that must stay in step, and data.py is already long. Every random choice of a sample is
-drawn in `host_half` from random.Random(seed), the sample's own seed (the loader derives it from seed,
-epoch and the sample's position), and travels as numbers in `params`: the device half draws nothing,
-so the result is the same whatever the number of workers or ranks, and a resumed run is exact.
+The host half (decode, crop, resize, flip -> uint8) and the device half (colour jitter, grayscale,
+blur, normalisation, batched with per-sample parameters) are one augmentation that must stay in
+step. Every random choice of a sample is drawn in `host_half` from random.Random(seed), the
+sample's own seed (the loader derives it from seed, epoch and the sample index), and travels as
+numbers in `params`: the device half draws nothing, so the result is the same whatever the number
+of workers or ranks, and a resumed run is exact.
 
 Kinds: "moco" is the PI fork's stage-2 recipe, MoCo v2 (Chen et al. 2020, moco/main_moco.py
---aug-plus): RandomResizedCrop(scale 0.2-1), ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8 (each factor
-and the order of the four as torchvision draws them), RandomGrayscale p=0.2, Gaussian blur with
-sigma uniform in [0.1, 2.0] and p=0.5 (MoCo v2 blurs with PIL's ImageFilter.GaussianBlur(sigma); here
-an exact Gaussian of that sigma, 13 taps, on the device), horizontal flip. "train" is open_clip's
-RandomResizedCrop(scale 0.9-1); "eval" a centre square crop. Images are not bit-identical to
-torchvision's (JPEG draft decoding, one resize from the crop box): they are the same augmentation.
+--aug-plus): RandomResizedCrop(scale 0.2-1), ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8 (each
+factor and the order of the four as torchvision draws them), RandomGrayscale p=0.2, Gaussian blur
+with sigma uniform in [0.1, 2.0] and p=0.5 (MoCo v2 blurs with PIL's
+ImageFilter.GaussianBlur(sigma); here an exact Gaussian of that sigma, 13 taps, on the device),
+horizontal flip. "train" is open_clip's RandomResizedCrop(scale 0.9-1); "eval" a centre square
+crop. Images are not bit-identical to torchvision's (JPEG draft decoding, one resize from the crop
+box): they are the same augmentation.
 """
 import io
 import math
@@ -33,8 +36,9 @@ from data import CLIP_MEAN, CLIP_STD
 # params columns, drawn in host_half(), read in device_half()
 JITTER, BRIGHTNESS, CONTRAST, SATURATION, HUE, ORDER, GRAY, SIGMA = range(8)
 NUM_PARAMS = 8
-ORDERS = torch.tensor([[a, b, c, d] for a in range(4) for b in range(4) for c in range(4) for d in range(4)
-                       if len({a, b, c, d}) == 4])  # (24, 4): the 4! orders of the jitter ops
+# (24, 4): the 4! orders of the jitter ops
+ORDERS = torch.tensor([[a, b, c, d] for a in range(4) for b in range(4) for c in range(4)
+                       for d in range(4) if len({a, b, c, d}) == 4])
 BLUR_RADIUS = 6  # taps each side: 3 sigma at MoCo's largest sigma, 2.0
 KINDS = ("moco", "train", "eval")
 
@@ -59,9 +63,10 @@ def random_resized_crop_box(width, height, scale, ratio, rng):
 
 
 class TrainTransform:
-    """host_half(image, seed) -> (uint8 (3, S, S), float params (NUM_PARAMS,)); device_half(images, params) ->
-    normalised float (B, 3, S, S). `draft`: let libjpeg decode at 1/2, 1/4 or 1/8 scale when the crop
-    still has at least S pixels each way there (most of the decode time of large photos)."""
+    """host_half(image, seed) -> (uint8 (3, S, S), float params (NUM_PARAMS,));
+    device_half(images, params) -> normalised float (B, 3, S, S). `draft`: let libjpeg decode at
+    1/2, 1/4 or 1/8 scale when the crop still has at least S pixels each way there (most of the
+    decode time of large photos)."""
 
     def __init__(self, image_size, kind="moco", draft=True):
         if kind not in KINDS:
@@ -74,7 +79,8 @@ class TrainTransform:
         rng = random.Random(seed)
         if self.kind == "eval":
             side = min(width, height)
-            box = ((width - side) // 2, (height - side) // 2, (width - side) // 2 + side, (height - side) // 2 + side)
+            box = ((width - side) // 2, (height - side) // 2, (width - side) // 2 + side,
+                   (height - side) // 2 + side)
         else:
             scale = (0.2, 1.0) if self.kind == "moco" else (0.9, 1.0)
             box = random_resized_crop_box(width, height, scale, (3 / 4, 4 / 3), rng)
@@ -82,7 +88,8 @@ class TrainTransform:
         if self.kind == "moco":
             params[JITTER] = rng.random() < 0.8
             params[ORDER] = rng.randrange(24)
-            params[BRIGHTNESS], params[CONTRAST], params[SATURATION] = (rng.uniform(0.6, 1.4) for _ in range(3))
+            params[BRIGHTNESS], params[CONTRAST], params[SATURATION] = (
+                rng.uniform(0.6, 1.4) for _ in range(3))
             params[HUE] = rng.uniform(-0.1, 0.1)
             params[GRAY] = rng.random() < 0.2
             params[SIGMA] = rng.uniform(0.1, 2.0) if rng.random() < 0.5 else 0.0
@@ -107,20 +114,23 @@ class TrainTransform:
         return torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1).contiguous(), params
 
     def host_half_encoded(self, image_bytes, seed):
-        """For decoding on the device: a JPEG's header only is read here; -> (bytes as a uint8 tensor,
-        (left, top, right, bottom, flip) float tensor, params), or host_half()'s result for other images."""
+        """For decoding on the device: a JPEG's header only is read here; -> (bytes as a uint8
+        tensor, (left, top, right, bottom, flip) float tensor, params), or host_half()'s result for
+        other images."""
         image = Image.open(io.BytesIO(image_bytes))
         if image.format != "JPEG" or image.mode not in ("RGB", "L"):
             return self.host_half(image, seed)
         box, params, flip = self.draw(*image.size, seed)
-        return torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8), torch.tensor([*box, flip], dtype=torch.float), params
+        return (torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8),
+                torch.tensor([*box, flip], dtype=torch.float), params)
 
     def decode_jpegs_on_device(self, jpegs, boxes, device):
-        """JPEGs (uint8 tensors of their bytes) decoded on `device` (torchvision.io.decode_jpeg: nvjpeg on
-        CUDA), cropped to boxes (n, 5) = (left, top, right, bottom, flip), a CPU tensor, resized and
-        flipped -> (uint8 (k, 3, S, S) of those that decode, in order; the indices of those that do
-        not). One corrupt JPEG fails the batched decode: the batch is then decoded one by one, so only
-        that one is lost (the loader counts it as bad_image). Close to host_half(), not bit-equal."""
+        """JPEGs (uint8 tensors of their bytes) decoded on `device` (torchvision.io.decode_jpeg:
+        nvjpeg on CUDA), cropped to boxes (n, 5) = (left, top, right, bottom, flip), a CPU tensor,
+        resized and flipped -> (uint8 (k, 3, S, S) of those that decode, in order; the indices of
+        those that do not). One corrupt JPEG fails the batched decode: the batch is then decoded one
+        by one, so only that one is lost (the loader counts it as bad_image). Close to host_half(),
+        not bit-equal."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
         try:
@@ -135,16 +145,18 @@ class TrainTransform:
         failed = [i for i, image in enumerate(decoded) if image is None]
         kept = [(image, box) for image, box in zip(decoded, boxes.tolist()) if image is not None]
         if not kept:
-            return torch.zeros((0, 3, self.image_size, self.image_size), dtype=torch.uint8, device=device), failed
-        return resize_crops([image for image, _ in kept], [box for _, box in kept], self.image_size), failed
+            return torch.zeros((0, 3, self.image_size, self.image_size), dtype=torch.uint8,
+                               device=device), failed
+        return resize_crops([image for image, _ in kept], [box for _, box in kept],
+                            self.image_size), failed
 
     def device_half(self, images, params):
         """uint8 (B, 3, S, S) and params (B, NUM_PARAMS), both on the device -> float (B, 3, S, S).
         No host syncs: every per-sample choice is a torch.where mask, not a Python `if` on a device
-        value or a boolean-mask index (each of those makes the host wait for the step in flight), and
-        constants come from a per-device cache, not a fresh host-to-device copy each call
-        (tests/stage2/test_augment_device.py counts them). Samples an op skips pass through it unchanged,
-        bit for bit."""
+        value or a boolean-mask index (each of those makes the host wait for the step in flight),
+        and constants come from a per-device cache, not a fresh host-to-device copy each call
+        (tests/stage2/test_augment_device.py counts them). Samples an op skips pass through it
+        unchanged, bit for bit."""
         x = images.float() / 255
         if self.kind == "moco":
             params = params.to(x.device, non_blocking=True)
@@ -153,23 +165,26 @@ class TrainTransform:
             x = torch.where(gray, grayscale(x).expand_as(x), x)
             sigma = params[:, SIGMA]
             blurred = (sigma > 0).view(-1, 1, 1, 1)
-            x = torch.where(blurred, gaussian_blur(x, torch.where(sigma > 0, sigma, 1.0)), x)  # 1.0: any sigma > 0, unused
+            # 1.0 where there is no blur: any sigma > 0 would do, the result is unused
+            x = torch.where(blurred, gaussian_blur(x, torch.where(sigma > 0, sigma, 1.0)), x)
         constants = device_constants(x.device)
         return (x - constants["mean"]) / constants["std"]
 
 
 def resize_crops(images, boxes, size, chunk=128):
-    """Crops of uint8 images (a list of (3, H_i, W_i) on one device) at boxes [(left, top, right, bottom,
-    flip)], resized to (size, size) as F.interpolate(mode="bicubic", antialias=True) resizes each (and
-    PIL's bicubic resize: Keys' cubic, a = -0.5, stretched over the input pixels a output pixel covers),
-    flipped where asked -> uint8 (n, 3, size, size). Batched: the crops of a chunk are copied into one
-    zero-padded tensor (one copy each) and resized by two batched matmuls with per-crop weight matrices
-    (zero outside a crop), instead of ~5 kernel launches per image. On CUDA the matmuls follow the TF32
-    setting: a pixel may then differ from the fp32 result by one level of 255."""
+    """Crops of uint8 images (a list of (3, H_i, W_i) on one device) at boxes [(left, top, right,
+    bottom, flip)], resized to (size, size) as F.interpolate(mode="bicubic", antialias=True) resizes
+    each (and PIL's bicubic resize: Keys' cubic, a = -0.5, stretched over the input pixels a output
+    pixel covers), flipped where asked -> uint8 (n, 3, size, size). Batched: the crops of a chunk
+    are copied into one zero-padded tensor (one copy each) and resized by two batched matmuls with
+    per-crop weight matrices (zero outside a crop), instead of ~5 kernel launches per image. On CUDA
+    the matmuls follow the TF32 setting: a pixel may then differ from the fp32 result by one level
+    of 255."""
     out = []
     for start in range(0, len(images), chunk):
         crops = [image[:, int(top):int(bottom), int(left):int(right)]
-                 for image, (left, top, right, bottom, _) in zip(images[start:start + chunk], boxes[start:start + chunk])]
+                 for image, (left, top, right, bottom, _)
+                 in zip(images[start:start + chunk], boxes[start:start + chunk])]
         heights, widths = [c.shape[1] for c in crops], [c.shape[2] for c in crops]
         padded = crops[0].new_zeros((len(crops), 3, max(heights), max(widths)))
         for i, crop in enumerate(crops):
@@ -179,8 +194,10 @@ def resize_crops(images, boxes, size, chunk=128):
         rows = resample_weights(heights, padded.shape[2], size, device)  # (n, S, H)
         columns = resample_weights(widths, padded.shape[3], size, device)  # (n, S, W)
         flip = _to_device(flips, torch.bool, device).view(-1, 1, 1)
-        columns = torch.where(flip, columns.flip(1), columns)  # output column j reads crop column S-1-j's weights
-        resized = rows.unsqueeze(1) @ padded.float() @ columns.unsqueeze(1).transpose(-1, -2)  # (n, 3, S, S)
+        # flipped: output column j reads the weights of crop column S-1-j
+        columns = torch.where(flip, columns.flip(1), columns)
+        # (n, 1, S, H) @ (n, 3, H, W) @ (n, 1, W, S) -> (n, 3, S, S)
+        resized = rows.unsqueeze(1) @ padded.float() @ columns.unsqueeze(1).transpose(-1, -2)
         out.append(resized.clamp(0, 255).round().to(torch.uint8))
     return torch.cat(out)
 
@@ -188,26 +205,30 @@ def resize_crops(images, boxes, size, chunk=128):
 def resample_weights(lengths, padded_length, size, device):
     """(n, size, padded_length): row i of sample k holds the weights F.interpolate(mode="bicubic",
     antialias=True) gives input pixels 0 .. lengths[k] - 1 for output pixel i (ATen's
-    _compute_weights_aa: support 2 pixels, stretched by the scale when shrinking; normalised to sum 1);
-    zero beyond the sample's length."""
+    _compute_weights_aa: support 2 pixels, stretched by the scale when shrinking; normalised to sum
+    1); zero beyond the sample's length."""
     length = _to_device(lengths, torch.float, device).view(-1, 1, 1)  # (n, 1, 1)
     scale = length / size
     support = torch.where(scale >= 1, 2 * scale, 2.0)
     inverse = torch.where(scale >= 1, 1 / scale, 1.0)
-    center = scale * (torch.arange(size, device=device, dtype=torch.float).view(1, -1, 1) + 0.5)  # (n, S, 1)
+    # (n, S, 1): each output pixel's centre, in input pixels
+    center = scale * (torch.arange(size, device=device, dtype=torch.float).view(1, -1, 1) + 0.5)
     first = torch.floor(center - support + 0.5).clamp(min=0)
     last = torch.minimum(torch.floor(center + support + 0.5), length)  # exclusive
-    pixel = torch.arange(padded_length, device=device, dtype=torch.float).view(1, 1, -1)  # (1, 1, L)
+    # (1, 1, L)
+    pixel = torch.arange(padded_length, device=device, dtype=torch.float).view(1, 1, -1)
     t = ((pixel - center + 0.5) * inverse).abs()
     a = -0.5  # Keys' cubic as PIL and ATen's antialiased bicubic use it
-    cubic = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1, torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, 0.0))
+    cubic = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                        torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, 0.0))
     weights = torch.where((pixel >= first) & (pixel < last), cubic, 0.0)
     return weights / weights.sum(-1, keepdim=True)
 
 
 def _to_device(values, dtype, device):
     """A small host list on `device` without a blocking copy (pinned, non_blocking) on CUDA."""
-    return torch.tensor(values, dtype=dtype, pin_memory=torch.device(device).type == "cuda").to(device, non_blocking=True)
+    return torch.tensor(values, dtype=dtype, pin_memory=torch.device(device).type == "cuda").to(
+        device, non_blocking=True)
 
 
 _CONSTANTS = {}
@@ -227,10 +248,10 @@ def device_constants(device):
     return _CONSTANTS[device]
 
 
-# ---------------------------------------------------------------------------------------------------
-# Batched ops with one parameter per sample; each equals torchvision.transforms.functional's on float
-# images in [0, 1] (tests/stage2/test_augment.py holds them side by side).
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Batched ops with one parameter per sample; each equals torchvision.transforms.functional's on
+# float images in [0, 1] (tests/stage2/test_augment.py holds them side by side).
+# --------------------------------------------------------------------------------------------------
 
 
 def grayscale(x):
@@ -243,15 +264,16 @@ def _blend(x, other, factor):
 
 
 def adjust_hue(x, shift):
-    """Rotate the hue of each image by shift[i] (a fraction of the circle): RGB -> HSV, shift H, back.
-    HSV -> RGB in closed form: channel n in (R, G, B) = V - V*S*clamp(min(k, 4 - k), 0, 1) with
-    k = (n' + 6H) mod 6, n' = (5, 3, 1); V*S is max - min."""
+    """Rotate the hue of each image by shift[i] (a fraction of the circle): RGB -> HSV, shift H,
+    back. HSV -> RGB in closed form: channel n in (R, G, B) = V - V*S*clamp(min(k, 4 - k), 0, 1)
+    with k = (n' + 6H) mod 6, n' = (5, 3, 1); V*S is max - min."""
     maxc, minc = x.amax(1), x.amin(1)
     delta = maxc - minc  # (n, H, W)
     d = torch.where(delta > 0, delta, torch.ones_like(delta))
     r, g, b = ((maxc - x[:, c]) / d for c in range(3))
     h = torch.where(maxc == x[:, 0], b - g, torch.where(maxc == x[:, 1], 2 + r - b, 4 + g - r))
-    h = torch.where(delta > 0, h / 6, torch.zeros_like(h)) + shift.view(-1, 1, 1)  # in (-1, 2): no % needed
+    # h is in (-1, 2): no % needed
+    h = torch.where(delta > 0, h / 6, torch.zeros_like(h)) + shift.view(-1, 1, 1)
     h6 = (h - torch.floor(h)) * 6
     k = device_constants(x.device)["hue_offsets"].to(x.dtype) + h6.unsqueeze(1)
     k = torch.where(k >= 6, k - 6, k)
@@ -260,12 +282,13 @@ def adjust_hue(x, shift):
 
 def jitter_slot(x, op, factors):
     """One slot of every sample's jitter order: sample i gets op[i] (0 brightness, 1 contrast,
-    2 saturation, 3 hue, -1 none) with factor factors[i, op[i]], factors = params[:, BRIGHTNESS:HUE + 1].
-    The three linear ops are one blend, factor * x + (1 - factor) * other, as torchvision writes each
-    (other: 0 for brightness, the image's mean gray for contrast, its gray for saturation); a sample
-    with another op gets factor 1 and other 0, which leaves it bit for bit unchanged. Hue goes through
-    torch.where (its RGB -> HSV -> RGB round trip is not exact). All of it on the whole batch: no
-    boolean-mask indexing, so no host sync."""
+    2 saturation, 3 hue, -1 none) with factor factors[i, op[i]],
+    factors = params[:, BRIGHTNESS:HUE + 1]. The three linear ops are one blend,
+    factor * x + (1 - factor) * other, as torchvision writes each (other: 0 for brightness, the
+    image's mean gray for contrast, its gray for saturation); a sample with another op gets factor 1
+    and other 0, which leaves it bit for bit unchanged. Hue goes through torch.where (its
+    RGB -> HSV -> RGB round trip is not exact). All of it on the whole batch: no boolean-mask
+    indexing, so no host sync."""
     linear = (op >= 0) & (op < 3)
     factor = torch.where(linear, factors.gather(1, op.clamp(0, 2).unsqueeze(1)).squeeze(1), 1.0)
     gray = grayscale(x)  # (B, 1, H, W)
@@ -276,7 +299,8 @@ def jitter_slot(x, op, factors):
 
 
 def _apply_op(op, x, factor):
-    """One op, one factor per image, on every image of the batch (what jitter_slot does per sample)."""
+    """One op, one factor per image, on every image of the batch (what jitter_slot does per
+    sample)."""
     factors = factor.view(-1, 1).expand(-1, 4)
     return jitter_slot(x, torch.full((len(x),), op, device=x.device), factors)
 

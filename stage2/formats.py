@@ -4,18 +4,17 @@
   for sample in read_unit(units[0], start=0, image_column="images", text_column="texts"): ...
 
 Formats, as users download or make them:
-- tar shards in the webdataset / img2dataset layout, plain or gzipped: consecutive members sharing a
-  key form one sample (000123.jpg + 000123.txt), the grouping rules of the webdataset library;
+- tar shards in the webdataset / img2dataset layout, plain or gzipped: consecutive members sharing
+  a key form one sample (000123.jpg + 000123.txt), the grouping rules of the webdataset library;
 - parquet files, one unit per row group: an image column (binary, or a struct with a `bytes` field
-  as the Hugging Face hub's Image feature stores it) and a text column (strings, or a list of numbers
-  taken as CLIP token ids, as Kaichengalex/YFCC15M stores them).
-Sample counts (what an exact epoch needs) come from sizes.json beside the shards, else img2dataset's
-NNNNN_stats.json, else parquet metadata, else one counting pass that reads tar headers (no image is
-decoded) and is saved for the next start.
+  as the Hugging Face hub's Image feature stores it) and a text column (strings, or a list of
+  numbers taken as CLIP token ids, as Kaichengalex/YFCC15M stores them).
+Sample counts (what an exact epoch needs) come from sizes.json beside the shards, else
+img2dataset's NNNNN_stats.json, else parquet metadata, else one counting pass that reads tar
+headers (no image is decoded) and is saved for the next start.
 
-Why a file of its own: stage2/shards.py is the engine (streams, epochs, resume, batching, decoding); this
-file only knows formats, so a new format touches this file alone. It stays one file (~420 lines)
-because each format's counter and reader share its parsing rules. Like stage2/shards.py it knows no model.
+VOCAB_SIZE and END_OF_TEXT are those of CLIP's BPE vocabulary (github openai/CLIP,
+clip/simple_tokenizer.py).
 """
 import glob
 import gzip
@@ -38,10 +37,12 @@ from tqdm import tqdm
 
 from data import split_member_name, tokenize
 
-# Why a sample or a unit was skipped. The engine counts them, sends them with every batch, sums ranks.
-SKIP_REASONS = ("no_image", "bad_image", "no_caption", "bad_caption", "truncated_shard", "unreadable_file")
+# Why a sample or a unit was skipped: the engine counts them, sends them with every batch and sums
+# them over ranks.
+SKIP_REASONS = ("no_image", "bad_image", "no_caption", "bad_caption", "truncated_shard",
+                "unreadable_file")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # the first present is the sample's image
-VOCAB_SIZE, END_OF_TEXT = 49408, 49407  # CLIP's BPE vocabulary (github openai/CLIP, clip/simple_tokenizer.py)
+VOCAB_SIZE, END_OF_TEXT = 49408, 49407  # CLIP's BPE vocabulary
 COUNTS_FILE = ".pi_counts.json"  # the counting pass's result, beside the shards or in cache_dir
 COUNTING_THREADS = 8
 PARQUET_BATCH_ROWS = 256  # rows decoded from parquet at a time: bounds a reader's memory
@@ -59,16 +60,16 @@ def is_parquet(path):
     return str(path).lower().endswith(".parquet")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Specs
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def expand_spec(spec):
     """'/d/{000..002}.tar::/e/x-{a,b}.parquet' -> ['/d/000.tar', '/d/001.tar', '/d/002.tar',
     '/e/x-a.parquet', '/e/x-b.parquet']. Specs are joined by '::' (open_clip's separator); each may
-    hold several braces, each a numeric range {lo..hi} (zero-padded when an end is) or a list {a,b,c},
-    expanded left to right, then wildcards (* ? [...]), as bash does. A list or tuple of specs is
-    expanded one by one."""
+    hold several braces, each a numeric range {lo..hi} (zero-padded when an end is) or a list
+    {a,b,c}, expanded left to right, then wildcards (* ? [...]), as bash does. A list or tuple of
+    specs is expanded one by one."""
     if isinstance(spec, (list, tuple)):
         return [path for s in spec for path in expand_spec(s)]
     paths = []
@@ -98,9 +99,9 @@ def expand_spec(spec):
     return paths
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Units and their sample counts
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def list_units(paths, cache_dir=None, progress=True, image_column=None, text_column=None):
     """Units of `paths` (a spec or a list of paths), in their order, each with its sample count.
@@ -130,7 +131,8 @@ def list_units(paths, cache_dir=None, progress=True, image_column=None, text_col
             with pq.ParquetFile(path) as parquet:  # reads the footer only
                 schema, meta = parquet.schema_arrow, parquet.metadata
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a broken footer
-            print(f"warning: {path}: unreadable parquet file ({type(e).__name__}: {e})", file=sys.stderr)
+            print(f"warning: {path}: unreadable parquet file ({type(e).__name__}: {e})",
+                  file=sys.stderr)
             units.append(Unit(path, -1, 0))
             continue
         if image_column or text_column:
@@ -148,7 +150,8 @@ def _tar_counts(paths, cache_dir, progress):
         sizes = _read_json(sizes_path) if os.path.exists(sizes_path) else {}
         saved = _saved_counts(folder, cache_dir)
         for name, path in names.items():
-            stats_path = os.path.join(folder, name.split(".", 1)[0] + "_stats.json")  # img2dataset's
+            # img2dataset's NNNNN_stats.json
+            stats_path = os.path.join(folder, name.split(".", 1)[0] + "_stats.json")
             if name in sizes:
                 counts[path] = int(sizes[name])
             elif os.path.exists(stats_path) and "successes" in (stats := _read_json(stats_path)):
@@ -166,9 +169,10 @@ def _tar_counts(paths, cache_dir, progress):
     # Threads: on network or cold disks the pass waits on reads, which release the GIL.
     pool = ThreadPoolExecutor(COUNTING_THREADS)
     try:
-        for path, samples in zip(to_count, tqdm(pool.map(count_tar_samples, to_count), total=len(to_count),
-                                                desc="counting samples (once; the result is saved)", unit="shard",
-                                                disable=not progress or not to_count, file=sys.stderr)):
+        for path, samples in zip(to_count, tqdm(
+                pool.map(count_tar_samples, to_count), total=len(to_count),
+                desc="counting samples (once; the result is saved)", unit="shard",
+                disable=not progress or not to_count, file=sys.stderr)):
             found[path] = samples
             if time.monotonic() - saved_at > 30:
                 save()
@@ -198,19 +202,21 @@ def _read_json(path):
 
 
 def _stamp(path):
-    """What must not change for a saved count to stay valid: the file's size and modification time."""
+    """What must not change for a saved count to stay valid: the file's size and mtime."""
     stat = os.stat(path)
     return [stat.st_size, stat.st_mtime_ns]
 
 
 def _cache_file(folder, cache_dir):
-    cache_dir = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pi-kit")
+    cache_dir = cache_dir or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pi-kit")
     digest = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:16]
     return os.path.join(cache_dir, f"counts-{digest}.json")
 
 
 def _saved_counts(folder, cache_dir):
-    """Counts a counting pass saved, beside the shards or in cache_dir (the first that has a name wins)."""
+    """Counts a counting pass saved, beside the shards or in cache_dir (the first that has a name
+    wins)."""
     saved = {}
     for path in (_cache_file(folder, cache_dir), os.path.join(folder, COUNTS_FILE)):
         if os.path.exists(path):
@@ -223,19 +229,22 @@ def _saved_counts(folder, cache_dir):
 
 def _save_counts(folder, cache_dir, counts):
     """Merge `counts` into the folder's counts file (written atomically), else into cache_dir."""
-    entries = {n: {"samples": c, "stamp": _stamp(os.path.join(folder, n))} for n, c in counts.items()}
+    entries = {n: {"samples": c, "stamp": _stamp(os.path.join(folder, n))}
+               for n, c in counts.items()}
     for path in (os.path.join(folder, COUNTS_FILE), _cache_file(folder, cache_dir)):
         try:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             old = _read_json(path).get("files", {}) if os.path.exists(path) else {}
             tmp = f"{path}.{os.getpid()}.tmp"
             with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"folder": os.path.abspath(folder), "files": {**old, **entries}}, f, indent=1, sort_keys=True)
+                json.dump({"folder": os.path.abspath(folder), "files": {**old, **entries}}, f,
+                          indent=1, sort_keys=True)
             os.replace(tmp, path)
             return path
         except (OSError, ValueError):
             continue  # read-only folder: try the cache
-    print(f"warning: could not save the sample counts of {folder} (read-only, and so is the cache)", file=sys.stderr)
+    print(f"warning: could not save the sample counts of {folder} "
+          "(read-only, and so is the cache)", file=sys.stderr)
     return None
 
 
@@ -245,23 +254,25 @@ def count_tar_samples(path):
     return sum("problem" not in s for s in _tar_samples(path, start=None))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reading a unit
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def read_unit(unit, start=0, image_column="images", text_column="texts"):
-    """The unit's raw samples from index `start` on, as dicts {"key", "source", "image": bytes|None,
-    "text": str|None, "tokens": list of numbers|None} (a caption that is not UTF-8 adds "bad":
-    "bad_caption"); if the unit breaks off, a last {"problem": "truncated_shard"|"unreadable_file",
-    "source", "error"}. Earlier samples are skipped as cheaply as the format allows: a plain tar seeks
-    past their members, a parquet row group is sliced. The columns apply to parquet only."""
+    """The unit's raw samples from index `start` on, as dicts {"key", "source", "image":
+    bytes|None, "text": str|None, "tokens": list of numbers|None} (a caption that is not UTF-8 adds
+    "bad": "bad_caption"); if the unit breaks off, a last {"problem":
+    "truncated_shard"|"unreadable_file", "source", "error"}. Earlier samples are skipped as cheaply
+    as the format allows: a plain tar seeks past their members, a parquet row group is sliced. The
+    columns apply to parquet only."""
     if is_parquet(unit.path):
         return _parquet_samples(unit, start, image_column, text_column)
     return _tar_samples(unit.path, start)
 
 
 def _tar_samples(path, start):
-    """Samples of a tar from index `start` on. start=None counts: one {"key"} per sample, no data read."""
+    """Samples of a tar from index `start` on. start=None counts: one {"key"} per sample, no data
+    read."""
     source, count_only = str(path), start is None
     started, sample, index = False, None, -1
     try:
@@ -274,12 +285,14 @@ def _tar_samples(path, start):
             with tarfile.open(fileobj=fileobj, mode="r:") as tar:
                 while (member := tar.next()) is not None:
                     started = True
-                    tar.members.clear()  # tarfile keeps every header read; a shard's worth is not needed
+                    # tarfile keeps every header it reads; a shard's worth is not needed
+                    tar.members.clear()
                     if not member.isfile():
                         continue
                     key, ext = split_member_name(member.name)
+                    # webdataset skips names without an extension, and __meta__ members too
                     if key is None or regex.match(r"__[^/]*__($|/)", member.name):
-                        continue  # webdataset skips names without extension and __meta__ members too
+                        continue
                     # A new key, or an extension the sample already has, starts the next sample
                     # (webdataset's group_by_keys). The finished one goes out before this member is
                     # read, so a tar cut inside the new sample keeps the finished one.
@@ -287,17 +300,21 @@ def _tar_samples(path, start):
                         if sample is not None and (count_only or sample["wanted"]):
                             yield _tar_sample(sample, source, count_only)
                         index += 1
-                        sample = {"key": key, "members": {}, "wanted": not count_only and index >= start}
-                    sample["members"][ext] = tar.extractfile(member).read() if sample["wanted"] else None
-                # tarfile ends quietly at a cut or a garbage header; a whole tar ends in a zero block.
-                # Cut there, the last sample's members are whole: it is kept, then the cut reported.
+                        sample = {"key": key, "members": {},
+                                  "wanted": not count_only and index >= start}
+                    sample["members"][ext] = (tar.extractfile(member).read() if sample["wanted"]
+                                              else None)
+                # tarfile ends quietly at a cut or a garbage header; a whole tar ends in a zero
+                # block. Cut there, the last sample's members are whole: it is kept, then the cut
+                # reported.
                 fileobj.seek(tar.offset)
                 end = fileobj.read(tarfile.BLOCKSIZE)
                 if len(end) < tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
                     if sample is not None and (count_only or sample["wanted"]):
                         yield _tar_sample(sample, source, count_only)
                     sample = None
-                    raise tarfile.ReadError(f"no end-of-archive block at byte {tar.offset}: the tar is cut or damaged")
+                    raise tarfile.ReadError(f"no end-of-archive block at byte {tar.offset}: "
+                                            "the tar is cut or damaged")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         # The sample being read when the tar broke may lack members: it is dropped with the rest.
         yield {"problem": "truncated_shard" if started else "unreadable_file", "source": source,
@@ -326,26 +343,31 @@ def _parquet_columns(path, schema, image_column, text_column):
     kinds = []
     for role, name in (("image_column", image_column), ("text_column", text_column)):
         if name not in schema.names:
-            raise ValueError(f"{path}: no column {name!r} (the {role}); its columns are {schema.names}. "
-                             f"Set --{role}=<one of them>")
+            raise ValueError(f"{path}: no column {name!r} (the {role}); its columns are "
+                             f"{schema.names}. Set --{role}=<one of them>")
         kind = schema.field(name).type
         if role == "image_column":
             if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
                 kinds.append("binary")
                 continue
             if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
-                kinds.append("struct")  # the hub's Image feature: struct<bytes: binary, path: string>
+                # the hub's Image feature: struct<bytes: binary, path: string>
+                kinds.append("struct")
                 continue
         else:
             if pa.types.is_string(kind) or pa.types.is_large_string(kind):
                 kinds.append("string")
                 continue
-            if (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)) \
-                    and (pa.types.is_integer(kind.value_type) or pa.types.is_floating(kind.value_type)):
+            if ((pa.types.is_list(kind) or pa.types.is_large_list(kind)
+                 or pa.types.is_fixed_size_list(kind))
+                    and (pa.types.is_integer(kind.value_type)
+                         or pa.types.is_floating(kind.value_type))):
                 kinds.append("token_ids")  # e.g. Kaichengalex/YFCC15M's list<float32> of CLIP ids
                 continue
-        expected = "binary, or a struct with a 'bytes' field" if role == "image_column" else "string, or a list of token ids"
-        raise ValueError(f"{path}: column {name!r} (the {role}) has type {kind}; expected {expected}")
+        expected = ("binary, or a struct with a 'bytes' field" if role == "image_column"
+                    else "string, or a list of token ids")
+        raise ValueError(f"{path}: column {name!r} (the {role}) has type {kind}; "
+                         f"expected {expected}")
     return kinds
 
 
@@ -363,15 +385,18 @@ def _parquet_samples(unit, start, image_column, text_column):
 def _row_group_samples(parquet, unit, source, start, image_column, text_column):
     # Memory: pyarrow holds about twice the row group's column chunks while it is read. The hub's
     # datasets library writes image datasets in 100-row groups (~7.5 MB for YFCC15M).
-    image_kind, text_kind = _parquet_columns(unit.path, parquet.schema_arrow, image_column, text_column)
+    image_kind, text_kind = _parquet_columns(unit.path, parquet.schema_arrow, image_column,
+                                             text_column)
     has_key = "key" in parquet.schema_arrow.names  # img2dataset's parquet output has one
-    columns = [image_column, text_column] + ["key"] * (has_key and "key" not in (image_column, text_column))
+    columns = ([image_column, text_column]
+               + ["key"] * (has_key and "key" not in (image_column, text_column)))
     meta = parquet.metadata
     first_row = sum(meta.row_group(i).num_rows for i in range(max(unit.row_group, 0)))
     name = os.path.basename(unit.path)
     index, started = 0, False
     try:
-        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[max(unit.row_group, 0)],
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS,
+                                          row_groups=[max(unit.row_group, 0)],
                                           columns=columns, use_threads=False):
             started = True
             if index + batch.num_rows <= start:  # a whole batch before `start`: nothing converted
@@ -386,8 +411,9 @@ def _row_group_samples(parquet, unit, source, start, image_column, text_column):
             keys = batch.column("key").to_pylist() if has_key else None
             for i, image in enumerate(images.to_pylist()):
                 text = texts[i]
-                yield {"key": str(keys[i]) if has_key else f"{name}/{first_row + index + i}", "source": source,
-                       "image": image, "text": text if text_kind == "string" else None,
+                yield {"key": str(keys[i]) if has_key else f"{name}/{first_row + index + i}",
+                       "source": source, "image": image,
+                       "text": text if text_kind == "string" else None,
                        "tokens": text if text_kind == "token_ids" else None}
             index += batch.num_rows
     except (OSError, pa.ArrowException) as e:
@@ -395,17 +421,18 @@ def _row_group_samples(parquet, unit, source, start, image_column, text_column):
                "error": f"{type(e).__name__}: {e}"}
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Captions
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def caption_tokens(sample, context_length=77):
     """A raw sample's caption as token ids, LongTensor (context_length,), or the skip reason.
 
-    A str caption is tokenised as CLIP does (data.tokenize). A list of numbers is taken as CLIP token
-    ids, its first context_length (Kaichengalex/YFCC15M's `texts` holds three 77-id blocks: raw
-    caption, synthetic caption, generated caption; the PI fork trains on the first); ids that are not
-    whole numbers inside the vocabulary, or a block without an end-of-text id, are "bad_caption".
+    A str caption is tokenised as CLIP does (data.tokenize). A list of numbers is taken as CLIP
+    token ids, its first context_length (Kaichengalex/YFCC15M's `texts` holds three 77-id blocks:
+    raw caption, synthetic caption, generated caption; the PI fork trains on the first); ids that
+    are not whole numbers inside the vocabulary, or a block without an end-of-text id, are
+    "bad_caption".
     No caption (or only whitespace) is "no_caption".
     """
     if sample.get("bad"):
@@ -420,6 +447,7 @@ def caption_tokens(sample, context_length=77):
         whole = [int(i) for i in block]
     except (TypeError, ValueError, OverflowError):  # None inside the list, NaN, inf
         return "bad_caption"
-    if any(w != i or not 0 <= w < VOCAB_SIZE for w, i in zip(whole, block)) or END_OF_TEXT not in whole:
+    if (any(w != i or not 0 <= w < VOCAB_SIZE for w, i in zip(whole, block))
+            or END_OF_TEXT not in whole):
         return "bad_caption"
     return torch.tensor(whole + [0] * (context_length - len(whole)), dtype=torch.long)

@@ -179,7 +179,8 @@ class WorkerParcels(torch.utils.data.IterableDataset):
     def __init__(self, units, transform, batch_size, streams, rank, world_size, accum_steps, seed,
                  shuffle_buffer, context_length, image_column, text_column, decode_on_device=False):
         super().__init__()
-        self.units, self.transform, self.batch_size, self.streams = list(units), transform, batch_size, streams
+        self.units, self.transform, self.batch_size, self.streams = (
+            list(units), transform, batch_size, streams)
         self.seed, self.shuffle_buffer = seed, max(1, shuffle_buffer)
         self.context_length, self.decode_on_device = context_length, decode_on_device
         self.read_kwargs = {"image_column": image_column, "text_column": text_column}
@@ -269,7 +270,8 @@ class WorkerParcels(torch.utils.data.IterableDataset):
                        else torch.zeros(0, self.context_length, dtype=torch.long)),
             "params": torch.stack(params) if params else torch.zeros(0, NUM_PARAMS),
             "indices": torch.tensor(indices, dtype=torch.long),
-            "skipped": torch.tensor(skipped), "bad_sources": bad_sources[:5], "jpeg_rows": jpeg_rows,
+            "skipped": torch.tensor(skipped), "bad_sources": bad_sources[:5],
+            "jpeg_rows": jpeg_rows,
             # decode_on_device: the JPEGs in one buffer, one hand-over
             "jpegs": torch.cat(jpegs) if jpegs else torch.zeros(0, dtype=torch.uint8),
             "jpeg_lengths": [len(j) for j in jpegs],
@@ -303,8 +305,8 @@ class Loader:
                              f"divisible by the number of ranks ({world_size}): set streams to "
                              f"e.g. {math.gcd(batch_size, 64)}")
         self.parcels = WorkerParcels(units, transform, batch_size, streams, rank, world_size,
-                                     accum_steps, seed, shuffle_buffer, context_length, image_column,
-                                     text_column, decode_on_device)
+                                     accum_steps, seed, shuffle_buffer, context_length,
+                                     image_column, text_column, decode_on_device)
         self.transform, self.rank, self.workers = transform, rank, workers
         self.device, self.rank_batch = torch.device(device), batch_size // world_size
         self.dataloader = torch.utils.data.DataLoader(
@@ -375,9 +377,9 @@ class Loader:
 
     def _slots(self, plan, good):
         """Each row's position in the GLOBAL batch, which names its contrastive group
-        (stage2/contrastive.py): stream s's share is positions s * p ... s * p + p - 1; its `good[s]`
-        samples take the first of them and the padding rows (at the batch's end) the rest, so no
-        rank or worker count moves a row."""
+        (stage2/contrastive.py): stream s's share is positions s * p ... s * p + p - 1; its
+        `good[s]` samples take the first of them and the padding rows (at the batch's end) the
+        rest, so no rank or worker count moves a row."""
         p = plan.per_stream
         filled = [torch.arange(s * p, s * p + good[s]) for s in self.parcels.local_streams]
         empty = [torch.arange(s * p + good[s], s * p + p) for s in self.parcels.local_streams]
@@ -400,7 +402,8 @@ class Loader:
             parcel["skipped"][SKIP_REASONS.index("bad_image")] += len(dropped)
             parts, first = [], 0
             for stream, chunk, good in parcel["parts"]:
-                parts.append((stream, chunk, good - sum(first <= r < first + good for r in dropped)))
+                parts.append((stream, chunk,
+                              good - sum(first <= r < first + good for r in dropped)))
                 first += good
             parcel["parts"] = parts
             new_row = {r: r - sum(d < r for d in dropped) for r in range(n) if r not in dropped}
@@ -421,9 +424,9 @@ class Loader:
         return images
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The check command: read batches as the trainer would, before renting GPUs
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def check(argv=None):

@@ -1,10 +1,12 @@
-"""augment.TrainTransform.device, the augmentation's GPU half, as the training loop calls it on a batch.
+"""augment.TrainTransform.device_half, the augmentation's GPU half, as the training loop calls it on
+a batch.
 
 Proves (on the CPU, with real photos from scikit-image):
-- each sample's output equals torchvision.transforms.functional's ops applied to that image alone with
-  the parameters TrainTransform.draw drew for it: the jitter in its own order (TF.adjust_*), the
-  grayscale (TF.rgb_to_grayscale), the blur (TF.gaussian_blur with 13 taps after replicate padding,
-  PIL's edge rule) and CLIP's normalisation (TF.normalize); a sample an op skips is unchanged bit for bit;
+- each sample's output equals torchvision.transforms.functional's ops applied to that image alone
+  with the parameters TrainTransform.draw drew for it: the jitter in its own order (TF.adjust_*),
+  the grayscale (TF.rgb_to_grayscale), the blur (TF.gaussian_blur with 13 taps after replicate
+  padding, PIL's edge rule) and CLIP's normalisation (TF.normalize); a sample an op skips is
+  unchanged bit for bit;
 - the batched call makes no host sync: no `.item()` / `bool()` / `.tolist()` of a device value, no
   boolean-mask indexing (a nonzero on CUDA) and no fresh constant tensor (a host-to-device copy on
   CUDA), each of which makes the host wait for the step in flight. A TorchDispatchMode sees every
@@ -19,7 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from stage2 import augment
 from data import CLIP_MEAN, CLIP_STD
-from tests.stage2.test_train_transform import reference_device  # torchvision's ops on one sample, its drawn parameters
+# torchvision's ops on one sample, with its drawn parameters
+from tests.stage2.test_train_transform import reference_device
 
 SIZE = 40
 
@@ -31,12 +34,14 @@ def photo_batch(n):
     for i in range(n):
         photo = Image.fromarray(photos[i % len(photos)]).convert("RGB")
         left = 17 * i % (photo.width - 4 * SIZE)
-        crops.append(TF.pil_to_tensor(photo.crop((left, 0, left + 4 * SIZE, 4 * SIZE)).resize((SIZE, SIZE))))
+        crops.append(TF.pil_to_tensor(
+            photo.crop((left, 0, left + 4 * SIZE, 4 * SIZE)).resize((SIZE, SIZE))))
     return torch.stack(crops)
 
 
 def drawn_params(n):
-    """The params TrainTransform.draw gives n samples (the seeds are chosen so that every case occurs)."""
+    """The params TrainTransform.draw gives n samples (the seeds are chosen so that every case
+    occurs)."""
     transform = augment.TrainTransform(SIZE, "moco")
     params = torch.stack([transform.draw(100, 100, seed)[1] for seed in range(n)])
     for column in (augment.JITTER, augment.GRAY, augment.SIGMA):
@@ -48,15 +53,18 @@ def test_batched_device_half_equals_torchvision_per_sample():
     images, params = photo_batch(24), drawn_params(24)
     ours = augment.TrainTransform(SIZE, "moco").device_half(images, params)
     for i in range(len(images)):
-        torch.testing.assert_close(ours[i], reference_device(images[i], params[i]), atol=2e-5, rtol=0, msg=f"sample {i}")
-    untouched = (params[:, augment.JITTER] == 0) & (params[:, augment.GRAY] == 0) & (params[:, augment.SIGMA] == 0)
+        torch.testing.assert_close(ours[i], reference_device(images[i], params[i]), atol=2e-5,
+                                   rtol=0, msg=f"sample {i}")
+    untouched = ((params[:, augment.JITTER] == 0) & (params[:, augment.GRAY] == 0)
+                 & (params[:, augment.SIGMA] == 0))
     assert untouched.any()
     plain = TF.normalize(images[untouched].float() / 255, CLIP_MEAN, CLIP_STD)
     assert torch.equal(ours[untouched], plain)  # skipped ops leave a sample bit for bit as it was
 
 
 # On CUDA each of these makes the host wait for the device: reading a value (item, bool, tolist),
-# a data-dependent size (nonzero, boolean-mask index / select), or a fresh constant made from host data.
+# a data-dependent size (nonzero, boolean-mask index / select), or a fresh constant made from host
+# data.
 SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "lift_fresh", "lift_fresh_copy"}
 
 

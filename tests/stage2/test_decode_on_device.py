@@ -1,13 +1,15 @@
-"""decode_on_device (shards.Loader + augment.TrainTransform.device_decode), with torchvision's CPU JPEG
-decoder standing in for nvjpeg (the same torchvision.io.decode_jpeg call, device="cpu").
+"""decode_on_device (shards.Loader + augment.TrainTransform.decode_jpegs_on_device), with
+torchvision's CPU JPEG decoder standing in for nvjpeg (the same torchvision.io.decode_jpeg call,
+device="cpu").
 
 Proves:
-- the batched crop resize equals F.interpolate(mode="bicubic", antialias=True) run on each crop alone
-  (the per-image path it replaces), flips included, bit for bit after rounding to uint8 (CPU, fp32);
-- a truncated JPEG (header intact, so the worker's header read passes and only the decode fails), planted
-  in a shard, is counted as bad_image and its sample dropped, as the host path (PIL) drops it: the
-  batches' positions, tokens, params, validity and skip counts equal the host path's, and the decoded
-  images are close to the host path's (another resize).
+- the batched crop resize equals F.interpolate(mode="bicubic", antialias=True) run on each crop
+  alone (the per-image path it replaces), flips included, bit for bit after rounding to uint8 (CPU,
+  fp32);
+- a truncated JPEG (header intact, so the worker's header read passes and only the decode fails),
+  planted in a shard, is counted as bad_image and its sample dropped, as the host path (PIL) drops
+  it: the batches' sample indices, tokens, params, validity and skip counts equal the host path's,
+  and the decoded images are close to the host path's (another resize).
 """
 import io
 import sys
@@ -31,11 +33,13 @@ def test_batched_resize_equals_interpolate_per_crop():
     g = torch.Generator().manual_seed(0)
     sizes = [(50, 60), (300, 200), (224, 224), (100, 400), (30, 30)]
     images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]
-    boxes = [(3, 5, 45, 50, 0), (10, 20, 190, 290, 1), (0, 0, 224, 224, 0), (50, 10, 390, 95, 1), (2, 2, 20, 29, 0)]
+    boxes = [(3, 5, 45, 50, 0), (10, 20, 190, 290, 1), (0, 0, 224, 224, 0), (50, 10, 390, 95, 1),
+             (2, 2, 20, 29, 0)]
     ours = augment.resize_crops(images, boxes, 64, chunk=3)  # two chunks
     for image, (left, top, right, bottom, flip), out in zip(images, boxes, ours):
         crop = image[:, top:bottom, left:right].unsqueeze(0).float()
-        expected = F.interpolate(crop, size=(64, 64), mode="bicubic", antialias=True, align_corners=False)
+        expected = F.interpolate(crop, size=(64, 64), mode="bicubic", antialias=True,
+                                 align_corners=False)
         expected = expected.clamp(0, 255).round().to(torch.uint8)[0]
         assert torch.equal(out, expected.flip(-1) if flip else expected)
 
@@ -43,11 +47,13 @@ def test_batched_resize_equals_interpolate_per_crop():
 def test_a_truncated_jpeg_is_counted_as_bad_image_as_on_the_host(tmp_path):
     truncated = photo_jpeg(7, size=120)
     truncated = truncated[: len(truncated) * 2 // 3]
-    assert Image.open(io.BytesIO(truncated)).size == (120, 120)  # the header reads: only decoding fails
+    # the header reads: only decoding fails
+    assert Image.open(io.BytesIO(truncated)).size == (120, 120)
 
     def pairs():
         for i in range(40):
-            yield f"{i:05d}", {"jpg": truncated if i == 7 else photo_jpeg(i, size=120), "txt": caption(i)}
+            yield f"{i:05d}", {"jpg": truncated if i == 7 else photo_jpeg(i, size=120),
+                               "txt": caption(i)}
 
     write_shards(tmp_path, pairs(), per_shard=10)
     units = formats.list_units(str(tmp_path / "{00000..00003}.tar"), progress=False)
@@ -64,4 +70,5 @@ def test_a_truncated_jpeg_is_counted_as_bad_image_as_on_the_host(tmp_path):
     for a, b in zip(plain, on_device):
         for key in ("indices", "params", "tokens", "valid", "skipped"):
             assert torch.equal(a[key], b[key]), key
-        assert (a["images"].float() - b["images"].float()).abs().mean() < 3  # grey levels: another resize
+        # grey levels: another resize
+        assert (a["images"].float() - b["images"].float()).abs().mean() < 3

@@ -1,16 +1,18 @@
-"""stage2/shards.py, the engine, on the path train_clip.py uses (shards.Loader; the trainer itself at the end).
+"""stage2/shards.py, the engine, on the path train_clip.py uses (shards.Loader; the trainer itself
+at the end).
 
-Proves: the loader's samples are webdataset's bytes through the transform, at the positions the epoch
-plan names; every good sample comes exactly once per epoch over 2 gloo ranks x 2 workers, in the
-same global batches as one process without workers (the order depends on (seed, epoch) only), the
-short last batch and the left-over positions dropped and counted; 0, 2 or 3 workers and any
-accumulation give bit-identical batches; JPEGs decoded on the device (torchvision.io.decode_jpeg)
-give the same samples; a resumed epoch never opens a fully consumed shard (they are
-overwritten with garbage before resuming); bad data is skipped and counted by reason, exactly as
-the damage was made; mostly bad shards stop with an error naming them; train_clip.py killed (at a
-known step: tests/hold_at_step.py) and resumed with 3 workers instead of 2 ends bit-identical, and
-resumed on 2 ranks instead of 1 takes the same steps (losses and weights equal to reduction-order tolerance); the loss of padded batches whose
-good rows differ between ranks has the gradient of one large batch of the good rows alone.
+Proves: the loader's samples are webdataset's bytes through the transform, at the sample indices
+the epoch plan names; every good sample comes exactly once per epoch over 2 gloo ranks x 2
+workers, in the same global batches as one process without workers (the order depends on (seed,
+epoch) only), the short last batch and the left-over sample indices dropped and counted; 0, 2 or
+3 workers and any accumulation give bit-identical batches; JPEGs decoded on the device
+(torchvision.io.decode_jpeg) give the same samples; a resumed epoch never opens a fully consumed
+shard (they are overwritten with garbage before resuming); bad data is skipped and counted by
+reason, exactly as the damage was made; mostly bad shards stop with an error naming them;
+train_clip.py killed (at a known step: tests/hold_at_step.py) and resumed with 3 workers instead
+of 2 ends bit-identical, and resumed on 2 ranks instead of 1 takes the same steps (losses and
+weights equal to reduction-order tolerance); the loss of padded batches whose good rows differ
+between ranks has the gradient of one large batch of the good rows alone.
 """
 import collections
 import io
@@ -35,7 +37,8 @@ import data  # noqa: E402
 from tests import hold_at_step  # noqa: E402  (tests/: holds a trainer at a step)
 from stage2 import shards  # noqa: E402
 from stage2 import formats  # noqa: E402
-from tests.stage2.test_formats import caption, photo_jpeg  # noqa: E402  (one set of real-photo samples for both files)
+# one set of real-photo samples for both test files
+from tests.stage2.test_formats import caption, photo_jpeg  # noqa: E402
 from tests.stage2.test_formats import pairs as samples  # noqa: E402
 from stage2.augment import TrainTransform  # noqa: E402
 from world.make_data import write_shards  # noqa: E402
@@ -45,8 +48,8 @@ MOCO = TrainTransform(16, "moco")
 
 
 def loader(spec, batch_size=8, streams=4, workers=0, transform=MOCO, **kwargs):
-    return shards.Loader(formats.list_units(spec, progress=False), transform, batch_size, streams, workers=workers,
-                         shuffle_buffer=5, **kwargs)
+    return shards.Loader(formats.list_units(spec, progress=False), transform, batch_size, streams,
+                         workers=workers, shuffle_buffer=5, **kwargs)
 
 
 def epoch(loader_, e=0, start=0):
@@ -56,7 +59,8 @@ def epoch(loader_, e=0, start=0):
 def test_samples_are_webdatasets_bytes_through_the_transform(tmp_path):
     write_shards(tmp_path, samples(30), per_shard=7)
     spec = str(tmp_path / "{00000..00004}.tar")
-    theirs = [wds_sample for wds_sample in wds.WebDataset(formats.expand_spec(spec), shardshuffle=False, empty_check=False)]
+    theirs = [wds_sample for wds_sample in wds.WebDataset(formats.expand_spec(spec),
+                                                          shardshuffle=False, empty_check=False)]
     by_path = collections.defaultdict(list)
     for s in theirs:
         by_path[s["__url__"]].append(s)
@@ -64,10 +68,13 @@ def test_samples_are_webdatasets_bytes_through_the_transform(tmp_path):
     plan = ours.plan(2)
     rows = 0
     for batch in ours.delivered_batches(2):
-        for image, tokens, params, raw in zip(batch["images"], batch["tokens"], batch["params"], batch["indices"]):
+        for image, tokens, params, raw in zip(batch["images"], batch["tokens"], batch["params"],
+                                              batch["indices"]):
             u, offset = plan.locate(int(raw))
-            sample = by_path[plan.units[u].path][offset]  # webdataset's sample at the plan's position
-            expected = TrainTransform(24, "moco").host_half(sample["jpg"], shards._seed("sample", 3, 2, int(raw)))
+            # webdataset's sample at the plan's sample index
+            sample = by_path[plan.units[u].path][offset]
+            expected = TrainTransform(24, "moco").host_half(
+                sample["jpg"], shards._seed("sample", 3, 2, int(raw)))
             assert torch.equal(image, expected[0]) and torch.equal(params, expected[1])
             assert torch.equal(tokens, data.tokenize(sample["txt"].decode())[0])
             rows += 1
@@ -85,13 +92,16 @@ def test_workers_and_accumulation_do_not_change_the_batches(tmp_path):
         for a, b in zip(reference, other):
             for key in ("images", "tokens", "params", "indices", "valid", "skipped"):
                 assert torch.equal(a[key], b[key]), (workers, key)
-    assert epoch(loader(spec), 1)[0]["indices"].tolist() == reference[0]["indices"].tolist()  # deterministic
-    assert epoch(loader(spec), 2)[0]["indices"].tolist() != reference[0]["indices"].tolist()  # reshuffled
+    # deterministic
+    assert epoch(loader(spec), 1)[0]["indices"].tolist() == reference[0]["indices"].tolist()
+    # reshuffled
+    assert epoch(loader(spec), 2)[0]["indices"].tolist() != reference[0]["indices"].tolist()
     assert epoch(loader(spec, seed=1), 1)[0]["indices"].tolist() != reference[0]["indices"].tolist()
 
 
 def corrupt_shards(folder):
-    """4 shards of 6 samples with known damage; returns (spec, {raw index in file order: reason})."""
+    """4 shards of 6 samples with known damage; returns (spec, {sample number in file order:
+    reason})."""
     folder.mkdir()
     paths = write_shards(folder, samples(24), per_shard=6)
 
@@ -105,7 +115,8 @@ def corrupt_shards(folder):
                 tar.addfile(info, io.BytesIO(payload))
 
     # shard 0: sample 1 garbage image bytes, 2 no caption, 3 no image, 4 a caption that is not UTF-8
-    rewrite(paths[0], lambda ms: [(n, b"\xff\xd8 not a jpeg" if n == "000001.jpg" else b"\xff\xfe\xfa" if n == "000004.txt" else b)
+    rewrite(paths[0], lambda ms: [(n, b"\xff\xd8 not a jpeg" if n == "000001.jpg"
+                                   else b"\xff\xfe\xfa" if n == "000004.txt" else b)
                                   for n, b in ms if n not in ("000002.txt", "000003.jpg")])
     damage = {1: "bad_image", 2: "no_caption", 3: "no_image", 4: "bad_caption"}
     # shard 1: cut in the middle of sample 9's image: 6-8 survive, 9-11 are lost (sizes.json says 6)
@@ -119,18 +130,21 @@ def corrupt_shards(folder):
 
 
 def rank_epoch(out):
-    """Run by torchrun (2 gloo ranks): this rank's loader, as train_clip.py builds it, over one epoch."""
+    """Run by torchrun (2 gloo ranks): this rank's loader, as train_clip.py builds it, over one
+    epoch."""
     import training
 
     torch.set_num_threads(1)
     d = training.setup_distributed("cpu")
     spec = os.environ["SPEC"]
-    ours = shards.Loader(formats.list_units(spec, progress=False), MOCO, 8, 4, d.rank, d.world_size, workers=2, shuffle_buffer=5)
-    batches = [{"indices": b["indices"].tolist(), "tokens": b["tokens"].tolist(), "skipped": b["skipped"].tolist()}
-               for b in ours.delivered_batches(0)]
+    ours = shards.Loader(formats.list_units(spec, progress=False), MOCO, 8, 4, d.rank, d.world_size,
+                         workers=2, shuffle_buffer=5)
+    batches = [{"indices": b["indices"].tolist(), "tokens": b["tokens"].tolist(),
+                "skipped": b["skipped"].tolist()} for b in ours.delivered_batches(0)]
     Path(f"{out}.{d.rank}").write_text(json.dumps(batches))
     # The loss of padded batches whose good rows differ between ranks (3 and 1 of 4): gradients of
-    # this rank's features, for the test to hold against one process's loss over the good rows alone.
+    # this rank's features, for the test to hold against one process's loss over the good rows
+    # alone.
     from stage2 import contrastive  # the loss train_clip.py runs
 
     images, texts, valid = padded_features()
@@ -138,7 +152,8 @@ def rank_epoch(out):
     image, text = images[mine].clone().requires_grad_(), texts[mine].clone().requires_grad_()
     loss = contrastive.contrastive_loss(image, text, torch.tensor(10.0), valid[mine])
     loss.backward()  # through the all-gather: the sum over ranks' losses, which DDP then averages
-    torch.save({"loss": loss.detach(), "image": image.grad, "text": text.grad}, f"{out}.grad{d.rank}")
+    torch.save({"loss": loss.detach(), "image": image.grad, "text": text.grad},
+               f"{out}.grad{d.rank}")
     training.cleanup_distributed()
 
 
@@ -153,8 +168,9 @@ def test_each_good_sample_once_per_epoch_over_two_ranks_and_two_workers(tmp_path
     spec, damage = corrupt_shards(tmp_path / "bad")
     write_shards(tmp_path / "good", samples(30, start=24), per_shard=6)
     spec += "::" + str(tmp_path / "good" / "{00000..00004}.tar")  # 54 raw samples, 21 of them bad
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-                    "rank_epoch", str(tmp_path / "out")], check=True, env={**ENV, "SPEC": spec}, cwd=ROOT, timeout=180,
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node=2", __file__, "rank_epoch", str(tmp_path / "out")],
+                   check=True, env={**ENV, "SPEC": spec}, cwd=ROOT, timeout=180,
                    capture_output=True)
     ranks = [json.loads(Path(f"{tmp_path / 'out'}.{r}").read_text()) for r in range(2)]
     one = epoch(loader(spec))  # one process, no workers: the reference order
@@ -171,19 +187,22 @@ def test_each_good_sample_once_per_epoch_over_two_ranks_and_two_workers(tmp_path
                     positions.add(raw)
                     seen.append(by_tokens[tuple(tokens)])
             skipped.update(dict(zip(formats.SKIP_REASONS, row["skipped"])))
-        assert positions == set(batch["indices"][batch["valid"]].tolist())  # the same global batch, in any split
-    # Which samples an epoch reads: the first 12 raw positions of each of the 4 streams (6 steps x 2),
-    # the rest (54 - 48) dropped and counted. Raw positions lie in the shuffled unit order.
+        # the same global batch, in any split
+        assert positions == set(batch["indices"][batch["valid"]].tolist())
+    # Which samples an epoch reads: the first 12 sample indices of each of the 4 streams (6 steps x
+    # 2), the rest (54 - 48) dropped and counted. Sample indices lie in the shuffled unit order.
     read = {plan.sample_index(s, j) for s in range(4) for j in range(plan.used)}
     assert len(read) == 48 and plan.dropped == 6
-    index_of = {}  # raw position -> sample number in the files
+    index_of = {}  # sample index -> sample number in the files
     for u, unit in enumerate(plan.units):
-        base = {"bad": 0, "good": 24}["good" if "/good/" in unit.path else "bad"] + int(Path(unit.path).stem) * 6
+        base = ({"bad": 0, "good": 24}["good" if "/good/" in unit.path else "bad"]
+                + int(Path(unit.path).stem) * 6)
         for k in range(unit.samples):
             index_of[plan.starts[u] + k] = base + k
     expected_good = sorted(index_of[raw] for raw in read if index_of[raw] not in damage)
     assert sorted(seen) == expected_good  # each good sample read exactly once
-    expected_skips = collections.Counter(damage[index_of[raw]] for raw in read if index_of[raw] in damage)
+    expected_skips = collections.Counter(damage[index_of[raw]] for raw in read
+                                         if index_of[raw] in damage)
     assert +skipped == expected_skips and sum(expected_skips.values()) >= 10
     assert len(seen) + sum(skipped.values()) + plan.dropped == 54
 
@@ -191,14 +210,18 @@ def test_each_good_sample_once_per_epoch_over_two_ranks_and_two_workers(tmp_path
     from stage2 import contrastive  # the loss train_clip.py runs
 
     images, texts, valid = padded_features()
-    good_images, good_texts = images[valid].clone().requires_grad_(), texts[valid].clone().requires_grad_()
-    reference = contrastive.contrastive_loss(good_images, good_texts, torch.tensor(10.0))  # no padding at all
+    good_images, good_texts = (images[valid].clone().requires_grad_(),
+                               texts[valid].clone().requires_grad_())
+    # no padding at all
+    reference = contrastive.contrastive_loss(good_images, good_texts, torch.tensor(10.0))
     reference.backward()
     grads = [torch.load(f"{tmp_path / 'out'}.grad{r}", weights_only=True) for r in range(2)]
-    assert abs(sum(g["loss"] for g in grads) / 2 - reference.item()) < 1e-6  # the loop's all-reduced loss
+    # the loop's all-reduced loss
+    assert abs(sum(g["loss"] for g in grads) / 2 - reference.item()) < 1e-6
     for key, good in (("image", good_images.grad), ("text", good_texts.grad)):
         ours = torch.cat([grads[0][key], grads[1][key]])
-        torch.testing.assert_close(ours[valid] / 2, good, atol=1e-6, rtol=1e-5)  # DDP divides by world size
+        # DDP divides by the world size
+        torch.testing.assert_close(ours[valid] / 2, good, atol=1e-6, rtol=1e-5)
         assert torch.equal(ours[~valid], torch.zeros_like(ours[~valid]))  # padding gets no gradient
 
 
@@ -226,8 +249,9 @@ def test_resume_never_opens_a_consumed_shard(tmp_path):
 
 
 def test_decoding_on_the_device_gives_the_same_samples(tmp_path):
-    """decode_on_device: JPEGs go to the main process encoded and torchvision.io.decode_jpeg decodes them
-    (nvjpeg on CUDA; its CPU decoder here); a PNG among them is decoded in the worker as usual."""
+    """decode_on_device: JPEGs go to the main process encoded and torchvision.io.decode_jpeg decodes
+    them (nvjpeg on CUDA; its CPU decoder here); a PNG among them is decoded in the worker as
+    usual."""
     def pairs():
         for i in range(40):
             if i % 5:
@@ -245,13 +269,15 @@ def test_decoding_on_the_device_gives_the_same_samples(tmp_path):
     for a, b in zip(plain, on_device):
         for key in ("indices", "params", "tokens", "valid"):
             assert torch.equal(a[key], b[key]), key
-        # Grey levels: torch's bicubic antialiased resize vs PIL's, measured 0.12-0.19 per batch (CPU
-        # decoder). A bilinear resize measures 0.6-1.4, no antialiasing 1.0-2.6, a box 1 px off 3.8-7.4.
+        # Grey levels: torch's bicubic antialiased resize vs PIL's, measured 0.12-0.19 per batch
+        # (CPU decoder). A bilinear resize measures 0.6-1.4, no antialiasing 1.0-2.6, a box 1 px off
+        # 3.8-7.4.
         assert (a["images"].float() - b["images"].float()).abs().mean() < 0.4
 
 
 def test_mostly_bad_shards_stop_with_an_error_naming_them(tmp_path):
-    write_shards(tmp_path, ((f"{i:04d}", {"jpg": b"garbage", "txt": "x"}) for i in range(80)), per_shard=40)
+    write_shards(tmp_path, ((f"{i:04d}", {"jpg": b"garbage", "txt": "x"}) for i in range(80)),
+                 per_shard=40)
     with pytest.raises(RuntimeError, match=r"most samples fail to load .*0000[01]\.tar"):
         epoch(loader(str(tmp_path / "{00000..00001}.tar")))
     with pytest.raises(FileNotFoundError, match="nothing-here"):
@@ -260,41 +286,51 @@ def test_mostly_bad_shards_stop_with_an_error_naming_them(tmp_path):
 
 def test_the_check_command_reads_batches_and_ends_in_json(tmp_path):
     spec, _ = corrupt_shards(tmp_path / "bad")
-    result = subprocess.run([sys.executable, "-m", "stage2.shards", spec, "--batch_size=4", "--image_size=32",
-                             "--workers=1", "--batches=3", "--device=cpu"], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "stage2.shards", spec, "--batch_size=4",
+                             "--image_size=32", "--workers=1", "--batches=3", "--device=cpu"],
+                            env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    # What the same loader reads in this process (the command's settings: streams gcd(64, 4), window 1000).
-    reference = shards.Loader(formats.list_units(spec, progress=False), TrainTransform(32, "moco"), 4, 4, workers=0)
+    # What the same loader reads in this process (the command's settings: streams gcd(64, 4),
+    # shuffle buffer 1000).
+    reference = shards.Loader(formats.list_units(spec, progress=False), TrainTransform(32, "moco"),
+                              4, 4, workers=0)
     batches = epoch(reference)[:3]
     skipped = sum(b["skipped"] for b in batches)
-    assert report["batches"] == 3 and report["samples"] == sum(int(b["valid"].sum()) for b in batches)
-    assert report["skipped"] == dict(zip(formats.SKIP_REASONS, skipped.tolist())) and int(skipped.sum()) > 0
-    # One worker: its delivery is the whole delivery, and the workers alone outrun workers + device half.
-    assert report["delivery_samples_per_s_per_worker"] == report["delivery_samples_per_s"] > report["samples_per_s"]
-    assert report["device_samples_per_s"] > report["samples_per_s"]  # the two halves timed apart, then in sequence
+    assert (report["batches"] == 3
+            and report["samples"] == sum(int(b["valid"].sum()) for b in batches))
+    assert (report["skipped"] == dict(zip(formats.SKIP_REASONS, skipped.tolist()))
+            and int(skipped.sum()) > 0)
+    # One worker: its delivery is the whole delivery, and the workers alone outrun workers + device
+    # half.
+    assert (report["delivery_samples_per_s_per_worker"] == report["delivery_samples_per_s"]
+            > report["samples_per_s"])
+    # the two halves timed apart, then in sequence
+    assert report["device_samples_per_s"] > report["samples_per_s"]
     assert sum(report["skipped"].values()) == 12 - report["samples"]
-    # The workers' delivery rate is samples / seconds (seconds printed to 0.01, rates to 0.1); the whole
-    # rate is the two halves one after the other: 1 / (1 / delivery + 1 / device).
+    # The workers' delivery rate is samples / seconds (seconds printed to 0.01, rates to 0.1); the
+    # whole rate is the two halves one after the other: 1 / (1 / delivery + 1 / device).
     samples, seconds = report["samples"], report["seconds"]
     delivery, device = report["delivery_samples_per_s"], report["device_samples_per_s"]
     assert samples / (seconds + 0.005) - 0.05 <= delivery <= samples / (seconds - 0.005) + 0.05
     assert report["samples_per_s"] == pytest.approx(1 / (1 / delivery + 1 / device), abs=0.1)
     last = reference.transform.device_half(batches[-1]["images"], batches[-1]["params"])
     assert report["image_mean"] == pytest.approx(float(last.float().mean()), abs=1e-4)
-    with pytest.raises(SystemExit, match="none-0.tar"):  # the same command in this process: a spec of missing files
+    # the same command in this process: a spec of missing files
+    with pytest.raises(SystemExit, match="none-0.tar"):
         shards.check([str(tmp_path / "none-{0..2}.tar")])
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Through train_clip.py: resume with other workers and other ranks
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def train_command(spec, out_dir, *extra):
-    return [sys.executable, str(ROOT / "train_clip.py"), str(ROOT / "configs" / "clip_tiny.yaml"), f"--train_data={spec}",
-            f"--out_dir={out_dir}", "--max_steps=8", "--batch_size=8", "--accum_steps=2", "--save_every=2",
-            "--log_every=1", "--shuffle_buffer=6", "--streams=4", *extra]
+    return [sys.executable, str(ROOT / "train_clip.py"), str(ROOT / "configs" / "clip_tiny.yaml"),
+            f"--train_data={spec}", f"--out_dir={out_dir}", "--max_steps=8", "--batch_size=8",
+            "--accum_steps=2", "--save_every=2", "--log_every=1", "--shuffle_buffer=6",
+            "--streams=4", *extra]
 
 
 def losses(out_dir):
@@ -304,13 +340,17 @@ def losses(out_dir):
 
 def test_resume_with_other_workers_and_ranks(tmp_path):
     write_shards(tmp_path / "shards", samples(48), per_shard=8)
-    spec = str(tmp_path / "shards" / "{00000..00005}.tar")  # 48 samples: 6 steps an epoch, 8 steps cross 2
-    subprocess.run(train_command(spec, tmp_path / "straight", "--workers=2"), check=True, env=ENV, capture_output=True, timeout=180)
+    # 48 samples: 6 steps an epoch, so 8 steps cross into a second epoch
+    spec = str(tmp_path / "shards" / "{00000..00005}.tar")
+    subprocess.run(train_command(spec, tmp_path / "straight", "--workers=2"), check=True, env=ENV,
+                   capture_output=True, timeout=180)
 
     killed = tmp_path / "killed"
-    # Held before step 4 (tests/hold_at_step.py): step 2's checkpoint is written, step 3 done and unsaved.
-    process, go = hold_at_step.start("train_clip.py", train_command(spec, killed, "--workers=2")[2:], 4, env=ENV,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Held before step 4 (tests/hold_at_step.py): step 2's checkpoint is written, step 3 done and
+    # unsaved.
+    process, go = hold_at_step.start(
+        "train_clip.py", train_command(spec, killed, "--workers=2")[2:], 4, env=ENV,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.killpg(process.pid, signal.SIGKILL)  # the trainer and its loader workers
     assert process.wait() == -signal.SIGKILL
     os.close(go)
@@ -318,20 +358,25 @@ def test_resume_with_other_workers_and_ranks(tmp_path):
     assert saved["step"] == 2 and saved["data_position"] == {"epoch": 0, "step": 2}
     shutil.copytree(killed, tmp_path / "two_ranks")
 
-    subprocess.run(train_command(spec, killed, "--workers=3"), check=True, env=ENV, capture_output=True, timeout=180)
+    subprocess.run(train_command(spec, killed, "--workers=3"), check=True, env=ENV,
+                   capture_output=True, timeout=180)
     a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
     b = torch.load(killed / "ckpt.pt", weights_only=True)
-    assert a["step"] == b["step"] == 8 and a["data_position"] == b["data_position"] == {"epoch": 1, "step": 2}
+    assert (a["step"] == b["step"] == 8
+            and a["data_position"] == b["data_position"] == {"epoch": 1, "step": 2})
     for name, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][name]), name  # bit for bit, with 3 workers instead of 2
+        # bit for bit, with 3 workers instead of 2
+        assert torch.equal(value, b["state_dict"][name]), name
 
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    *train_command(spec, tmp_path / "two_ranks", "--workers=1")[1:]], check=True, env=ENV,
-                   capture_output=True, timeout=180)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node=2",
+                    *train_command(spec, tmp_path / "two_ranks", "--workers=1")[1:]],
+                   check=True, env=ENV, capture_output=True, timeout=180)
     c = torch.load(tmp_path / "two_ranks" / "ckpt.pt", weights_only=True)
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "two_ranks")
     for step in range(saved["step"] + 1, 9):
-        assert abs(straight[step] - resumed[step]) < 1e-5, step  # the same global batches, split over 2 ranks
+        # the same global batches, split over 2 ranks
+        assert abs(straight[step] - resumed[step]) < 1e-5, step
     for name, value in a["state_dict"].items():
         assert torch.allclose(value, c["state_dict"][name], atol=1e-4), name
 
