@@ -97,7 +97,7 @@ def test_crop_boxes_follow_torchvisions_distribution():
             and (np.array(ours)[:, 2:] <= (500, 375)).all())
 
 
-def test_host_is_seeded_and_draft_decoding_changes_little():
+def test_host_half_is_seeded_and_draft_decoding_changes_little():
     buffer = io.BytesIO()
     Image.fromarray(skdata.astronaut()).save(buffer, "JPEG", quality=90)  # 512 x 512
     jpeg = buffer.getvalue()

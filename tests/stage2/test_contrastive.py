@@ -122,22 +122,22 @@ def ddp_worker(out):
     """Run by torchrun: rank r holds streams r and r + 2 of 4 (2 rows each), as stage2/shards.py's
     Loader deals them."""
     torch.set_num_threads(1)
-    d = training.setup_distributed("cpu")
+    ranks = training.setup_distributed("cpu")
     images, tokens = global_batch(8)  # rows in position order
-    slots = torch.tensor([p for stream in (d.rank, d.rank + 2)
+    slots = torch.tensor([p for stream in (ranks.rank, ranks.rank + 2)
                           for p in (2 * stream, 2 * stream + 1)])
     results = {}
     for accum_steps in (1, 2):
         model = tiny_model()
-        forward, ddp = training.wrap_model(model, d)
+        forward, ddp = training.wrap_model(model, ranks)
         cfg = train_clip.Config(batch_size=8, accum_steps=accum_steps, contrastive_batch=4, lr=1e-3)
         optimizer = training.make_optimizer(model, cfg, "cpu")
         loss = train_clip.train_step(model, forward, ddp, optimizer,
                                      training.grad_scaler("cpu", "fp32"), FP32, images[slots],
                                      tokens[slots], cfg.lr, cfg, None, slots)
-        results[accum_steps] = (training.all_reduce_sum([loss.item()], "cpu")[0] / d.world_size,
+        results[accum_steps] = (training.all_reduce_sum([loss.item()], "cpu")[0] / ranks.world_size,
                                 {name: p.grad.clone() for name, p in model.named_parameters()})
-    if d.is_main:
+    if ranks.is_main:
         torch.save(results, out)
     training.cleanup_distributed()
 

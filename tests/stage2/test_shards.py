@@ -135,25 +135,25 @@ def rank_epoch(out):
     import training
 
     torch.set_num_threads(1)
-    d = training.setup_distributed("cpu")
+    ranks = training.setup_distributed("cpu")
     spec = os.environ["SPEC"]
-    ours = shards.Loader(formats.list_units(spec, progress=False), MOCO, 8, 4, d.rank, d.world_size,
-                         workers=2, shuffle_buffer=5)
+    ours = shards.Loader(formats.list_units(spec, progress=False), MOCO, 8, 4, ranks.rank,
+                         ranks.world_size, workers=2, shuffle_buffer=5)
     batches = [{"indices": b["indices"].tolist(), "tokens": b["tokens"].tolist(),
                 "skipped": b["skipped"].tolist()} for b in ours.delivered_batches(0)]
-    Path(f"{out}.{d.rank}").write_text(json.dumps(batches))
+    Path(f"{out}.{ranks.rank}").write_text(json.dumps(batches))
     # The loss of padded batches whose good rows differ between ranks (3 and 1 of 4): gradients of
     # this rank's features, for the test to hold against one process's loss over the good rows
     # alone.
     from stage2 import contrastive  # the loss train_clip.py runs
 
     images, texts, valid = padded_features()
-    mine = slice(4 * d.rank, 4 * d.rank + 4)
+    mine = slice(4 * ranks.rank, 4 * ranks.rank + 4)
     image, text = images[mine].clone().requires_grad_(), texts[mine].clone().requires_grad_()
     loss = contrastive.contrastive_loss(image, text, torch.tensor(10.0), valid[mine])
     loss.backward()  # through the all-gather: the sum over ranks' losses, which DDP then averages
     torch.save({"loss": loss.detach(), "image": image.grad, "text": text.grad},
-               f"{out}.grad{d.rank}")
+               f"{out}.grad{ranks.rank}")
     training.cleanup_distributed()
 
 
