@@ -15,10 +15,10 @@ other way otherwise (stage1/objective.py). Only the vision tower trains, but ckp
 CLIP (text tower at its random init), so it loads anywhere a CLIP checkpoint does.
 
 The story, as train() reads: config -> resume check -> model (--init, else random) -> data ->
-optimiser -> loop (train_step, log, evaluate val, save, stop) -> final 2AFC of every split -> summary.
-A run whose out_dir holds ckpt.pt resumes from it exactly (the data order is a function of seed and
-epoch: stage1/triplets.batch_order) after training.check_resume has refused any changed
-TRAJECTORY_KEYS; a finished run is left as it is. SIGTERM / SIGINT stop it at the next step
+optimiser -> loop (train_step, log, evaluate val, save, stop) -> final 2AFC of every split ->
+summary. A run whose out_dir holds ckpt.pt resumes from it exactly (the data order is a function of
+seed and epoch: stage1/triplets.py's batch_order) after training.check_resume has refused any
+changed TRAJECTORY_KEYS; a finished run is left as it is. SIGTERM / SIGINT stop it at the next step
 boundary with a checkpoint (exit 0). Outputs in out_dir: ckpt.pt, metrics.jsonl, summary.json (the
 triplet counts and 2AFC score of every split; THINGS also the odd-one-out accuracy).
 """
@@ -99,16 +99,16 @@ class Config:
     eval_batch_size: int = 256
 
 
-# Settings that change what a run computes: resuming with different values would splice two runs, so
-# training.check_resume refuses it. The rest (workers, logging, saving, evaluation, device, the number
-# of ranks, ...) may change between starts; data_root and image_dir may move; train_triplets (the
-# training set's size) is compared as found.
+# Settings that change what a run computes: resuming with different values would splice two runs,
+# so training.check_resume refuses it. The rest (workers, logging, saving, evaluation, device, the
+# number of ranks, ...) may change between starts; data_root and image_dir may move; train_triplets
+# (the training set's size) is compared as found.
 TRAJECTORY_KEYS = (
     "model", "model_settings", "image_size", "init", "posthoc", "epochs", "batch_size", "lr",
-    "lr_schedule", "weight_decay", "beta1", "beta2", "eps", "warmup_steps", "margin", "shuffle_labels",
-    "seed", "min_votes", "precision", "data_format", "max_triplets", "triplet_fraction",
-    "bapps_subsets", "odd_column", "images_per_class", "rdm", "rdm_triplets_per_image",
-    "rdm_min_gap", "rdm_holdout")
+    "lr_schedule", "weight_decay", "beta1", "beta2", "eps", "warmup_steps", "margin",
+    "shuffle_labels", "seed", "min_votes", "precision", "data_format", "max_triplets",
+    "triplet_fraction", "bapps_subsets", "odd_column", "images_per_class", "rdm",
+    "rdm_triplets_per_image", "rdm_min_gap", "rdm_holdout")
 
 
 def main(argv=None):
@@ -147,7 +147,8 @@ def train(argv, stop):
     throughput, saved_step = training.Throughput(), step
     batches = training.epochs_from(position, loader.epoch_batches) if step < total_steps else ()
     for epoch, step_in_epoch, (ref, left, right, p) in throughput.timed(batches):
-        loss = train_step(forward, optimizer, scaler, amp, ref, left, right, p, lr_at(step + 1), cfg)
+        loss = train_step(forward, optimizer, scaler, amp, ref, left, right, p,
+                          lr_at(step + 1), cfg)
         step += 1
         watch.add(loss, step)
         throughput.steps += 1
@@ -164,8 +165,8 @@ def train(argv, stop):
             break  # the final evaluation and save follow
         with throughput.pause():  # evaluation and saving do not count in samples/s
             if due.evaluate and len(splits.get("val", ())):
-                metrics["val"] = evaluate_val(model, splits["val"], cfg, ranks, precision, log, step,
-                                              steps_per_epoch)
+                metrics["val"] = evaluate_val(model, splits["val"], cfg, ranks, precision, log,
+                                              step, steps_per_epoch)
             if due.save or epochs_done:
                 training.save_checkpoint(ckpt_path, **save, step=step, metrics=metrics)
                 saved_step = step
@@ -184,15 +185,15 @@ def train(argv, stop):
     return metrics
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # One optimiser step (the distance and the hinge live in stage1/objective.py)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def train_step(forward, optimizer, scaler, amp, ref, left, right, p, lr, cfg):
     """One optimiser step of stage 1 (as train_clip.train_step is stage 2's): set the lr, embed the
-    three images of each triplet in one forward, hinge loss, backward, step (through the fp16 scaler,
-    a no-op otherwise). Returns the loss as a tensor on the device (no host sync)."""
+    three images of each triplet in one forward, hinge loss, backward, step (through the fp16
+    scaler, a no-op otherwise). Returns the loss as a tensor on the device (no host sync)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     with amp:
@@ -205,14 +206,15 @@ def train_step(forward, optimizer, scaler, amp, ref, left, right, p, lr, cfg):
     return loss
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Setup: the config, the model, the data
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def check_config(cfg, world):
     if cfg.posthoc and not cfg.init:
-        raise UserError("posthoc: true fine-tunes a trained CLIP: give its checkpoint with --init=PATH")
+        raise UserError("posthoc: true fine-tunes a trained CLIP: "
+                        "give its checkpoint with --init=PATH")
     if cfg.batch_size % world:
         raise UserError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
     if cfg.lr_schedule not in training.LR_SCHEDULES:
@@ -242,7 +244,8 @@ def train_mode(model, posthoc):
 
 def make_model(cfg):
     """A CLIP with only the parameters stage 1 trains left trainable: the whole vision tower, or for
-    the post-hoc control only the attention qkv projections of the vision tower (posthoc_parameter)."""
+    the post-hoc control only the attention qkv projections of the vision tower
+    (posthoc_parameter)."""
     with user_input():  # a bad preset name or init checkpoint is the user's to fix
         settings = parse_settings(cfg.model_settings)
         if cfg.init and settings:
@@ -300,29 +303,32 @@ def make_data(cfg, image_size, precision, state, ckpt_path):
                 "lr_schedule": cfg.lr_schedule, "groups_per_step": 1}
     if state is not None:  # the same data (the order is a permutation of this many triplets)
         training.check_resume(ckpt_path, training.saved_settings(state), facts, ["train_triplets"])
-        schedule.update(state.get("schedule", {}))  # equal by the resume check; the checkpoint's is the truth
+        # Equal by the resume check; the checkpoint's is the truth.
+        schedule.update(state.get("schedule", {}))
     return splits, facts, schedule
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Logs, evaluation and the end of a run
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def log_start(log, cfg, model, splits, step, schedule, ranks, precision):
     """The run header and a readable line: parameters, triplets per split, rows dropped and why."""
     counts = {s: split.counts for s, split in splits.items()}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    few_votes, missing = (sum(counts.get(s, {}).get(k, 0) for s in ("train", "val", "test") for k in keys)
+    few_votes, missing = (sum(counts.get(s, {}).get(k, 0)
+                              for s in ("train", "val", "test") for k in keys)
                           for keys in (("few_votes",), ("missing_images", "unreadable_images")))
     log.write({**logs.run_header(cfg), "precision": precision, "world_size": ranks.world_size,
                "resumed_from_step": step, "steps_per_epoch": schedule["steps_per_epoch"],
                "total_steps": schedule["total_steps"], "data": counts},
               f"{trainable:,} trainable parameters on {ranks.world_size} x {ranks.device} "
-              f"({precision}) | triplets: " + ", ".join(f"{s} {c['triplets']}" for s, c in counts.items())
-              + f" | dropped: {few_votes} rows with < {cfg.min_votes} votes, {missing} with missing or "
-              f"unreadable images | {'resuming at' if step else 'starting at'} step {step} of "
-              f"{schedule['total_steps']}")
+              f"({precision}) | triplets: "
+              + ", ".join(f"{s} {c['triplets']}" for s, c in counts.items())
+              + f" | dropped: {few_votes} rows with < {cfg.min_votes} votes, {missing} with "
+              f"missing or unreadable images | {'resuming at' if step else 'starting at'} step "
+              f"{step} of {schedule['total_steps']}")
 
 
 def evaluate_val(model, val, cfg, ranks, precision, log, step, steps_per_epoch):
