@@ -1,21 +1,23 @@
-"""The embedded demo: its generated world has the perceptual structure it claims, its data passes the
-same loaders and format checks as real data, and `python demo.py --quick` runs the whole experiment.
+"""The embedded demo: its generated world has the perceptual structure it claims, its data passes
+the same loaders and format checks as real data, and `python demo.py --quick` runs the whole
+experiment.
 
 What is proved:
 - the world is a pure function of the seed (same seed, same pixels, votes and captions);
-- the simulated observers' votes follow NIGHTS' adaptive protocol, and they carry structure that pixel
-  distance misses: the observers' own ideal distance scores far above chance on 2AFC, raw pixel
-  distance barely above it, so stage 1 has something to learn that is not in the pixels' L2;
+- the simulated observers' votes follow NIGHTS' adaptive protocol, and they carry structure that
+  pixel distance misses: the observers' own ideal distance scores far above chance on 2AFC, raw
+  pixel distance barely above it, so stage 1 has something to learn that is not in the pixels' L2;
 - captions only ever name attributes the scene has, and leave some out;
 - renders put the object's colour where the object is and the background's elsewhere;
 - the MNIST asset holds 500 real digits, 50 per class, white on black;
-- make_demo_data writes data that the kit's readers accept with the expected counts (NightsDataset,
-  the shard reader cross-checked against the webdataset library, BenchmarkTask), and reuses it;
+- make_demo_data writes data that the kit's readers accept with the expected counts
+  (NightsDataset, the shard reader cross-checked against the webdataset library, BenchmarkTask),
+  and reuses it;
 - demo.py --quick runs every stage through the real scripts and leaves real results: stage-1
-  summaries and checkpoints (and the shuffled control), the four stage-2 arms (pi, baseline and shuffled
-  differ only in their vision initialisation; posthoc is the baseline's CLIP with only the vision qkv
-  weights changed), evaluation records for every arm and task, the probes, summary.json's schema,
-  the tables and the plots; a rerun retrains nothing;
+  summaries and checkpoints (and the shuffled control), the four stage-2 arms (pi, baseline and
+  shuffled differ only in their vision initialisation; posthoc is the baseline's CLIP with only
+  the vision qkv weights changed), evaluation records for every arm and task, the probes,
+  summary.json's schema, the tables and the plots; a rerun retrains nothing;
 - the demo tasks have CLIP_benchmark's train split for the linear probe, and the probe set carries
   the observers' distance of its scenes;
 - the real-scale control configs are nights.yaml's recipe with only the control changed.
@@ -43,8 +45,9 @@ from checkpoints import load_checkpoint
 
 
 def _two_afc(d0, d1, p):
-    """The 2AFC score by hand (independent of evaluate.py), as LPIPS's score_2afc_dataset computes it
-    (github richzhang/PerceptualSimilarity, lpips/trainer.py), with NIGHTS' share p in place of its judgments."""
+    """The 2AFC score by hand (independent of stage1/objective.py), as LPIPS's score_2afc_dataset
+    computes it (github richzhang/PerceptualSimilarity, lpips/trainer.py), with NIGHTS' share p in
+    place of its judgments."""
     return (d0 < d1) * (1 - p) + (d1 < d0) * p + (d0 == d1) * 0.5
 
 
@@ -52,11 +55,14 @@ def test_world_is_a_function_of_the_seed():
     a = list(scenes.demo_triplets(20, seed=3, size=32))
     b = list(scenes.demo_triplets(20, seed=3, size=32))
     c = list(scenes.demo_triplets(20, seed=4, size=32))
-    same = lambda x, y: all(np.array_equal(np.asarray(x[k]), np.asarray(y[k])) for k in ("ref", "left", "right")) and \
-        (x["left_vote"], x["right_vote"], x["split"], x["prompt"]) == (y["left_vote"], y["right_vote"], y["split"], y["prompt"])
+    same = lambda x, y: (all(np.array_equal(np.asarray(x[k]), np.asarray(y[k]))
+                             for k in ("ref", "left", "right"))
+                         and (x["left_vote"], x["right_vote"], x["split"], x["prompt"])
+                             == (y["left_vote"], y["right_vote"], y["split"], y["prompt"]))
     assert all(same(x, y) for x, y in zip(a, b))
     assert not all(same(x, y) for x, y in zip(a, c))
-    assert [t for _, t in scenes.demo_pairs(10, 1, 32)] == [t for _, t in scenes.demo_pairs(10, 1, 32)]
+    assert ([t for _, t in scenes.demo_pairs(10, 1, 32)]
+            == [t for _, t in scenes.demo_pairs(10, 1, 32)])
 
 
 def test_votes_follow_the_adaptive_protocol():
@@ -80,20 +86,25 @@ def test_observers_see_structure_that_pixel_distance_misses():
     ideal, pixel = [], []
     for _ in range(400):
         ref = scenes.sample_scene(rng)
-        left, right = scenes.vary_scene(ref, rng, rng.randint(1, 3)), scenes.vary_scene(ref, rng, rng.randint(1, 3))
+        left, right = (scenes.vary_scene(ref, rng, rng.randint(1, 3)),
+                       scenes.vary_scene(ref, rng, rng.randint(1, 3)))
         left_vote, right_vote = scenes.observer_votes(ref, left, right, observers, rng)
         if left_vote + right_vote < 6:
             continue
         p = right_vote / (left_vote + right_vote)
-        ideal.append(_two_afc(scenes.perceptual_distance(ref, left), scenes.perceptual_distance(ref, right), p))
-        images = [np.asarray(scenes.render_scene(s, 32), dtype=np.float64) for s in (ref, left, right)]
-        pixel.append(_two_afc(((images[0] - images[1]) ** 2).mean(), ((images[0] - images[2]) ** 2).mean(), p))
+        ideal.append(_two_afc(scenes.perceptual_distance(ref, left),
+                              scenes.perceptual_distance(ref, right), p))
+        images = [np.asarray(scenes.render_scene(s, 32), dtype=np.float64)
+                  for s in (ref, left, right)]
+        pixel.append(_two_afc(((images[0] - images[1]) ** 2).mean(),
+                              ((images[0] - images[2]) ** 2).mean(), p))
     assert np.mean(ideal) > 0.85, np.mean(ideal)
     assert np.mean(pixel) < 0.7, np.mean(pixel)
 
 
 def test_distance_weights_identity_over_placement():
-    obj = dict(shape="star", colour="red", size="small", position="top left", texture="plain", jitter=[0, 0, 0])
+    obj = dict(shape="star", colour="red", size="small", position="top left", texture="plain",
+               jitter=[0, 0, 0])
     ref = {"background": "grey", "objects": [obj]}
     moved = {"background": "grey", "objects": [dict(obj, position="bottom right", size="large")]}
     reshaped = {"background": "grey", "objects": [dict(obj, shape="circle")]}
@@ -101,8 +112,10 @@ def test_distance_weights_identity_over_placement():
     assert scenes.perceptual_distance(ref, ref) == 0
     two = {"background": "grey", "objects": [obj, dict(obj, position="center", colour="blue")]}
     swapped = {"background": "grey", "objects": two["objects"][::-1]}
-    assert scenes.perceptual_distance(two, swapped) == 0  # objects are matched, not compared in list order
-    assert scenes.perceptual_distance(ref, two) == pytest.approx(scenes.PERCEPTUAL_WEIGHTS["object"])
+    # Objects are matched, not compared in list order.
+    assert scenes.perceptual_distance(two, swapped) == 0
+    assert (scenes.perceptual_distance(ref, two)
+            == pytest.approx(scenes.PERCEPTUAL_WEIGHTS["object"]))
 
 
 def test_captions_name_only_what_the_scene_has():
@@ -120,15 +133,19 @@ def test_captions_name_only_what_the_scene_has():
             assert re.findall(r"\d", text) == [obj["shape"]], text
         mentioned["colour"] += obj["colour"] in words
         mentioned["size"] += obj["size"] in words
-    assert 100 < mentioned["colour"] < 300 and 50 < mentioned["size"] < 250  # some attributes omitted
+    # Colour and size are named in some captions, not in all.
+    assert 100 < mentioned["colour"] < 300 and 50 < mentioned["size"] < 250
 
 
 def test_render_puts_colours_where_they_belong():
-    obj = dict(shape="square", colour="red", size="large", position="center", texture="plain", jitter=[0, 0, 0])
-    image = np.asarray(scenes.render_scene({"background": "teal", "objects": [obj]}, 64)).astype(int)
+    obj = dict(shape="square", colour="red", size="large", position="center", texture="plain",
+               jitter=[0, 0, 0])
+    image = (np.asarray(scenes.render_scene({"background": "teal", "objects": [obj]}, 64))
+             .astype(int))
     assert np.abs(image[32, 32] - scenes.COLOURS["red"]).max() <= 2
     assert np.abs(image[2, 2] - scenes.BACKGROUNDS["teal"]).max() <= 2
-    striped = np.asarray(scenes.render_scene({"background": "grey", "objects": [dict(obj, texture="striped")]}, 64))
+    striped = np.asarray(scenes.render_scene({"background": "grey",
+                                              "objects": [dict(obj, texture="striped")]}, 64))
     assert len(np.unique(striped[24:40, 24:40].reshape(-1, 3), axis=0)) > 2  # two paints, not one
 
 
@@ -141,7 +158,7 @@ def test_mnist_asset_is_500_real_digits():
     assert len({p.tobytes() for p in pixels}) == 500
 
 
-# ---- the demo's data through the kit's readers, and demo.py end to end ----------------------------
+# ---- the demo's data through the kit's readers, and demo.py end to end ---------------------------
 
 QUICK = pipeline.PLANS["quick"]["data"]
 
@@ -180,18 +197,23 @@ def test_demo_data_passes_the_real_readers(quick_run):
     import webdataset as wds
 
     shard_paths = formats.expand_spec(pipeline.shard_spec(root / "shards"))
-    ours = [s for unit in formats.list_units(shard_paths, progress=False) for s in formats.read_unit(unit)]
+    ours = [s for unit in formats.list_units(shard_paths, progress=False)
+            for s in formats.read_unit(unit)]
     theirs = list(wds.WebDataset(shard_paths, shardshuffle=False))
     expected = list(scenes.demo_pairs(QUICK["pairs"], 0, QUICK["size"]))
     assert [s["key"] for s in ours] == [s["__key__"] for s in theirs] == [k for k, _ in expected]
-    assert [s["text"].encode() for s in ours] == [s["txt"] for s in theirs] == [f["txt"].encode() for _, f in expected]
+    assert ([s["text"].encode() for s in ours] == [s["txt"] for s in theirs]
+            == [f["txt"].encode() for _, f in expected])
     assert ours[0]["image"] == expected[0][1]["png"]
-    assert json.loads((root / "shards" / "sizes.json").read_text()) == {Path(p).name: len(ours) for p in shard_paths}
+    assert (json.loads((root / "shards" / "sizes.json").read_text())
+            == {Path(p).name: len(ours) for p in shard_paths})
 
     # Zero-shot tasks: every listed task opens as a CLIP_benchmark folder with the expected size.
     names = (root / "tasks" / "tasks.txt").read_text().split()
-    assert names == ["demo_shape", "demo_colour", "demo_size", "demo_position", "demo_count", "demo_retrieval", "demo_mnist"]
-    sizes = {"demo_shape": 8, "demo_colour": 10, "demo_size": 2, "demo_position": 9, "demo_count": 2}
+    assert names == ["demo_shape", "demo_colour", "demo_size", "demo_position", "demo_count",
+                     "demo_retrieval", "demo_mnist"]
+    sizes = {"demo_shape": 8, "demo_colour": 10, "demo_size": 2, "demo_position": 9,
+             "demo_count": 2}
     for name in names:
         task = data.BenchmarkTask(root / "tasks" / f"wds_{name}", data.image_transform(32, "eval"))
         if name in sizes:
@@ -202,8 +224,9 @@ def test_demo_data_passes_the_real_readers(quick_run):
             assert all(len(task[i][1]) == 5 for i in range(3))
         else:
             assert task.classnames == list("0123456789") and len(task) == 500
-    # The linear probe's train split (CLIP_benchmark's layout <task>/train/): the generated classification
-    # tasks have one of the same size as their test split, with other scenes; retrieval and MNIST none.
+    # The linear probe's train split (CLIP_benchmark's layout <task>/train/): the generated
+    # classification tasks have one of the same size as their test split, with other scenes;
+    # retrieval and MNIST none.
     for name in names:
         folder = root / "tasks" / f"wds_{name}"
         assert (folder / "train" / "nshards.txt").exists() == (name in sizes)
@@ -211,15 +234,18 @@ def test_demo_data_passes_the_real_readers(quick_run):
             train = data.BenchmarkTask(folder, None, split="train")
             test = data.BenchmarkTask(folder, None)
             assert len(train) == len(test) and train.classnames == test.classnames
-            assert sorted(train[i][1] for i in range(len(train))) == sorted(test[i][1] for i in range(len(test)))
+            assert (sorted(train[i][1] for i in range(len(train)))
+                    == sorted(test[i][1] for i in range(len(test))))
             assert train[0][0].tobytes() != test[0][0].tobytes()
     # The probe set: QUICK["probe"] images, their scenes, and the observers' distance between them.
-    drawn = [json.loads(line) for line in (root / "probe" / "scenes.jsonl").read_text().splitlines()]
+    drawn = [json.loads(line)
+             for line in (root / "probe" / "scenes.jsonl").read_text().splitlines()]
     reference = np.load(root / "probe" / "reference_distance.npy")
-    assert len(drawn) == len(list((root / "probe").glob("*.png"))) == QUICK["probe"] == len(reference)
+    assert (len(drawn) == len(list((root / "probe").glob("*.png"))) == QUICK["probe"]
+            == len(reference))
     assert reference[0, 1] == pytest.approx(scenes.perceptual_distance(drawn[0], drawn[1]))
-    assert np.asarray(Image.open(root / "probe" / "00003.png").convert("RGB")).tobytes() == \
-        np.asarray(scenes.render_scene(drawn[3], QUICK["size"])).tobytes()
+    assert (np.asarray(Image.open(root / "probe" / "00003.png").convert("RGB")).tobytes()
+            == np.asarray(scenes.render_scene(drawn[3], QUICK["size"])).tobytes())
 
 
 def test_demo_data_is_reused(quick_run, capsys):
@@ -233,17 +259,21 @@ def test_demo_data_is_reused(quick_run, capsys):
 def test_demo_runs_every_stage_and_reports(quick_run):
     out, data_root = quick_run
     seed = out / "seed0"
-    # Stage 1 and its control: summaries with 2AFC on every split, loadable checkpoints of the tiny model.
+    # Stage 1 and its control: summaries with 2AFC on every split, loadable checkpoints of the tiny
+    # model.
     for name, shuffled in (("stage1", False), ("stage1_shuffled", True)):
         summary = json.loads((seed / name / "summary.json").read_text())
-        assert set(summary["2afc"]) >= {"train", "val", "test"} and all(0 <= v <= 1 for v in summary["2afc"].values())
+        assert (set(summary["2afc"]) >= {"train", "val", "test"}
+                and all(0 <= v <= 1 for v in summary["2afc"].values()))
         header = json.loads((seed / name / "metrics.jsonl").read_text().splitlines()[0])
-        assert header["config"]["shuffle_labels"] is shuffled and header["config"]["model"] == "tiny"
+        assert (header["config"]["shuffle_labels"] is shuffled
+                and header["config"]["model"] == "tiny")
         assert load_checkpoint(seed / name / "ckpt.pt").config.image_size == 32
     # Stage 2: three runs of the same length, same seed and data, differing only in the vision init.
     configs = {r: json.loads((seed / r / "metrics.jsonl").read_text().splitlines()[0])["config"]
                for r in ("pi", "baseline", "shuffled")}
-    assert configs["pi"]["init"] == str(seed / "stage1" / "ckpt.pt") and configs["baseline"]["init"] == ""
+    assert (configs["pi"]["init"] == str(seed / "stage1" / "ckpt.pt")
+            and configs["baseline"]["init"] == "")
     assert configs["shuffled"]["init"] == str(seed / "stage1_shuffled" / "ckpt.pt")
     same = lambda c: {k: v for k, v in c.items() if k not in ("init", "out_dir")}
     assert same(configs["pi"]) == same(configs["baseline"]) == same(configs["shuffled"])
@@ -252,44 +282,61 @@ def test_demo_runs_every_stage_and_reports(quick_run):
         assert summary["steps"] == 6 and 0 <= summary["metrics"]["nights/2afc"] <= 1
         evals = [json.loads(l) for l in (seed / run / "metrics.jsonl").read_text().splitlines()[1:]]
         assert [e["step"] for e in evals if "nights/2afc" in e] == [6]
-    pi, baseline = load_checkpoint(seed / "pi" / "ckpt.pt"), load_checkpoint(seed / "baseline" / "ckpt.pt")
+    pi, baseline = (load_checkpoint(seed / "pi" / "ckpt.pt"),
+                    load_checkpoint(seed / "baseline" / "ckpt.pt"))
     assert not torch.equal(pi.visual.conv1.weight, baseline.visual.conv1.weight)
-    # Post-hoc: the baseline's final CLIP, tuned on the same triplets with only the vision qkv weights moving.
+    # Post-hoc: the baseline's final CLIP, tuned on the same triplets with only the vision qkv
+    # weights moving.
     header = json.loads((seed / "posthoc" / "metrics.jsonl").read_text().splitlines()[0])["config"]
     assert header["posthoc"] is True and header["init"] == str(seed / "baseline" / "ckpt.pt")
     assert header["data_root"] == str(data_root / "nights")
-    tuned, start = (torch.load(seed / r / "ckpt.pt", weights_only=True)["state_dict"] for r in ("posthoc", "baseline"))
+    tuned, start = (torch.load(seed / r / "ckpt.pt", weights_only=True)["state_dict"]
+                    for r in ("posthoc", "baseline"))
     changed = {k for k in start if not torch.equal(start[k], tuned[k])}
-    qkv = {k for k in start if k.startswith("visual.transformer.resblocks.") and k.endswith("attn.in_proj_weight")}
+    qkv = {k for k in start
+           if k.startswith("visual.transformer.resblocks.") and k.endswith("attn.in_proj_weight")}
     assert changed == qkv and len(qkv) == 2
     # Evaluation: one record per (arm, task), and the demo's summary holds the same main metrics.
     records = json.loads((seed / "results.json").read_text())
     tasks = (data_root / "tasks" / "tasks.txt").read_text().split()
-    assert sorted((r["model"], r["dataset"]) for r in records) == sorted((m, t) for m in report.ARMS for t in tasks)
+    assert (sorted((r["model"], r["dataset"]) for r in records)
+            == sorted((m, t) for m in report.ARMS for t in tasks))
     summary = json.loads((out / "summary.json").read_text())
     per_seed = summary["per_seed"]["0"]
     for r in records:
         value = per_seed["zero_shot"][r["model"]][r["dataset"]]
-        assert value == pytest.approx(next(v for k, v in r["metrics"].items() if k in ("acc1", "mean_recall@1")))
+        assert value == pytest.approx(next(v for k, v in r["metrics"].items()
+                                           if k in ("acc1", "mean_recall@1")))
     # summary.json: today's schema, extended to four arms and the probes.
-    assert set(per_seed["zero_shot"]) == set(report.ARMS) and all(set(per_seed["zero_shot"][a]) == set(tasks) for a in report.ARMS)
-    assert set(per_seed["2afc"]) == set(report.PROBED) and all(0 <= per_seed["2afc"][m]["test"] <= 1 for m in report.PROBED)
-    stage2 = {r: json.loads((seed / r / "summary.json").read_text())["metrics"]["nights/2afc"] for r in ("pi", "baseline", "shuffled")}
+    assert (set(per_seed["zero_shot"]) == set(report.ARMS)
+            and all(set(per_seed["zero_shot"][a]) == set(tasks) for a in report.ARMS))
+    assert (set(per_seed["2afc"]) == set(report.PROBED)
+            and all(0 <= per_seed["2afc"][m]["test"] <= 1 for m in report.PROBED))
+    stage2 = {r: json.loads((seed / r / "summary.json").read_text())["metrics"]["nights/2afc"]
+              for r in ("pi", "baseline", "shuffled")}
     assert {r: per_seed["2afc"][r]["test"] for r in stage2} == stage2
-    assert per_seed["2afc"]["posthoc"] == json.loads((seed / "posthoc" / "summary.json").read_text())["2afc"]
+    assert (per_seed["2afc"]["posthoc"]
+            == json.loads((seed / "posthoc" / "summary.json").read_text())["2afc"])
     probed = json.loads((seed / "probes.json").read_text())
     assert probed["checkpoints"] == [str(seed / m / "ckpt.pt") for m in report.PROBED]
-    assert per_seed["probes"]["cka"] == probed["cka"] and len(probed["cka"]) == 21  # every pair of 7 towers
+    # 21 CKA pairs: every pair of the 7 towers.
+    assert per_seed["probes"]["cka"] == probed["cka"] and len(probed["cka"]) == 21
     assert per_seed["probes"]["rsa"] == probed["rsa"] and set(probed["rsa"]) == set(report.PROBED)
-    linear = pipeline.PLANS["quick"]["linear_probe"].split(",")  # (the full demo: every task with a train split)
-    assert {m: set(v) for m, v in per_seed["probes"]["linear_probe"].items()} == {m: set(linear) for m in report.PROBED}
-    assert per_seed["probes"]["linear_probe"]["pi"]["demo_size"] == probed["linear_probe"]["pi"]["demo_size"]["lp_acc1"]
+    # The quick plan's linear-probe tasks (the full demo's: every task with a train split).
+    linear = pipeline.PLANS["quick"]["linear_probe"].split(",")
+    assert ({m: set(v) for m, v in per_seed["probes"]["linear_probe"].items()}
+            == {m: set(linear) for m in report.PROBED})
+    assert (per_seed["probes"]["linear_probe"]["pi"]["demo_size"]
+            == probed["linear_probe"]["pi"]["demo_size"]["lp_acc1"])
     assert per_seed["probes"]["n_images"] == QUICK["probe"]
     table = (out / "results.md").read_text()
-    assert all(f"| {t} |" in table for t in tasks) and "Verdict:" in table and "shuffled votes" in table
-    assert all(f"PI - {a}" in table and f"PI vs {a}:" in table for a in ("baseline", "shuffled", "posthoc"))
+    assert (all(f"| {t} |" in table for t in tasks) and "Verdict:" in table
+            and "shuffled votes" in table)
+    assert all(f"PI - {a}" in table and f"PI vs {a}:" in table
+               for a in ("baseline", "shuffled", "posthoc"))
     assert "observer-distance rho" in table and "Linear CKA" in table and "post-hoc" in table
-    assert (out / "demo.png").stat().st_size > 10_000 and (out / "probes.png").stat().st_size > 10_000
+    assert ((out / "demo.png").stat().st_size > 10_000
+            and (out / "probes.png").stat().st_size > 10_000)
     # A rerun retrains and re-evaluates nothing.
     stamps = {p: p.stat().st_mtime_ns for p in seed.rglob("*") if p.is_file()}
     demo.main(["--quick", "--out", str(out), "--data", str(data_root)])
@@ -297,8 +344,9 @@ def test_demo_runs_every_stage_and_reports(quick_run):
 
 
 def test_authors_arm_pair_runs_their_model_as_the_demo_sets_it(quick_run):
-    """demo.py --authors: PI and baseline again with tiny-authors under AUTHORS_SETTINGS, differing only in the
-    vision initialisation, and a table of PI's gain with either model whose numbers are the records'."""
+    """demo.py --authors: PI and baseline again with tiny-authors under AUTHORS_SETTINGS, differing
+    only in the vision initialisation, and a table of PI's gain with either model whose numbers are
+    the records'."""
     import math
     import statistics
 
@@ -307,10 +355,14 @@ def test_authors_arm_pair_runs_their_model_as_the_demo_sets_it(quick_run):
     seed = out / "seed0"
     for run in ("stage1_authors", "pi_authors", "baseline_authors"):
         config = load_checkpoint(seed / run / "ckpt.pt").config
-        assert (config.text_attention, config.text_pooling, config.init) == ("bidirectional", "mean", "authors")
-        assert config.context_length == 16 and config.init_logit_scale == pytest.approx(math.log(1 / 0.07), abs=1e-4)
-    configs = {r: json.loads((seed / r / "metrics.jsonl").read_text().splitlines()[0])["config"] for r in ("pi_authors", "baseline_authors")}
-    assert configs["pi_authors"]["init"] == str(seed / "stage1_authors" / "ckpt.pt") and configs["baseline_authors"]["init"] == ""
+        assert ((config.text_attention, config.text_pooling, config.init)
+                == ("bidirectional", "mean", "authors"))
+        assert (config.context_length == 16
+                and config.init_logit_scale == pytest.approx(math.log(1 / 0.07), abs=1e-4))
+    configs = {r: json.loads((seed / r / "metrics.jsonl").read_text().splitlines()[0])["config"]
+               for r in ("pi_authors", "baseline_authors")}
+    assert (configs["pi_authors"]["init"] == str(seed / "stage1_authors" / "ckpt.pt")
+            and configs["baseline_authors"]["init"] == "")
     same = lambda c: {k: v for k, v in c.items() if k not in ("init", "out_dir")}  # noqa: E731
     assert same(configs["pi_authors"]) == same(configs["baseline_authors"])
     assert configs["pi_authors"]["model_settings"] == demo.AUTHORS_SETTINGS
@@ -322,7 +374,8 @@ def test_authors_arm_pair_runs_their_model_as_the_demo_sets_it(quick_run):
     gain = lambda a, b: statistics.fmean(average[a]) - statistics.fmean(average[b])  # noqa: E731
     table = (out / "results_authors.md").read_text()
     assert f"| OpenAI's (tiny) | {gain('pi', 'baseline'):+.1f} |" in table
-    assert f"| the authors' (tiny-authors) | {gain('pi_authors', 'baseline_authors'):+.1f} |" in table
+    assert (f"| the authors' (tiny-authors) | {gain('pi_authors', 'baseline_authors'):+.1f} |"
+            in table)
 
 
 def test_real_scale_control_configs_change_only_the_control():
@@ -336,7 +389,10 @@ def test_real_scale_control_configs_change_only_the_control():
     assert recipe(shuffled) == recipe(nights) and "shuffle_labels" not in nights
     assert shuffled["shuffle_labels"] is True and shuffled["out_dir"] != nights["out_dir"]
     for name in ("nights_shuffled.yaml", "nights_posthoc.yaml", "demo_posthoc.yaml"):
-        load_config(Config, [str(root / name)])  # every key is one train_triplet.py knows, of the right type
-    for name in ("nights_posthoc.yaml", "demo_posthoc.yaml"):  # the paper's control: qkv only, Adam, the same hinge
+        # Every key is one train_triplet.py knows, of the right type.
+        load_config(Config, [str(root / name)])
+    # The paper's post-hoc control: qkv only, Adam, the same hinge.
+    for name in ("nights_posthoc.yaml", "demo_posthoc.yaml"):
         cfg = read(name)
-        assert cfg["posthoc"] is True and cfg["weight_decay"] == 0 and cfg["margin"] == nights["margin"]
+        assert (cfg["posthoc"] is True and cfg["weight_decay"] == 0
+                and cfg["margin"] == nights["margin"])

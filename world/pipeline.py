@@ -28,8 +28,8 @@ PLANS = {
     "quick": dict(
         data=dict(size=32, triplets=300, pairs=256, per_class=6, retrieval=30, probe=40),
         stage1=["--epochs", "2", "--batch_size", "32", "--warmup_steps", "2"],
-        stage2=["--epochs", "1", "--max_steps", "6", "--batch_size", "32", "--warmup_steps", "2", "--eval_every", "6",
-                "--save_every", "3"],
+        stage2=["--epochs", "1", "--max_steps", "6", "--batch_size", "32", "--warmup_steps", "2",
+                "--eval_every", "6", "--save_every", "3"],
         posthoc=["--epochs", "1", "--batch_size", "32"],
         linear_probe="demo_colour,demo_size",
     ),
@@ -37,7 +37,9 @@ PLANS = {
 
 
 def run_step(title, command, done_file):
-    """Run one script as a subprocess unless its output says it already finished."""
+    """Run one script as a subprocess unless its output says it already finished. Finished means
+    that `done_file` exists, not that the script exited 0: a trainer stopped by SIGTERM saves and
+    exits 0 before it has finished."""
     if done_file.exists():
         print(f"== {title}: finished earlier ({done_file}), reused")
         return 0.0
@@ -45,9 +47,9 @@ def run_step(title, command, done_file):
     start = time.time()
     result = subprocess.run([sys.executable, *command], cwd=ROOT)
     if result.returncode != 0:
-        raise SystemExit(f"demo: {title} failed (exit code {result.returncode}); command:\n  {' '.join(command)}\n"
-                         "Rerun demo.py to resume where it stopped.")
-    if not done_file.exists():  # a trainer stopped by SIGTERM saves and exits 0 before it has finished
+        raise SystemExit(f"demo: {title} failed (exit code {result.returncode}); command:\n"
+                         f"  {' '.join(command)}\nRerun demo.py to resume where it stopped.")
+    if not done_file.exists():  # exit code 0, yet stopped early (SIGTERM)
         raise SystemExit(f"demo: {title} stopped before it finished ({done_file} was not written); "
                          "rerun demo.py to resume where it stopped.")
     return time.time() - start
@@ -61,9 +63,9 @@ def shard_spec(shard_dir):
 
 
 def untrained(seed, nights_root, folder):
-    """The stage-1 model before any training (same preset, same seed), saved as a checkpoint for the
-    probes, and its 2AFC: the floor that the shuffled-vote control should stay near. A random network
-    is not at 0.5: like pixel distance, it already sees some of what the observers see."""
+    """The stage-1 model before any training (same preset, same seed), saved as a checkpoint for
+    the probes, and its 2AFC: the floor that the shuffled-vote control should stay near. A random
+    network is not at 0.5: like pixel distance, it already sees some of what the observers see."""
     if (folder / "ckpt.pt").exists() and (folder.parent / "untrained_2afc.json").exists():
         return
     preset = yaml.safe_load((ROOT / "configs" / "demo_nights.yaml").read_text())["model"]
@@ -71,12 +73,14 @@ def untrained(seed, nights_root, folder):
     model = create_model(preset)
     test = nights.NightsDataset(nights_root, "test", model.config.image_size)
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "model_config": dataclasses.asdict(model.config)}, folder / "ckpt.pt")
-    (folder.parent / "untrained_2afc.json").write_text(json.dumps({"test": objective.two_afc_by_triplet(model, test, "cpu")}) + "\n")
+    torch.save({"state_dict": model.state_dict(), "model_config": dataclasses.asdict(model.config)},
+               folder / "ckpt.pt")
+    (folder.parent / "untrained_2afc.json").write_text(
+        json.dumps({"test": objective.two_afc_by_triplet(model, test, "cpu")}) + "\n")
 
 
 def drop_if_stale(result, checkpoints):
-    """Delete `result` when a checkpoint it was computed from is newer (a run changed afterwards)."""
+    """Delete `result` if a checkpoint it was computed from is newer (a run changed since)."""
     newest = max(c.stat().st_mtime for c in checkpoints)
     if result.exists() and result.stat().st_mtime < newest:
         result.unlink()

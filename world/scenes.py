@@ -1,14 +1,14 @@
 """The demo world: generated scenes whose perceptual structure is known by construction.
 
-Used by world/make_data.py to make the embedded demo's data in the kit's real formats (docs/demo.md):
+Used by world/make_data.py to make the embedded demo's data in the kit's real formats
+(docs/demo.md):
   demo_triplets   NIGHTS-style triplets (a scene and two variations) judged by simulated observers
   demo_pairs      captioned scenes for image-text shards
-  demo_tasks      zero-shot tasks: shape, colour, size, position, count, retrieval, real MNIST digits
-  demo_concepts   one scene per "concept", and odd-one-out trials on them judged by the same observers
-                  (THINGS-style, for `python demo.py --study sources`)
-Why a file of its own: world/make_data.py holds the writers of the real formats; this file holds only the
-world they are fed from (what a scene is, how it looks, how observers judge it, how it is described),
-which is long enough to read on its own. It imports nothing of the kit.
+  demo_tasks      zero-shot tasks: shape, colour, size, position, count, retrieval, real MNIST
+                  digits
+  demo_concepts   one scene per "concept", and odd-one-out trials on them judged by the same
+                  observers (THINGS-style, for `python demo.py --study sources`)
+It imports nothing of the kit.
 """
 import io
 import itertools
@@ -20,9 +20,10 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 # A world of generated scenes whose perceptual structure is known by construction, so that the
-# paper's whole experiment runs in miniature on a CPU (docs/demo.md): stage-1 triplets judged by simulated
-# observers, stage-2 captioned scenes and zero-shot tasks, each written by the writer of its real
-# format above, so the demo's data goes through exactly the loaders real data goes through.
+# paper's whole experiment runs in miniature on a CPU (docs/demo.md): stage-1 triplets judged by
+# simulated observers, stage-2 captioned scenes and zero-shot tasks, each written by the writer of
+# its real format (world/make_data.py), so the demo's data goes through exactly the loaders real
+# data goes through.
 #
 # A scene is a plain JSON-able dict; a seed fixes every pixel, vote and caption:
 #   {"background": "grey", "objects": [{"shape": "star", "colour": "red", "size": "small",
@@ -33,8 +34,9 @@ SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon",
 # digits) something in the training world to transfer from.
 DIGITS = tuple("0123456789")
 COLOURS = {
-    "red": (220, 40, 40), "orange": (245, 140, 30), "yellow": (240, 220, 40), "green": (40, 170, 60),
-    "blue": (40, 80, 220), "purple": (140, 60, 190), "pink": (240, 130, 180), "brown": (130, 80, 40),
+    "red": (220, 40, 40), "orange": (245, 140, 30), "yellow": (240, 220, 40),
+    "green": (40, 170, 60), "blue": (40, 80, 220), "purple": (140, 60, 190),
+    "pink": (240, 130, 180), "brown": (130, 80, 40),
     "white": (250, 250, 250), "black": (10, 10, 10),
 }
 BACKGROUNDS = {
@@ -53,10 +55,10 @@ TEXTURES = ("plain", "striped")
 IMAGENET_HALF = frozenset(SHAPES[::2] + DIGITS[::2])
 
 # How much a change of each attribute moves a scene perceptually: what the object is and its colour
-# matter a lot, an object appearing or vanishing most, where it sits and how big it is little. This is
-# the demo's assumption about people (docs/demo.md), not a measurement; its point is that it differs from
-# pixel distance, which a moved or resized object changes a lot. Colour and position gaps are graded
-# (red is nearer orange than blue), the rest all-or-nothing.
+# matter a lot, an object appearing or vanishing most, where it sits and how big it is little. This
+# is the demo's assumption about people (docs/demo.md), not a measurement; its point is that it
+# differs from pixel distance, which a moved or resized object changes a lot. Colour and position
+# gaps are graded (red is nearer orange than blue), the rest all-or-nothing.
 PERCEPTUAL_WEIGHTS = {
     "object": 3.5, "shape": 3.0, "colour": 2.0, "background": 1.2,
     "texture": 1.0, "size": 0.5, "position": 0.4,
@@ -80,7 +82,8 @@ def _sample_object(rng, background, taken, **fixed):
         "size": rng.choice(list(SIZES)),
         "position": rng.choice([p for p in POSITIONS if p not in taken]),
         "texture": "plain" if shape in DIGITS else rng.choice(TEXTURES),
-        "jitter": [round(rng.uniform(-0.03, 0.03), 4), round(rng.uniform(-0.03, 0.03), 4), round(rng.uniform(-15, 15), 2)],
+        "jitter": [round(rng.uniform(-0.03, 0.03), 4), round(rng.uniform(-0.03, 0.03), 4),
+                   round(rng.uniform(-15, 15), 2)],
     }
     obj.update(fixed)
     if obj["shape"] in DIGITS:
@@ -93,10 +96,12 @@ def sample_scene(rng, n_objects=None, background=None, **fixed):
     shape="star"), which the zero-shot tasks use to draw scenes of a known class."""
     n_objects = n_objects or (1 if rng.random() < 0.6 else 2)
     colour = fixed.get("colour")
-    background = background or rng.choice([b for b in BACKGROUNDS if colour is None or _legible(colour, b)])
+    background = background or rng.choice([b for b in BACKGROUNDS
+                                           if colour is None or _legible(colour, b)])
     objects = []
     for i in range(n_objects):
-        obj = _sample_object(rng, background, {o["position"] for o in objects}, **(fixed if i == 0 else {}))
+        obj = _sample_object(rng, background, {o["position"] for o in objects},
+                             **(fixed if i == 0 else {}))
         objects.append(obj)
     return {"background": background, "objects": objects}
 
@@ -115,13 +120,15 @@ def vary_scene(scene, rng, n_changes):
             else:
                 objects.append(_sample_object(rng, background, {obj["position"]}))
         elif kind == "background":
-            options = [b for b in BACKGROUNDS if b != background and all(_legible(o["colour"], b) for o in objects)]
+            options = [b for b in BACKGROUNDS
+                       if b != background and all(_legible(o["colour"], b) for o in objects)]
             scene["background"] = rng.choice(options or [background])
         elif kind == "shape":
             obj["shape"] = rng.choice([s for s in SHAPES + DIGITS if s != obj["shape"]])
             obj["texture"] = "plain" if obj["shape"] in DIGITS else obj["texture"]
         elif kind == "colour":
-            obj["colour"] = rng.choice([c for c in COLOURS if c != obj["colour"] and _legible(c, background)])
+            obj["colour"] = rng.choice([c for c in COLOURS
+                                        if c != obj["colour"] and _legible(c, background)])
         elif kind == "size":
             obj["size"] = "small" if obj["size"] == "large" else "large"
         elif kind == "position":
@@ -148,15 +155,18 @@ def perceptual_distance(a, b, weights=PERCEPTUAL_WEIGHTS):
     other in the cheapest way; an object without a partner costs weights["object"]."""
     small, large = sorted((a["objects"], b["objects"]), key=len)
     best = min(
-        sum(_object_distance(x, y, weights) for x, y in zip(small, order)) + weights["object"] * (len(large) - len(small))
+        sum(_object_distance(x, y, weights) for x, y in zip(small, order))
+        + weights["object"] * (len(large) - len(small))
         for order in itertools.permutations(large, len(small))
     )
-    return best + weights["background"] * _colour_gap(BACKGROUNDS[a["background"]], BACKGROUNDS[b["background"]])
+    return best + weights["background"] * _colour_gap(BACKGROUNDS[a["background"]],
+                                                      BACKGROUNDS[b["background"]])
 
 
 def make_observers(rng, n=24):
     """A pool of simulated observers. Each weighs the attributes a little differently (a log-normal
-    factor per attribute) and judges with its own amount of noise, so panels disagree on close calls."""
+    factor per attribute) and judges with its own amount of noise, so panels disagree on close
+    calls."""
     return [
         {"weights": {k: w * math.exp(rng.gauss(0, 0.3)) for k, w in PERCEPTUAL_WEIGHTS.items()},
          "noise": rng.uniform(0.3, 0.9)}
@@ -165,10 +175,10 @@ def make_observers(rng, n=24):
 
 
 def observer_votes(ref, left, right, observers, rng):
-    """Votes collected the way NIGHTS collected them (adaptively): three observers first, and only if
-    they agree, 3-7 more. So rows with fewer than 6 votes are the split ones (min_votes drops them)
-    and rows with 6+ may still hold a dissenting vote. Each observer picks the variation that looks
-    closer to the reference to them -> (left_vote, right_vote)."""
+    """Votes collected the way NIGHTS collected them (adaptively): three observers first, and only
+    if they agree, 3-7 more. So rows with fewer than 6 votes are the split ones (min_votes drops
+    them) and rows with 6+ may still hold a dissenting vote. Each observer picks the variation that
+    looks closer to the reference to them -> (left_vote, right_vote)."""
 
     def judge(o):
         d_left = perceptual_distance(ref, left, o["weights"]) + rng.gauss(0, o["noise"])
@@ -183,12 +193,12 @@ def observer_votes(ref, left, right, observers, rng):
 
 
 def odd_one_out(scenes, observer, rng):
-    """Which of three scenes `observer` calls the odd one out (0, 1 or 2), as THINGS' participants did:
-    the item outside the pair that looks most alike to them. Each of the three pair distances is seen
-    with the observer's own noise, as in observer_votes."""
+    """Which of three scenes `observer` calls the odd one out (0, 1 or 2), as THINGS' participants
+    did: the item outside the pair that looks most alike to them. Each of the three pair distances
+    is seen with the observer's own noise, as in observer_votes."""
     pairs = ((0, 1), (1, 2), (0, 2))
-    seen = [perceptual_distance(scenes[a], scenes[b], observer["weights"]) + rng.gauss(0, observer["noise"])
-            for a, b in pairs]
+    seen = [perceptual_distance(scenes[a], scenes[b], observer["weights"])
+            + rng.gauss(0, observer["noise"]) for a, b in pairs]
     closest = pairs[min(range(3), key=seen.__getitem__)]
     return 3 - sum(closest)
 
@@ -203,19 +213,19 @@ def concept_name(scene, taken):
 
 
 def demo_concepts(n, seed=0, stream="concepts"):
-    """n scenes of their own random stream, one image per "concept" as in the THINGS odd-one-out task,
-    with their unique ids in generation order (which is not alphabetical, as THINGS' is not). Another
-    `stream` gives other scenes (the held-out stimuli of the studies' RSA)."""
+    """n scenes of their own random stream, one image per "concept" as in the THINGS odd-one-out
+    task, with their unique ids in generation order (which is not alphabetical, as THINGS' is not).
+    Another `stream` gives other scenes (the held-out stimuli of the studies' RSA)."""
     rng = random.Random(f"{stream}-{seed}")
     scenes, taken = [sample_scene(rng) for _ in range(n)], {}
     return [concept_name(s, taken) for s in scenes], scenes
 
 
 def demo_odd_one_out(scenes, counts, seed=0):
-    """Odd-one-out trials on `scenes` -> {split: [(i, j, odd), ...]} with `counts[split]` trials each:
-    three distinct concepts drawn at random (as THINGS drew its triplets), judged by one observer of
-    the same pool that votes on the NIGHTS-style triplets (make_observers on demo_triplets' stream),
-    the odd one written LAST as THINGS-data's triplet files do."""
+    """Odd-one-out trials on `scenes` -> {split: [(i, j, odd), ...]} with `counts[split]` trials
+    each: three distinct concepts drawn at random (as THINGS drew its triplets), judged by one
+    observer of the same pool that votes on the NIGHTS-style triplets (make_observers on
+    demo_triplets' stream), the odd one written LAST as THINGS-data's triplet files do."""
     observers = make_observers(random.Random(f"nights-{seed}"))
     rng = random.Random(f"oddoneout-{seed}")
     trials = {}
@@ -248,7 +258,8 @@ def _heart():
     points = []
     for i in range(40):  # the classic parametric heart, scaled into the unit circle
         t = 2 * math.pi * i / 40
-        x, y = 16 * math.sin(t) ** 3, 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+        x, y = (16 * math.sin(t) ** 3,
+                13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t))
         points.append((x / 17, -y / 17 - 0.05))
     return points
 
@@ -257,8 +268,8 @@ _OUTLINES = {  # unit-radius outlines, y pointing down
     "square": [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)],
     "triangle": _polygon(3),
     "star": _star(),
-    "cross": [(-0.3, -0.9), (0.3, -0.9), (0.3, -0.3), (0.9, -0.3), (0.9, 0.3), (0.3, 0.3), (0.3, 0.9),
-              (-0.3, 0.9), (-0.3, 0.3), (-0.9, 0.3), (-0.9, -0.3), (-0.3, -0.3)],
+    "cross": [(-0.3, -0.9), (0.3, -0.9), (0.3, -0.3), (0.9, -0.3), (0.9, 0.3), (0.3, 0.3),
+              (0.3, 0.9), (-0.3, 0.9), (-0.3, 0.3), (-0.9, 0.3), (-0.9, -0.3), (-0.3, -0.3)],
     "diamond": [(0, -1), (0.7, 0), (0, 1), (-0.7, 0)],
     "hexagon": _polygon(6, 1.0, 0),
     "heart": _heart(),
@@ -266,15 +277,21 @@ _OUTLINES = {  # unit-radius outlines, y pointing down
 # Digits as pen strokes in a box x in [-0.6, 0.6], y in [-1, 1]; each stroke a polyline.
 _STROKES = {
     "1": [[(-0.25, -0.6), (0.05, -1), (0.05, 1)]],
-    "2": [[(-0.5, -0.5), (-0.2, -0.95), (0.3, -0.95), (0.5, -0.55), (0.4, -0.15), (-0.55, 1), (0.6, 1)]],
-    "3": [[(-0.5, -0.95), (0.5, -0.95), (-0.05, -0.1), (0.45, 0.15), (0.55, 0.6), (0.2, 1), (-0.55, 0.85)]],
+    "2": [[(-0.5, -0.5), (-0.2, -0.95), (0.3, -0.95), (0.5, -0.55), (0.4, -0.15), (-0.55, 1),
+           (0.6, 1)]],
+    "3": [[(-0.5, -0.95), (0.5, -0.95), (-0.05, -0.1), (0.45, 0.15), (0.55, 0.6), (0.2, 1),
+           (-0.55, 0.85)]],
     "4": [[(0.3, 1), (0.3, -1), (-0.6, 0.4), (0.6, 0.4)]],
-    "5": [[(0.55, -1), (-0.4, -1), (-0.5, -0.1), (0.2, -0.2), (0.55, 0.2), (0.5, 0.75), (0.05, 1), (-0.55, 0.85)]],
-    "6": [[(0.4, -1), (-0.2, -0.4), (-0.5, 0.3), (-0.35, 0.9), (0.2, 1), (0.5, 0.55), (0.3, 0.05), (-0.2, 0.1), (-0.45, 0.4)]],
+    "5": [[(0.55, -1), (-0.4, -1), (-0.5, -0.1), (0.2, -0.2), (0.55, 0.2), (0.5, 0.75), (0.05, 1),
+           (-0.55, 0.85)]],
+    "6": [[(0.4, -1), (-0.2, -0.4), (-0.5, 0.3), (-0.35, 0.9), (0.2, 1), (0.5, 0.55), (0.3, 0.05),
+           (-0.2, 0.1), (-0.45, 0.4)]],
     "7": [[(-0.6, -1), (0.6, -1), (-0.15, 1)]],
-    "9": [[(0.5, -0.35), (0.2, -0.05), (-0.35, -0.1), (-0.5, -0.55), (-0.2, -1), (0.3, -0.95), (0.5, -0.4), (0.3, 1)]],
+    "9": [[(0.5, -0.35), (0.2, -0.05), (-0.35, -0.1), (-0.5, -0.55), (-0.2, -1), (0.3, -0.95),
+           (0.5, -0.4), (0.3, 1)]],
 }
-_RINGS = {"0": [(0, 0, 0.55, 1)], "8": [(0, -0.5, 0.4, 0.48), (0, 0.5, 0.5, 0.52)]}  # (cx, cy, rx, ry)
+# 0 and 8 are rings instead: ellipses (cx, cy, rx, ry) in the same box.
+_RINGS = {"0": [(0, 0, 0.55, 1)], "8": [(0, -0.5, 0.4, 0.48), (0, 0.5, 0.5, 0.52)]}
 
 
 def _draw_mask(obj, side):
@@ -301,7 +318,8 @@ def _draw_mask(obj, side):
         for stroke in _STROKES.get(shape, []):
             draw.line(place(stroke), fill=255, width=width, joint="curve")
         for ex, ey, rx, ry in _RINGS.get(shape, []):
-            steps = [(ex + rx * math.cos(2 * math.pi * i / 32), ey + ry * math.sin(2 * math.pi * i / 32)) for i in range(33)]
+            steps = [(ex + rx * math.cos(2 * math.pi * i / 32),
+                      ey + ry * math.sin(2 * math.pi * i / 32)) for i in range(33)]
             draw.line(place(steps), fill=255, width=width, joint="curve")
     return mask
 
@@ -318,7 +336,8 @@ def render_scene(scene, size=64):
             band = max(2, side // 16)
             draw = ImageDraw.Draw(paint)
             for k in range(-side, side, 2 * band):
-                draw.polygon([(k, 0), (k + band, 0), (k + band + side, side), (k + side, side)], fill=shade)
+                draw.polygon([(k, 0), (k + band, 0), (k + band + side, side), (k + side, side)],
+                             fill=shade)
         canvas.paste(paint, (0, 0), _draw_mask(obj, side))
     return canvas.resize((size, size), Image.LANCZOS)
 
@@ -330,7 +349,8 @@ def render_scene(scene, size=64):
 def _noun(obj, rng, keep_shape):
     if obj["shape"] in DIGITS:
         d = obj["shape"]
-        return rng.choice([f'number "{d}"', f"number {d}", f"digit {d}", f'"{d}"']) if keep_shape else "symbol"
+        return (rng.choice([f'number "{d}"', f"number {d}", f"digit {d}", f'"{d}"'])
+                if keep_shape else "symbol")
     return obj["shape"] if keep_shape else rng.choice(["shape", "object"])
 
 
@@ -361,12 +381,13 @@ def caption(scene, rng):
     background = f" on a {scene['background']} background" if rng.random() < 0.35 else ""
     if len(phrases) == 1:
         p = phrases[0]
-        styles = [_a(p) + background, p, f"a photo of {_a(p)}{background}.", f"a picture of {_a(p)}.",
-                  f"one object: {_a(p)}"]
+        styles = [_a(p) + background, p, f"a photo of {_a(p)}{background}.",
+                  f"a picture of {_a(p)}.", f"one object: {_a(p)}"]
     else:
         both = f"{_a(phrases[0])} and {_a(phrases[1])}"
         styles = [both + background, f"two objects: {both}", f"a photo of {both}{background}.",
-                  f"two objects{background or ' together'}", f"{_a(phrases[0])} next to {_a(phrases[1])}"]
+                  f"two objects{background or ' together'}",
+                  f"{_a(phrases[0])} next to {_a(phrases[1])}"]
     return rng.choice(styles)
 
 
@@ -380,12 +401,14 @@ def demo_triplets(n, seed=0, size=64):
     observers = make_observers(rng)
     for _ in range(n):
         ref = sample_scene(rng)
-        left, right = vary_scene(ref, rng, rng.randint(1, 3)), vary_scene(ref, rng, rng.randint(1, 3))
+        left, right = (vary_scene(ref, rng, rng.randint(1, 3)),
+                       vary_scene(ref, rng, rng.randint(1, 3)))
         left_vote, right_vote = observer_votes(ref, left, right, observers, rng)
         u = rng.random()
         shape = ref["objects"][0]["shape"]
         yield {
-            "ref": render_scene(ref, size), "left": render_scene(left, size), "right": render_scene(right, size),
+            "ref": render_scene(ref, size), "left": render_scene(left, size),
+            "right": render_scene(right, size),
             "left_vote": left_vote, "right_vote": right_vote,
             "split": "train" if u < 0.8 else "val" if u < 0.9 else "test",
             "is_imagenet": shape in IMAGENET_HALF,
@@ -400,30 +423,35 @@ def _png(image):
 
 
 def demo_pairs(n, seed=0, size=64):
-    """n (key, {"png", "txt", "json"}) image-caption samples for stage-2 shards; json holds the scene."""
+    """n (key, {"png", "txt", "json"}) image-caption samples for stage-2 shards; json holds the
+    scene."""
     rng = random.Random(f"pairs-{seed}")
     for i in range(n):
         scene = sample_scene(rng)
-        yield f"{i:08d}", {"png": _png(render_scene(scene, size)), "txt": caption(scene, rng), "json": json.dumps(scene)}
+        yield f"{i:08d}", {"png": _png(render_scene(scene, size)), "txt": caption(scene, rng),
+                           "json": json.dumps(scene)}
 
 
 def _mnist_digits():
     """The 500 real MNIST digits of assets/mnist_500.png (row d = 50 digits of class d)."""
-    sheet = Image.open(Path(__file__).resolve().parents[1] / "assets" / "mnist_500.png").convert("RGB")
-    return [(sheet.crop((28 * i, 28 * d, 28 * i + 28, 28 * d + 28)), d) for d in range(10) for i in range(sheet.width // 28)]
+    sheet = (Image.open(Path(__file__).resolve().parents[1] / "assets" / "mnist_500.png")
+             .convert("RGB"))
+    return [(sheet.crop((28 * i, 28 * d, 28 * i + 28, 28 * d + 28)), d)
+            for d in range(10) for i in range(sheet.width // 28)]
 
 
 def demo_tasks(seed=0, size=64, per_class=40, retrieval=200, split="test"):
-    """The zero-shot tasks -> {name: dict(samples, classnames, templates, task_type)}. Scenes come from
-    their own random stream, so none of them is a training image. split="train" gives the train split
-    of the classification tasks the linear probe fits (another stream: the test scenes stay the same);
-    retrieval and the 500 real MNIST digits have no train split."""
+    """The zero-shot tasks -> {name: dict(samples, classnames, templates, task_type)}. Scenes come
+    from their own random stream, so none of them is a training image. split="train" gives the
+    train split of the classification tasks the linear probe fits (another stream: the test scenes
+    stay the same); retrieval and the 500 real MNIST digits have no train split."""
     rng = random.Random(f"tasks-{seed}" if split == "test" else f"tasks-{split}-{seed}")
 
     def classify(attribute, classes, templates, **extra):
         samples = [(render_scene(sample_scene(rng, **extra, **{attribute: c}), size), label)
                    for label, c in enumerate(classes) for _ in range(per_class)]
-        return dict(samples=samples, classnames=list(classes), templates=templates, task_type="classification")
+        return dict(samples=samples, classnames=list(classes), templates=templates,
+                    task_type="classification")
 
     def count(templates):
         samples = [(render_scene(sample_scene(rng, n_objects=label + 1), size), label)
@@ -432,25 +460,34 @@ def demo_tasks(seed=0, size=64, per_class=40, retrieval=200, split="test"):
                     task_type="classification")
 
     tasks = {
-        "demo_shape": classify("shape", SHAPES, ["a photo of a {c}.", "a {c}.", "a picture of a {c}."], n_objects=1),
-        "demo_colour": classify("colour", COLOURS, ["a {c} shape.", "a photo of a {c} object.", "something {c}."], n_objects=1),
-        "demo_size": classify("size", SIZES, ["a {c} shape.", "a photo of a {c} object."], n_objects=1),
-        "demo_position": classify("position", POSITIONS, ["a shape at the {c}.", "a photo of an object at the {c}."], n_objects=1),
+        "demo_shape": classify("shape", SHAPES,
+                               ["a photo of a {c}.", "a {c}.", "a picture of a {c}."], n_objects=1),
+        "demo_colour": classify("colour", COLOURS,
+                                ["a {c} shape.", "a photo of a {c} object.", "something {c}."],
+                                n_objects=1),
+        "demo_size": classify("size", SIZES, ["a {c} shape.", "a photo of a {c} object."],
+                              n_objects=1),
+        "demo_position": classify("position", POSITIONS,
+                                  ["a shape at the {c}.", "a photo of an object at the {c}."],
+                                  n_objects=1),
         "demo_count": count(["a photo of {c}.", "{c}."]),
     }
     if split != "test":
         return tasks
     scenes = [sample_scene(rng) for _ in range(retrieval)]
-    tasks["demo_retrieval"] = dict(samples=[(render_scene(s, size), [caption(s, rng) for _ in range(5)]) for s in scenes],
-                                   classnames=None, templates=None, task_type="retrieval")
+    tasks["demo_retrieval"] = dict(
+        samples=[(render_scene(s, size), [caption(s, rng) for _ in range(5)]) for s in scenes],
+        classnames=None, templates=None, task_type="retrieval")
     # The one task on real pixels; CLIP_benchmark's own MNIST template.
-    tasks["demo_mnist"] = dict(samples=_mnist_digits(), classnames=list(DIGITS), templates=['a photo of the number: "{c}".'],
+    tasks["demo_mnist"] = dict(samples=_mnist_digits(), classnames=list(DIGITS),
+                               templates=['a photo of the number: "{c}".'],
                                task_type="classification")
     return tasks
 
 
 def demo_probe_scenes(n=200, seed=0):
-    """n scenes of their own random stream for the feature-space probes (analysis/probes.py), whose pairwise
-    observer distance (perceptual_distance) is the reference the models' distances are compared with."""
+    """n scenes of their own random stream for the feature-space probes (analysis/probes.py),
+    whose pairwise observer distance (perceptual_distance) is the reference the models' distances
+    are compared with."""
     rng = random.Random(f"probe-{seed}")
     return [sample_scene(rng) for _ in range(n)]

@@ -1,14 +1,15 @@
-"""The embedded demo's studies (`python demo.py --study efficiency | sources`): their data is what it
-claims and in the real formats, and the studies run end to end.
+"""The embedded demo's studies (`python demo.py --study efficiency | sources`): their data is what
+it claims and in the real formats, and the studies run end to end.
 
 What is proved:
 - odd-one-out trials are judged as THINGS' participants judged them (the odd one is the item outside
   the most alike pair: an obvious trial gets the obvious answer), by the demo's own observers, and
   carry their structure (the observers' ideal distance agrees with the recorded odd one far above
   chance, pixel distance much less);
-- the THINGS-format files are laid out as THINGS-data documents them (triplet_dataset/*.txt: three
-  0-based indices a line, the odd one last; unique_id.txt in index order, not alphabetical; one image
-  per concept at images/<unique_id>.png) and read back with numpy as THINGS-data's users read them;
+- the THINGS-format files are laid out as THINGS-data documents them (triplet_dataset/*.txt:
+  three 0-based indices a line, the odd one last; unique_id.txt in index order, not alphabetical;
+  one image per concept at images/<unique_id>.png) and read back with numpy as THINGS-data's users
+  read them;
 - the simulated areas are what their names claim: the early area's RDM follows pixel distance and
   barely the observers' distance, the late area's the other way round; each is square, symmetric,
   finite, zero on the diagonal, with one image per row listed in images.txt; the rank correlation
@@ -84,13 +85,16 @@ def test_things_files_are_laid_out_as_things_data_documents(stimuli):
     for unique_id in unique_ids:
         assert Image.open(root / "images" / f"{unique_id}.png").size == (32, 32)
     for split, count in zip(M.THINGS_SPLITS, QUICK_STIMULI["trials"]):
-        trials = np.loadtxt(root / "triplet_dataset" / f"{split}.txt", dtype=int)  # as THINGS-data's users read it
+        # Read as THINGS-data's users read it.
+        trials = np.loadtxt(root / "triplet_dataset" / f"{split}.txt", dtype=int)
         assert trials.shape == (count, 3) and trials.min() >= 0 and trials.max() < len(unique_ids)
         assert all(len(set(t)) == 3 for t in trials.tolist())
     # The odd one is last: the world's judgment, replayed with the same seed, says so.
     _, drawn = scenes.demo_concepts(QUICK_STIMULI["concepts"], seed=0)
-    replayed = scenes.demo_odd_one_out(drawn, dict(zip(M.THINGS_SPLITS, QUICK_STIMULI["trials"])), seed=0)
-    assert np.loadtxt(root / "triplet_dataset" / "trainset.txt", dtype=int).tolist() == [list(t) for t in replayed["trainset"]]
+    replayed = scenes.demo_odd_one_out(drawn, dict(zip(M.THINGS_SPLITS, QUICK_STIMULI["trials"])),
+                                       seed=0)
+    assert (np.loadtxt(root / "triplet_dataset" / "trainset.txt", dtype=int).tolist()
+            == [list(t) for t in replayed["trainset"]])
 
 
 @pytest.mark.parametrize("folder", ["stimuli", "stimuli_test"])
@@ -112,13 +116,15 @@ def test_areas_are_what_their_names_claim(stimuli, folder):
     # Noise was measured in: neither area is its noise-free distance.
     assert rho(rdms["early"], pixel) < 0.99 and rho(rdms["late"], observers) < 0.99
     areas = json.loads((root / "areas.json").read_text())
-    assert areas["early"]["spearman_with_pixel_distance"] == pytest.approx(rho(rdms["early"], pixel))
+    assert (areas["early"]["spearman_with_pixel_distance"]
+            == pytest.approx(rho(rdms["early"], pixel)))
 
 
-# The end-to-end runs take a subset of each study's arms, one per code path (CI's time: every arm would
-# double it): efficiency a fraction and the baseline; sources a THINGS source, an RDM source and the
-# baseline. Every arm's stage-1 command is checked without running it (test_every_arm_...), and the
-# report and plot with every arm on synthetic numbers.
+# The end-to-end runs take a subset of each study's arms, one per code path (CI's time: every arm
+# would double it): efficiency a fraction and the baseline; sources a THINGS source, an RDM source
+# and the baseline. Every arm's stage-1 command is checked without running it
+# (test_every_arm_trains_on_the_source_it_names), and the report and plot with every arm on
+# synthetic numbers (test_report_and_plot_name_every_arm).
 RUN_ARMS = {"efficiency": ("10%", "baseline"), "sources": ("odd-one-out", "late", "baseline")}
 
 
@@ -145,12 +151,14 @@ def test_study_data_passes_the_readers_users_run(quick_studies):
     assert len(train) == 2 * len(trials)
     rows, p = np.asarray(train.rows), np.asarray(train.p)
     i, j, odd = trials.T
-    assert np.array_equal(rows[0::2], np.stack([i, j, odd], 1)) and np.array_equal(rows[1::2], np.stack([j, i, odd], 1))
+    assert (np.array_equal(rows[0::2], np.stack([i, j, odd], 1))
+            and np.array_equal(rows[1::2], np.stack([j, i, odd], 1)))
     assert not p.any()  # the odd one (right) is never the closer side
     for area in M.AREAS:
         rdm = np.load(stimuli / "rdms" / f"{area}.npy")
         split = other_sources.open_splits("rdm", stimuli, 32, rdm=area)["train"]
-        assert [Path(x).name for x in split.images] == [f"{u}.png" for u in unique_ids]  # images.txt order
+        # The images in images.txt's order.
+        assert [Path(x).name for x in split.images] == [f"{u}.png" for u in unique_ids]
         rows, p = np.asarray(split.rows), np.asarray(split.p)
         ref, left, right = rows.T
         assert len(rows) >= studies.STUDY_PLANS["quick"]["budget"]
@@ -160,14 +168,15 @@ def test_study_data_passes_the_readers_users_run(quick_studies):
 @pytest.mark.parametrize("study", studies.STUDIES)
 @pytest.mark.parametrize("size", ["quick", "full"])
 def test_every_arm_trains_on_the_source_it_names(study, size, tmp_path):
-    """Each arm's stage-1 command, as train_triplet.py parses it (its typed config: an unknown key or a
-    bad value is an error): the data format, data and amount each arm claims."""
+    """Each arm's stage-1 command, as train_triplet.py parses it (its typed config: an unknown key
+    or a bad value is an error): the data format, data and amount each arm claims."""
     import cli
     import train_triplet
     data_root = tmp_path / "data"
     budget = studies.STUDY_PLANS[size]["budget"]
     for arm in studies.ARMS[study]:
-        command = studies.stage1_command(study, arm, 0, pipeline.PLANS[size], studies.STUDY_PLANS[size], data_root)
+        command = studies.stage1_command(study, arm, 0, pipeline.PLANS[size],
+                                         studies.STUDY_PLANS[size], data_root)
         if arm == "baseline":
             assert command is None
             continue
@@ -178,21 +187,27 @@ def test_every_arm_trains_on_the_source_it_names(study, size, tmp_path):
             assert got == ("nights", "nights", "", False) and config.max_triplets == 0
             assert config.triplet_fraction == studies.FRACTIONS[arm]
         else:
-            expected = {"votes": ("nights", "nights", "", False), "shuffled": ("nights", "nights", "", True),
-                        "odd-one-out": ("things", "stimuli", "", False), "early": ("rdm", "stimuli", "early", False),
+            expected = {"votes": ("nights", "nights", "", False),
+                        "shuffled": ("nights", "nights", "", True),
+                        "odd-one-out": ("things", "stimuli", "", False),
+                        "early": ("rdm", "stimuli", "early", False),
                         "late": ("rdm", "stimuli", "late", False)}[arm]
-            assert got == expected and config.max_triplets == budget and config.triplet_fraction == 1.0
+            assert (got == expected and config.max_triplets == budget
+                    and config.triplet_fraction == 1.0)
 
 
 @pytest.mark.parametrize("study", studies.STUDIES)
 def test_report_and_plot_name_every_arm(study, tmp_path):
     tasks = ("demo_shape", "demo_retrieval")
     rng = np.random.default_rng(0)
-    per_seed = {seed: {"zero_shot": {a: {t: rng.random() for t in tasks} for a in studies.ARMS[study]},
-                       "final": {a: {k: rng.random() for k in studies.ALIGNMENT} for a in studies.ARMS[study]},
-                       "stage1": {a: {k: rng.random() for k in studies.ALIGNMENT} for a in studies.ARMS[study]},
-                       "n_triplets": {a: 10 * (k + 1) for k, a in enumerate(studies.ARMS[study])}} for seed in (0, 1, 2)}
-    areas = {a: {"spearman_with_pixel_distance": 0.5, "spearman_with_observer_distance": 0.5} for a in M.AREAS}
+    per_seed = {seed: {
+        "zero_shot": {a: {t: rng.random() for t in tasks} for a in studies.ARMS[study]},
+        "final": {a: {k: rng.random() for k in studies.ALIGNMENT} for a in studies.ARMS[study]},
+        "stage1": {a: {k: rng.random() for k in studies.ALIGNMENT} for a in studies.ARMS[study]},
+        "n_triplets": {a: 10 * (k + 1) for k, a in enumerate(studies.ARMS[study])},
+    } for seed in (0, 1, 2)}
+    areas = {a: {"spearman_with_pixel_distance": 0.5, "spearman_with_observer_distance": 0.5}
+             for a in M.AREAS}
     table = studies.report(study, per_seed, areas)
     assert "| task | " + " | ".join(studies.ARMS[study]) + " |" in table
     for arm in studies.ARMS[study]:
@@ -205,12 +220,14 @@ def test_report_and_plot_name_every_arm(study, tmp_path):
 
 def _summary(quick_studies, study):
     out, _ = quick_studies
-    return json.loads((out / study / "summary.json").read_text()), (out / study / "results.md").read_text()
+    return (json.loads((out / study / "summary.json").read_text()),
+            (out / study / "results.md").read_text())
 
 
 def _stage1_config(quick_studies, study, folder):
     out, _ = quick_studies
-    header = json.loads((out / study / "seed0" / f"stage1_{folder}" / "metrics.jsonl").read_text().splitlines()[0])
+    header = json.loads(
+        (out / study / "seed0" / f"stage1_{folder}" / "metrics.jsonl").read_text().splitlines()[0])
     return header["config"]
 
 
@@ -236,12 +253,15 @@ def test_fractions_and_budgets_reach_the_trainer(quick_studies):
     from stage1 import triplets
     summary, _ = _summary(quick_studies, "efficiency")
     whole = len(other_sources.open_splits("nights", quick_studies[1] / "nights", 32)["train"])
-    assert summary["per_seed"]["0"]["n_triplets"] == {"10%": len(triplets.nested_subset(whole, 0, 0.1, 0)), "baseline": 0}
+    assert summary["per_seed"]["0"]["n_triplets"] == {
+        "10%": len(triplets.nested_subset(whole, 0, 0.1, 0)), "baseline": 0}
     assert _stage1_config(quick_studies, "efficiency", "pct10")["triplet_fraction"] == 0.1
     summary, results = _summary(quick_studies, "sources")
     budget = studies.STUDY_PLANS["quick"]["budget"]
-    assert summary["per_seed"]["0"]["n_triplets"] == {"odd-one-out": budget, "late": budget, "baseline": 0}
-    assert (_stage1_config(quick_studies, "sources", "late")["data_format"], _stage1_config(quick_studies, "sources", "late")["rdm"]) == ("rdm", "late")
+    assert (summary["per_seed"]["0"]["n_triplets"]
+            == {"odd-one-out": budget, "late": budget, "baseline": 0})
+    assert (_stage1_config(quick_studies, "sources", "late")["data_format"],
+            _stage1_config(quick_studies, "sources", "late")["rdm"]) == ("rdm", "late")
     assert "| early | " in results and "| late | " in results  # what each area is
 
 
@@ -249,18 +269,24 @@ def test_a_rerun_reuses_every_run(quick_studies, capsys):
     out, data_root = quick_studies
     before = {p: p.stat().st_mtime for p in (out / "sources" / "seed0").rglob("*") if p.is_file()}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(studies.ARMS, "sources", {a: studies.ARMS["sources"][a] for a in RUN_ARMS["sources"]})
-        demo.main(["--study", "sources", "--quick", "--out", str(out.parent), "--data", str(data_root)])
-    steps = [line for line in capsys.readouterr().out.splitlines() if line.startswith("== sources, seed 0")]
-    assert len(steps) == 2 + 3 + 2 and all("finished earlier" in line for line in steps)  # stage 1s, 2s, evaluate, scores
+        patch.setitem(studies.ARMS, "sources",
+                      {a: studies.ARMS["sources"][a] for a in RUN_ARMS["sources"]})
+        demo.main(["--study", "sources", "--quick", "--out", str(out.parent),
+                   "--data", str(data_root)])
+    steps = [line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("== sources, seed 0")]
+    # 2 stage 1s, 3 stage 2s, the evaluation and the alignment scores, each reused.
+    assert len(steps) == 2 + 3 + 2 and all("finished earlier" in line for line in steps)
     after = {p: p.stat().st_mtime for p in (out / "sources" / "seed0").rglob("*") if p.is_file()}
     assert after == before
 
 
 def test_a_step_that_exits_0_unfinished_stops_the_demo(tmp_path):
-    """A trainer stopped by SIGTERM saves a checkpoint and exits 0 before it has finished: the demo and
-    the studies (pipeline.run_step) must stop there, not train the next stage from a half-trained tower."""
+    """A trainer stopped by SIGTERM saves a checkpoint and exits 0 before it has finished: the demo
+    and the studies (pipeline.run_step) must stop there, not train the next stage from a
+    half-trained tower."""
     with pytest.raises(SystemExit, match="stopped before it finished"):
         pipeline.run_step("a step", ["-c", "pass"], tmp_path / "summary.json")
     (tmp_path / "summary.json").write_text("{}")
-    assert pipeline.run_step("a step", ["-c", "pass"], tmp_path / "summary.json") == 0.0  # finished earlier: reused
+    # Finished earlier: reused, in no time.
+    assert pipeline.run_step("a step", ["-c", "pass"], tmp_path / "summary.json") == 0.0
