@@ -141,8 +141,8 @@ def run_authors_arms(seed_dir, stage1, stage2, evaluation):
     checkpoints = [runs[name] / "ckpt.pt" for name in ("pi_authors", "baseline_authors")]
     results = seed_dir / "results_authors.json"
     drop_if_stale(results, checkpoints)
-    command = (evaluation[:evaluation.index("--out") + 1] + [str(results)]
-               + evaluation[evaluation.index("--out") + 2:])
+    out = evaluation.index("--out") + 1  # the same evaluation, its results written elsewhere
+    command = evaluation[:out] + [str(results)] + evaluation[out + 1:]
     seconds["evaluate authors"] = run_step(
         f"{seed_dir.name}: zero-shot evaluation of the authors' arms",
         command + [a for c in checkpoints for a in ("--ckpt", str(c))], results)
@@ -195,7 +195,7 @@ def main(argv=None):
                              "stage 2, and the post-hoc tuning (saves ~2.5 minutes a seed on 2 "
                              "idle cores, estimated from the step times)")
     parser.add_argument("--study", choices=("efficiency", "sources"), default=None,
-                        help="run a follow-up study instead of the demo (studies.py): "
+                        help="run a follow-up study instead of the demo (world/studies.py): "
                              "efficiency = PI from 10-100%% of the triplets; "
                              "sources = votes vs odd-one-out vs early / late area RDMs; "
                              "output in OUT/studies/<study>")

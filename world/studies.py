@@ -243,12 +243,11 @@ def report(study, per_seed, areas):
             lines.append(f"- {arm} vs baseline: {signed(statistics.fmean(average))} points on "
                          f"average; with {n} seed{'s' * (n > 1)} no verdict: "
                          "run with --seeds 0,1,2.")
-        else:  # (triple quotes let the verdict's expression span lines)
+        else:
+            verdict = {"ahead": "clearly ahead", "behind": "clearly behind"}.get(
+                _verdict(average, n), "not clear")
             lines.append(f"- {arm} vs baseline: {signed(*mean_sd(average))} on average "
-                         f"""({'clearly ahead' if _verdict(average, n) == 'ahead' else
-                              'clearly behind' if _verdict(average, n) == 'behind' else
-                              'not clear'}); """
-                         f"clearly ahead on {', '.join(v['ahead']) or 'none'}; "
+                         f"({verdict}); clearly ahead on {', '.join(v['ahead']) or 'none'}; "
                          f"clearly behind on {', '.join(v['behind']) or 'none'}.")
     stat = lambda get: percent(*mean_sd([get(per_seed[s]) for s in seeds]))
     lines += ["", "Alignment (%; RSA as Spearman's rho x 100): 2AFC on the NIGHTS-format test "
