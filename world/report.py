@@ -95,6 +95,11 @@ def report(per_seed):
     """Markdown tables over seeds (mean ± sd): zero-shot per arm; PI against each other arm
     (difference, wins over seeds, a verdict that says how sure it can be); 2AFC beside the probes;
     CKA."""
+    return "\n".join(zero_shot_lines(per_seed) + probe_lines(per_seed))
+
+
+def zero_shot_lines(per_seed):
+    """The zero-shot tables and the verdicts of report(), as lines."""
     seeds = list(per_seed)
     first = per_seed[seeds[0]]
     tasks = list(first["zero_shot"]["pi"])
@@ -141,8 +146,14 @@ def report(per_seed):
                          f"tasks; clearly ahead (mean difference > 2 standard errors over {n} "
                          f"seeds) on {', '.join(v['clear']) or 'none'}; "
                          f"clearly behind on {', '.join(v['behind']) or 'none'}.")
+    return lines
 
-    # 2AFC beside the probes that ask the same question of the whole feature space.
+
+def probe_lines(per_seed):
+    """2AFC beside the probes that ask the same question of the whole feature space, the linear
+    probe per task and CKA between towers: report()'s second half, as lines."""
+    seeds, lines = list(per_seed), []
+    first = per_seed[seeds[0]]
     models = [m for m in PROBED if any(m in per_seed[s]["2afc"] for s in seeds)]
     probe_tasks = list(first["probes"]["linear_probe"].get("pi", {}))
     stat = lambda get: percent(*mean_sd([get(per_seed[s]) for s in seeds]))
@@ -176,7 +187,7 @@ def report(per_seed):
             lines.append(f"| {label} | " + " | ".join(
                 f"{mean_sd([_cka(per_seed[s]['probes'], a, b)[k] for s in seeds])[0]:.2f}"
                 for k in layers) + " |")
-    return "\n".join(lines)
+    return lines
 
 
 COLOURS = {"pi": "tab:orange", "baseline": "tab:blue", "shuffled": "tab:green",
