@@ -318,11 +318,12 @@ class CLIPConfig:
     ViT-H-14's (80; a ResNet's pool has 32 x vision_width / 64 heads), open_clip's head widths,
     which is what lets checkpoints.config_from_state_dict infer them from shapes.
 
-    The fields from text_attention on set how the text tower reads a caption, and where training
-    starts. OpenAI's CLIP is the default; the "-authors" presets set them as the PI authors' code
-    builds its model (github cheesepuff90/Brain_Initialization src/model.py,
-    config/modelconfig/vit_b_32.json). None changes a state-dict key or shape, so a checkpoint
-    loads into either; only the outputs differ."""
+    The fields from text_attention on set how the text tower reads a caption, where training
+    starts and where the logit scale is capped. OpenAI's CLIP is the default; the "-authors"
+    presets set them as the PI authors' code builds and trains its model (github
+    cheesepuff90/Brain_Initialization src/model.py, config/modelconfig/vit_b_32.json,
+    src/loss.py). None changes a state-dict key or shape, so a checkpoint loads into either; only
+    the outputs differ."""
 
     embed_dim: int = 512
     image_size: int = 224
@@ -351,11 +352,17 @@ class CLIPConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     # "openai" | "authors" (DeCLIP-style standard deviations: CLIP.init_authors_)
     init: str = "openai"
+    # Where the logit scale is capped at 100. "parameter" (OpenAI, open_clip): the trainer clamps
+    # the parameter to [0, ln 100] after each step, so a scale pushed to the cap can come back.
+    # "loss" (the PI authors' github cheesepuff90/Brain_Initialization src/loss.py:285): forward
+    # hands the loss min(exp(logit_scale), 100) and nothing clamps the parameter; above ln 100 the
+    # cap passes no gradient, so a scale that crosses it stays at 100.
+    logit_scale_clamp: str = "parameter"
 
     def __post_init__(self):
         """A misspelt option would silently build OpenAI's model: refuse it, naming the field."""
         choices = {"text_attention": ("causal", "bidirectional"), "text_pooling": ("eot", "mean"),
-                   "init": ("openai", "authors")}
+                   "init": ("openai", "authors"), "logit_scale_clamp": ("parameter", "loss")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"model setting {name}={getattr(self, name)!r} "
@@ -446,7 +453,11 @@ class CLIP(nn.Module):
         return F.normalize(x @ self.text_projection, dim=-1)
 
     def forward(self, images, tokens):
-        return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
+        """-> (image features (B, E), text features (B, E), the logit scale the loss uses)."""
+        logit_scale = self.logit_scale.exp()
+        if self.config.logit_scale_clamp == "loss":  # the authors' src/loss.py:285
+            logit_scale = torch.clamp(logit_scale, max=100)
+        return self.encode_image(images), self.encode_text(tokens), logit_scale
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -505,10 +516,11 @@ PRESETS = {
 # causal mask and never passes it to the blocks (bidirectional attention); it pools the mean over
 # ids != text_cfg.pad_id (0), not the EOT token (the json's "pool_type": "argmax" is never read);
 # the json's init_logit_scale is 4.60517 = ln(100); their init is DeCLIP's (CLIP.init_authors_);
-# quick_gelu false (nn.GELU). The unused mask looks like a mistake: it is reproduced here only as
+# quick_gelu false (nn.GELU); the logit scale is capped inside the loss (src/loss.py:285), the
+# parameter never clamped. The unused mask looks like a mistake: it is reproduced here only as
 # an option, so that their numbers can be reproduced and the difference measured.
 AUTHORS = dict(text_attention="bidirectional", text_pooling="mean", text_pad_id=0,
-               init_logit_scale=4.60517, init="authors")
+               init_logit_scale=4.60517, init="authors", logit_scale_clamp="loss")
 PRESETS["ViT-B-32-authors"] = dict(PRESETS["ViT-B-32"], **AUTHORS)
 PRESETS["tiny-authors"] = dict(PRESETS["tiny"], **AUTHORS)  # tests and the demo's authors' arms
 

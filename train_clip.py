@@ -32,7 +32,7 @@ import training
 from analysis import zero_shot
 from checkpoints import check_activation, check_state_dict, optional_key, read_checkpoint
 from cli import UserError, UserFileNotFound, progress, user_input
-from model import create_model, model_config, parse_settings
+from model import CLIPConfig, create_model, model_config, parse_settings
 from stage1 import nights, objective
 from stage2 import formats, held_out, shards
 from stage2.augment import TrainTransform
@@ -194,11 +194,12 @@ def train_step(model, forward, ddp, optimizer, scaler, amp, images, tokens, lr, 
                slots=None):
     """One optimiser step, exactly as the loop runs it and bench/gpu_bench.py times it: set the lr,
     accumulate the whole batch's gradients in cfg.accum_steps micro-batches, clip (grad_clip), step
-    (through the fp16 scaler, a no-op otherwise), clamp the temperature. `model` is the plain CLIP
-    (parameters, logit scale), `forward` what runs it (DDP and / or compiled), `ddp` the DDP handle.
-    `valid`: the rows that hold a sample (None: all); `slots`: the rows' positions in the global
-    batch, which name their groups when cfg.contrastive_batch is below the batch. Returns the loss
-    as a tensor on the device: reading it is the caller's choice (a host sync)."""
+    (through the fp16 scaler, a no-op otherwise), clamp the temperature (unless the model caps it
+    in the loss, as the PI authors' code does: CLIPConfig.logit_scale_clamp). `model` is the plain
+    CLIP (parameters, logit scale), `forward` what runs it (DDP and / or compiled), `ddp` the DDP
+    handle. `valid`: the rows that hold a sample (None: all); `slots`: the rows' positions in the
+    global batch, which name their groups when cfg.contrastive_batch is below the batch. Returns
+    the loss as a tensor on the device: reading it is the caller's choice (a host sync)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
@@ -210,8 +211,9 @@ def train_step(model, forward, ddp, optimizer, scaler, amp, images, tokens, lr, 
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    with torch.no_grad():
-        model.logit_scale.clamp_(0, math.log(100))  # temperature >= 0.01 (CLIP)
+    if model.config.logit_scale_clamp == "parameter":  # else the loss caps it (model.py)
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))  # temperature >= 0.01 (CLIP)
     return loss
 
 
@@ -274,12 +276,10 @@ def make_data(cfg, argv, ranks, precision, state, ckpt_path):
                    "left over each epoch)"
                    + (f"; {len(held_out_pairs)} pairs of {len(held_out_units)} units held out"
                       if held_out_pairs else ""))
-    groups = (cfg.batch_size // cfg.contrastive_batch
-              if 0 < cfg.contrastive_batch < cfg.batch_size else 1)
     schedule = {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
                 "total_steps": cfg.max_steps or cfg.epochs * plan.steps,
                 "steps_per_epoch": plan.steps, "lr_schedule": cfg.lr_schedule,
-                "groups_per_step": groups}
+                "epochs": cfg.epochs}  # the authors' schedule's length counts epochs
     if state is not None:
         # equal by the resume check; the checkpoint's is the truth
         schedule.update(state.get("schedule", {}))
@@ -322,6 +322,8 @@ def make_model(cfg, ranks, state):
     training.seed_everything(cfg.seed)
     with user_input():
         model = create_model(model_architecture(cfg))
+    if state is not None:
+        check_same_model(model.config, state["model_config"], f"{cfg.out_dir}/ckpt.pt")
     if state is not None and ranks.is_main:
         tqdm.write(f"resuming from {cfg.out_dir}/ckpt.pt at step {state['step']}")
     elif state is None and cfg.init:
@@ -331,6 +333,21 @@ def make_model(cfg, ranks, state):
     model.to(ranks.device).train()
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     return model
+
+
+def check_same_model(config, saved, ckpt_path):
+    """A resumed run's model must be its checkpoint's. model and model_settings are compared by the
+    resume check, but a preset's meaning may change between the kit's versions (the -authors
+    presets' logit-scale cap moved into the loss, as their code has it), and a run must not switch
+    models midway. A field the checkpoint does not record takes its default, as when it loads."""
+    saved = CLIPConfig(**saved)
+    changed = [f"{name}: {getattr(saved, name)!r} -> {getattr(config, name)!r}"
+               for name in vars(config) if getattr(saved, name) != getattr(config, name)]
+    if changed:
+        raise UserError(f"{ckpt_path} holds a model that its preset no longer builds "
+                        f"({'; '.join(changed)}; docs/authors-model.md, 'What changed'): start "
+                        "afresh with another out_dir, or finish the run with the kit's commit that "
+                        "wrote it (git_commit in the first line of its metrics.jsonl)")
 
 
 def load_init(model, path, include_text):

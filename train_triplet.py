@@ -66,7 +66,7 @@ class Config:
     model: str = "ViT-B-32"  # model.py preset; the PI paper's backbone
     model_settings: str = ""  # CLIPConfig fields over the preset, e.g. "context_length=16"
     init: str | None = None  # start from this CLIP checkpoint instead of random weights
-    posthoc: bool = False  # the paper's control: train only the vision qkv of a trained CLIP
+    posthoc: bool = False  # the paper's control: train only the vision qkv (weights and biases)
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
     sync_batchnorm: bool = False  # DDP with a ResNet: BatchNorm statistics over the global batch
     compile: bool = False  # torch.compile the vision tower's training forward
@@ -224,16 +224,20 @@ def check_config(cfg, world):
 
 
 def posthoc_parameter(name):
-    """The post-hoc control's trainable weights: the vision attention's query, key and value
-    projections. A ViT's are its blocks' in_proj_weight; a ResNet's only attention is its pool."""
-    return ((name.startswith("visual.transformer.") and name.endswith("attn.in_proj_weight"))
-            or name in ("visual.attnpool.q_proj.weight", "visual.attnpool.k_proj.weight",
-                        "visual.attnpool.v_proj.weight"))
+    """The post-hoc control's trainable tensors: the vision attention's query, key and value
+    projections, weights and biases, as the PI authors' nights_ft_from_yfcc_vitb32 preset unfreezes
+    them (github cheesepuff90/Brain_Initialization src/train.py:939-943: every parameter of each
+    vision block's attn.qkv, an nn.Linear with bias, src/model.py:77, :237-242). A ViT's are its
+    blocks' in_proj_weight and in_proj_bias; a ResNet's only attention is its pool."""
+    return ((name.startswith("visual.transformer.")
+             and name.endswith(("attn.in_proj_weight", "attn.in_proj_bias")))
+            or name in {f"visual.attnpool.{p}_proj.{kind}" for p in "qkv"
+                        for kind in ("weight", "bias")})
 
 
 def train_mode(model, posthoc):
     """Stage 1 trains the vision tower in train mode (a ResNet's BatchNorm normalises by the batch
-    and updates its statistics). The post-hoc control changes only qkv weights: BatchNorm stays in
+    and updates its statistics). The post-hoc control changes only the qkv: BatchNorm stays in
     eval mode, normalising by the trained model's statistics and leaving them as they were."""
     model.train()
     if posthoc:
@@ -300,7 +304,7 @@ def make_data(cfg, image_size, precision, state, ckpt_path):
     steps_per_epoch = len(train_set) // cfg.batch_size
     schedule = {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
                 "total_steps": cfg.epochs * steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-                "lr_schedule": cfg.lr_schedule, "groups_per_step": 1}
+                "lr_schedule": cfg.lr_schedule, "epochs": cfg.epochs}
     if state is not None:  # the same data (the order is a permutation of this many triplets)
         training.check_resume(ckpt_path, training.saved_settings(state), facts, ["train_triplets"])
         # Equal by the resume check; the checkpoint's is the truth.

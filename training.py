@@ -228,23 +228,51 @@ LR_SCHEDULES = ("cosine", "authors")
 
 
 def lr_function(schedule):
-    """step (optimiser steps counted from 1) -> lr. cosine: linear warmup, then a cosine to 0 at the
-    last step (open_clip). authors: the PI authors' LambdaLR as their code runs it (github
-    cheesepuff90/Brain_Initialization src/lightning_module.py _get_lr_scheduler): warmup from 0,
-    then a cosine whose length is counted in MICRO-batches (num_training_batches x max_epochs) while
-    the scheduler steps once per OPTIMISER step; with accumulate_grad_batches 6 it has run ~1/6 of
-    its course at the end (the lr ends at ~94% of its peak): warmup, then a nearly constant lr."""
-    lr, warmup, length = schedule["lr"], schedule["warmup_steps"], schedule["total_steps"]
-    if schedule.get("lr_schedule", "cosine") == "cosine":
-        return lambda step: cosine_lr(step - 1, lr, warmup, length)
-    length *= schedule["groups_per_step"]  # their micro-batches: one per group of contrastive_batch
+    """step (optimiser steps counted from 1) -> lr. `schedule`: the trainer's dict (lr,
+    warmup_steps, total_steps, epochs, lr_schedule).
 
-    def authors(step):
-        if step - 1 < warmup:
-            return lr * (step - 1) / warmup
-        progress = min(1.0, (step - 1 - warmup) / max(1, length - warmup))
-        return lr * 0.5 * (1 + math.cos(math.pi * progress))
-    return authors
+    cosine (the kit's): linear warmup, then a cosine to 0 at the last step (open_clip).
+
+    authors: the PI authors' LambdaLR as their code runs it (github
+    cheesepuff90/Brain_Initialization @38f3395, src/lightning_module.py _get_lr_scheduler, lines
+    504-553, under their pinned Lightning 2.5.1). Lightning calls configure_optimizers
+    (lightning_module.py:555-561) from strategy.setup (Lightning's trainer/trainer.py:988) before
+    the fit loop sizes its data (loops/fit_loop.py:207-208), so trainer.num_training_batches is
+    still float("inf") (fit_loop.py:103); max_steps is -1 (their src/train.py:850) and
+    limit_train_batches 1.0 (train.py:1027). So the length is the fallback of
+    lightning_module.py:526-527, max(10000, 5 x warmup_steps) x epochs OPTIMISER steps, whatever
+    the data, batch, accumulation or GPUs; max_steps does not shorten it. LambdaLR starts at
+    lam(0) and steps once per optimiser step ("interval": "step"), so step k runs at
+    lr x lam(k - 1): 0 at the first step, the peak at step warmup + 1. The cosine (to the json's
+    min_lr 0) is far longer than any stored recipe: the lr ends at ~91% of the peak after the
+    ~78k steps of one-GPU stage 2, and stays at the peak in stage 1 (docs/stage2-recipes.md)."""
+    lr, warmup = schedule["lr"], schedule["warmup_steps"]
+    if schedule.get("lr_schedule", "cosine") == "cosine":
+        return lambda step: cosine_lr(step - 1, lr, warmup, schedule["total_steps"])
+    total = max(10000, warmup * 5) * schedule["epochs"]  # lightning_module.py:526-527
+    if warmup >= total:  # :531-532 (no recipe gets here: total >= 5 x warmup)
+        warmup = max(1, total // 2)
+
+    def lam(current_step):  # :535-543, min_lr_ratio 0
+        if warmup > 0 and current_step < warmup:
+            return float(current_step) / float(warmup)
+        progress = float(current_step - warmup) / float(max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * max(0.0, min(1.0, progress))))
+    return lambda step: lr * lam(step - 1)
+
+
+def check_schedule_meaning(ckpt_path, saved_schedule):
+    """Refuse a checkpoint of the kit's first `authors` schedule (it records no `epochs`): its
+    cosine was sized in micro-batches, which is not what their code does, so the same name now
+    means another lr curve and resuming would splice the two."""
+    if saved_schedule.get("lr_schedule") == "authors" and "epochs" not in saved_schedule:
+        raise UserError(
+            f"{ckpt_path} was written with the kit's first lr_schedule: authors, whose cosine was "
+            "sized in micro-batches; the authors' code sizes it as max(10000, 5 x warmup_steps) x "
+            "epochs optimiser steps (docs/stage2-recipes.md, 'What changed'), so resuming would "
+            "change the run's lr midway. Start afresh with another out_dir (or move the checkpoint "
+            "away), or finish the run with the kit's commit that wrote it (git_commit in the first "
+            "line of its metrics.jsonl)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -519,6 +547,7 @@ def read_resume_state(ckpt_path, cfg, precision, keys):
     if not ckpt_path.exists():
         return None
     state = load_training_state(ckpt_path)
+    check_schedule_meaning(ckpt_path, state.get("schedule", {}))
     check_resume(ckpt_path, saved_settings(state),
                  {**dataclasses.asdict(cfg), "precision": precision}, keys)
     return state
@@ -536,7 +565,13 @@ def restore(state, model, optimizer, scaler, schedule):
     if state is None:
         return 0, {"epoch": 0, "step": 0}, {}
     model.load_state_dict(state["state_dict"])
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as e:  # e.g. a post-hoc run of the kit before its qkv biases trained
+        raise UserError(f"cannot resume: the checkpoint's optimiser holds other tensors than this "
+                        f"run trains ({e}). Start afresh with another out_dir, or finish the run "
+                        "with the kit's commit that wrote it (git_commit in the first line of its "
+                        "metrics.jsonl)") from None
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     position = position_after(state["step"], schedule["steps_per_epoch"])
