@@ -16,7 +16,7 @@ What is proved:
 - demo.py --quick runs every stage through the real scripts and leaves real results: stage-1
   summaries and checkpoints (and the shuffled control), the four stage-2 arms (pi, baseline and
   shuffled differ only in their vision initialisation; posthoc is the baseline's CLIP with only
-  the vision qkv weights changed), evaluation records for every arm and task, the probes,
+  the vision qkv weights and biases changed), evaluation records for every arm and task, the probes,
   summary.json's schema, the tables and the plots; a rerun retrains nothing;
 - the demo tasks have CLIP_benchmark's train split for the linear probe, and the probe set carries
   the observers' distance of its scenes;
@@ -286,16 +286,16 @@ def test_demo_runs_every_stage_and_reports(quick_run):
                     load_checkpoint(seed / "baseline" / "ckpt.pt"))
     assert not torch.equal(pi.visual.conv1.weight, baseline.visual.conv1.weight)
     # Post-hoc: the baseline's final CLIP, tuned on the same triplets with only the vision qkv
-    # weights moving.
+    # (weights and biases) moving.
     header = json.loads((seed / "posthoc" / "metrics.jsonl").read_text().splitlines()[0])["config"]
     assert header["posthoc"] is True and header["init"] == str(seed / "baseline" / "ckpt.pt")
     assert header["data_root"] == str(data_root / "nights")
     tuned, start = (torch.load(seed / r / "ckpt.pt", weights_only=True)["state_dict"]
                     for r in ("posthoc", "baseline"))
     changed = {k for k in start if not torch.equal(start[k], tuned[k])}
-    qkv = {k for k in start
-           if k.startswith("visual.transformer.resblocks.") and k.endswith("attn.in_proj_weight")}
-    assert changed == qkv and len(qkv) == 2
+    qkv = {k for k in start if k.startswith("visual.transformer.resblocks.")
+           and k.endswith(("attn.in_proj_weight", "attn.in_proj_bias"))}
+    assert changed == qkv and len(qkv) == 4
     # Evaluation: one record per (arm, task), and the demo's summary holds the same main metrics.
     records = json.loads((seed / "results.json").read_text())
     tasks = (data_root / "tasks" / "tasks.txt").read_text().split()

@@ -17,6 +17,12 @@ directly:
   authors' preset, and the kit's model then gives the same features as a model written here from
   their code's description (plain-softmax attention, their names and shapes); a partial or
   foreign file is an error naming the keys, in their names.
+- their loss caps the logit scale (src/loss.py:285) and nothing clamps the parameter: above ln 100
+  the authors' preset keeps it (no gradient through the cap) where OpenAI's clamps it back; a kit
+  checkpoint from before the setting existed loads as OpenAI's, and its run is not switched;
+- configs/nights_authors.yaml and configs/yfcc15m_authors.yaml hold their values as their code
+  applies them (no clipping, their schedule), and the post-hoc control on their checkpoint trains
+  the vision qkv weights and biases.
 With every option at OpenAI's value the model is OpenAI's: tests/test_model.py's open_clip parity
 tests.
 """
@@ -174,8 +180,11 @@ def test_options_change_no_key_or_shape_and_bad_values_are_refused():
     assert (defaults.text_attention, defaults.text_pooling, defaults.init) == \
         ("causal", "eot", "openai")
     assert defaults.init_logit_scale == math.log(1 / 0.07)
+    assert defaults.logit_scale_clamp == "parameter"
     with pytest.raises(ValueError, match="text_pooling='avg'"):
         M.model_config("tiny", text_pooling="avg")
+    with pytest.raises(ValueError, match="logit_scale_clamp='both'"):
+        M.model_config("tiny", logit_scale_clamp="both")
 
 
 def test_kit_checkpoint_of_the_authors_preset_round_trips(tmp_path):
@@ -189,6 +198,49 @@ def test_kit_checkpoint_of_the_authors_preset_round_trips(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_text(tokens), model.encode_text(tokens),
                                    atol=0, rtol=0)
+
+
+def test_their_logit_scale_cap_keeps_a_scale_above_ln100_while_openais_comes_back():
+    """Their src/loss.py:285 caps exp(logit_scale) at 100 where the loss uses it, and nothing clamps
+    the parameter: pushed above ln 100, the scale gets no gradient through the cap and stays there
+    (the loss sees 100). OpenAI's CLIP (and open_clip) clamps the parameter to ln 100 after each
+    step, so it comes back. One train_clip.train_step each, on the same batch, from ln 100 + 0.5."""
+    import train_clip
+    import training
+
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tokens = open_clip.tokenize([f"a photo of {n} cats" for n in range(8)])
+    cfg = train_clip.Config(batch_size=8, accum_steps=1, lr=1e-3)
+    above = math.log(100) + 0.5
+    for name, scale_seen, after_step in (("tiny-authors", 100.0, above),
+                                         ("tiny", math.exp(above), math.log(100))):
+        torch.manual_seed(0)
+        model = M.create_model(name)
+        with torch.no_grad():
+            model.logit_scale.fill_(above)
+            assert model(images, tokens)[2].item() == pytest.approx(scale_seen, rel=1e-6), name
+        optimizer = training.make_optimizer(model, cfg, "cpu")
+        train_clip.train_step(model, model, None, optimizer, training.grad_scaler("cpu", "fp32"),
+                              training.autocast("cpu", "fp32"), images, tokens, cfg.lr, cfg)
+        assert model.logit_scale.item() == pytest.approx(after_step, abs=1e-6), name
+        assert (model.logit_scale.grad.item() == 0.0) == (name == "tiny-authors"), name
+
+
+def test_a_checkpoint_from_before_the_cap_setting_loads_and_its_run_is_not_switched(tmp_path):
+    """A kit checkpoint written before logit_scale_clamp existed loads with the default, OpenAI's
+    parameter clamp (as the kit then ran every preset); resuming such a run of an -authors preset,
+    whose preset now caps in the loss, is refused by name rather than switched midway."""
+    import cli
+    import train_clip
+
+    model = M.create_model("tiny-authors")
+    record = dataclasses.asdict(model.config)
+    del record["logit_scale_clamp"]
+    torch.save({"state_dict": model.state_dict(), "model_config": record}, tmp_path / "old.pt")
+    assert C.load_checkpoint(tmp_path / "old.pt").config.logit_scale_clamp == "parameter"
+    with pytest.raises(cli.UserError, match="logit_scale_clamp: 'parameter' -> 'loss'"):
+        train_clip.check_same_model(model.config, record, tmp_path / "old.pt")
+    train_clip.check_same_model(model.config, dataclasses.asdict(model.config), "ckpt.pt")
 
 
 # ---- Their checkpoints ----
@@ -370,19 +422,25 @@ def test_authors_configs_load_and_the_defaults_stay_openai():
     read = lambda name: yaml.safe_load((root / "configs" / name).read_text())  # noqa: E731
     for name in ("nights.yaml", "yfcc15m.yaml"):
         assert read(name)["model"] == "ViT-B-32"
-    recipe = lambda cfg: {k: v for k, v in cfg.items() if k not in ("model", "out_dir")}  # noqa: E731
-    # Stage 1: only the model differs.
+    recipe = lambda cfg: {k: v for k, v in cfg.items()  # noqa: E731
+                          if k not in ("model", "out_dir", "lr_schedule")}
+    # Stage 1: only the model differs, and the schedule: theirs as their code runs it, where
+    # configs/nights.yaml keeps the kit's cosine.
     assert recipe(read("nights_authors.yaml")) == recipe(read("nights.yaml"))
+    assert (read("nights_authors.yaml")["lr_schedule"], read("nights.yaml")["lr_schedule"]) == \
+        ("authors", "cosine")
     stage2 = cli.load_config(train_clip.Config, [str(root / "configs/yfcc15m_authors.yaml")])
+    # No clipping: their src/train.py:1047 never applies the json's gradient_clip_val.
     assert (stage2.model, stage2.batch_size, stage2.contrastive_batch, stage2.grad_clip,
-            stage2.eps) == ("ViT-B-32-authors", 6144, 1024, 3.0, 1e-8)
+            stage2.eps, stage2.val_samples) == ("ViT-B-32-authors", 6144, 1024, 0.0, 1e-8, 10000)
     assert stage2.lr_schedule == "authors"
+    assert M.model_config(stage2.model).logit_scale_clamp == "loss"
 
 
 def test_trainer_tunes_their_checkpoint_post_hoc(theirs, tmp_path, monkeypatch):
     """The path users run: train_triplet.py --init THEIR.ckpt --posthoc=true (the paper's post-hoc
     control on their trained CLIP). The run keeps the authors' settings and changes only the vision
-    qkv weights."""
+    qkv, weights and biases, as their src/train.py:939-943 unfreezes it."""
     from pathlib import Path
 
     import train_triplet
@@ -401,7 +459,8 @@ def test_trainer_tunes_their_checkpoint_post_hoc(theirs, tmp_path, monkeypatch):
     assert after.config == before.config == M.model_config("tiny-authors")
     changed = {k for k, v in before.state_dict().items()
                if not torch.equal(v, after.state_dict()[k])}
-    assert changed == {f"visual.transformer.resblocks.{i}.attn.in_proj_weight" for i in range(2)}
+    assert changed == {f"visual.transformer.resblocks.{i}.attn.in_proj_{kind}"
+                       for i in range(2) for kind in ("weight", "bias")}
 
 
 def test_model_settings_set_one_of_a_presets_fields_at_a_time():

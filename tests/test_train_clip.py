@@ -14,9 +14,15 @@ setting is refused by name; a non-finite loss stops the run with the last good c
 bad samples are counted over both ranks into summary.json. With a ResNet tower (tiny-rn):
 `python train_clip.py --init=<stage-1 ckpt.pt>` starts from exactly the stage-1 vision tower
 (BatchNorm statistics included) and the baseline's text tower, and trains it in train mode;
-accumulation's cached pass leaves BatchNorm's statistics alone (one update per micro-batch). All
-fp32 on the CPU with the tiny presets.
+accumulation's cached pass leaves BatchNorm's statistics alone (one update per micro-batch). The
+authors' recipe (configs/yfcc15m_authors.yaml) steps a huge gradient unclipped, as their code
+does (a hand-written AdamW loop with no clipping is the reference; clipping at their json's unused
+3 would have moved the weights elsewhere); `--lr_schedule=authors` gives every step of a whole run
+the lr of their LambdaLR (tests/test_training.py their_lrs), whatever the groups; a checkpoint
+whose model its preset no longer builds is refused by field. All fp32 on the CPU with the tiny
+presets.
 """
+import dataclasses
 import io
 import json
 import os
@@ -33,6 +39,7 @@ from skimage import data as skdata
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import cli  # noqa: E402
 import training  # noqa: E402
 from stage2 import contrastive  # noqa: E402
 from stage1 import objective
@@ -42,6 +49,7 @@ import train_clip  # noqa: E402
 from checkpoints import load_checkpoint  # noqa: E402
 from world.make_data import make_nights, write_shards  # noqa: E402
 from model import create_model
+from tests.test_training import their_lrs
 
 FP32 = training.autocast("cpu", "fp32")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -99,6 +107,79 @@ def test_accumulation_equals_one_large_batch():
         # logit_scale included: counted once
         assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4), name
         assert torch.allclose(a, b, atol=ADAM_ATOL), name
+
+
+class GradientTimes(torch.autograd.Function):
+    """The identity forward; backward multiplies the gradient: a huge gradient on demand."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+class AmplifiedImages(torch.nn.Module):
+    """A CLIP whose image features pass `factor` times their gradient back to the vision tower."""
+
+    def __init__(self, model, factor):
+        super().__init__()
+        self.model, self.factor = model, factor
+
+    def forward(self, images, tokens):
+        image_features, text_features, logit_scale = self.model(images, tokens)
+        return GradientTimes.apply(image_features, self.factor), text_features, logit_scale
+
+
+def test_the_authors_recipe_steps_a_huge_gradient_unclipped():
+    """Their src/train.py:1047 leaves gradient_clip_val commented out, so Lightning never clips:
+    configs/yfcc15m_authors.yaml's two steps (the first with a gradient ~1e6 times its size) end
+    where a hand-written loop ends that computes the same gradients and takes torch's AdamW step
+    without clipping. Clipping at 3 (their json's value, never applied) ends elsewhere, so the
+    comparison sees the clip."""
+    torch.set_num_threads(1)
+    cfg = cli.load_config(train_clip.Config, [str(ROOT / "configs" / "yfcc15m_authors.yaml"),
+                                              "--model=tiny-authors", "--batch_size=8",
+                                              "--accum_steps=2", "--contrastive_batch=4"])
+    images, tokens = global_batch(8)
+    slots = torch.arange(8)  # the rows' places in the batch: groups of 4 are rows 0-3 and 4-7
+
+    def run(step):
+        torch.manual_seed(0)
+        model = create_model(cfg.model)
+        optimizer = training.make_optimizer(model, cfg, "cpu")
+        for factor in (1e6, 1.0):
+            step(model, AmplifiedImages(model, factor), optimizer)
+        return model
+
+    def kit_step(cfg):
+        return lambda model, forward, optimizer: train_clip.train_step(
+            model, forward, None, optimizer, training.grad_scaler("cpu", "fp32"), FP32, images,
+            tokens, cfg.lr, cfg, slots=slots)
+
+    def unclipped_step(model, forward, optimizer):  # the reference: no clipping, no clamp
+        optimizer.zero_grad(set_to_none=True)
+        contrastive.accumulate_gradients(forward, images, tokens, 2, FP32,
+                                         training.grad_scaler("cpu", "fp32"), slots=slots,
+                                         group_size=4)
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()
+                                                     if p.grad is not None]))
+        norms.append(norm.item())
+        optimizer.step()
+
+    norms = []
+    authors, reference = run(kit_step(cfg)), run(unclipped_step)
+    clipped = run(kit_step(dataclasses.replace(cfg, grad_clip=3.0)))
+    assert norms[0] > 1e3 * 3  # the first gradient is far above their json's 3
+    for (name, a), b, c in zip(authors.named_parameters(), reference.parameters(),
+                               clipped.parameters()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+    moved = max((a - c).abs().max().item() for a, c in zip(authors.parameters(),
+                                                            clipped.parameters()))
+    assert moved > 100 * 1e-6  # clipping would have moved the weights elsewhere
 
 
 def ddp_worker(out):
@@ -384,6 +465,21 @@ def test_rerun_of_a_finished_run_changes_nothing_and_a_changed_setting_is_refuse
     assert ("lr: 0.001 -> 0.01" in message and "accum_steps: 2 -> 4" in message
             and "another out_dir" in message)
     assert {name: (straight / name).read_bytes() for name in before} == before
+
+
+def test_authors_lr_schedule_over_a_whole_run_is_theirs(clip_run, tmp_path):
+    """--lr_schedule=authors: the lr of every step of a whole run (2 epochs of 7 steps, 3 warmup
+    steps, groups of 4 in batches of 8), as metrics.jsonl logs it at log_every 1, is their
+    LambdaLR's to 1e-9 of the peak: its length counts epochs, not groups or micro-batches."""
+    command, _ = clip_run
+    out = tmp_path / "authors"
+    subprocess.run(command(out, "--lr_schedule=authors", "--warmup_steps=3", "--epochs=2",
+                           "--max_steps=0", "--log_every=1", "--contrastive_batch=4"),
+                   check=True, env=ENV, capture_output=True, timeout=120)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ours = [r["lr"] for r in records if "loss" in r]
+    theirs = their_lrs(1e-3, warmup_steps=3, max_epochs=2, steps=14)  # clip_tiny.yaml's lr
+    assert len(ours) == 14 and max(abs(a - b) for a, b in zip(ours, theirs)) <= 1e-9 * 1e-3
 
 
 @pytest.fixture

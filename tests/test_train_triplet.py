@@ -11,12 +11,15 @@ Proves that
     one that never stopped; rerunning a finished run changes nothing; a changed setting is refused
     by name; a non-finite loss stops the run, names its step and leaves the last good checkpoint as
     it was;
-  - the post-hoc control changes only the vision blocks' attn.in_proj_weight;
+  - the post-hoc control changes only the vision blocks' qkv, weights and biases
+    (attn.in_proj_weight and attn.in_proj_bias), as the PI authors' preset unfreezes them;
+  - --lr_schedule=authors gives every step of a whole run the lr of their LambdaLR
+    (tests/test_training.py their_lrs);
   - a ResNet tower (tiny-rn) trains on the same hinge (on its attention-pooled embedding): its
     vision weights and BatchNorm statistics move, its text tower does not; with gradient
     checkpointing the run ends with the same weights and the same statistics; its ckpt.pt loads in
     open_clip with equal features; its post-hoc control changes only the attention pool's q/k/v
-    weights, BatchNorm statistics included;
+    weights and biases, BatchNorm statistics included;
   - DDP with 2 processes (torchrun --standalone, gloo: a free port, never a fixed one) reaches the
     same weights as 1 process with the same global batch.
 """
@@ -40,6 +43,7 @@ from world.make_data import make_nights
 from checkpoints import load_checkpoint
 from model import create_model
 from stage1.nights import NightsDataset
+from tests.test_training import their_lrs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [str(ROOT / "configs/nights_tiny.yaml")]
@@ -217,7 +221,20 @@ def test_posthoc_trains_only_vision_qkv(small_nights, trained, tmp_path):
     before = load_checkpoint(trained / "ckpt.pt").state_dict()
     after = load_checkpoint(tmp_path / "ckpt.pt").state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed == {f"visual.transformer.resblocks.{i}.attn.in_proj_weight" for i in range(2)}
+    # Weights and biases, as the authors' src/train.py:939-943 unfreezes every qkv parameter.
+    assert changed == {f"visual.transformer.resblocks.{i}.attn.in_proj_{kind}"
+                       for i in range(2) for kind in ("weight", "bias")}
+
+
+def test_authors_lr_schedule_over_a_whole_run_is_theirs(small_nights, tmp_path):
+    """--lr_schedule=authors: the lr of every step of a whole run (2 epochs of 3 steps, 3 warmup
+    steps), as metrics.jsonl logs it at log_every 1, is their LambdaLR's to 1e-9 of the peak."""
+    run(small_nights, tmp_path, "--epochs=2", "--batch_size=32", "--lr_schedule=authors",
+        "--warmup_steps=3", "--log_every=1")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    ours = [r["lr"] for r in records if "loss" in r]
+    theirs = their_lrs(3e-4, warmup_steps=3, max_epochs=2, steps=6)  # nights_tiny.yaml's lr
+    assert len(ours) == 6 and max(abs(a - b) for a, b in zip(ours, theirs)) <= 1e-9 * 3e-4
 
 
 @pytest.fixture(scope="module")
@@ -271,8 +288,10 @@ def test_posthoc_on_a_resnet_trains_only_the_attention_pool_qkv(small_nights, re
     before = load_checkpoint(resnet_run / "ckpt.pt").state_dict()
     after = load_checkpoint(tmp_path / "ckpt.pt").state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    # BatchNorm statistics too stay as they were.
-    assert changed == {f"visual.attnpool.{p}_proj.weight" for p in "qkv"}
+    # BatchNorm statistics too stay as they were. The key's bias may stay too: the softmax over
+    # the keys is blind to it, so its gradient is 0 up to rounding.
+    trainable = {f"visual.attnpool.{p}_proj.{kind}" for p in "qkv" for kind in ("weight", "bias")}
+    assert trainable - {"visual.attnpool.k_proj.bias"} <= changed <= trainable
 
 
 def test_ddp_two_processes_match_one(small_nights, tmp_path):

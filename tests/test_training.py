@@ -2,7 +2,10 @@
 
 Configs (cli.py): YAML + command-line overrides, typed, with errors that name the key and its
 source; run_cli prints a user's mistake as one line.
-Schedule: hand-computed warmup and cosine values. Weight decay: CLIP's exclusions.
+Schedule: hand-computed warmup and cosine values; `authors` equals the PI authors' LambdaLR as
+their code runs it (their_lrs: their lambda stepped by torch's own LambdaLR) over whole runs of
+stage 2 on 1 and 8 GPUs and of stage 1, and a checkpoint of the kit's first, wrong `authors`
+schedule is refused. Weight decay: CLIP's exclusions.
 Checkpoints: atomic writes and RNG state that survives torch.load(weights_only=True).
 DDP wrapping: sync_batchnorm on CPU ranks is refused by name.
 """
@@ -75,6 +78,71 @@ def test_cosine_schedule_hand_computed():
     assert lr(9) == pytest.approx(0.5)  # half way through the 10 cosine steps
     assert lr(14) == pytest.approx(0.0, abs=1e-12)
     assert lr(11) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.7)))
+
+
+def their_lrs(lr, warmup_steps, max_epochs, steps):
+    """The lr of optimiser steps 1..steps as the PI authors' code runs them: github
+    cheesepuff90/Brain_Initialization @38f3395 src/lightning_module.py _get_lr_scheduler (lines
+    504-553), under their pinned Lightning 2.5.1. It runs inside configure_optimizers, before the
+    fit loop has sized its data (num_training_batches is still inf; max_steps -1, src/train.py:850),
+    so the length is lines 526-527's fallback; its lr_lambda (lines 535-543; min_lr 0.0 in every
+    json) drives torch's own LambdaLR, stepped once per optimiser step ("interval": "step"), as
+    Lightning steps it."""
+    total_steps = max(10000, warmup_steps * 5) * max_epochs
+    if warmup_steps >= total_steps:
+        warmup_steps = max(1, total_steps // 2)
+
+    def lr_lambda(current_step):
+        if warmup_steps > 0 and current_step < warmup_steps:
+            return float(current_step) / float(warmup_steps)
+        decay_steps = max(1, total_steps - warmup_steps)
+        progress = float(current_step - warmup_steps) / float(decay_steps)
+        progress = max(0.0, min(1.0, progress))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+@pytest.mark.parametrize("warmup_steps, epochs, steps, end", [
+    (2500, 32, 78_100, 0.913),  # stage 2 on one GPU: ~78.1k steps of 6,144 (computed, ~15M pairs)
+    (2500, 32, 9_800, 0.9992),  # stage 2 on 8 GPUs: ~9.8k steps of 49,152
+    (150, 32, 670, 1.0),  # stage 1: 32 epochs of ~15.9k triplets at 768
+    (3, 2, 12, 1.0),  # a tiny run: warmup, then the cosine's first steps
+])
+def test_authors_schedule_is_their_lambdalr_over_a_whole_run(warmup_steps, epochs, steps, end):
+    peak = 5e-4
+    # total_steps (the kit's own length) must not matter: their length is epochs x the fallback.
+    lr_at = training.lr_function({"lr": peak, "warmup_steps": warmup_steps, "epochs": epochs,
+                                  "total_steps": steps, "lr_schedule": "authors"})
+    ours = [lr_at(step) for step in range(1, steps + 1)]
+    theirs = their_lrs(peak, warmup_steps, epochs, steps)
+    assert max(abs(a - b) for a, b in zip(ours, theirs)) <= 1e-9 * peak
+    assert ours[0] == 0.0 and ours[-1] / peak == pytest.approx(end, abs=5e-4)
+
+
+def test_a_checkpoint_of_the_first_authors_schedule_is_refused(tmp_path):
+    """The kit's first `authors` schedule sized its cosine in micro-batches (its checkpoints record
+    groups_per_step, no epochs): a resume would change its lr midway, so it is refused; the
+    kit's cosine, and the corrected `authors`, resume."""
+    first = {"lr": 5e-4, "warmup_steps": 2500, "total_steps": 78_000, "steps_per_epoch": 2440,
+             "lr_schedule": "authors", "groups_per_step": 6}
+    path = tmp_path / "ckpt.pt"
+    for schedule, refused in ((first, True), ({**first, "lr_schedule": "cosine"}, False),
+                              ({**first, "epochs": 32}, False)):
+        training.atomic_save({"config": vars(Config()), "schedule": schedule}, path)
+        if refused:
+            with pytest.raises(cli.UserError, match="sized in micro-batches.*another out_dir"):
+                training.read_resume_state(path, Config(), "fp32", ["lr"])
+        else:
+            state = training.read_resume_state(path, Config(), "fp32", ["lr"])
+            assert state["schedule"] == schedule
 
 
 def test_param_groups_exclusions():
