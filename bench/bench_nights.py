@@ -17,7 +17,9 @@ decoding every epoch (no disk reads).
 
 The paper's recipe (PAPER): 16,000 train triplets, ~80% of NIGHTS' 20,019 triplets with >= 6 votes
 (the split column decides); 32 epochs of batch 768, as the PI authors' nights_init_vitb32.json sets
-them (128 x 6 devices).
+them (github cheesepuff90/Brain_Initialization at commit 38f3395: 128 per device x "devices": 6, :13
+and :66). That is the json's intent only: their src/train.py:525 puts the command line's devices
+over it, and their launch_ddp.sh:8 passes 1, so a run of their stored code would step 128 at a time.
 """
 import argparse
 import os
