@@ -7,8 +7,9 @@ vision tower.
       --batch_size=1024
 
 Without CONFIG, the Config defaults below (the paper's model, data and schedule with the kit's
-exact large-batch objective; configs/yfcc15m.yaml is the authors' recipe, every value with its
-source; docs/stage2-recipes.md compares them). Without --init: the random-initialisation baseline,
+exact large-batch objective; configs/yfcc15m.yaml holds the authors' values, each with its
+source, and configs/yfcc15m_authors.yaml runs them as their code does; docs/stage2-recipes.md
+compares them). Without --init: the random-initialisation baseline,
 with the same seed, text tower and data order as the PI run, so the two differ only in the vision
 tower's start. Starting the same command again on the same out_dir resumes exactly where it
 stopped, mid-epoch; with a setting that changes the run (TRAJECTORY_KEYS) it refuses and names it;

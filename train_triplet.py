@@ -71,7 +71,7 @@ class Config:
     sync_batchnorm: bool = False  # DDP with a ResNet: BatchNorm statistics over the global batch
     compile: bool = False  # torch.compile the vision tower's training forward
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation)
-    # --- optimiser and schedule (the PI authors' stage-1 recipe: configs/nights.yaml) ---
+    # --- optimiser and schedule (the PI authors' stage-1 values: configs/nights.yaml) ---
     epochs: int = 32
     batch_size: int = 768  # global: each of N ranks takes batch_size / N
     lr: float = 5e-4
