@@ -13,7 +13,8 @@ was there is there, byte for byte, after the refusal. The classes:
   file named .tar;
 - models: --init from a checkpoint of another size than the config's;
 - processes: an exception inside a loader worker ends the run within seconds (not a hang).
-`--help` is tested in tests/test_cli_help.py.
+`--help` is tested in tests/test_cli_help.py. Each of these runs the kit's commands end to end: the
+slow tier (`-m slow`, README.md), but for the settings, which are refused at once.
 """
 import dataclasses
 import hashlib
@@ -103,6 +104,7 @@ def test_bad_settings_are_refused_by_name_before_anything_is_written(tmp_path, s
     assert not out.exists()  # refused before the output folder was made
 
 
+@pytest.mark.slow
 def test_stage1_settings_name_the_key_and_where_it_came_from(tmp_path, nights):
     config = tmp_path / "mine.yaml"
     config.write_text("data_format: nite\n")
@@ -122,6 +124,7 @@ def test_malformed_yaml_is_one_line_naming_the_place(tmp_path):
 # ---- outputs ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_output_folders_that_cannot_be_written_are_refused_before_work(tmp_path, shards):
     blocked = tmp_path / "a-file"  # a file where the folder should go: no one can write in it
     blocked.write_text("keep me\n")
@@ -150,6 +153,7 @@ def _captionless(path):
             tar.addfile(member, io.BytesIO(data))
 
 
+@pytest.mark.slow
 def test_a_resume_on_broken_data_never_replaces_the_good_checkpoint(tmp_path, shards):
     """A run stopped cleanly at a checkpoint, then resumed on shards of the same names and counts
     whose captions are gone: refused (the files changed); allowed by the user, refused again at
@@ -177,6 +181,7 @@ def test_a_resume_on_broken_data_never_replaces_the_good_checkpoint(tmp_path, sh
     assert "still holds step 2" in last and fingerprint(out) == good
 
 
+@pytest.mark.slow
 def test_a_step_on_no_usable_sample_is_an_error_and_saves_nothing(tmp_path, shards):
     data = tmp_path / "data"
     data.mkdir()
@@ -192,6 +197,7 @@ def test_a_step_on_no_usable_sample_is_an_error_and_saves_nothing(tmp_path, shar
     assert "was not written" in last and not (out / "ckpt.pt").exists()
 
 
+@pytest.mark.slow
 def test_a_resume_on_other_votes_is_refused(tmp_path, nights):
     data = tmp_path / "nights"
     make_nights(data, 120, 0, 32)
@@ -215,6 +221,7 @@ def test_a_resume_on_other_votes_is_refused(tmp_path, nights):
     assert fingerprint(out) == good
 
 
+@pytest.mark.slow
 def test_writers_never_write_over_a_data_set(tmp_path):
     folder = tmp_path / "nights"
     make_nights(folder, 30, 0, 32)
@@ -230,6 +237,7 @@ def test_writers_never_write_over_a_data_set(tmp_path):
     assert (demo / "nights" / "mine.txt").read_text() == "not the writer's\n"
 
 
+@pytest.mark.slow
 def test_things_trials_of_two_and_four_indices_are_named_by_line(tmp_path):
     """A short line and a long one add up to whole trials: reshaped, they would be wrong trials."""
     root = tmp_path / "things"
@@ -249,6 +257,7 @@ def tiny_checkpoint(path, preset="tiny"):
     return path
 
 
+@pytest.mark.slow
 def test_classnames_shorter_than_the_labels_is_refused(tmp_path):
     tasks = tmp_path / "tasks"
     images = [(Image.new("RGB", (32, 32), c), i) for i, c in enumerate(["red", "blue", "green"])]
@@ -259,6 +268,7 @@ def test_classnames_shorter_than_the_labels_is_refused(tmp_path):
                 str(tmp_path / "r.json")), "has label '2'", "classnames.txt lists 2 classes")
 
 
+@pytest.mark.slow
 def test_an_unreadable_image_names_its_row_and_the_flags_that_skip_it(tmp_path):
     root = tmp_path / "nights"
     make_nights(root, 60, 0, 32)
@@ -274,6 +284,7 @@ def test_an_unreadable_image_names_its_row_and_the_flags_that_skip_it(tmp_path):
     assert run(*alignment, "--skip-missing").returncode == 0
 
 
+@pytest.mark.slow
 def test_a_text_file_named_tar_is_not_a_tar_archive(tmp_path):
     (tmp_path / "00000.tar").write_text("these are my notes\n")
     refused(run("train_clip.py", "configs/clip_tiny.yaml", f"--train_data={tmp_path}/00000.tar",
@@ -283,6 +294,7 @@ def test_a_text_file_named_tar_is_not_a_tar_archive(tmp_path):
 # ---- models -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_init_from_a_checkpoint_of_another_size_is_refused(tmp_path, nights):
     refused(run("train_triplet.py", "configs/nights_tiny.yaml", f"--data_root={nights}",
                 f"--init={tiny_checkpoint(tmp_path / 'small.pt', 'small')}",
@@ -306,6 +318,7 @@ runpy.run_path({script!r}, run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_a_crash_inside_a_loader_worker_ends_the_run_within_seconds(tmp_path, shards):
     """The worker's exception reaches the main process, which used to hang at exit waiting for
     its workers (they ignore SIGTERM, so that a scheduler's signal reaches the loop instead)."""
@@ -321,6 +334,7 @@ def test_a_crash_inside_a_loader_worker_ends_the_run_within_seconds(tmp_path, sh
     assert not (tmp_path / "run" / "ckpt.pt").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
 def test_worker_processes_do_not_outlive_their_run(tmp_path, shards):
     """After the crash above, no loader worker of the run is left behind."""

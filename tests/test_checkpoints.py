@@ -34,9 +34,10 @@ def export(checkpoint, out, *flags):
                            *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("preset, settings", [("tiny", {}), ("tiny-rn", {}),
-                                              ("tiny", {"text_attention": "bidirectional"})],
-                         ids=["vit", "resnet", "bidirectional-text"])
+@pytest.mark.parametrize("preset, settings", [
+    ("tiny", {}), pytest.param("tiny-rn", {}, marks=pytest.mark.slow),
+    pytest.param("tiny", {"text_attention": "bidirectional"}, marks=pytest.mark.slow)],
+    ids=["vit", "resnet", "bidirectional-text"])
 def test_open_clip_loads_the_exported_folder_with_the_same_features(tmp_path, preset, settings):
     open_clip = pytest.importorskip("open_clip")
     torch.manual_seed(0)
