@@ -115,8 +115,11 @@ class Config:
                                "precision": ("", "bf16", "fp16", "fp32")}
 
     def check(self):
-        """The model preset and settings build a model (named before any data is read)."""
+        """The model preset and settings build a model, and --init names a file (both named
+        before any data is read)."""
         model_config(self.model, **parse_settings(self.model_settings))
+        if self.init and not os.path.isfile(self.init):
+            raise FileNotFoundError(f"init: checkpoint {self.init} does not exist")
 
 
 # Settings that change what a run computes: resuming with another value would splice two runs, so

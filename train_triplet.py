@@ -24,6 +24,7 @@ triplet counts and 2AFC score of every split; THINGS also the odd-one-out accura
 """
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass
 from typing import ClassVar
@@ -114,6 +115,11 @@ class Config:
     CHOICES: ClassVar[dict] = {"data_format": other_sources.DATA_FORMATS,
                                "lr_schedule": training.LR_SCHEDULES,
                                "precision": ("", "bf16", "fp16", "fp32")}
+
+    def check(self):
+        """--init names a file (before any data is read)."""
+        if self.init and not os.path.isfile(self.init):
+            raise FileNotFoundError(f"init: checkpoint {self.init} does not exist")
 
 
 # Settings that change what a run computes: resuming with different values would splice two runs,

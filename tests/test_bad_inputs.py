@@ -90,11 +90,12 @@ def nights(tmp_path_factory):
     (["--lr=-1"], ["lr must be >= 0.0, got -1.0"]),
     (["--augment=mocov2"], ["augment must be one of moco, train, eval, got 'mocov2'"]),
     (["--model_settings=vision_width=-3"], ["vision_width=-3 must be a whole number >= 1"]),
+    (["--init=/nonexistent/ckpt.pt"], ["init: checkpoint /nonexistent/ckpt.pt does not exist"]),
     # What an unquoted --train_data=/d/{00000..00001}.tar becomes after the shell's expansion:
     (["--train_data=/d/00000.tar", "--train_data=/d/00001.tar"],
      ["--train_data is given twice in a row", "quote it"]),
 ], ids=["unknown", "negative-batch", "zero-batch", "zero-epochs", "negative-lr", "choice",
-        "negative-width", "brace-expansion"])
+        "negative-width", "missing-init", "brace-expansion"])
 def test_bad_settings_are_refused_by_name_before_anything_is_written(tmp_path, shards, argv,
                                                                      needles):
     out = tmp_path / "run"
