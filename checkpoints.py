@@ -2,9 +2,12 @@
 code from it: the kit's ckpt.pt, open_clip training checkpoints and hub files (.bin, .safetensors),
 OpenAI's TorchScript archives, and plain state dicts. The state-dict keys are those of OpenAI CLIP
 and open_clip (github openai/CLIP clip/model.py; github mlfoundations/open_clip
-src/open_clip/model.py), up to the prefixes DDP and torch.compile add. It imports only model.py of
-the kit.
+src/open_clip/model.py), up to the prefixes DDP and torch.compile add. And the other way: a
+checkpoint written as an open_clip hub folder, to share a model as people share CLIP models
+
+  python checkpoints.py runs/pi/ckpt.pt --out hub/pi-vitb32   # open_clip_config.json + weights
 """
+import argparse
 import collections
 import io
 import json
@@ -17,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from cli import UserError, run_cli, user_input
+from data import CLIP_MEAN, CLIP_STD
 from model import AUTHORS, CLIP, CLIPConfig
 
 # --------------------------------------------------------------------------------------------------
@@ -122,15 +127,19 @@ def _is_safetensors(path):  # 8-byte little-endian header length, then the JSON 
             and int.from_bytes(head[:8], "little") < os.path.getsize(path))
 
 
-def _open_clip_hub_quickgelu(path):
-    """open_clip's hub repositories keep open_clip_config.json beside the weights: its recorded
-    activation (model_cfg.quick_gelu), or None when there is no such file."""
+def _open_clip_hub_settings(path):
+    """open_clip's hub repositories keep open_clip_config.json beside the weights: the settings it
+    records that tensor shapes cannot tell (model_cfg.quick_gelu, text_cfg.no_causal_mask), or
+    None when there is no such file."""
     config = Path(path).parent / "open_clip_config.json"
     if (Path(path).name not in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
             or not config.exists()):
         return None
     try:
-        return bool(json.loads(config.read_text()).get("model_cfg", {}).get("quick_gelu", False))
+        model_cfg = json.loads(config.read_text()).get("model_cfg", {})
+        text_cfg = model_cfg.get("text_cfg", {})
+        return {"quickgelu": bool(model_cfg.get("quick_gelu", False)),
+                "text_attention": "bidirectional" if text_cfg.get("no_causal_mask") else "causal"}
     except (ValueError, AttributeError) as e:
         raise ValueError(f"{config} (beside {path}) is not open_clip's config JSON: {e}") from None
 
@@ -142,7 +151,8 @@ def read_checkpoint(path):
     and run its code."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    stored_config, quickgelu = None, _open_clip_hub_quickgelu(path)
+    hub = _open_clip_hub_settings(path)
+    stored_config, quickgelu = None, hub and hub["quickgelu"]
     try:
         if _is_safetensors(path):
             from safetensors.torch import load_file
@@ -177,12 +187,14 @@ def read_checkpoint(path):
             key = key.split(".", 1)[1]
         if key not in _OPENAI_SCALARS:
             state_dict[key] = value
-    # The file records its activation, not a config.
+    # The file records its activation (and a hub folder its text attention), not a config.
     if stored_config is None and quickgelu is not None:
         try:
             stored_config = asdict(config_from_state_dict(state_dict, quickgelu))
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+        if hub:
+            stored_config["text_attention"] = hub["text_attention"]
     return state_dict, stored_config
 
 
@@ -431,3 +443,79 @@ def run_labels(paths):
     labels = [Path(p).resolve().parent.name if Path(p).name == "ckpt.pt" else Path(p).stem
               for p in paths]
     return labels if len(set(labels)) == len(labels) else [str(p) for p in paths]
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharing a model as people share CLIP models: open_clip's hub layout
+# --------------------------------------------------------------------------------------------------
+#   python checkpoints.py runs/pi/ckpt.pt --out hub/pi-vitb32
+# writes open_clip_config.json ({"model_cfg", "preprocess_cfg"}) beside open_clip_model.safetensors,
+# what open_clip's hub repositories hold: open_clip.create_model_and_transforms("local-dir:DIR")
+# loads the folder, "hf-hub:org/name" once it is uploaded (docs/evaluation.md), and CLIP_benchmark
+# evaluates it through open_clip. The state-dict keys are open_clip's already.
+
+
+def open_clip_config(config):
+    """The kit's CLIPConfig -> open_clip's {"model_cfg", "preprocess_cfg"}. A setting open_clip's
+    CLIP cannot express is refused, naming it: the PI authors' mean pooling of the text tower
+    (open_clip pools the end-of-text token, the first, the last or none)."""
+    if config.text_pooling != "eot":
+        raise ValueError(f"text_pooling={config.text_pooling!r} (the PI authors' mean over the "
+                         "caption's tokens) has no open_clip equivalent: its text towers pool "
+                         "one token. This model cannot be shared in open_clip's layout")
+    if config.resnet:
+        vision = {"layers": list(config.vision_layers), "width": config.vision_width,
+                  "head_width": config.vision_width * 32 // config.vision_heads}
+    else:
+        vision = {"layers": config.vision_layers, "width": config.vision_width,
+                  "head_width": config.vision_width // config.vision_heads,
+                  "patch_size": config.patch_size}
+    text = {"context_length": config.context_length, "vocab_size": config.vocab_size,
+            "width": config.text_width, "heads": config.text_heads, "layers": config.text_layers}
+    if config.text_attention == "bidirectional":
+        text["no_causal_mask"] = True
+    model_cfg = {"embed_dim": config.embed_dim, "quick_gelu": config.quickgelu,
+                 "vision_cfg": {**vision, "image_size": config.image_size}, "text_cfg": text}
+    preprocess_cfg = {"size": config.image_size, "mode": "RGB", "mean": list(CLIP_MEAN),
+                      "std": list(CLIP_STD), "interpolation": "bicubic", "resize_mode": "shortest"}
+    return {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+
+
+def export_open_clip(path, folder, overwrite=False):
+    """The CLIP of checkpoint `path` (any file load_checkpoint reads) as an open_clip hub folder
+    -> the folder. An existing folder's files are replaced only with `overwrite`."""
+    from safetensors.torch import save_file
+
+    model = load_checkpoint(path)
+    config = open_clip_config(model.config)
+    folder = Path(folder)
+    names = ("open_clip_config.json", "open_clip_model.safetensors")
+    if any((folder / name).exists() for name in names) and not overwrite:
+        raise UserError(f"{folder} already holds an exported model: choose another --out, or "
+                        "replace it with --overwrite")
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, folder / names[1], metadata={"format": "pt"})
+    (folder / names[0]).write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python checkpoints.py",
+        description="Write a checkpoint as an open_clip hub folder (open_clip_config.json and "
+                    "open_clip_model.safetensors), which open_clip loads with "
+                    "create_model_and_transforms('local-dir:FOLDER') and, once uploaded, "
+                    "'hf-hub:ORG/NAME' (docs/evaluation.md).")
+    parser.add_argument("checkpoint", help="a run's ckpt.pt, or any file evaluate.py reads")
+    parser.add_argument("--out", required=True, help="the folder to write")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the model a folder already holds")
+    args = parser.parse_args(argv)
+    with user_input():
+        folder = export_open_clip(args.checkpoint, args.out, args.overwrite)
+    print(f"wrote {folder / 'open_clip_config.json'} and {folder / 'open_clip_model.safetensors'}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

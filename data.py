@@ -398,6 +398,23 @@ class BenchmarkTask(torch.utils.data.Dataset):
         if not self._items:
             raise ValueError(f"{self.root / split}: the shards hold no samples")
         self._files = {}  # open shard files, per process (DataLoader workers each open their own)
+        if self.task_type == "classification":
+            self._check_labels()
+
+    def _check_labels(self):
+        """Every label names a class of classnames.txt: a label past its end would be scored
+        against a class that has no prompt (silently, by chance)."""
+        for shard_index, key, _, label_at in self._items:
+            text = self._read(shard_index, *label_at).decode("utf-8", "replace").strip()
+            if not text.lstrip("-").isdigit() or not 0 <= int(text) < len(self.classnames):
+                raise ValueError(
+                    f"{self.shards[shard_index]}: sample {key!r} has label {text!r}, but "
+                    f"{self.root / 'classnames.txt'} lists {len(self.classnames)} classes "
+                    f"(labels 0 .. {len(self.classnames) - 1}): the two files do not belong "
+                    "together")
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
 
     def __len__(self):
         return len(self._items)

@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 
 from analysis import zero_shot
+from cli import run_cli
 from world import make_data, studies
 from world.report import (ARMS, PROBED, mean_sd, signed, collect, main_metrics, plot, plot_probes,
                           read_results, report)
@@ -179,7 +180,7 @@ def authors_table(out, per_seed):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="The PI experiment in miniature on generated data (see the module docstring).")
-    parser.add_argument("--seeds", default="0",
+    parser.add_argument("--seeds", default=[0], type=seed_list,
                         help="comma-separated training seeds (default: 0); "
                              "the data is the same for all")
     parser.add_argument("--quick", action="store_true",
@@ -208,7 +209,7 @@ def main(argv=None):
     plan = PLANS["quick" if args.quick else "full"]
     suffix = "_quick" if args.quick else ""
     out, data_root = Path(args.out or f"runs/demo{suffix}"), Path(args.data or f"data/demo{suffix}")
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seeds = args.seeds
     if args.study:
         return studies.main(args.study, seeds, args.quick, out / "studies" / args.study, data_root,
                             argv if argv is not None else sys.argv[1:])
@@ -256,5 +257,17 @@ def main(argv=None):
           f"CPU time {cpu:.0f} s (ran: {ran})")
 
 
+def seed_list(text):
+    """--seeds: "0,1,2" -> [0, 1, 2]; anything else is argparse's one-line error."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated whole numbers, "
+                                         "e.g. 0,1,2") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("give at least one seed, e.g. 0")
+    return seeds
+
+
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -24,7 +24,7 @@ from analysis import curves, probes
 from analysis.alignment import alignment_main
 from analysis.zero_shot import PROMPT_PADDINGS, comparison_table, plot_comparison, run_suite
 from checkpoints import load_checkpoint, run_labels
-from cli import run_cli, user_input
+from cli import run_cli, user_input, writable_folder
 from data import GROUPS, missing_task_message, resolve_tasks, task_dir
 from training import default_precision
 
@@ -52,6 +52,7 @@ def main(argv=None):
     if unknown:
         parser.error(f"--quickgelu names {unknown}, "
                      f"which are not among the --ckpt paths {checkpoints}")
+    writable_folder(Path(args.out).parent, "--out")  # before minutes of evaluation
     precision = args.precision or default_precision(args.device)
     tasks = resolve_tasks(args.suite, args.data_root)
     missing = [t for t in tasks if task_dir(args.data_root, t) is None]

@@ -369,6 +369,16 @@ class CLIPConfig:
                                  f"is not one of {allowed}")
         if isinstance(self.vision_layers, list):  # read back from JSON
             self.vision_layers = tuple(self.vision_layers)
+        sizes = ("embed_dim", "image_size", "patch_size", "vision_width", "vision_heads",
+                 "context_length", "vocab_size", "text_width", "text_layers", "text_heads")
+        for name in sizes:  # a size of 0 or less builds nothing sensible, or fails deep in torch
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"model setting {name}={value!r} must be a whole number >= 1")
+        layers = self.vision_layers if self.resnet else (self.vision_layers,)
+        if any(not isinstance(n, int) or n < 1 for n in layers):
+            raise ValueError(f"model setting vision_layers={self.vision_layers!r} must be >= 1 "
+                             "(a ViT's blocks, or a ResNet's four stages)")
         if self.init == "authors" and self.resnet:  # their src/model.py draws a ViT's weights only
             raise ValueError("model setting init='authors' is defined for a ViT tower "
                              "(the PI authors' src/model.py); a ResNet tower keeps OpenAI's init")

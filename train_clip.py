@@ -1,10 +1,9 @@
 """Stage 2: contrastive image-text pretraining (CLIP), optionally from a perceptually initialised
 vision tower.
 
-  python train_clip.py configs/clip_tiny.yaml                            # CPU, a minute
-  torchrun --nproc_per_node=8 train_clip.py configs/yfcc15m.yaml --init stage1/ckpt.pt
-  python train_clip.py configs/yfcc15m.yaml --train_data='/data/{00000..00099}.tar' \
-      --batch_size=1024
+  python train_clip.py configs/clip_tiny.yaml                        # CPU, a minute
+  torchrun --nproc_per_node=8 train_clip.py configs/yfcc15m.yaml --init runs/nights/ckpt.pt
+  python train_clip.py configs/yfcc15m.yaml --train_data='/data/{00000..00099}.tar'
 
 Without CONFIG, the Config defaults below (the paper's model, data and schedule with the kit's
 exact large-batch objective; configs/yfcc15m.yaml holds the authors' values, each with its
@@ -22,7 +21,9 @@ else --init, else random) -> optimiser -> loop (train_step, log, evaluate, save,
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -55,6 +56,7 @@ class Config:
     shuffle_buffer: int = 1000  # each stream permutes its samples in buffers of this many
     decode_on_device: bool = False  # cuda: JPEGs decoded by nvjpeg, not in the loader's workers
     workers: int = 8  # DataLoader worker processes per rank
+    allow_data_change: bool = False  # resume although the data's files or counts changed
     # --- model ---
     model: str = "ViT-B-32"  # a preset of model.py
     model_settings: str = ""  # CLIPConfig fields over the preset, e.g. "context_length=16"
@@ -87,6 +89,7 @@ class Config:
     precision: str = ""  # bf16 / fp16 / fp32 (empty: bf16 on cuda, fp32 on cpu)
     save_every: int = 500  # steps between checkpoints (and at the end, and on SIGTERM / SIGINT)
     keep_every_epochs: int = 0  # keep out_dir/ckpt_epoch{E}.pt every this many epochs (0: none)
+    stop_after_steps: int | None = None  # save and stop here (the schedule still spans all steps)
     # --- logging ---
     log_every: int = 50  # steps between log lines
     log_to: str = ""  # also log to: tensorboard, wandb (comma-separated; wandb offline by default)
@@ -96,6 +99,28 @@ class Config:
     eval_tasks: str = ""  # comma-separated zero-shot tasks, e.g. "cifar100,cifar10"
     eval_data_root: str = "data/clip_benchmark"  # the tasks' folder (evaluate.py's default too)
     nights_root: str = ""  # NIGHTS folder: log the 2AFC score at each evaluation
+
+    # What each value may be, checked where the config is read: (lowest, highest), None unbounded.
+    RANGES: ClassVar[dict] = {
+        "data_fraction": (1e-9, 1.0), "max_samples": (0, None), "val_samples": (0, None),
+        "streams": (0, None), "shuffle_buffer": (1, None), "workers": (0, None),
+        "epochs": (1, None), "max_steps": (0, None), "batch_size": (1, None),
+        "accum_steps": (1, None), "contrastive_batch": (0, None), "lr": (0.0, None),
+        "warmup_steps": (0, None), "weight_decay": (0.0, None), "beta1": (0.0, 0.9999),
+        "beta2": (0.0, 0.9999), "eps": (0.0, None), "grad_clip": (0.0, None),
+        "save_every": (1, None), "keep_every_epochs": (0, None), "stop_after_steps": (1, None),
+        "log_every": (1, None),
+        "eval_every": (0, None), "eval_every_epochs": (0, None)}
+    CHOICES: ClassVar[dict] = {"augment": ("moco", "train", "eval"),
+                               "lr_schedule": training.LR_SCHEDULES,
+                               "precision": ("", "bf16", "fp16", "fp32")}
+
+    def check(self):
+        """The model preset and settings build a model, and --init names a file (both named
+        before any data is read)."""
+        model_config(self.model, **parse_settings(self.model_settings))
+        if self.init and not os.path.isfile(self.init):
+            raise FileNotFoundError(f"init: checkpoint {self.init} does not exist")
 
 
 # Settings that change what a run computes: resuming with another value would splice two runs, so
@@ -109,7 +134,8 @@ TRAJECTORY_KEYS = (
     "eps", "data_fraction", "max_samples", "val_samples", "grad_clip", "seed", "init", "init_text",
     "augment", "streams", "shuffle_buffer", "decode_on_device", "image_column", "text_column",
     "precision")
-DATA_FACTS = ("data_units", "data_samples")  # found in train_data at start-up
+# Found in train_data at start-up: its units, samples and files (name: size).
+DATA_FACTS = ("data_units", "data_samples", "data_files")
 
 
 def main(argv):
@@ -148,6 +174,8 @@ def train(argv, stop):
     throughput, saved_step = training.Throughput(), step
     batches = training.epochs_from(position, loader.epoch_batches)
     for epoch, step_in_epoch, batch in throughput.timed(batches):
+        if not training.any_rank(batch["good"] > 0, ranks):  # never a step (or a save) on nothing
+            raise nothing_to_train(batch, loader, step, ckpt_path, saved_step)
         loss = train_step(model, forward, ddp, optimizer, scaler, amp, batch["images"],
                           batch["tokens"], lr_at(step + 1), cfg, batch["valid"], batch["slots"])
         step, skipped = step + 1, skipped + batch["skipped"]
@@ -155,7 +183,8 @@ def train(argv, stop):
         throughput.steps += 1
         bar.update()
         epochs_done = epoch + 1 if step_in_epoch + 1 == schedule["steps_per_epoch"] else None
-        due = training.due_after(step, total_steps, epochs_done, cfg, stop.stop_now(ranks))
+        due = training.due_after(step, total_steps, epochs_done, cfg,
+                                 stop.stop_now(ranks) or step == cfg.stop_after_steps)
         if due.log or due.evaluate or due.save:
             watch.check(ckpt_path, saved_step)  # nothing non-finite is logged, evaluated or saved
         if due.log:
@@ -178,7 +207,7 @@ def train(argv, stop):
                                          step=step, metrics=metrics,
                                          samples_skipped=skipped_by_reason)
         if due.stop:
-            return stopped(stop, ranks, step, total_steps, ckpt_path, bar, log)
+            return stopped(stop, cfg, ranks, step, total_steps, ckpt_path, bar, log)
         if step == total_steps:
             break
     bar.close()
@@ -258,10 +287,13 @@ def make_data(cfg, argv, ranks, precision, state, ckpt_path):
             cfg.text_column, decode_on_device=cfg.decode_on_device,
             worker_init_fn=training.ignore_stop_signals)  # workers leave SIGTERM to the loop
     plan = loader.plan(0)
+    files = {os.path.basename(u.path): os.path.getsize(u.path) for u in units}
     facts = {"precision": precision, "data_units": len(units), "data_samples": plan.total,
+             "data_files": files,
              "samples_per_epoch": plan.total, "dropped_per_epoch": plan.dropped}
     if state is not None:
-        training.check_resume(ckpt_path, training.saved_settings(state), facts, DATA_FACTS)
+        training.check_same_data(ckpt_path, training.saved_settings(state), facts, DATA_FACTS,
+                                 cfg.allow_data_change)
     if plan.steps == 0:
         raise UserError(f"train_data: {plan.total} samples do not fill one batch of "
                         f"{cfg.batch_size}: lower batch_size")
@@ -413,18 +445,30 @@ def log_evaluation(log, step, steps_per_epoch, batch_size, metrics):
                   f"eval at step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
+def nothing_to_train(batch, loader, step, ckpt_path, saved_step):
+    """The error when no rank's batch holds a sample: every one of them was skipped."""
+    reasons = {r: n for r, n in zip(formats.SKIP_REASONS, batch["skipped"].tolist()) if n}
+    return UserError(
+        f"step {step + 1}: no sample of the batch could be used ({reasons}; e.g. in "
+        f"{', '.join(map(str, loader.bad_sources)) or 'the data'}): check the data's images and "
+        f"captions. Nothing was trained on it; {ckpt_path} "
+        + (f"still holds step {saved_step}" if saved_step else "was not written"))
+
+
 def count_skipped(skipped, ranks):
     """{reason: samples skipped} summed over the ranks (a collective: every rank calls it)."""
     return dict(zip(formats.SKIP_REASONS,
                     training.all_reduce_sum(skipped.tolist(), ranks.device, torch.int64)))
 
 
-def stopped(stop, ranks, step, total_steps, ckpt_path, bar, log):
-    """A run stopped by a signal, after its checkpoint: say how to resume, and leave."""
+def stopped(stop, cfg, ranks, step, total_steps, ckpt_path, bar, log):
+    """A run stopped by a signal or stop_after_steps, after its checkpoint: say how to resume."""
     bar.close()
     if ranks.is_main:
-        tqdm.write(f"stopped by {stop.received or 'another rank'} at step {step} of {total_steps}, "
-                   f"saved {ckpt_path}; run the same command to resume")
+        reason = stop.received or ("stop_after_steps" if step == cfg.stop_after_steps
+                                   else "another rank")
+        tqdm.write(f"stopped by {reason} at step {step} of {total_steps}, saved {ckpt_path}; "
+                   "run the same command to resume")
     log.close()
     training.cleanup_distributed()
 

@@ -24,8 +24,10 @@ triplet counts and 2AFC score of every split; THINGS also the odd-one-out accura
 """
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from tqdm import tqdm
@@ -62,6 +64,7 @@ class Config:
     cache_dir: str | None = None  # where the cache lives; None: <data_root>/cache
     workers: int = 4  # data-loader processes per rank (they also build the cache)
     shuffle_labels: bool = False  # control: permute p among training triplets (seeded)
+    allow_data_change: bool = False  # resume although the training triplets changed
     # --- model ---
     model: str = "ViT-B-32"  # model.py preset; the PI paper's backbone
     model_settings: str = ""  # CLIPConfig fields over the preset, e.g. "context_length=16"
@@ -97,6 +100,26 @@ class Config:
     eval_every: int = 0  # steps between val 2AFC scores (0: only at epochs' ends)
     eval_every_epochs: int = 1  # val 2AFC at the end of every this many epochs
     eval_batch_size: int = 256
+
+    # What each value may be, checked where the config is read: (lowest, highest), None unbounded.
+    RANGES: ClassVar[dict] = {
+        "max_triplets": (0, None), "triplet_fraction": (1e-9, 1.0), "min_votes": (0, None),
+        "odd_column": (0, 2), "images_per_class": (1, None), "rdm_triplets_per_image": (1, None),
+        "rdm_min_gap": (0.0, None), "rdm_holdout": (0.0, 0.5), "image_size": (1, None),
+        "workers": (0, None), "epochs": (1, None), "batch_size": (1, None), "lr": (0.0, None),
+        "warmup_steps": (0, None), "weight_decay": (0.0, None), "beta1": (0.0, 0.9999),
+        "beta2": (0.0, 0.9999), "eps": (0.0, None), "margin": (0.0, None),
+        "save_every": (1, None), "keep_every_epochs": (0, None), "stop_after_steps": (1, None),
+        "log_every": (1, None), "eval_every": (0, None), "eval_every_epochs": (0, None),
+        "eval_batch_size": (1, None)}
+    CHOICES: ClassVar[dict] = {"data_format": other_sources.DATA_FORMATS,
+                               "lr_schedule": training.LR_SCHEDULES,
+                               "precision": ("", "bf16", "fp16", "fp32")}
+
+    def check(self):
+        """--init names a file (before any data is read)."""
+        if self.init and not os.path.isfile(self.init):
+            raise FileNotFoundError(f"init: checkpoint {self.init} does not exist")
 
 
 # Settings that change what a run computes: resuming with different values would splice two runs,
@@ -261,6 +284,7 @@ def make_model(cfg):
             # activation.
             config = (CLIPConfig(**stored) if stored else
                       config_from_state_dict(state_dict, model_config(cfg.model).quickgelu))
+            check_same_size(config, cfg)
             model = CLIP(config)
             check_state_dict(model, state_dict, cfg.init)
             model.load_state_dict(state_dict)
@@ -274,6 +298,21 @@ def make_model(cfg):
             param.requires_grad = name.startswith("visual.")
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     return model
+
+
+SIZES = ("embed_dim", "image_size", "patch_size", "vision_width", "vision_layers", "vision_heads",
+         "context_length", "vocab_size", "text_width", "text_layers", "text_heads")
+
+
+def check_same_size(stored, cfg):
+    """--init brings its own architecture; one of another size than cfg.model would train that size
+    instead of the config's without a word: refused, naming what differs."""
+    wanted = model_config(cfg.model, **({"image_size": cfg.image_size} if cfg.image_size else {}))
+    differ = [f"{k} {getattr(stored, k)} (model {cfg.model}: {getattr(wanted, k)})" for k in SIZES
+              if getattr(stored, k) != getattr(wanted, k)]
+    if differ:
+        raise ValueError(f"--init {cfg.init} is a CLIP of another size than model={cfg.model}: "
+                         f"{'; '.join(differ)}. Set --model to the checkpoint's preset")
 
 
 def make_data(cfg, image_size, precision, state, ckpt_path):
@@ -297,16 +336,18 @@ def make_data(cfg, image_size, precision, state, ckpt_path):
                   if cfg.max_triplets or cfg.triplet_fraction < 1 else "")
         raise UserError(f"{cfg.data_root} ({cfg.data_format}) gives {len(train_set)} training "
                         f"triplets{votes}{subset}, fewer than one batch of {cfg.batch_size}")
+    facts = {"precision": precision, "train_triplets": len(train_set),
+             "train_digest": triplets.digest(train_set)}
     if cfg.shuffle_labels:
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed))
         train_set.p = train_set.p[order]
-    facts = {"precision": precision, "train_triplets": len(train_set)}
     steps_per_epoch = len(train_set) // cfg.batch_size
     schedule = {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
                 "total_steps": cfg.epochs * steps_per_epoch, "steps_per_epoch": steps_per_epoch,
                 "lr_schedule": cfg.lr_schedule, "epochs": cfg.epochs}
     if state is not None:  # the same data (the order is a permutation of this many triplets)
-        training.check_resume(ckpt_path, training.saved_settings(state), facts, ["train_triplets"])
+        training.check_same_data(ckpt_path, training.saved_settings(state), facts,
+                                 ["train_triplets", "train_digest"], cfg.allow_data_change)
         # Equal by the resume check; the checkpoint's is the truth.
         schedule.update(state.get("schedule", {}))
     return splits, facts, schedule

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cli import UserError, load_config
+from cli import UserError, load_config, writable_folder
 
 # --------------------------------------------------------------------------------------------------
 # Distributed
@@ -353,6 +353,32 @@ def check_resume(ckpt_path, saved, current, keys):
                         f"{ckpt_path} away)")
 
 
+def check_same_data(ckpt_path, saved, current, keys, allowed=False):
+    """Refuse to resume on other data: the facts in `keys` (counts, and a fingerprint of the files
+    or rows) must equal the checkpoint's, else the run would splice training on two data sets (or
+    on data that broke) into one. The error names what changed; allowed=True (the trainers'
+    allow_data_change) resumes anyway, with a warning."""
+    changed = []
+    for key in keys:
+        if key not in saved or saved[key] == current.get(key):
+            continue
+        if isinstance(saved[key], dict):  # {file: size}: name the files that differ
+            old, new = saved[key], current.get(key) or {}
+            files = sorted(f for f in old.keys() | new.keys() if old.get(f) != new.get(f))
+            changed.append(f"{key}: {len(files)} file(s) differ in name or size, e.g. "
+                           + ", ".join(f"{f} ({old.get(f, 'absent')} -> {new.get(f, 'absent')})"
+                                       for f in files[:3]))
+        else:
+            changed.append(f"{key}: {saved[key]!r} -> {current.get(key)!r}")
+    if changed and allowed:
+        tqdm.write(f"warning: resuming {ckpt_path} on other data ({'; '.join(changed)}), as "
+                   "allow_data_change asks")
+    elif changed:
+        raise UserError(f"{ckpt_path} was trained on other data ({'; '.join(changed)}): resume on "
+                        "the data it was trained on, start afresh with another out_dir, or, if "
+                        "the change is meant, resume with --allow_data_change=true")
+
+
 # --------------------------------------------------------------------------------------------------
 # Faults: preemption, non-finite losses; and the host-to-device copy
 # --------------------------------------------------------------------------------------------------
@@ -530,9 +556,8 @@ def start_run(config_class, argv):
     process's place among the ranks (DDP when torchrun set RANK), the resolved precision, and
     the output folder."""
     cfg = load_config(config_class, argv)
+    out_dir = writable_folder(cfg.out_dir, "--out_dir")
     ranks = setup_distributed(cfg.device)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     return cfg, ranks, cfg.precision or default_precision(ranks.device), out_dir
 
 

@@ -94,16 +94,18 @@ def rsa_per_layer(model, images, rdm, device="cpu", batch_size=256):
     return {layer: probes.representational_similarity(x, rdm) for layer, x in features.items()}
 
 
-def _source_splits(source, root, image_size, cache_dir, workers):
+def _source_splits(source, root, image_size, cache_dir, workers, skip_missing=False):
     with user_input():  # a missing file or a bad row is the user's to fix
-        splits = other_sources.open_splits(source, root, image_size, cache_dir=cache_dir,
-                                             workers=workers, splits=ALIGNMENT_SPLITS[source])
+        splits = other_sources.open_splits(source, root, image_size, skip_missing,
+                                             cache_dir=cache_dir, workers=workers,
+                                             splits=ALIGNMENT_SPLITS[source])
     return {name: split for name, split in splits.items()
             if len(split) and (source != "bapps" or name != "val")}
 
 
 def alignment_scores(models, labels, bapps=None, nights=None, things=None, rdm_root=None, rdm="",
-                     device="cpu", batch_size=64, precision="fp32", workers=0, cache_dir=None):
+                     device="cpu", batch_size=64, precision="fp32", workers=0, cache_dir=None,
+                     skip_missing=False):
     """{label: {score: value}} for each model: "bapps/<val subset>" and "nights/<split>" 2AFC (0.5 =
     chance), "things/<split>/odd_one_out" accuracy (1/3 = chance) and ".../odd_one_out_normalised"
     by the noise ceiling, and "rsa/<rdm name>/<layer>" Spearman's rho. Sources left None are
@@ -114,7 +116,8 @@ def alignment_scores(models, labels, bapps=None, nights=None, things=None, rdm_r
         for source, root in (("bapps", bapps), ("nights", nights), ("things", things)):
             if not root:
                 continue
-            for name, split in _source_splits(source, root, size, cache_dir, workers).items():
+            splits = _source_splits(source, root, size, cache_dir, workers, skip_missing)
+            for name, split in splits.items():
                 key = name.removeprefix("val_") if source == "bapps" else name
                 for label, model in group:
                     if source == "things":
@@ -214,6 +217,8 @@ def alignment_main(argv):
                         help="decode cache folder (default: <each source>/cache)")
     parser.add_argument("--out", default="alignment.json",
                         help="JSON {checkpoint: {score: value}}; a PNG beside it")
+    parser.add_argument("--skip-missing", action="store_true",
+                        help="drop (and count) rows whose images are missing or unreadable")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -228,7 +233,7 @@ def alignment_main(argv):
     results = alignment_scores(models, labels, args.bapps, args.nights, args.things, args.rdm_root,
                                args.rdm, args.device, args.batch_size,
                                args.precision or default_precision(args.device), args.workers,
-                               args.cache_dir)
+                               args.cache_dir, args.skip_missing)
     print(alignment_table(results))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from analysis.probes import classification_metrics, top_k
 from cli import progress as progress_bar
+from cli import user_input
 from data import (BenchmarkTask, ImageFolderTask, image_transform,
                   imagenet_classnames_and_templates, missing_task_message, task_dir, tokenize)
 from training import autocast, ignore_stop_signals
@@ -171,7 +172,8 @@ def evaluate_models(models, task_dir, device, batch_size=64, workers=0, precisio
     if len(sizes) > 1:
         raise ValueError(f"models of different image sizes {sorted(sizes)} "
                          f"cannot share one pass over {task_dir}")
-    task = open_task(task_dir, sizes.pop())
+    with user_input():  # a task folder that does not hold together is the user's to fix
+        task = open_task(task_dir, sizes.pop())
     name = Path(task_dir).name
     retrieval = task.task_type == "retrieval"
     loader = DataLoader(task, batch_size=batch_size, num_workers=workers, shuffle=False,

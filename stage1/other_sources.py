@@ -183,7 +183,9 @@ def read_trials(path, n_concepts, odd_column=2):
     one. Whitespace-separated 0-based indices, three per line; a bad line is an error naming it."""
     text = Path(path).read_text()
     lines, tokens = text.splitlines(), text.split()
-    good = len(tokens) == 3 * sum(1 for line in lines if line.strip())
+    # Three tokens on EVERY line: a short line and a long one would add up to the right total
+    # and be reshaped into wrong trials.
+    good = all(len(line.split()) in (0, 3) for line in lines)
     try:
         trials = np.array(tokens, dtype=np.int64).reshape(-1, 3) if good else None
     except ValueError:  # a token that is not a whole number

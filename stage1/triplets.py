@@ -41,7 +41,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from data import CLIP_MEAN, CLIP_STD
-from cli import progress
+from cli import UserError, UserFileNotFound, progress
 from training import prefetch_to_device
 
 # --------------------------------------------------------------------------------------------------
@@ -50,6 +50,8 @@ from training import prefetch_to_device
 
 # PIL's errors for truncated, foreign or absurdly large files.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+SKIP_HINT = ("to drop such rows and count them: train_triplet.py --skip_missing=true, "
+             "evaluate.py --alignment --skip-missing")
 # Bump when the cached bytes would change for the same sources (2: one slot per image).
 CACHE_VERSION = 2
 
@@ -171,7 +173,7 @@ def build_cache(root, stem, images, image_size, cache_dir, workers=0, label="sta
             cache_dir.mkdir(parents=True, exist_ok=True)
             open(lock, "a").close()
         except OSError as e:
-            raise OSError(f"cannot write the {label} decode cache in {cache_dir} ({e}): set "
+            raise UserError(f"cannot write the {label} decode cache in {cache_dir} ({e}): set "
                           "cache_dir to a writable folder (the data set itself may stay "
                           "read-only), or cache: false to decode every epoch") from None
         with _exclusive(lock):
@@ -189,7 +191,7 @@ def _write_cache(npy, meta, images, image_size, workers, label, description):
     shape = (len(images), 3, image_size, image_size)
     need, free = math.prod(shape), shutil.disk_usage(npy.parent).free
     if need > free:
-        raise OSError(f"the {label} decode cache needs {need / 1e9:.1f} GB in {npy.parent}, "
+        raise UserError(f"the {label} decode cache needs {need / 1e9:.1f} GB in {npy.parent}, "
                       f"which has {free / 1e9:.1f} GB free: set cache_dir to a folder with room, "
                       "or cache: false to decode every epoch")
     tmp = npy.with_name(f"{npy.name}.tmp-{os.getpid()}")
@@ -295,8 +297,8 @@ class TripletDataset(torch.utils.data.Dataset):
         missing = torch.tensor([not path.is_file() for path in self.images], dtype=torch.bool)
         self.unusable = self._check(rows, serve, missing, skip_missing, "missing_images",
                                     lambda i, k: f"{where(i)}: image {self.images[k]} does not "
-                                                 "exist (use skip_missing to drop such rows)",
-                                    FileNotFoundError)
+                                                 f"exist ({SKIP_HINT})",
+                                    UserFileNotFound)
         self.cache_path = None
         if cache and (serve & ~self.unusable).any():
             # The cache holds the images that exist.
@@ -314,7 +316,7 @@ class TripletDataset(torch.utils.data.Dataset):
             self.unusable |= self._check(
                 rows, serve & ~self.unusable, unreadable, skip_missing, "unreadable_images",
                 lambda i, k: f"{where(i)}: {reasons[k]} ({n_bad} unreadable row(s) in {split}; "
-                             "use skip_missing to drop such rows)", OSError)
+                             f"{SKIP_HINT})", UserError)
             self.slot = slot
         keep = (serve & ~self.unusable).nonzero().flatten()
         # index: each item's row in the reader's order.
@@ -370,6 +372,20 @@ class TripletDataset(torch.utils.data.Dataset):
     def __getstate__(self):
         """DataLoader workers map the cache themselves (a pickled memmap is a full copy)."""
         return {**self.__dict__, "_array": None}
+
+
+def digest(dataset):
+    """A fingerprint of a split as served: its rows (which images, named inside the data set, so a
+    data set that moved keeps it) and their shares p. Other triplets, or the same ones with other
+    votes, change it; train_triplet.py refuses to resume on such data."""
+    served = sorted({k for row in dataset.rows.tolist() for k in row})
+    paths = [str(dataset.images[k]) for k in served]
+    base = os.path.commonpath(paths) if paths else ""
+    names = {k: os.path.relpath(path, base) for k, path in zip(served, paths)}
+    h = hashlib.sha256()
+    for row, p in zip(dataset.rows.tolist(), dataset.p.tolist()):
+        h.update(f"{names[row[0]]}|{names[row[1]]}|{names[row[2]]}|{p:.6f}\n".encode())
+    return h.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -139,7 +139,31 @@ def list_units(paths, cache_dir=None, progress=True, image_column=None, text_col
             _parquet_columns(path, schema, image_column or "images", text_column or "texts")
         units += [Unit(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)
                   if meta.row_group(i).num_rows > 0]
+    _check_unreadable([u.path for u in units if u.samples == 0 and not is_parquet(u.path)],
+                      len(paths))
     return units
+
+
+def _check_unreadable(empty, total):
+    """Tar files that hold no sample: those that are no tar at all are an error when every file
+    is one (a wrong spec: nothing would train), else a warning naming them (a few broken files
+    in a large data set are skipped and counted)."""
+    foreign = [path for path in empty if not _looks_like_tar(path)]
+    if not foreign:
+        return
+    names = f"{', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}"
+    if len(foreign) == total:
+        raise ValueError(f"{names}: not a tar archive (tar shards in the webdataset / img2dataset "
+                         "layout, plain or gzipped, or .parquet files are expected)")
+    print(f"warning: {len(foreign)} of {total} file(s) are not tar archives and hold no sample: "
+          f"{names}", file=sys.stderr)
+
+
+def _looks_like_tar(path):
+    """A gzip stream, or a tar header ("ustar" at byte 257): read from the file's first block."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    return head[:2] == b"\x1f\x8b" or head[257:262] == b"ustar"
 
 
 def _tar_counts(paths, cache_dir, progress):

@@ -285,7 +285,7 @@ class Loader:
       delivered_batches(epoch, first step): what the workers deliver, for each step {"images":
         uint8 (n, 3, S, S), "tokens": (n, T), "params": (n, NUM_PARAMS), "valid": bool (n,),
         "indices": (n,) sample indices (-1: padding), "slots": (n,) positions in the global batch,
-        "skipped": (len(SKIP_REASONS),), "step": int};
+        "skipped": (len(SKIP_REASONS),), "step": int, "good": the rows that hold a sample, int};
       epoch_batches(epoch, first step): the same with the images augmented and normalised (the
         augmentation's device half): what train_clip.py trains on.
 
@@ -373,7 +373,8 @@ class Loader:
             batch = {k: torch.cat([v, v.new_full((pad, *v.shape[1:]), -1 if k == "indices" else 0)])
                      for k, v in batch.items()}
         batch["valid"] = batch["indices"] >= 0
-        return {**batch, "slots": self._slots(plan, good), "skipped": skipped, "step": step}
+        return {**batch, "slots": self._slots(plan, good), "skipped": skipped, "step": step,
+                "good": n}
 
     def _slots(self, plan, good):
         """Each row's position in the GLOBAL batch, which names its contrastive group

@@ -71,7 +71,8 @@ def shapes(state_dict):
     return {k: tuple(v.shape) for k, v in state_dict.items()}
 
 
-@pytest.mark.parametrize("name, params", [("RN50", 102_007_137), ("RN101", 119_688_033)])
+@pytest.mark.parametrize("name, params", [
+    ("RN50", 102_007_137), pytest.param("RN101", 119_688_033, marks=pytest.mark.slow)])
 def test_resnet_equals_open_clip_both_ways(name, params):
     reference = open_clip.create_model(name, pretrained=None).eval()
     ours = M.create_model(name).eval()
@@ -104,6 +105,7 @@ def test_presets_are_open_clips_configs(name):
         assert ours.config.quickgelu == name.endswith("quickgelu")
 
 
+@pytest.mark.slow
 def test_vit_h_widths_forward_equals_open_clip(tmp_path):
     """ViT-H-14 in all but depth and image size: 1280-wide vision blocks with 16 heads of 80,
     1024-wide text blocks; one block per tower, 56 px, so the forward takes a second."""

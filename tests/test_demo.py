@@ -172,6 +172,7 @@ def quick_run(tmp_path_factory):
     return out, data_root
 
 
+@pytest.mark.slow
 def test_demo_data_passes_the_real_readers(quick_run):
     _, root = quick_run
     # NIGHTS: the loader keeps exactly the rows with >= 6 votes of each split, as data.csv says.
@@ -248,6 +249,7 @@ def test_demo_data_passes_the_real_readers(quick_run):
             == np.asarray(scenes.render_scene(drawn[3], QUICK["size"])).tobytes())
 
 
+@pytest.mark.slow
 def test_demo_data_is_reused(quick_run, capsys):
     _, root = quick_run
     stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
@@ -256,6 +258,7 @@ def test_demo_data_is_reused(quick_run, capsys):
     assert capsys.readouterr().out.count("reused") == 4
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage_and_reports(quick_run):
     out, data_root = quick_run
     seed = out / "seed0"
@@ -343,6 +346,7 @@ def test_demo_runs_every_stage_and_reports(quick_run):
     assert {p: p.stat().st_mtime_ns for p in seed.rglob("*") if p.is_file()} == stamps
 
 
+@pytest.mark.slow
 def test_authors_arm_pair_runs_their_model_as_the_demo_sets_it(quick_run):
     """demo.py --authors: PI and baseline again with tiny-authors under AUTHORS_SETTINGS, differing
     only in the vision initialisation, and a table of PI's gain with either model whose numbers are

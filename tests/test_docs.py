@@ -109,6 +109,8 @@ def script_flags(script):
 
 
 def accepts(script, flag):
+    if flag == "help":  # every command answers --help (argparse's, or cli.config_help)
+        return True
     flags, config_script = script_flags(script)
     if config_script:
         return flag.replace("-", "_") in {f.replace("-", "_") for f in flags}

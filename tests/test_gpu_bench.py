@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import gpu_bench  # noqa: E402
 
 
+@pytest.mark.slow
 def test_flops_of_vit_b32_match_the_published_figures():
     forward = gpu_bench.forward_flops("ViT-B-32", 2) / 2
     assert forward == pytest.approx(14.78e9, rel=0.002)
@@ -58,6 +59,7 @@ def test_largest_fitting_batch_search():
     assert gpu_bench.largest_fitting(lambda n: False, 256, 64) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["", "RN50"])
 def test_dry_run(tmp_path, model):
     torch.set_num_threads(1)  # tiny steps: threads only contend on a shared machine

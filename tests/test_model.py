@@ -52,7 +52,8 @@ def assert_same_features(ours, reference, image_size):
                                    atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-32-quickgelu", "ViT-B-16"])
+@pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-32-quickgelu",
+                                  pytest.param("ViT-B-16", marks=pytest.mark.slow)])
 def test_equals_open_clip_presets(name):
     reference = open_clip.create_model(name, pretrained=None).eval()
     ours = M.create_model(name).eval()

@@ -271,6 +271,7 @@ def assert_same_gradients(ours, reference, what):
                                    msg=f"{what}: {name}")
 
 
+@pytest.mark.slow
 def test_compile_with_ddp_and_accumulation_equals_eager(tmp_path):
     out = tmp_path / "compile.pt"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -404,6 +405,7 @@ def assert_same_run(a_dir, b_dir):
     assert summary["metrics"] == json.loads((a_dir / "summary.json").read_text())["metrics"]
 
 
+@pytest.mark.slow
 def test_sigkill_and_restart_equals_an_uninterrupted_run(clip_run, tmp_path):
     command, straight = clip_run
     killed = tmp_path / "killed"
@@ -518,6 +520,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(clip_run, tmp_
             and not (out / "summary.json").exists())
 
 
+@pytest.mark.slow
 def test_two_ranks_count_bad_samples_into_the_summary(tmp_path):
     # 4 shards of 10; the first sample of each has no caption. 4 streams of 10 sample indices
     # each own one whole shard; unpermuted (shuffle_buffer=1) each reads its bad first sample

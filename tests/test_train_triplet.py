@@ -87,6 +87,7 @@ def held_out(scores, counts):
     return sum(scores[s] * counts[s] for s in ("val", "test")) / (counts["val"] + counts["test"])
 
 
+@pytest.mark.slow
 def test_real_labels_are_learned_and_shuffled_are_not(nights, trained, tmp_path):
     """Measured with this config on data seeds 0 / 1 / 2 (run seed 42), val+test 2AFC: random init
     0.616 / 0.584 / 0.619, trained 0.672 / 0.631 / 0.665, shuffled 0.592 / 0.578 / 0.606: training

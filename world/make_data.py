@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import progress
+from cli import UserError, progress, run_cli
 from world.scenes import (demo_concepts, demo_odd_one_out, demo_pairs, demo_probe_scenes,
                           demo_tasks, demo_triplets, perceptual_distance, render_scene)
 
@@ -215,9 +215,19 @@ def write_rdm(root, name, matrix, image_paths=None):
 # --------------------------------------------------------------------------------------------------
 
 
-def make_nights(root, n, seed, image_size=32):
+def make_nights(root, n, seed, image_size=32, overwrite=False):
     """Write n demo triplets (demo_triplets) under root in NIGHTS' layout and return the path of
-    data.csv: stage 1's data alone, e.g. for configs/nights_tiny.yaml and the tests."""
+    data.csv: stage 1's data alone, e.g. for configs/nights_tiny.yaml and the tests. A folder that
+    already holds a data.csv is replaced (data.csv, ref/, distort/, cache/) only with
+    `overwrite`: a smaller set written over a larger one would leave its images orphaned."""
+    root = Path(root)
+    if (root / "data.csv").exists():
+        if not overwrite:
+            raise UserError(f"{root} already holds a NIGHTS data set (data.csv): write elsewhere, "
+                            "or replace it with --overwrite")
+        for old in ("ref", "distort", "cache"):
+            shutil.rmtree(root / old, ignore_errors=True)
+        (root / "data.csv").unlink()
     return write_nights(root, progress(demo_triplets(n, seed, image_size), total=n,
                                        desc="demo NIGHTS triplets", disable=n < 1000))
 
@@ -240,22 +250,30 @@ def write_probe_set(root, scenes, size):
     np.save(root / "reference_distance.npy", reference)
 
 
-def _piece(folder, settings, build):
-    """Build one piece of a data set in `folder` unless its `done` file records the same settings; a
-    piece made with other settings, or cut short (no `done`), is made again from scratch."""
+def _piece(folder, settings, build, overwrite=False):
+    """Build one piece of a data set in `folder` unless its `done` file records the same settings.
+    A piece this writer started and did not finish (its `.writing` mark) is made again; a folder
+    made with other settings, or holding anything else, is replaced only with `overwrite`: a writer
+    never deletes data it was not asked to."""
     wanted = json.dumps(settings, sort_keys=True)
-    done = folder / "done"
+    done, mark = folder / "done", folder / ".writing"
     if done.exists() and done.read_text() == wanted:
         print(f"{folder}: exists, reused")
         return
+    if folder.exists() and any(folder.iterdir()) and not mark.exists() and not overwrite:
+        made_with = f"made with {done.read_text()}" if done.exists() else "not made by this writer"
+        raise UserError(f"{folder} holds data {made_with}, not {wanted}: write elsewhere (--out), "
+                        "delete the folder, or replace it with --overwrite")
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
+    mark.touch()
     build(folder)
     done.write_text(wanted)
+    mark.unlink()
 
 
 def make_demo_data(root, seed=0, size=64, triplets=6000, pairs=3000, per_class=40, retrieval=200,
-                   probe=200):
+                   probe=200, overwrite=False):
     """Write the demo's whole data set under root, each piece with the writer of its real format:
       root/nights/            NIGHTS layout (data.csv, ref/, distort/)       <- write_nights
       root/shards/            image-text tar shards                          <- write_shards
@@ -266,12 +284,12 @@ def make_demo_data(root, seed=0, size=64, triplets=6000, pairs=3000, per_class=4
                               `evaluate.py --suite demo --data-root root/tasks`
       root/probe/             `probe` scenes, their images and observer distances
                                                                              <- write_probe_set
-    A piece whose `done` file records the same settings is kept, so reruns cost nothing; a piece
-    made with other settings, or cut short, is made again."""
+    A piece whose `done` file records the same settings is kept, so reruns cost nothing; one cut
+    short is made again; one made with other settings only with `overwrite` (_piece)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     piece = lambda name, settings, build: _piece(
-        root / name, {"seed": seed, "size": size, **settings}, build)
+        root / name, {"seed": seed, "size": size, **settings}, build, overwrite)
     piece("nights", {"triplets": triplets}, lambda folder: write_nights(
         folder, progress(demo_triplets(triplets, seed, size), total=triplets,
                          desc="demo NIGHTS triplets")))
@@ -434,18 +452,20 @@ def main(argv=None):
                         help="scenes in the retrieval task (5 captions each)")
     parser.add_argument("--probe", type=int, default=200,
                         help="scenes in the probes' image set (with observer distances)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace data made with other settings (by default it is refused)")
     parser.add_argument("--studies", action="store_true",
                         help="also the studies' stimuli: THINGS-format odd-one-out trials and "
                              "the early / late area RDMs")
     args = parser.parse_args(argv)
     if args.nights:
-        print(make_nights(args.nights, args.triplets, args.seed, args.size))
+        print(make_nights(args.nights, args.triplets, args.seed, args.size, args.overwrite))
     else:
         make_demo_data(args.out, args.seed, args.size, args.triplets, args.pairs, args.per_class,
-                       args.retrieval, args.probe)
+                       args.retrieval, args.probe, args.overwrite)
         if args.studies:
             make_study_data(args.out, args.seed, args.size)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

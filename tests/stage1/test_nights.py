@@ -36,6 +36,7 @@ from data import image_transform
 from stage1.objective import two_afc_by_triplet, triplet_distances, two_afc_score
 from world.make_data import make_nights, write_nights
 from model import create_model
+from cli import UserError
 from stage1.nights import NightsDataset
 from stage1.triplets import batch_order, model_input, train_loader
 from stage1.objective import hinge_loss
@@ -259,8 +260,8 @@ def test_unreadable_image_is_found_while_building_the_cache(tmp_path):
     (root / "ref/000/005.png").write_bytes(b"not a png at all")  # row 5 (csv line 7), val
     # Truncated: row 6 (csv line 8), val.
     (root / "distort/000/006_1.png").write_bytes((root / "distort/000/006_1.png").read_bytes()[:40])
-    with pytest.raises(OSError, match=r"data.csv line 7: cannot read image .*ref/000/005.png"
-                                      r".*2 unreadable row"):
+    with pytest.raises(UserError, match=r"data.csv line 7: cannot read image .*ref/000/005.png"
+                                        r".*2 unreadable row.*--skip_missing=true"):
         NightsDataset(root, "val", SIZE)  # at construction: before any item is read
     # Reuses the cache, which recorded both unreadable images.
     val = NightsDataset(root, "val", SIZE, skip_missing=True)
@@ -304,7 +305,7 @@ def test_cache_gives_the_plain_numbers_is_reused_and_rebuilt(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["cache", "data.csv", "distort", "ref"]
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
-    with pytest.raises(OSError,
+    with pytest.raises(UserError,
                        match=r"cannot write the NIGHTS decode cache in .*file.*: set cache_dir"):
         NightsDataset(root, "test", SIZE, cache_dir=not_a_folder)
 

@@ -338,6 +338,7 @@ def losses(out_dir):
     return {r["step"]: r["loss"] for r in lines if "loss" in r}
 
 
+@pytest.mark.slow
 def test_resume_with_other_workers_and_ranks(tmp_path):
     write_shards(tmp_path / "shards", samples(48), per_shard=8)
     # 48 samples: 6 steps an epoch, so 8 steps cross into a second epoch

@@ -77,6 +77,7 @@ def test_trials_carry_the_observers_structure():
     assert ideal > 0.7 and pixel < ideal - 0.2, (ideal, pixel)
 
 
+@pytest.mark.slow
 def test_things_files_are_laid_out_as_things_data_documents(stimuli):
     root = stimuli / "stimuli"
     unique_ids = (root / "unique_id.txt").read_text().split("\n")[:-1]
@@ -97,6 +98,7 @@ def test_things_files_are_laid_out_as_things_data_documents(stimuli):
             == [list(t) for t in replayed["trainset"]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folder", ["stimuli", "stimuli_test"])
 def test_areas_are_what_their_names_claim(stimuli, folder):
     root = stimuli / folder
@@ -140,6 +142,7 @@ def quick_studies(tmp_path_factory):
     return out / "studies", data_root
 
 
+@pytest.mark.slow
 def test_study_data_passes_the_readers_users_run(quick_studies):
     _, data_root = quick_studies
     stimuli = data_root / "stimuli"
@@ -231,6 +234,7 @@ def _stage1_config(quick_studies, study, folder):
     return header["config"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("study", studies.STUDIES)
 def test_study_runs_and_reports_its_arms(quick_studies, study):
     summary, results = _summary(quick_studies, study)
@@ -249,6 +253,7 @@ def test_study_runs_and_reports_its_arms(quick_studies, study):
     assert (quick_studies[0] / study / f"{study}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_fractions_and_budgets_reach_the_trainer(quick_studies):
     from stage1 import triplets
     summary, _ = _summary(quick_studies, "efficiency")
@@ -265,6 +270,7 @@ def test_fractions_and_budgets_reach_the_trainer(quick_studies):
     assert "| early | " in results and "| late | " in results  # what each area is
 
 
+@pytest.mark.slow
 def test_a_rerun_reuses_every_run(quick_studies, capsys):
     out, data_root = quick_studies
     before = {p: p.stat().st_mtime for p in (out / "sources" / "seed0").rglob("*") if p.is_file()}
