@@ -286,10 +286,15 @@ def test_truncated_and_unreadable_tars_end_with_a_problem_marker(tmp_path):
     (tmp_path / "cut_at_header.tar").write_bytes(whole[:cut - 100 - 512])
     (tmp_path / "cut.tar.gz").write_bytes(gzip.compress(whole)[:len(gzip.compress(whole)) // 2])
     Path(paths[1]).write_bytes(b"this is not a tar file" * 30)
+    # A file that is no tar at all, alone, is an error (nothing would train); among others, a
+    # unit of 0 samples whose reading ends in the marker.
+    with pytest.raises(ValueError, match=r"00001.tar: not a tar archive"):
+        formats.list_units([str(paths[1])], progress=False)
+    good = write_shards(tmp_path / "good", pairs(2), per_shard=2)[0]
     for path, survivors, problem in ((paths[0], 3, "truncated_shard"),
                                      (tmp_path / "cut_at_header.tar", 3, "truncated_shard"),
                                      (paths[1], 0, "unreadable_file")):
-        unit = formats.list_units([str(path)], progress=False)[0]
+        unit = formats.list_units([str(path), good], progress=False)[0]
         assert unit.samples == survivors  # the counting pass counts what can be read
         *samples, last = formats.read_unit(unit)
         assert [s["text"] for s in samples] == [caption(i) for i in range(survivors)]
