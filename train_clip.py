@@ -173,13 +173,14 @@ def train(argv, stop):
     watch = training.LossWatch(ranks, lr_at)  # losses stay on the device until a log or a save
     throughput, saved_step = training.Throughput(), step
     batches = training.epochs_from(position, loader.epoch_batches)
+    trained = False  # has a step since the last save held a usable sample (on any rank)?
     for epoch, step_in_epoch, batch in throughput.timed(batches):
-        if not training.any_rank(batch["good"] > 0, ranks):  # never a step (or a save) on nothing
-            raise nothing_to_train(batch, loader, step, ckpt_path, saved_step)
-        loss = train_step(model, forward, ddp, optimizer, scaler, amp, batch["images"],
-                          batch["tokens"], lr_at(step + 1), cfg, batch["valid"], batch["slots"])
+        if training.any_rank(batch["good"] > 0, ranks):  # a batch of bad samples alone: no update
+            loss = train_step(model, forward, ddp, optimizer, scaler, amp, batch["images"],
+                              batch["tokens"], lr_at(step + 1), cfg, batch["valid"], batch["slots"])
+            watch.add(loss, step + 1)
+            trained = True
         step, skipped = step + 1, skipped + batch["skipped"]
-        watch.add(loss, step)
         throughput.steps += 1
         bar.update()
         epochs_done = epoch + 1 if step_in_epoch + 1 == schedule["steps_per_epoch"] else None
@@ -197,8 +198,10 @@ def train(argv, stop):
             if due.evaluate:
                 metrics = evaluate_now(model, cfg, ranks, precision, held_out_pairs)
                 log_evaluation(log, step, schedule["steps_per_epoch"], cfg.batch_size, metrics)
+            if due.save and not trained:  # never a checkpoint of steps on nothing
+                raise nothing_to_train(batch, loader, step, ckpt_path, saved_step)
             if due.save:
-                skipped_by_reason = count_skipped(skipped, ranks)
+                skipped_by_reason, trained = count_skipped(skipped, ranks), False
                 training.save_checkpoint(ckpt_path, **save, step=step, metrics=metrics,
                                          samples_skipped=skipped_by_reason)
                 saved_step = step
@@ -446,12 +449,13 @@ def log_evaluation(log, step, steps_per_epoch, batch_size, metrics):
 
 
 def nothing_to_train(batch, loader, step, ckpt_path, saved_step):
-    """The error when no rank's batch holds a sample: every one of them was skipped."""
+    """The error at a save when no step since the last one held a usable sample: every sample was
+    skipped (the data is broken), and a checkpoint would record steps that trained on nothing."""
     reasons = {r: n for r, n in zip(formats.SKIP_REASONS, batch["skipped"].tolist()) if n}
     return UserError(
-        f"step {step + 1}: no sample of the batch could be used ({reasons}; e.g. in "
-        f"{', '.join(map(str, loader.bad_sources)) or 'the data'}): check the data's images and "
-        f"captions. Nothing was trained on it; {ckpt_path} "
+        f"steps {saved_step + 1}-{step}: no sample of their batches could be used ({reasons} in "
+        f"the last; e.g. in {', '.join(map(str, loader.bad_sources)) or 'the data'}): check the "
+        f"data's images and captions. Nothing was saved: {ckpt_path} "
         + (f"still holds step {saved_step}" if saved_step else "was not written"))
 
 

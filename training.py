@@ -707,7 +707,9 @@ def log_interval(log, step, total_steps, steps_per_epoch, watch, lr, throughput,
               "lr": lr, "samples_per_s": samples_per_s, "data_wait": data_wait,
               "samples_seen": step * batch_size, **extra}
     shown = "".join(f"  {k.replace('_', ' ')} {v:.4g}" for k, v in extra.items())
-    log.write(record, f"step {step}/{total_steps}  loss {record['loss']:.4f}  lr {lr:.3g}{shown}  "
+    # None: no step of the interval held a usable sample (stage 2 then makes no update).
+    loss = "-" if record["loss"] is None else f"{record['loss']:.4f}"
+    log.write(record, f"step {step}/{total_steps}  loss {loss}  lr {lr:.3g}{shown}  "
                       f"{samples_per_s:.0f} samples/s  data wait {100 * data_wait:.0f}%")
     throughput.restart()
     return record

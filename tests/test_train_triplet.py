@@ -285,7 +285,7 @@ def test_resnet_checkpoint_loads_in_open_clip(resnet_run):
 def test_posthoc_on_a_resnet_trains_only_the_attention_pool_qkv(small_nights, resnet_run, tmp_path):
     # 2 epochs: an evaluation between them.
     run(small_nights, tmp_path, "--epochs=2", "--batch_size=32", f"--init={resnet_run / 'ckpt.pt'}",
-        "--posthoc=true", "--lr=1e-3", "--weight_decay=0", "--image_size=64")
+        "--posthoc=true", "--lr=1e-3", "--weight_decay=0", "--model=tiny-rn", "--image_size=64")
     before = load_checkpoint(resnet_run / "ckpt.pt").state_dict()
     after = load_checkpoint(tmp_path / "ckpt.pt").state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}

@@ -48,7 +48,7 @@ def test_yaml_then_command_line(tmp_path):
 @pytest.mark.parametrize(
     "yaml_text, argv, message",
     [
-        ("lrr: 1\n", [], "unknown key 'lrr'"),
+        ("lrr: 1\n", [], "unknown key lrr; did you mean lr"),
         ("epochs: 2.5\n", [], "epochs must be of type int"),
         ("grad_checkpointing: 3\n", [], "grad_checkpointing must be of type bool"),
         ("", ["--epoch=3"], "unknown key --epoch"),
