@@ -382,7 +382,7 @@ def test_authors_arm_pair_runs_their_model_as_the_demo_sets_it(quick_run):
             in table)
 
 
-def test_real_scale_control_configs_change_only_the_control():
+def test_real_scale_control_configs_change_only_the_control(tmp_path):
     from cli import load_config
     from train_triplet import Config
 
@@ -392,9 +392,11 @@ def test_real_scale_control_configs_change_only_the_control():
     recipe = lambda cfg: {k: v for k, v in cfg.items() if k not in ("shuffle_labels", "out_dir")}
     assert recipe(shuffled) == recipe(nights) and "shuffle_labels" not in nights
     assert shuffled["shuffle_labels"] is True and shuffled["out_dir"] != nights["out_dir"]
+    # The controls' --init names a run not made yet in a fresh clone: stand one in.
+    (tmp_path / "ckpt.pt").touch()
     for name in ("nights_shuffled.yaml", "nights_posthoc.yaml", "demo_posthoc.yaml"):
         # Every key is one train_triplet.py knows, of the right type.
-        load_config(Config, [str(root / name)])
+        load_config(Config, [str(root / name), f"--init={tmp_path / 'ckpt.pt'}"])
     # The paper's post-hoc control: qkv only, Adam, the same hinge.
     for name in ("nights_posthoc.yaml", "demo_posthoc.yaml"):
         cfg = read(name)
