@@ -151,25 +151,10 @@ class TrainTransform:
         shrink = min((box[2] - box[0]) / size, (box[3] - box[1]) / size) if self.draft else 1
         scale = 8 if shrink >= 8 else 4 if shrink >= 4 else 2 if shrink >= 2 else 1
         try:
-            # min_factor with the size it gives forces that scale (min_factor alone does not)
-            pixels = simplejpeg.decode_jpeg(data, "RGB", min_factor=scale,
-                                            min_width=math.ceil(width / scale),
-                                            min_height=math.ceil(height / scale))
+            pixels = decode_jpeg(data, width, height, scale)
         except ValueError:
             return None
-        if scale > 1:
-            # The box falls between pixels of the reduced image, which a tensor crop would round
-            # (measured: 1-3 grey levels on average from PIL): PIL resizes from the exact box,
-            # the pixels of host_half_pil's draft path.
-            sx, sy = pixels.shape[1] / width, pixels.shape[0] / height
-            box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-            out = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BICUBIC, box=box))
-            out = torch.from_numpy(out.copy()).permute(2, 0, 1)
-        else:
-            left, top, right, bottom = box
-            # (1, 3, h, w), a channels-last view of the decoded (H, W, 3) array: no copy
-            crop = torch.from_numpy(pixels).permute(2, 0, 1)[None, :, top:bottom, left:right]
-            out = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)[0]
+        out = resize_crop(pixels, box, (width, height), size)
         return (out.flip(-1) if flip else out), params
 
     def host_half_encoded(self, image_bytes, seed):
@@ -261,6 +246,32 @@ def moco_device_ops_masked(x, params):
     if len(rows):
         x[rows] = gaussian_blur(x[rows], params[rows, SIGMA])
     return x
+
+
+def decode_jpeg(data, width, height, scale=1):
+    """A JPEG (width x height) -> uint8 (H, W, 3) RGB, decoded by libjpeg-turbo at 1/scale (1, 2,
+    4 or 8; DCT scaling, as PIL's draft). min_factor with the size it gives forces that scale
+    (min_factor alone does not); simplejpeg on its own would also pick M/8 scales, which are slower
+    than a full decode and move pixels."""
+    return simplejpeg.decode_jpeg(data, "RGB", min_factor=scale, min_width=math.ceil(width / scale),
+                                  min_height=math.ceil(height / scale))
+
+
+def resize_crop(pixels, box, full_size, size):
+    """The crop box (left, top, right, bottom), in pixels of the full image (full_size = (width,
+    height)), of its decoded pixels (H, W, 3), maybe DCT-scaled -> uint8 (3, size, size), PIL's
+    bicubic: torch's uint8 antialiased resize of the crop, a channels-last view (no copy). On a
+    DCT-scaled image the box falls between pixels, which a tensor crop would round (measured: 1-3
+    grey levels on average from PIL): PIL resizes there from the exact box, as its draft path."""
+    if pixels.shape[1] != full_size[0] or pixels.shape[0] != full_size[1]:
+        sx, sy = pixels.shape[1] / full_size[0], pixels.shape[0] / full_size[1]
+        box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+        out = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BICUBIC, box=box))
+        return torch.from_numpy(out.copy()).permute(2, 0, 1)
+    left, top, right, bottom = box
+    # (1, 3, h, w), a channels-last view of the decoded (H, W, 3) array
+    crop = torch.from_numpy(pixels).permute(2, 0, 1)[None, :, top:bottom, left:right]
+    return F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)[0]
 
 
 def resize_crops(images, boxes, size, chunk=128):

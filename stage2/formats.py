@@ -5,7 +5,8 @@
 
 Formats, as users download or make them:
 - tar shards in the webdataset / img2dataset layout, plain or gzipped: consecutive members sharing
-  a key form one sample (000123.jpg + 000123.txt), the grouping rules of the webdataset library;
+  a key form one sample (000123.jpg + 000123.txt), the grouping rules of the webdataset library; a
+  caption given as CLIP token ids is a `.ids` member (decimal text, as stage2/repack.py writes it);
 - parquet files, one unit per row group: an image column (binary, or a struct with a `bytes` field
   as the Hugging Face hub's Image feature stores it) and a text column (strings, or a list of
   numbers taken as CLIP token ids, as Kaichengalex/YFCC15M stores them).
@@ -334,6 +335,11 @@ def _tar_sample(sample, source, count_only):
         try:
             out["text"] = members["txt"].decode("utf-8")
         except UnicodeDecodeError:
+            out["bad"] = "bad_caption"
+    elif "ids" in members:  # a caption of CLIP token ids, as stage2/repack.py writes one
+        try:
+            out["tokens"] = [int(i) for i in members["ids"].split()]
+        except ValueError:
             out["bad"] = "bad_caption"
     return out
 
