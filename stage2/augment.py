@@ -29,12 +29,16 @@ import math
 import random
 
 import numpy as np
-import simplejpeg
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from data import CLIP_MEAN, CLIP_STD
+
+try:
+    import simplejpeg
+except ImportError:  # a GPU image's own Python may lack it (docs/gpu-session.md carries its wheel)
+    simplejpeg = None  # then PIL decodes every image: the same augmentation, ~2x the host's time
 
 # params columns, drawn in host_half(), read in device_half()
 JITTER, BRIGHTNESS, CONTRAST, SATURATION, HUE, ORDER, GRAY, SIGMA = range(8)
@@ -106,7 +110,8 @@ class TrainTransform:
         PIL's (host_half_pil). -> (uint8 (3, S, S), maybe a strided view: the loader's copy into
         its batch makes it contiguous; params (NUM_PARAMS,))."""
         if isinstance(image, (bytes, bytearray, memoryview)):
-            fast = self.host_half_jpeg(image, seed) if bytes(image[:3]) == JPEG_START else None
+            jpeg = simplejpeg is not None and bytes(image[:3]) == JPEG_START
+            fast = self.host_half_jpeg(image, seed) if jpeg else None
             if fast is not None:
                 return fast
             image = Image.open(io.BytesIO(image))

@@ -178,8 +178,10 @@ class WorkerParcels(torch.utils.data.IterableDataset):
     memory at each iteration's start, so persistent workers follow the main process."""
 
     def __init__(self, units, transform, batch_size, streams, rank, world_size, accum_steps, seed,
-                 shuffle_buffer, context_length, image_column, text_column, decode_on_device=False):
+                 shuffle_buffer, context_length, image_column, text_column, decode_on_device=False,
+                 prefetch=2):
         super().__init__()
+        self.prefetch = prefetch  # the DataLoader's prefetch_factor: parcels made ahead
         self.units, self.transform, self.batch_size, self.streams = (
             list(units), transform, batch_size, streams)
         self.seed, self.shuffle_buffer = seed, max(1, shuffle_buffer)
@@ -222,22 +224,39 @@ class WorkerParcels(torch.utils.data.IterableDataset):
         per_step = max(len(self.parcels(w, workers)) for w in range(workers))
         readers = {s: StreamReader(plan, s, self.read_kwargs)
                    for s in self.local_streams[worker::workers]}
+        # Crops are written straight into a uint8 tensor in shared memory: the DataLoader then
+        # sends a handle, and no list of crops, stacked copy or copy into shared memory doubles it.
+        # The tensors are a ring, reused: a fresh one costs ~0.13 ms a sample (a shared-memory file,
+        # page faults in both processes; measured with 2 workers). The DataLoader gives a worker
+        # its next parcel to make only once the main process has taken the one `prefetch` parcels
+        # back, and the main process copies a step's batch out (Loader._batch's torch.cat, or the
+        # pinned copy on CUDA) before it takes the next step's parcels: so with per_step + prefetch
+        # + 1 tensors, none is written while its crops are still to be copied.
+        ring = [None] * (per_step + self.prefetch + 1)
+        capacity = max([self._capacity(plan, parcel) for parcel in mine] or [0])
         for step in range(start, plan.steps):
-            for parcel in mine:
-                yield self._pack(plan, readers, step, parcel)
+            for position, parcel in enumerate(mine):
+                slot = ((step - start) * per_step + position) % len(ring)
+                if ring[slot] is None:
+                    ring[slot] = self._images(capacity)
+                yield self._pack(plan, readers, step, parcel, ring[slot])
             for _ in range(per_step - len(mine)):
                 yield {"parts": [], "step": step}
 
-    def _pack(self, plan, readers, step, parcel):
-        """The samples of `parcel` [(stream, chunk), ...] at `step`, decoded; parts [(stream, chunk,
-        good samples)] tell the main process where each stream's samples lie."""
-        p, size = plan.per_stream, self.transform.image_size
-        # Crops are written straight into one uint8 tensor in shared memory: the DataLoader then
-        # sends a handle, and no list of crops, stacked copy or copy into shared memory doubles it.
-        capacity = sum(min(self.chunk_size, p - chunk * self.chunk_size) for _, chunk in parcel)
-        images, kept = torch.empty((capacity, 3, size, size), dtype=torch.uint8), 0
-        if torch.utils.data.get_worker_info() is not None:
-            images.share_memory_()
+    def _capacity(self, plan, parcel):
+        p = plan.per_stream
+        return sum(min(self.chunk_size, p - chunk * self.chunk_size) for _, chunk in parcel)
+
+    def _images(self, capacity):
+        size = self.transform.image_size
+        images = torch.empty((capacity, 3, size, size), dtype=torch.uint8)
+        return images.share_memory_() if torch.utils.data.get_worker_info() is not None else images
+
+    def _pack(self, plan, readers, step, parcel, images):
+        """The samples of `parcel` [(stream, chunk), ...] at `step`, decoded, their crops written
+        into `images`; parts [(stream, chunk, good samples)] tell the main process where each
+        stream's samples lie."""
+        p, kept = plan.per_stream, 0
         tokens, params, indices, parts = [], [], [], []
         jpegs, boxes, jpeg_rows = [], [], []  # decode_on_device: JPEGs still encoded, their rows
         skipped, bad_sources = [0] * len(SKIP_REASONS), []
@@ -310,7 +329,7 @@ class Loader:
                              f"e.g. {math.gcd(batch_size, 64)}")
         self.parcels = WorkerParcels(units, transform, batch_size, streams, rank, world_size,
                                      accum_steps, seed, shuffle_buffer, context_length,
-                                     image_column, text_column, decode_on_device)
+                                     image_column, text_column, decode_on_device, prefetch)
         self.transform, self.rank, self.workers = transform, rank, workers
         self.device, self.rank_batch = torch.device(device), batch_size // world_size
         self.dataloader = torch.utils.data.DataLoader(

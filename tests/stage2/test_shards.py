@@ -302,9 +302,10 @@ def test_the_check_command_reads_batches_and_ends_in_json(tmp_path):
     assert (report["skipped"] == dict(zip(formats.SKIP_REASONS, skipped.tolist()))
             and int(skipped.sum()) > 0)
     # One worker: its delivery is the whole delivery, and the workers alone outrun workers + device
-    # half.
+    # half (or tie, to the 0.1 the rates are rounded to: the CPU's masked device half at 32 px is
+    # fast beside a start-up-bound delivery of 3 batches).
     assert (report["delivery_samples_per_s_per_worker"] == report["delivery_samples_per_s"]
-            > report["samples_per_s"])
+            >= report["samples_per_s"])
     # the two halves timed apart, then in sequence
     assert report["device_samples_per_s"] > report["samples_per_s"]
     assert sum(report["skipped"].values()) == 12 - report["samples"]

@@ -27,7 +27,7 @@ torchvision's resized_crop + horizontal_flip. host_half()'s fast JPEG path (libj
 torch's resize) stays within the documented bound of the PIL path it replaces (host_half_pil: PIL's
 decode, draft and bicubic resize from the crop box), on 400-500 px photos, grey and progressive
 JPEGs, and leaves to PIL, bit for bit, what it would otherwise change (DCT-scaled crops, CMYK,
-PNG, a truncated JPEG's error).
+PNG, a truncated JPEG's error); without simplejpeg, PIL decodes everything.
 Not here: the batched ops one at a time (tests/stage2/test_augment.py).
 """
 import hashlib
@@ -329,3 +329,13 @@ def test_fast_jpeg_path_leaves_to_pil_what_it_would_change():
             io.BytesIO(data), seed)):
         with pytest.raises(OSError):
             take(truncated, 5)
+
+
+def test_without_simplejpeg_every_image_takes_the_pil_path(monkeypatch):
+    """A GPU image's own Python may lack simplejpeg: the kit still imports, and trains on PIL's
+    pixels."""
+    monkeypatch.setattr(augment, "simplejpeg", None)
+    transform = TrainTransform(224, "moco")
+    data = web_photo_jpegs(1)[0]
+    ours, _ = transform.host_half(data, 3)
+    assert torch.equal(ours, transform.host_half_pil(io.BytesIO(data), 3)[0])
