@@ -302,6 +302,11 @@ class WorkerParcels(torch.utils.data.IterableDataset):
         }
 
 
+def _as_is(parcel):
+    """The DataLoader's collate_fn: a parcel goes to the main process as WorkerParcels made it."""
+    return parcel
+
+
 class Loader:
     """One rank's batches for training. batch_size is GLOBAL; n = batch_size / world_size rows
     always (padded after bad samples), on `device`:
@@ -336,6 +341,8 @@ class Loader:
             self.parcels, batch_size=None, num_workers=workers,
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
             prefetch_factor=prefetch if workers > 0 else None,
+            # as it is: the default would turn the parcel's numpy arrays into tensors in the worker
+            collate_fn=_as_is,
             worker_init_fn=worker_init_fn)  # the trainer's: workers leave SIGTERM to its loop
         self.good, self.bad, self.bad_sources = 0, 0, []
 
