@@ -231,8 +231,8 @@ class WorkerParcels(torch.utils.data.IterableDataset):
         # its next parcel to make only once the main process has taken the one `prefetch` parcels
         # back, and the main process copies a step's batch out (Loader._batch's torch.cat, or the
         # pinned copy on CUDA) before it takes the next step's parcels: so with per_step + prefetch
-        # + 1 tensors, none is written while its crops are still to be copied.
-        ring = [None] * (per_step + self.prefetch + 1)
+        # tensors, none is written while its crops are still to be copied.
+        ring = [None] * (per_step + self.prefetch)
         capacity = max([self._capacity(plan, parcel) for parcel in mine] or [0])
         for step in range(start, plan.steps):
             for position, parcel in enumerate(mine):
@@ -322,7 +322,9 @@ class Loader:
     in the workers as usual.
 
     Host memory: workers hand over parcels of at most one micro-batch (batch_size / world_size /
-    accum_steps) that go to the device one by one; at most `prefetch` parcels wait per worker."""
+    accum_steps) that go to the device one by one; at most `prefetch` parcels wait per worker. Each
+    worker writes its parcels' crops into a ring of (its parcels a step + prefetch) shared tensors,
+    made once and reused."""
 
     def __init__(self, units, transform, batch_size, streams=64, rank=0, world_size=1, workers=0,
                  accum_steps=1, seed=0, shuffle_buffer=1000, context_length=77, device="cpu",
