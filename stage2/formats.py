@@ -18,6 +18,7 @@ VOCAB_SIZE and END_OF_TEXT are those of CLIP's BPE vocabulary (github openai/CLI
 clip/simple_tokenizer.py).
 """
 import collections
+import functools
 import glob
 import gzip
 import hashlib
@@ -48,6 +49,8 @@ VOCAB_SIZE, END_OF_TEXT = 49408, 49407  # CLIP's BPE vocabulary
 COUNTS_FILE = ".pi_counts.json"  # the counting pass's result, beside the shards or in cache_dir
 COUNTING_THREADS = 8
 PARQUET_BATCH_ROWS = 256  # rows decoded from parquet at a time: bounds a reader's memory
+META_MEMBER = regex.compile(r"__[^/]*__($|/)")  # webdataset's __meta__ members, skipped
+CAPTION_CACHE = 2**14  # captions whose tokens a process keeps (a small data set: all of them)
 
 
 @dataclass(frozen=True)
@@ -316,7 +319,7 @@ def _tar_samples(path, start):
                         continue
                     key, ext = split_member_name(member.name)
                     # webdataset skips names without an extension, and __meta__ members too
-                    if key is None or regex.match(r"__[^/]*__($|/)", member.name):
+                    if key is None or META_MEMBER.match(member.name):
                         continue
                     # A new key, or an extension the sample already has, starts the next sample
                     # (webdataset's group_by_keys). The finished one goes out before this member is
@@ -458,6 +461,13 @@ def _row_group_samples(parquet, unit, source, start, image_column, text_column):
 # Captions
 # --------------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=CAPTION_CACHE)
+def _text_tokens(text, context_length):
+    """tokenize's row for one caption, kept: the demo's 3,000 captions come back every epoch, and
+    CLIP's cleaning (ftfy) is most of a caption's cost. Callers copy it, never write to it."""
+    return tokenize([text], context_length)[0]
+
+
 def caption_tokens(sample, context_length=77):
     """A raw sample's caption as token ids, LongTensor (context_length,), or the skip reason.
 
@@ -472,7 +482,7 @@ def caption_tokens(sample, context_length=77):
         return sample["bad"]
     text, ids = sample.get("text"), sample.get("tokens")
     if text is not None:
-        return tokenize([text], context_length)[0] if text.strip() else "no_caption"
+        return _text_tokens(text, context_length) if text.strip() else "no_caption"
     if ids is None or len(ids) == 0:
         return "no_caption"
     block = list(ids[:context_length])
