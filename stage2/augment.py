@@ -131,10 +131,13 @@ class TrainTransform:
                 image.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
                 sx, sy = image.size[0] / width, image.size[1] / height
                 box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-        crop = image.convert("RGB").resize((size, size), Image.BICUBIC, box=box)
+        # (converting an RGB image would only copy it)
+        crop = (image if image.mode == "RGB" else image.convert("RGB")).resize(
+            (size, size), Image.BICUBIC, box=box)
         if flip:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1).contiguous(), params
+        # one copy, (S, S, 3) -> a (3, S, S) view: the loader's copy into its batch transposes it
+        return torch.from_numpy(np.array(crop)).permute(2, 0, 1), params
 
     def host_half_jpeg(self, data, seed):
         """The fast path (bench/bench_loader.py measures it against the PIL path): libjpeg-turbo
