@@ -92,8 +92,10 @@ def run_script(command):
     process.start()
     send.close()
     process.join()
-    if receive.poll():
+    try:
         _steps_cpu[0] += receive.recv()
+    except EOFError:  # the process died before it could say
+        pass
     return process.exitcode
 
 
