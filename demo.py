@@ -39,7 +39,6 @@ Delete OUT (and data/demo) to start afresh.
 """
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
@@ -50,7 +49,8 @@ from cli import run_cli
 from world import make_data, studies
 from world.report import (ARMS, PROBED, mean_sd, signed, collect, main_metrics, plot, plot_probes,
                           read_results, report)
-from world.pipeline import PLANS, drop_if_stale, run_step, shard_spec, untrained
+from world.pipeline import (PLANS, cpu_seconds, drop_if_stale, run_step, shard_spec,
+                            start_step_server, untrained)
 
 
 def run_seed(seed, plan, data_root, out, control, authors=False):
@@ -214,6 +214,7 @@ def main(argv=None):
         return studies.main(args.study, seeds, args.quick, out / "studies" / args.study, data_root,
                             argv if argv is not None else sys.argv[1:])
     start = time.time()
+    start_step_server()  # its imports overlap the data's making
 
     print(f"== data: {data_root}", flush=True)
     t = time.time()
@@ -231,9 +232,7 @@ def main(argv=None):
     (out / "results.md").write_text(f"`{command}`\n\n{table}\n")
     # CPU seconds of this process and every script it ran: on a busy machine wall time overstates
     # what the demo costs; cpu_s / cores is what it would take alone on `cores` cores.
-    cpu = sum(getattr(resource.getrusage(who), f)
-              for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-              for f in ("ru_utime", "ru_stime"))
+    cpu = cpu_seconds()
     previous = (json.loads((out / "summary.json").read_text()).get("timings_s", {})
                 if (out / "summary.json").exists() else {})
     # A step reused this call (0.5 s or less) keeps the time it took when it ran.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The kit on the GPU image's own software, on the CPU: Python 3.12, torch 2.11.0, torchvision 0.26.0,
-# numpy 2.5, without ftfy or wcwidth (what the offline H200 machine of docs/gpu-session.md holds), so an
+# numpy 2.5, without ftfy, wcwidth or simplejpeg (what the offline H200 machine of docs/gpu-session.md holds), so an
 # API that stack lacks is found here, not in the GPU hour. Run after the tests (README's test command):
 #   bash .ci/compat_stack.sh
 # Install (first run ~1-2 min: PyPI's Linux torch 2.11 is a CUDA build, ~4.7 GB in the venv, and no
@@ -17,7 +17,7 @@ VENV=${COMPAT_VENV:-/tmp/kit-compat-venv}
 STACK="torch==2.11.0 torchvision==0.26.0 numpy==2.5.5"
 # The GPU image's other packages the kit imports (it has them; versions unknown: the newest are taken).
 OTHERS="pillow tqdm pyyaml regex pyarrow"
-WHEELS="ftfy==6.3.1 wcwidth==0.7.0"
+WHEELS="ftfy==6.3.1 wcwidth==0.7.0 simplejpeg==1.9.0"  # simplejpeg: the loader's JPEG decoder
 
 # ---- install (may download) ----
 python312=""
@@ -61,6 +61,7 @@ check() {  # check NAME COMMAND...
 check imports_without_ftfy "$PY" -c "
 import importlib.util, sys
 assert importlib.util.find_spec('ftfy') is None, 'this venv must lack ftfy, as the GPU image does'
+assert importlib.util.find_spec('simplejpeg') is None, 'and simplejpeg'
 sys.path[:0] = ['$ROOT', '$ROOT/bench']
 import checkpoints, cli, data, demo, evaluate, logs, model, train_clip, train_triplet, training, gpu_bench
 from stage1 import nights, objective, other_sources, triplets

@@ -35,6 +35,11 @@ from training import autocast, ignore_stop_signals
 # rest by acc1.
 MEAN_PER_CLASS_RECALL_TASKS = {"vtab/caltech101", "fgvc_aircraft", "vtab/flowers", "vtab/pets"}
 RECALL_KS = (1, 5, 10)
+# A small task's decoded images are kept for the next evaluation in the same process (a trainer
+# evaluates every eval_every steps: the demo 4 times a run, ~0.5 s of PNG decoding each), up to this
+# many bytes of image tensors in all; a larger task (ImageNet) is decoded each time.
+IMAGE_CACHE_BYTES = 512 * 2**20
+_image_cache = {}  # (task folder, image size, batch size) -> [(images, labels or captions)]
 
 
 def mean_average_precision(scores, targets):
@@ -172,8 +177,9 @@ def evaluate_models(models, task_dir, device, batch_size=64, workers=0, precisio
     if len(sizes) > 1:
         raise ValueError(f"models of different image sizes {sorted(sizes)} "
                          f"cannot share one pass over {task_dir}")
+    image_size = sizes.pop()
     with user_input():  # a task folder that does not hold together is the user's to fix
-        task = open_task(task_dir, sizes.pop())
+        task = open_task(task_dir, image_size)
     name = Path(task_dir).name
     retrieval = task.task_type == "retrieval"
     loader = DataLoader(task, batch_size=batch_size, num_workers=workers, shuffle=False,
@@ -191,7 +197,8 @@ def evaluate_models(models, task_dir, device, batch_size=64, workers=0, precisio
     # Per model: image features (retrieval) or logits (classification).
     outputs = [[] for _ in models]
     labels, captions = [], []
-    for batch_images, batch_labels in progress_bar(loader, desc=name, leave=False,
+    batches = _decoded_batches(loader, task_dir, image_size, batch_size)
+    for batch_images, batch_labels in progress_bar(batches, desc=name, leave=False,
                                                    disable=not progress):
         batch_images = batch_images.to(device, non_blocking=True)
         for i, m in enumerate(models):
@@ -221,6 +228,28 @@ def evaluate_models(models, task_dir, device, batch_size=64, workers=0, precisio
     for m, mode in zip(models, was_training):
         m.train(mode)
     return results
+
+
+def _decoded_batches(loader, task_dir, image_size, batch_size):
+    """The loader's batches, from _image_cache when this task was decoded before and its files are
+    unchanged (names, sizes, modification times); a task whose images fit what is left of
+    IMAGE_CACHE_BYTES is kept for the next call (evaluate_models reads batches, never writes)."""
+    dataset = loader.dataset
+    first = dataset[0][0] if len(dataset) else None
+    used = sum(images.numel() * images.element_size() for batches in _image_cache.values()
+               for images, _ in batches)
+    if first is None or len(dataset) * first.numel() * first.element_size() > (
+            IMAGE_CACHE_BYTES - used):
+        return loader
+    folder = Path(task_dir).resolve()
+    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    key = (str(folder), image_size, batch_size,
+           tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key not in _image_cache:
+        for old in [k for k in _image_cache if k[:3] == key[:3]]:  # the same task, changed
+            del _image_cache[old]
+        _image_cache[key] = list(loader)
+    return _image_cache[key]
 
 
 def evaluate_task(model, task_dir, device, batch_size=64, workers=0, precision="fp32",

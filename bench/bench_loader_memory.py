@@ -21,13 +21,16 @@ start is inside it). A batch of 1024 is 154 MB, so process noise is small; what 
 the batch (the workers' own memory, about 50 MB each, their shuffle buffers) is measured too, as
 the same run at a batch of 4 x streams, and printed: it is part of the peaks, on top of the design
 bound.
-Design bound (uint8 copies, per rank): the DataLoader keeps at most workers x prefetch pieces (the
-loader's parcels) outstanding, those being built included (a worker writes its crops straight into
-the piece's tensor in shared memory, so sending it copies nothing), and the main process holds the
-one it is moving to the device: (workers x prefetch + 1) pieces. A piece is at most one
-micro-batch (batch / accum) and at most a worker's share of a step.
+Design bound (uint8 copies, per rank): a worker writes its crops straight into a piece's tensor in
+shared memory (so sending it copies nothing), one of a ring of (its pieces a step + prefetch)
+tensors made once and reused (a fresh tensor per piece cost more CPU in page faults and
+shared-memory files than the ring costs memory): workers x (pieces a step + prefetch) pieces. A
+piece is at most one micro-batch (batch / accum) and at most a worker's share of a step. (Before
+the ring, pieces were made and freed: (workers x prefetch + 1) pieces at most, measured 1.71-2.20
+and 1.26-1.38 copies at accum_steps 1 and 4.)
 """
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -134,7 +137,8 @@ def main():
           f"{args.workers} workers, prefetch {args.prefetch}, {args.streams} streams x shuffle "
           f"buffer {args.shuffle_buffer}, {count} samples of {mb:.0f} KB")
     for (device, accum), (peak, piece, seconds, n) in results.items():
-        bound = (args.workers * args.prefetch + 1) * piece * 3 * args.image_size ** 2 / copy
+        per_step = math.ceil(args.batch / args.workers / piece)  # a worker's pieces a step
+        bound = args.workers * (per_step + args.prefetch) * piece * 3 * args.image_size ** 2 / copy
         extra = ("" if device == "meta"
                  else " + the device side on the CPU: batch 1 + float32 4 + temporaries")
         print(f"device {device:4s} accum_steps {accum}: pieces of <= {piece} samples; peak host "

@@ -20,7 +20,9 @@ with sigma uniform in [0.1, 2.0] and p=0.5 (MoCo v2 blurs with PIL's
 ImageFilter.GaussianBlur(sigma); here an exact Gaussian of that sigma, 13 taps, on the device),
 horizontal flip. "train" is open_clip's RandomResizedCrop(scale 0.9-1); "eval" a centre square
 crop. Images are not bit-identical to torchvision's (JPEG draft decoding, one resize from the crop
-box): they are the same augmentation.
+box): they are the same augmentation. JPEGs are decoded by libjpeg-turbo (simplejpeg) and resized
+by torch's uint8 antialiased bicubic, about twice PIL's speed, within 0.1 grey levels on average of
+PIL's decode and resize (host_half_pil, the reference; tests/stage2/test_train_transform.py).
 """
 import io
 import math
@@ -33,6 +35,11 @@ from PIL import Image
 
 from data import CLIP_MEAN, CLIP_STD
 
+try:
+    import simplejpeg
+except ImportError:  # a GPU image's own Python may lack it (docs/gpu-session.md carries its wheel)
+    simplejpeg = None  # then PIL decodes every image: the same augmentation, ~2x the host's time
+
 # params columns, drawn in host_half(), read in device_half()
 JITTER, BRIGHTNESS, CONTRAST, SATURATION, HUE, ORDER, GRAY, SIGMA = range(8)
 NUM_PARAMS = 8
@@ -41,6 +48,7 @@ ORDERS = torch.tensor([[a, b, c, d] for a in range(4) for b in range(4) for c in
                        for d in range(4) if len({a, b, c, d}) == 4])
 BLUR_RADIUS = 6  # taps each side: 3 sigma at MoCo's largest sigma, 2.0
 KINDS = ("moco", "train", "eval")
+JPEG_START = b"\xff\xd8\xff"  # SOI marker, then the next marker's 0xFF
 
 
 def random_resized_crop_box(width, height, scale, ratio, rng):
@@ -84,21 +92,36 @@ class TrainTransform:
         else:
             scale = (0.2, 1.0) if self.kind == "moco" else (0.9, 1.0)
             box = random_resized_crop_box(width, height, scale, (3 / 4, 4 / 3), rng)
-        params, flip = torch.zeros(NUM_PARAMS), False
+        values, flip = [0.0] * NUM_PARAMS, False
         if self.kind == "moco":
-            params[JITTER] = rng.random() < 0.8
-            params[ORDER] = rng.randrange(24)
-            params[BRIGHTNESS], params[CONTRAST], params[SATURATION] = (
+            values[JITTER] = rng.random() < 0.8
+            values[ORDER] = rng.randrange(24)
+            values[BRIGHTNESS], values[CONTRAST], values[SATURATION] = (
                 rng.uniform(0.6, 1.4) for _ in range(3))
-            params[HUE] = rng.uniform(-0.1, 0.1)
-            params[GRAY] = rng.random() < 0.2
-            params[SIGMA] = rng.uniform(0.1, 2.0) if rng.random() < 0.5 else 0.0
+            values[HUE] = rng.uniform(-0.1, 0.1)
+            values[GRAY] = rng.random() < 0.2
+            values[SIGMA] = rng.uniform(0.1, 2.0) if rng.random() < 0.5 else 0.0
             flip = rng.random() < 0.5
-        return box, params, flip
+        # one tensor made from the list: 8 scalar writes into a tensor cost 0.03 ms a sample
+        return box, torch.tensor(values, dtype=torch.float), flip
 
     def host_half(self, image, seed):
+        """JPEG bytes take the fast path (host_half_jpeg); other images, and JPEGs it declines,
+        PIL's (host_half_pil). -> (uint8 (3, S, S), maybe a strided view: the loader's copy into
+        its batch makes it contiguous; params (NUM_PARAMS,))."""
         if isinstance(image, (bytes, bytearray, memoryview)):
+            jpeg = simplejpeg is not None and bytes(image[:3]) == JPEG_START
+            fast = self.host_half_jpeg(image, seed) if jpeg else None
+            if fast is not None:
+                return fast
             image = Image.open(io.BytesIO(image))
+        return self.host_half_pil(image, seed)
+
+    def host_half_pil(self, image, seed):
+        """The reference: a PIL image (or a file-like object) decoded by PIL (draft-scaled where
+        allowed), cropped and resized in one bicubic resize from the crop box, flipped."""
+        if not isinstance(image, Image.Image):
+            image = Image.open(image)
         width, height = image.size
         box, params, flip = self.draw(width, height, seed)
         size = self.image_size
@@ -108,10 +131,39 @@ class TrainTransform:
                 image.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink)))
                 sx, sy = image.size[0] / width, image.size[1] / height
                 box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-        crop = image.convert("RGB").resize((size, size), Image.BICUBIC, box=box)
+        # (converting an RGB image would only copy it)
+        crop = (image if image.mode == "RGB" else image.convert("RGB")).resize(
+            (size, size), Image.BICUBIC, box=box)
         if flip:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1).contiguous(), params
+        # one copy, (S, S, 3) -> a (3, S, S) view: the loader's copy into its batch transposes it
+        return torch.from_numpy(np.array(crop)).permute(2, 0, 1), params
+
+    def host_half_jpeg(self, data, seed):
+        """The fast path (bench/bench_loader.py measures it against the PIL path): libjpeg-turbo
+        through simplejpeg, at 1/2, 1/4 or 1/8 scale where the crop still has S pixels each way
+        there (the scale PIL's draft takes), then torch's uint8 antialiased bicubic resize of the
+        crop, PIL's filter (Keys' cubic, a = -0.5, stretched when shrinking). Same decoded pixels
+        as PIL for YCbCr and grey JPEGs; the crop's edge pixels are extended rather than read past
+        the box as PIL does: tests/stage2/test_train_transform.py bounds the difference from
+        host_half_pil. None for what PIL should decide: CMYK / YCCK colour (PIL converts them
+        otherwise), or data libjpeg-turbo rejects (PIL then decodes or counts it as bad)."""
+        try:
+            height, width, colour, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:
+            return None
+        if colour not in ("YCbCr", "Gray", "RGB"):
+            return None
+        box, params, flip = self.draw(width, height, seed)
+        size = self.image_size
+        shrink = min((box[2] - box[0]) / size, (box[3] - box[1]) / size) if self.draft else 1
+        scale = 8 if shrink >= 8 else 4 if shrink >= 4 else 2 if shrink >= 2 else 1
+        try:
+            pixels = decode_jpeg(data, width, height, scale)
+        except ValueError:
+            return None
+        out = resize_crop(pixels, box, (width, height), size)
+        return (out.flip(-1) if flip else out), params
 
     def host_half_encoded(self, image_bytes, seed):
         """For decoding on the device: a JPEG's header only is read here; -> (bytes as a uint8
@@ -150,25 +202,84 @@ class TrainTransform:
         return resize_crops([image for image, _ in kept], [box for _, box in kept],
                             self.image_size), failed
 
-    def device_half(self, images, params):
+    def device_half(self, images, params, sync_free=None):
         """uint8 (B, 3, S, S) and params (B, NUM_PARAMS), both on the device -> float (B, 3, S, S).
-        No host syncs: every per-sample choice is a torch.where mask, not a Python `if` on a device
-        value or a boolean-mask index (each of those makes the host wait for the step in flight),
-        and constants come from a per-device cache, not a fresh host-to-device copy each call
-        (tests/stage2/test_augment_device.py counts them). Samples an op skips pass through it
-        unchanged, bit for bit."""
+        Two forms with bit-identical outputs (tests/stage2/test_augment_device.py):
+        - sync-free (the default off the CPU): every per-sample choice is a torch.where mask, not
+          a Python `if` on a device value or a boolean-mask index (each of those makes the host
+          wait for the step in flight), and constants come from a per-device cache, not a fresh
+          host-to-device copy each call (the test counts them). The price: each jitter slot runs
+          all four ops on the whole batch;
+        - masked (the default on the CPU, where nothing runs ahead of the host to be waited for):
+          each op runs on the samples that drew it only, ~5x less arithmetic and memory.
+        Samples an op skips pass through it unchanged, bit for bit."""
         x = images.float() / 255
         if self.kind == "moco":
             params = params.to(x.device, non_blocking=True)
-            x = color_jitter(x, params)
-            gray = (params[:, GRAY] > 0).view(-1, 1, 1, 1)
-            x = torch.where(gray, grayscale(x).expand_as(x), x)
-            sigma = params[:, SIGMA]
-            blurred = (sigma > 0).view(-1, 1, 1, 1)
-            # 1.0 where there is no blur: any sigma > 0 would do, the result is unused
-            x = torch.where(blurred, gaussian_blur(x, torch.where(sigma > 0, sigma, 1.0)), x)
+            if sync_free is None:
+                sync_free = x.device.type != "cpu"
+            x = moco_device_ops(x, params) if sync_free else moco_device_ops_masked(x, params)
         constants = device_constants(x.device)
         return (x - constants["mean"]) / constants["std"]
+
+
+def moco_device_ops(x, params):
+    """MoCo v2's device ops in the authors' order (jitter, grayscale, blur), sync-free: float
+    (B, 3, S, S) in [0, 1] -> the same."""
+    x = color_jitter(x, params)
+    gray = (params[:, GRAY] > 0).view(-1, 1, 1, 1)
+    x = torch.where(gray, grayscale(x).expand_as(x), x)
+    sigma = params[:, SIGMA]
+    blurred = (sigma > 0).view(-1, 1, 1, 1)
+    # 1.0 where there is no blur: any sigma > 0 would do, the result is unused
+    return torch.where(blurred, gaussian_blur(x, torch.where(sigma > 0, sigma, 1.0)), x)
+
+
+def moco_device_ops_masked(x, params):
+    """moco_device_ops with each op on the rows that drew it only (boolean-mask indexing, which
+    syncs on CUDA): the same arithmetic per sample, so the same bits. Writes into x."""
+    on = params[:, JITTER] > 0
+    orders = device_constants(x.device)["orders"][params[:, ORDER].long()]  # (B, 4)
+    factors = params[:, BRIGHTNESS:HUE + 1].to(x.dtype)
+    for slot in range(4):
+        op = torch.where(on, orders[:, slot], -1)
+        for kind in range(4):
+            rows = (op == kind).nonzero().flatten()
+            if len(rows):
+                x[rows] = jitter_op(x[rows], kind, factors[rows])
+    rows = (params[:, GRAY] > 0).nonzero().flatten()
+    if len(rows):
+        x[rows] = grayscale(x[rows]).expand(-1, 3, -1, -1)
+    rows = (params[:, SIGMA] > 0).nonzero().flatten()
+    if len(rows):
+        x[rows] = gaussian_blur(x[rows], params[rows, SIGMA])
+    return x
+
+
+def decode_jpeg(data, width, height, scale=1):
+    """A JPEG (width x height) -> uint8 (H, W, 3) RGB, decoded by libjpeg-turbo at 1/scale (1, 2,
+    4 or 8; DCT scaling, as PIL's draft). min_factor with the size it gives forces that scale
+    (min_factor alone does not); simplejpeg on its own would also pick M/8 scales, which are slower
+    than a full decode and move pixels."""
+    return simplejpeg.decode_jpeg(data, "RGB", min_factor=scale, min_width=math.ceil(width / scale),
+                                  min_height=math.ceil(height / scale))
+
+
+def resize_crop(pixels, box, full_size, size):
+    """The crop box (left, top, right, bottom), in pixels of the full image (full_size = (width,
+    height)), of its decoded pixels (H, W, 3), maybe DCT-scaled -> uint8 (3, size, size), PIL's
+    bicubic: torch's uint8 antialiased resize of the crop, a channels-last view (no copy). On a
+    DCT-scaled image the box falls between pixels, which a tensor crop would round (measured: 1-3
+    grey levels on average from PIL): PIL resizes there from the exact box, as its draft path."""
+    if pixels.shape[1] != full_size[0] or pixels.shape[0] != full_size[1]:
+        sx, sy = pixels.shape[1] / full_size[0], pixels.shape[0] / full_size[1]
+        box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+        out = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BICUBIC, box=box))
+        return torch.from_numpy(out.copy()).permute(2, 0, 1)
+    left, top, right, bottom = box
+    # (1, 3, h, w), a channels-last view of the decoded (H, W, 3) array
+    crop = torch.from_numpy(pixels).permute(2, 0, 1)[None, :, top:bottom, left:right]
+    return F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)[0]
 
 
 def resize_crops(images, boxes, size, chunk=128):
@@ -292,10 +403,28 @@ def jitter_slot(x, op, factors):
     linear = (op >= 0) & (op < 3)
     factor = torch.where(linear, factors.gather(1, op.clamp(0, 2).unsqueeze(1)).squeeze(1), 1.0)
     gray = grayscale(x)  # (B, 1, H, W)
-    other = torch.where((op == 1).view(-1, 1, 1, 1), gray.mean(dim=(-3, -2, -1), keepdim=True),
+    other = torch.where((op == 1).view(-1, 1, 1, 1), _mean_gray(gray),
                         torch.where((op == 2).view(-1, 1, 1, 1), gray, 0.0))
     x = _blend(x, other, factor)
     return torch.where((op == 3).view(-1, 1, 1, 1), adjust_hue(x, factors[:, 3]), x)
+
+
+def jitter_op(x, op, factors):
+    """One op (0 brightness, 1 contrast, 2 saturation, 3 hue) on every image of x, each with its
+    factor factors[:, op]: the arithmetic jitter_slot does for the samples that drew it."""
+    if op == 3:
+        return adjust_hue(x, factors[:, 3])
+    other = (x.new_zeros(()) if op == 0 else
+             _mean_gray(grayscale(x)) if op == 1 else grayscale(x))
+    return _blend(x, other, factors[:, op])
+
+
+def _mean_gray(gray):
+    """(n, 1, H, W) -> (n, 1, 1, 1): each image's mean gray, contrast's `other`, as the mean of its
+    rows' means. In two steps so that every image's sum runs in one thread whatever n is: torch
+    splits a reduction to a single number (n = 1, as the masked form meets it) over threads, and
+    rounds it another way (measured: masked != sync-free at 2 threads)."""
+    return gray.mean(dim=-1, keepdim=True).mean(dim=-2, keepdim=True)
 
 
 def _apply_op(op, x, factor):

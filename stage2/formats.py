@@ -5,7 +5,8 @@
 
 Formats, as users download or make them:
 - tar shards in the webdataset / img2dataset layout, plain or gzipped: consecutive members sharing
-  a key form one sample (000123.jpg + 000123.txt), the grouping rules of the webdataset library;
+  a key form one sample (000123.jpg + 000123.txt), the grouping rules of the webdataset library; a
+  caption given as CLIP token ids is a `.ids` member (decimal text, as stage2/repack.py writes it);
 - parquet files, one unit per row group: an image column (binary, or a struct with a `bytes` field
   as the Hugging Face hub's Image feature stores it) and a text column (strings, or a list of
   numbers taken as CLIP token ids, as Kaichengalex/YFCC15M stores them).
@@ -16,6 +17,8 @@ headers (no image is decoded) and is saved for the next start.
 VOCAB_SIZE and END_OF_TEXT are those of CLIP's BPE vocabulary (github openai/CLIP,
 clip/simple_tokenizer.py).
 """
+import collections
+import functools
 import glob
 import gzip
 import hashlib
@@ -46,6 +49,8 @@ VOCAB_SIZE, END_OF_TEXT = 49408, 49407  # CLIP's BPE vocabulary
 COUNTS_FILE = ".pi_counts.json"  # the counting pass's result, beside the shards or in cache_dir
 COUNTING_THREADS = 8
 PARQUET_BATCH_ROWS = 256  # rows decoded from parquet at a time: bounds a reader's memory
+META_MEMBER = regex.compile(r"__[^/]*__($|/)")  # webdataset's __meta__ members, skipped
+CAPTION_CACHE = 2**14  # captions whose tokens a process keeps (a small data set: all of them)
 
 
 @dataclass(frozen=True)
@@ -294,15 +299,38 @@ def read_unit(unit, start=0, image_column="images", text_column="texts"):
     return _tar_samples(unit.path, start)
 
 
+# Where each sample's first header lies in the plain tars read last: a stream entering a tar in the
+# middle then seeks there instead of parsing every header before it (the demo's 32 streams over 6
+# shards parsed ~10 headers a sample). A few files only: real runs enter a tar mid-way rarely.
+TAR_INDEX_FILES = 16
+_tar_index = collections.OrderedDict()  # path -> (stamp, [header offset of sample 0, 1, ...])
+
+
+def _tar_offsets(path):
+    """The known header offsets of the samples of `path` (a list to extend); reset if it changed."""
+    stamp = _stamp(path)
+    if path not in _tar_index or _tar_index[path][0] != stamp:
+        _tar_index[path] = (stamp, [])
+    _tar_index.move_to_end(path)
+    while len(_tar_index) > TAR_INDEX_FILES:
+        _tar_index.popitem(last=False)
+    return _tar_index[path][1]
+
+
 def _tar_samples(path, start):
     """Samples of a tar from index `start` on. start=None counts: one {"key"} per sample, no data
     read."""
     source, count_only = str(path), start is None
-    started, sample, index = False, None, -1
+    started, sample, index, offsets = False, None, -1, None
     try:
         with open(path, "rb") as raw:
             gzipped = raw.read(2) == b"\x1f\x8b"
             raw.seek(0)
+            if not count_only and not gzipped:
+                offsets = _tar_offsets(str(path))
+                if start > 0 and offsets:  # enter at the last known sample at or before `start`
+                    index = min(start, len(offsets) - 1) - 1
+                    raw.seek(offsets[index + 1])
             # Random-access mode over a seekable file: members whose data is not needed are seeked
             # over (gzip: decompressed and dropped), and nothing is ever read backwards.
             fileobj = gzip.GzipFile(fileobj=raw) if gzipped else raw
@@ -315,7 +343,7 @@ def _tar_samples(path, start):
                         continue
                     key, ext = split_member_name(member.name)
                     # webdataset skips names without an extension, and __meta__ members too
-                    if key is None or regex.match(r"__[^/]*__($|/)", member.name):
+                    if key is None or META_MEMBER.match(member.name):
                         continue
                     # A new key, or an extension the sample already has, starts the next sample
                     # (webdataset's group_by_keys). The finished one goes out before this member is
@@ -324,6 +352,9 @@ def _tar_samples(path, start):
                         if sample is not None and (count_only or sample["wanted"]):
                             yield _tar_sample(sample, source, count_only)
                         index += 1
+                        # (a pax global header would apply to what follows: no index then)
+                        if offsets is not None and index == len(offsets) and not tar.pax_headers:
+                            offsets.append(member.offset)
                         sample = {"key": key, "members": {},
                                   "wanted": not count_only and index >= start}
                     sample["members"][ext] = (tar.extractfile(member).read() if sample["wanted"]
@@ -358,6 +389,11 @@ def _tar_sample(sample, source, count_only):
         try:
             out["text"] = members["txt"].decode("utf-8")
         except UnicodeDecodeError:
+            out["bad"] = "bad_caption"
+    elif "ids" in members:  # a caption of CLIP token ids, as stage2/repack.py writes one
+        try:
+            out["tokens"] = [int(i) for i in members["ids"].split()]
+        except ValueError:
             out["bad"] = "bad_caption"
     return out
 
@@ -449,6 +485,13 @@ def _row_group_samples(parquet, unit, source, start, image_column, text_column):
 # Captions
 # --------------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=CAPTION_CACHE)
+def _text_tokens(text, context_length):
+    """tokenize's row for one caption, kept: the demo's 3,000 captions come back every epoch, and
+    CLIP's cleaning (ftfy) is most of a caption's cost. Callers copy it, never write to it."""
+    return tokenize([text], context_length)[0]
+
+
 def caption_tokens(sample, context_length=77):
     """A raw sample's caption as token ids, LongTensor (context_length,), or the skip reason.
 
@@ -463,7 +506,7 @@ def caption_tokens(sample, context_length=77):
         return sample["bad"]
     text, ids = sample.get("text"), sample.get("tokens")
     if text is not None:
-        return tokenize([text], context_length)[0] if text.strip() else "no_caption"
+        return _text_tokens(text, context_length) if text.strip() else "no_caption"
     if ids is None or len(ids) == 0:
         return "no_caption"
     block = list(ids[:context_length])

@@ -44,6 +44,7 @@ import random
 import sys
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -177,8 +178,10 @@ class WorkerParcels(torch.utils.data.IterableDataset):
     memory at each iteration's start, so persistent workers follow the main process."""
 
     def __init__(self, units, transform, batch_size, streams, rank, world_size, accum_steps, seed,
-                 shuffle_buffer, context_length, image_column, text_column, decode_on_device=False):
+                 shuffle_buffer, context_length, image_column, text_column, decode_on_device=False,
+                 prefetch=2):
         super().__init__()
+        self.prefetch = prefetch  # the DataLoader's prefetch_factor: parcels made ahead
         self.units, self.transform, self.batch_size, self.streams = (
             list(units), transform, batch_size, streams)
         self.seed, self.shuffle_buffer = seed, max(1, shuffle_buffer)
@@ -221,22 +224,39 @@ class WorkerParcels(torch.utils.data.IterableDataset):
         per_step = max(len(self.parcels(w, workers)) for w in range(workers))
         readers = {s: StreamReader(plan, s, self.read_kwargs)
                    for s in self.local_streams[worker::workers]}
+        # Crops are written straight into a uint8 tensor in shared memory: the DataLoader then
+        # sends a handle, and no list of crops, stacked copy or copy into shared memory doubles it.
+        # The tensors are a ring, reused: a fresh one costs ~0.13 ms a sample (a shared-memory file,
+        # page faults in both processes; measured with 2 workers). The DataLoader gives a worker
+        # its next parcel to make only once the main process has taken the one `prefetch` parcels
+        # back, and the main process copies a step's batch out (Loader._batch's torch.cat, or the
+        # pinned copy on CUDA) before it takes the next step's parcels: so with per_step + prefetch
+        # tensors, none is written while its crops are still to be copied.
+        ring = [None] * (per_step + self.prefetch)
+        capacity = max([self._capacity(plan, parcel) for parcel in mine] or [0])
         for step in range(start, plan.steps):
-            for parcel in mine:
-                yield self._pack(plan, readers, step, parcel)
+            for position, parcel in enumerate(mine):
+                slot = ((step - start) * per_step + position) % len(ring)
+                if ring[slot] is None:
+                    ring[slot] = self._images(capacity)
+                yield self._pack(plan, readers, step, parcel, ring[slot])
             for _ in range(per_step - len(mine)):
                 yield {"parts": [], "step": step}
 
-    def _pack(self, plan, readers, step, parcel):
-        """The samples of `parcel` [(stream, chunk), ...] at `step`, decoded; parts [(stream, chunk,
-        good samples)] tell the main process where each stream's samples lie."""
-        p, size = plan.per_stream, self.transform.image_size
-        # Crops are written straight into one uint8 tensor in shared memory: the DataLoader then
-        # sends a handle, and no list of crops, stacked copy or copy into shared memory doubles it.
-        capacity = sum(min(self.chunk_size, p - chunk * self.chunk_size) for _, chunk in parcel)
-        images, kept = torch.empty((capacity, 3, size, size), dtype=torch.uint8), 0
-        if torch.utils.data.get_worker_info() is not None:
-            images.share_memory_()
+    def _capacity(self, plan, parcel):
+        p = plan.per_stream
+        return sum(min(self.chunk_size, p - chunk * self.chunk_size) for _, chunk in parcel)
+
+    def _images(self, capacity):
+        size = self.transform.image_size
+        images = torch.empty((capacity, 3, size, size), dtype=torch.uint8)
+        return images.share_memory_() if torch.utils.data.get_worker_info() is not None else images
+
+    def _pack(self, plan, readers, step, parcel, images):
+        """The samples of `parcel` [(stream, chunk), ...] at `step`, decoded, their crops written
+        into `images`; parts [(stream, chunk, good samples)] tell the main process where each
+        stream's samples lie."""
+        p, kept = plan.per_stream, 0
         tokens, params, indices, parts = [], [], [], []
         jpegs, boxes, jpeg_rows = [], [], []  # decode_on_device: JPEGs still encoded, their rows
         skipped, bad_sources = [0] * len(SKIP_REASONS), []
@@ -252,31 +272,39 @@ class WorkerParcels(torch.utils.data.IterableDataset):
                         bad_sources.append(sample.get("source"))
                     continue
                 if len(item) == 4:  # (jpeg, box, tokens, params)
-                    jpegs.append(item[0])
-                    boxes.append(item[1])
+                    jpegs.append(item[0].numpy())
+                    boxes.append(item[1].numpy())
                     jpeg_rows.append(len(indices))
                 else:
-                    images[kept] = item[0]
+                    images[kept] = item[0]  # the copy makes a strided crop contiguous
                     kept += 1
-                tokens.append(item[-2])
-                params.append(item[-1])
+                tokens.append(item[-2].numpy())
+                params.append(item[-1].numpy())
                 indices.append(index)
                 good += 1
             parts.append((stream, chunk, good))
+        # Everything but the images goes as numpy arrays, pickled with the parcel: a tensor would
+        # be moved to shared memory and its file descriptor passed over a socket of its own, ~0.3
+        # ms in each process for each of the five (measured by cProfile of a 2-worker loader).
         return {
             "parts": parts, "step": step,
             "images": images[:kept],  # a view: bad samples leave rows unused, never a copy
-            "tokens": (torch.stack(tokens) if tokens
-                       else torch.zeros(0, self.context_length, dtype=torch.long)),
-            "params": torch.stack(params) if params else torch.zeros(0, NUM_PARAMS),
-            "indices": torch.tensor(indices, dtype=torch.long),
-            "skipped": torch.tensor(skipped), "bad_sources": bad_sources[:5],
+            "tokens": (np.stack(tokens) if tokens
+                       else np.zeros((0, self.context_length), dtype=np.int64)),
+            "params": np.stack(params) if params else np.zeros((0, NUM_PARAMS), dtype=np.float32),
+            "indices": np.array(indices, dtype=np.int64),
+            "skipped": np.array(skipped, dtype=np.int64), "bad_sources": bad_sources[:5],
             "jpeg_rows": jpeg_rows,
             # decode_on_device: the JPEGs in one buffer, one hand-over
-            "jpegs": torch.cat(jpegs) if jpegs else torch.zeros(0, dtype=torch.uint8),
+            "jpegs": np.concatenate(jpegs) if jpegs else np.zeros(0, dtype=np.uint8),
             "jpeg_lengths": [len(j) for j in jpegs],
-            "boxes": torch.stack(boxes) if boxes else torch.zeros(0, 5),
+            "boxes": np.stack(boxes) if boxes else np.zeros((0, 5), dtype=np.float32),
         }
+
+
+def _as_is(parcel):
+    """The DataLoader's collate_fn: a parcel goes to the main process as WorkerParcels made it."""
+    return parcel
 
 
 class Loader:
@@ -294,7 +322,9 @@ class Loader:
     in the workers as usual.
 
     Host memory: workers hand over parcels of at most one micro-batch (batch_size / world_size /
-    accum_steps) that go to the device one by one; at most `prefetch` parcels wait per worker."""
+    accum_steps) that go to the device one by one; at most `prefetch` parcels wait per worker. Each
+    worker writes its parcels' crops into a ring of (its parcels a step + prefetch) shared tensors,
+    made once and reused."""
 
     def __init__(self, units, transform, batch_size, streams=64, rank=0, world_size=1, workers=0,
                  accum_steps=1, seed=0, shuffle_buffer=1000, context_length=77, device="cpu",
@@ -306,13 +336,15 @@ class Loader:
                              f"e.g. {math.gcd(batch_size, 64)}")
         self.parcels = WorkerParcels(units, transform, batch_size, streams, rank, world_size,
                                      accum_steps, seed, shuffle_buffer, context_length,
-                                     image_column, text_column, decode_on_device)
+                                     image_column, text_column, decode_on_device, prefetch)
         self.transform, self.rank, self.workers = transform, rank, workers
         self.device, self.rank_batch = torch.device(device), batch_size // world_size
         self.dataloader = torch.utils.data.DataLoader(
             self.parcels, batch_size=None, num_workers=workers,
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
             prefetch_factor=prefetch if workers > 0 else None,
+            # as it is: the default would turn the parcel's numpy arrays into tensors in the worker
+            collate_fn=_as_is,
             worker_init_fn=worker_init_fn)  # the trainer's: workers leave SIGTERM to its loop
         self.good, self.bad, self.bad_sources = 0, 0, []
 
@@ -342,6 +374,11 @@ class Loader:
 
     def _unpack(self, parcel):
         """A parcel's rows on the device -> {(stream, chunk): {key: rows}}."""
+        pin = self.device.type == "cuda"  # as the DataLoader pins tensors: copies that do not block
+        for key, value in parcel.items():
+            if isinstance(value, np.ndarray):
+                value = torch.from_numpy(value)
+                parcel[key] = value.pin_memory() if pin else value
         self.bad_sources = (self.bad_sources + [s for s in parcel["bad_sources"]
                                                 if s not in self.bad_sources])[-5:]
         images = self._decode_on_device(parcel) if parcel["jpeg_rows"] else None  # may drop rows

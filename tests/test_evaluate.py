@@ -21,6 +21,7 @@ import gzip
 import io
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -374,6 +375,30 @@ def test_several_models_in_one_pass_equal_each_alone(tasks, tiny):
                  for t in names}
         assert json.dumps(results) == json.dumps(alone)  # NaN (photos' acc5) compares equal as text
     assert together[0]["digits"] != together[1]["digits"]
+
+
+def test_a_small_task_is_decoded_once_per_process_until_its_files_change(tasks, tiny, tmp_path,
+                                                                          monkeypatch):
+    """A trainer evaluates the same tasks every eval_every steps: the second time, a small task's
+    images come from zero_shot's cache (no image is decoded), with the same metrics; a rewritten
+    file decodes it again."""
+    net, _ = tiny
+    folder = tmp_path / "wds_photos"
+    shutil.copytree(tasks / "wds_photos", folder)
+    monkeypatch.setattr(zero_shot, "_image_cache", {})
+    first = zero_shot.evaluate_task(net, folder, "cpu", progress=False)
+    decoded = []
+    real = BenchmarkTask.__getitem__
+    monkeypatch.setattr(BenchmarkTask, "__getitem__",
+                        lambda self, i: decoded.append(i) or real(self, i))
+    assert json.dumps(zero_shot.evaluate_task(net, folder, "cpu", progress=False)) == json.dumps(
+        first)
+    assert decoded == [0]  # only the size check's first image
+    shard = folder / "test" / "0.tar"
+    shard.write_bytes(shard.read_bytes())  # rewritten: another modification time
+    os.utime(shard, ns=(1, 1))
+    zero_shot.evaluate_task(net, folder, "cpu", progress=False)
+    assert len(decoded) == 1 + 1 + 12  # the size check's first image twice, then all 12
 
 
 def test_class_prompts_are_encoded_once_per_model(tasks, tiny, monkeypatch):

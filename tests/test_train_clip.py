@@ -11,7 +11,9 @@ trainer and its loader worker, as a scheduler does), each at a known step (tests
 holds the trainer there: no race with a polling loop), and restarted with the same command ends
 bit-for-bit equal to one that never stopped; rerunning a finished run changes nothing; a changed
 setting is refused by name; a non-finite loss stops the run with the last good checkpoint intact;
-bad samples are counted over both ranks into summary.json. With a ResNet tower (tiny-rn):
+bad samples are counted over both ranks into summary.json. Two torchrun launchers of one process
+each, met through c10d rendezvous on 127.0.0.1 (two nodes), reach the weights of one launcher of
+two processes, bit for bit, step by step. With a ResNet tower (tiny-rn):
 `python train_clip.py --init=<stage-1 ckpt.pt>` starts from exactly the stage-1 vision tower
 (BatchNorm statistics included) and the baseline's text tower, and trains it in train mode;
 accumulation's cached pass leaves BatchNorm's statistics alone (one update per micro-batch). The
@@ -27,6 +29,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -320,6 +323,65 @@ def test_two_ranks_equal_one_process(tmp_path):
         assert torch.allclose(ddp["state_dict"][name], value, atol=ADAM_ATOL), name
 
 
+def steps_worker(out):
+    """Run by torchrun in test_two_nodes_equal_one_node_of_two_processes: three steps of the loop's
+    train_step (accum_steps 2) on each rank's half of three global batches; rank 0 saves the
+    weights after each step."""
+    torch.set_num_threads(1)
+    ranks = training.setup_distributed("cpu")
+    model = tiny_model()
+    forward, ddp = training.wrap_model(model, ranks)
+    cfg = train_clip.Config(accum_steps=2, lr=1e-3, weight_decay=0.1, grad_clip=1.0)
+    optimizer = training.make_optimizer(model, cfg, "cpu")
+    weights = []
+    for step in range(3):
+        images, tokens = global_batch(8, seed=10 + step)
+        mine = slice(4 * ranks.rank, 4 * ranks.rank + 4)
+        train_clip.train_step(model, forward, ddp, optimizer, training.grad_scaler("cpu", "fp32"),
+                              FP32, images[mine], tokens[mine], cfg.lr, cfg)
+        weights.append({name: value.clone() for name, value in model.state_dict().items()})
+    if ranks.is_main:
+        torch.save({"weights": weights, "world_size": ranks.world_size}, out)
+    training.cleanup_distributed()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_equal_one_node_of_two_processes(tmp_path):
+    """docs/training.md's multi-node command on loopback: two torchrun launchers, each a node of
+    one process, meet through c10d rendezvous on 127.0.0.1 (the second without --node_rank: c10d
+    assigns ranks) and train step for step to the same weights, bit for bit, as one launcher of
+    two processes."""
+    env = {**ENV, "GLOO_SOCKET_IFNAME": "lo"}  # loopback only, whatever the machine's name says
+    one_node = tmp_path / "one_node.pt"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node=2", __file__, "steps", str(one_node)],
+                   check=True, env=env, cwd=ROOT, timeout=180)
+    two_nodes, port = tmp_path / "two_nodes.pt", free_port()
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                "--nproc_per_node=1", "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=pi-{port}",
+                "--local_addr=127.0.0.1"]
+    nodes = [subprocess.Popen(launcher + node_rank + [__file__, "steps", str(two_nodes)],
+                              env=env, cwd=ROOT)
+             for node_rank in (["--node_rank=0"], [])]
+    try:
+        assert [node.wait(timeout=180) for node in nodes] == [0, 0]
+    finally:
+        for node in nodes:
+            node.kill()
+    ours, reference = (torch.load(path, weights_only=True) for path in (two_nodes, one_node))
+    assert ours["world_size"] == reference["world_size"] == 2
+    for step, (a, b) in enumerate(zip(ours["weights"], reference["weights"])):
+        for name in b:
+            assert torch.equal(a[name], b[name]), (step, name)
+    assert not torch.equal(ours["weights"][0]["logit_scale"], ours["weights"][2]["logit_scale"])
+
+
 def test_init_takes_the_vision_tower_only(tmp_path):
     donor = create_model("tiny")
     torch.save({"state_dict": {f"module.{k}": v for k, v in donor.state_dict().items()}},
@@ -598,4 +660,7 @@ def test_model_settings_reach_the_checkpoint_and_a_changed_one_is_refused(clip_r
 
 
 if __name__ == "__main__":
-    compile_worker(sys.argv[2]) if sys.argv[1] == "compile" else ddp_worker(sys.argv[1])
+    if sys.argv[1] in ("compile", "steps"):
+        (compile_worker if sys.argv[1] == "compile" else steps_worker)(sys.argv[2])
+    else:
+        ddp_worker(sys.argv[1])

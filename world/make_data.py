@@ -27,7 +27,7 @@ import numpy as np
 
 from cli import UserError, progress, run_cli
 from world.scenes import (demo_concepts, demo_odd_one_out, demo_pairs, demo_probe_scenes,
-                          demo_tasks, demo_triplets, perceptual_distance, render_scene)
+                          demo_tasks, demo_triplets, perceptual_distance, render_many)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,8 +239,8 @@ def write_probe_set(root, scenes, size):
     `evaluate.py --probe --images root` compares a model's image distances with."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for i, scene in enumerate(scenes):
-        render_scene(scene, size).save(root / f"{i:05d}.png")
+    for i, image in enumerate(render_many(scenes, size)):
+        image.save(root / f"{i:05d}.png")
     (root / "scenes.jsonl").write_text(
         "".join(json.dumps(s, sort_keys=True) + "\n" for s in scenes))
     reference = np.zeros((len(scenes), len(scenes)))
@@ -385,7 +385,7 @@ def write_stimuli(root, unique_ids, scenes, size, seed, trials=None):
     RDMs (rdms/early.npy, rdms/late.npy), and with `trials` THINGS' files for the same images.
     areas.json says what each area's RDM is: its Spearman correlation with the noise-free pixel
     distance and with the observers' distance, and with the other area."""
-    images = [render_scene(scene, size) for scene in scenes]
+    images = list(render_many(scenes, size))
     if trials is not None:
         write_things(root, unique_ids, images, trials)
     else:

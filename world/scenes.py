@@ -10,10 +10,13 @@ Used by world/make_data.py to make the embedded demo's data in the kit's real fo
                   observers (THINGS-style, for `python demo.py --study sources`)
 It imports nothing of the kit.
 """
+import functools
 import io
 import itertools
 import json
 import math
+import multiprocessing
+import os
 import random
 from pathlib import Path
 
@@ -342,6 +345,20 @@ def render_scene(scene, size=64):
     return canvas.resize((size, size), Image.LANCZOS)
 
 
+def render_many(scenes, size=64, chunk=64):
+    """Scenes -> an iterator of their images, in order, rendered by a pool of one process per core:
+    render_scene is a pure function of its scene, so the images are those one process renders
+    (rendering is most of the demo's data step). Forked workers: they start in milliseconds and
+    touch no thread pool of the parent's."""
+    scenes = list(scenes)
+    processes = min(os.cpu_count() or 1, math.ceil(len(scenes) / chunk))
+    if processes < 2:
+        yield from (render_scene(scene, size) for scene in scenes)
+        return
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        yield from pool.imap(functools.partial(render_scene, size=size), scenes, chunksize=chunk)
+
+
 # Captions: several styles, with attributes left out at random, so the text tower has to learn what
 # each word means rather than one fixed sentence per scene.
 
@@ -399,16 +416,18 @@ def demo_triplets(n, seed=0, size=64):
     judged by simulated observers (see observer_votes). Splits 80/10/10 train/val/test."""
     rng = random.Random(f"nights-{seed}")
     observers = make_observers(rng)
+    drawn = []  # every random draw first (rendering draws none), then the images in a pool
     for _ in range(n):
         ref = sample_scene(rng)
         left, right = (vary_scene(ref, rng, rng.randint(1, 3)),
                        vary_scene(ref, rng, rng.randint(1, 3)))
-        left_vote, right_vote = observer_votes(ref, left, right, observers, rng)
-        u = rng.random()
+        drawn.append((ref, left, right, *observer_votes(ref, left, right, observers, rng),
+                      rng.random()))
+    images = render_many((scene for triplet in drawn for scene in triplet[:3]), size)
+    for ref, left, right, left_vote, right_vote, u in drawn:
         shape = ref["objects"][0]["shape"]
         yield {
-            "ref": render_scene(ref, size), "left": render_scene(left, size),
-            "right": render_scene(right, size),
+            "ref": next(images), "left": next(images), "right": next(images),
             "left_vote": left_vote, "right_vote": right_vote,
             "split": "train" if u < 0.8 else "val" if u < 0.9 else "test",
             "is_imagenet": shape in IMAGENET_HALF,
@@ -426,10 +445,13 @@ def demo_pairs(n, seed=0, size=64):
     """n (key, {"png", "txt", "json"}) image-caption samples for stage-2 shards; json holds the
     scene."""
     rng = random.Random(f"pairs-{seed}")
-    for i in range(n):
+    drawn = []
+    for _ in range(n):
         scene = sample_scene(rng)
-        yield f"{i:08d}", {"png": _png(render_scene(scene, size)), "txt": caption(scene, rng),
-                           "json": json.dumps(scene)}
+        drawn.append((scene, caption(scene, rng)))
+    for i, ((scene, text), image) in enumerate(zip(drawn, render_many((s for s, _ in drawn),
+                                                                       size))):
+        yield f"{i:08d}", {"png": _png(image), "txt": text, "json": json.dumps(scene)}
 
 
 def _mnist_digits():
@@ -447,15 +469,19 @@ def demo_tasks(seed=0, size=64, per_class=40, retrieval=200, split="test"):
     stay the same); retrieval and the 500 real MNIST digits have no train split."""
     rng = random.Random(f"tasks-{seed}" if split == "test" else f"tasks-{split}-{seed}")
 
+    def rendered(scenes_and_labels):
+        scenes, labels = zip(*scenes_and_labels)
+        return list(zip(render_many(scenes, size), labels))
+
     def classify(attribute, classes, templates, **extra):
-        samples = [(render_scene(sample_scene(rng, **extra, **{attribute: c}), size), label)
-                   for label, c in enumerate(classes) for _ in range(per_class)]
+        samples = rendered([(sample_scene(rng, **extra, **{attribute: c}), label)
+                            for label, c in enumerate(classes) for _ in range(per_class)])
         return dict(samples=samples, classnames=list(classes), templates=templates,
                     task_type="classification")
 
     def count(templates):
-        samples = [(render_scene(sample_scene(rng, n_objects=label + 1), size), label)
-                   for label in (0, 1) for _ in range(per_class)]
+        samples = rendered([(sample_scene(rng, n_objects=label + 1), label)
+                            for label in (0, 1) for _ in range(per_class)])
         return dict(samples=samples, classnames=["one object", "two objects"], templates=templates,
                     task_type="classification")
 
@@ -476,7 +502,7 @@ def demo_tasks(seed=0, size=64, per_class=40, retrieval=200, split="test"):
         return tasks
     scenes = [sample_scene(rng) for _ in range(retrieval)]
     tasks["demo_retrieval"] = dict(
-        samples=[(render_scene(s, size), [caption(s, rng) for _ in range(5)]) for s in scenes],
+        samples=rendered([(s, [caption(s, rng) for _ in range(5)]) for s in scenes]),
         classnames=None, templates=None, task_type="retrieval")
     # The one task on real pixels; CLIP_benchmark's own MNIST template.
     tasks["demo_mnist"] = dict(samples=_mnist_digits(), classnames=list(DIGITS),

@@ -29,7 +29,6 @@ in runs/demo/studies/<study>/ (runs/demo_quick/... with --quick): results.md, su
 """
 import json
 import math
-import resource
 import statistics
 import sys
 import time
@@ -41,7 +40,8 @@ from analysis.probes import representational_similarity
 from checkpoints import load_checkpoint
 from stage1 import objective, other_sources
 from world import make_data
-from world.pipeline import PLANS, drop_if_stale, run_step, shard_spec, untrained
+from world.pipeline import (PLANS, cpu_seconds, drop_if_stale, run_step, shard_spec,
+                            start_step_server, untrained)
 from world.report import mean_sd, percent, pyplot, signed, main_metrics, read_results
 
 STUDIES = ("efficiency", "sources")
@@ -351,6 +351,7 @@ def main(study, seeds, quick, out, data_root, argv):
     plan, study_plan = (PLANS["quick" if quick else "full"],
                         STUDY_PLANS["quick" if quick else "full"])
     start = time.time()
+    start_step_server()  # its imports overlap the data's making
     print(f"== data: {data_root}", flush=True)
     t = time.time()
     make_data.make_demo_data(data_root, seed=0, **plan["data"])
@@ -365,9 +366,7 @@ def main(study, seeds, quick, out, data_root, argv):
     table = report(study, per_seed, areas)
     command = "python demo.py " + " ".join(argv)
     (out / "results.md").write_text(f"`{command}`\n\n{table}\n")
-    cpu = sum(getattr(resource.getrusage(who), f)
-              for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-              for f in ("ru_utime", "ru_stime"))
+    cpu = cpu_seconds()
     previous = (json.loads((out / "summary.json").read_text()).get("timings_s", {})
                 if (out / "summary.json").exists() else {})
     write_json(out / "summary.json", {

@@ -10,7 +10,9 @@ Proves (on the CPU, with real photos from scikit-image):
 - the batched call makes no host sync: no `.item()` / `bool()` / `.tolist()` of a device value, no
   boolean-mask indexing (a nonzero on CUDA) and no fresh constant tensor (a host-to-device copy on
   CUDA), each of which makes the host wait for the step in flight. A TorchDispatchMode sees every
-  aten call and records those that sync on CUDA; the check itself is shown to catch each kind.
+  aten call and records those that sync on CUDA; the check itself is shown to catch each kind;
+- the masked form a CPU device takes (each op on the samples that drew it) gives the sync-free
+  form's output bit for bit, at 224 px and 40, one thread or two, batches of 1 to 64.
 """
 import pytest
 import torch
@@ -98,7 +100,28 @@ def test_the_sync_check_catches_each_kind():
 def test_device_half_makes_no_host_sync(kind):
     images, params = photo_batch(8), drawn_params(8)
     transform = augment.TrainTransform(SIZE, kind)
-    transform.device_half(images, params)  # the first call on a device makes its constants, once
+    # the first call on a device makes its constants, once
+    transform.device_half(images, params, sync_free=True)
     with HostSyncs() as check:
-        transform.device_half(images, params)
+        transform.device_half(images, params, sync_free=True)
     assert check.calls == []
+
+
+def test_a_cpu_takes_the_masked_form_and_it_gives_the_same_bits():
+    transform = augment.TrainTransform(SIZE, "moco")
+    images, params = photo_batch(8), drawn_params(8)
+    with HostSyncs() as check:
+        transform.device_half(images, params)  # on the CPU: the masked form
+    assert "nonzero" in check.calls
+    threads_before = torch.get_num_threads()
+    for threads in (1, 2):  # a reduction split over threads must not round another way
+        torch.set_num_threads(threads)
+        for n, size in ((1, 224), (5, 224), (24, SIZE), (64, SIZE)):
+            g = torch.Generator().manual_seed(n)
+            images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+            params = torch.stack([augment.TrainTransform(size, "moco").draw(300, 300, 17 * n + i)[1]
+                                  for i in range(n)])
+            masked = transform.device_half(images, params, sync_free=False)
+            assert torch.equal(masked, transform.device_half(images, params, sync_free=True)), (
+                threads, n, size)
+    torch.set_num_threads(threads_before)

@@ -195,6 +195,31 @@ def test_start_skips_earlier_samples_without_reading_their_data(tmp_path, monkey
         monkeypatch.undo()
 
 
+def test_a_tar_entered_at_a_known_sample_reads_as_a_whole_parse_does(tmp_path, monkeypatch):
+    """formats keeps each plain tar's sample offsets it has seen (an LRU of TAR_INDEX_FILES): a
+    later start seeks to the nearest known sample. Every start, in every order, cold and warm,
+    on a tar of odd members (a directory, __meta__ and extensionless members, long names that need
+    pax headers), gives the whole parse's samples; a rewritten file drops its offsets."""
+    long = "d" * 120  # a member name over ustar's 100 characters: a pax header each
+    members = [("sub/", None)]
+    for i in range(9):
+        members += [(f"{long}/{i:04d}.jpg", photo_jpeg(i)), (f"{long}/{i:04d}.txt", b"c %d" % i)]
+        if i == 4:
+            members += [("__meta__.json", b"{}"), ("README", b"x")]
+    write_tar(tmp_path / "odd.tar", members, "w:")
+    unit = formats.list_units([str(tmp_path / "odd.tar")], progress=False)[0]
+    monkeypatch.setattr(formats, "_tar_index", formats.collections.OrderedDict())
+    whole = list(formats.read_unit(unit))
+    assert len(whole) == unit.samples == 10  # __meta__.json is a sample to webdataset too
+    for starts in (range(11), reversed(range(11)), [5, 2, 9, 0, 7]):
+        for start in starts:
+            assert list(formats.read_unit(unit, start)) == whole[start:], start
+        assert len(formats._tar_index[str(tmp_path / "odd.tar")][1]) == 10
+    write_tar(tmp_path / "odd.tar", members[:-2], "w:")  # rewritten: one sample fewer
+    unit = formats.list_units([str(tmp_path / "odd.tar")], progress=False)[0]
+    assert list(formats.read_unit(unit, 8)) == whole[8:9]
+
+
 # --------------------------------------------------------------------------------------------------
 # Sample counts
 # --------------------------------------------------------------------------------------------------

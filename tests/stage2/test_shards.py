@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,23 @@ def test_workers_and_accumulation_do_not_change_the_batches(tmp_path):
     # reshuffled
     assert epoch(loader(spec), 2)[0]["indices"].tolist() != reference[0]["indices"].tolist()
     assert epoch(loader(spec, seed=1), 1)[0]["indices"].tolist() != reference[0]["indices"].tolist()
+
+
+def test_a_slow_consumer_never_sees_a_reused_tensor_rewritten(tmp_path):
+    """Workers write crops into a ring of per_step + prefetch shared tensors, reused: a main process
+    that lingers over every batch, while the workers run as far ahead as the DataLoader lets them,
+    still gets the in-process loader's batches (the tightest ring: prefetch 1, and several parcels a
+    step)."""
+    write_shards(tmp_path, samples(60), per_shard=9)
+    spec = str(tmp_path / "{00000..00006}.tar")
+    reference = epoch(loader(spec, accum_steps=4), 1)
+    for prefetch in (1, 2):
+        slow = []
+        for batch in loader(spec, workers=2, accum_steps=4, prefetch=prefetch).delivered_batches(1):
+            time.sleep(0.05)  # the workers fill their ring meanwhile
+            slow.append(batch)
+        assert [torch.equal(a["images"], b["images"]) for a, b in zip(reference, slow)] == [
+            True] * len(reference), prefetch
 
 
 def corrupt_shards(folder):
@@ -302,9 +320,10 @@ def test_the_check_command_reads_batches_and_ends_in_json(tmp_path):
     assert (report["skipped"] == dict(zip(formats.SKIP_REASONS, skipped.tolist()))
             and int(skipped.sum()) > 0)
     # One worker: its delivery is the whole delivery, and the workers alone outrun workers + device
-    # half.
+    # half (or tie, to the 0.1 the rates are rounded to: the CPU's masked device half at 32 px is
+    # fast beside a start-up-bound delivery of 3 batches).
     assert (report["delivery_samples_per_s_per_worker"] == report["delivery_samples_per_s"]
-            > report["samples_per_s"])
+            >= report["samples_per_s"])
     # the two halves timed apart, then in sequence
     assert report["device_samples_per_s"] > report["samples_per_s"]
     assert sum(report["skipped"].values()) == 12 - report["samples"]

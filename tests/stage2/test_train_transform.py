@@ -23,7 +23,11 @@ The seeds are fixed, so the answer is the same on every run; the bounds are thos
 sampler keeps to, so a changed probability or range fails. On the same drawn parameters,
 device_half() equals torchvision.transforms.v2.functional's ops applied one sample at a time
 (jitter in the sample's order, grayscale, a Gaussian blur, normalisation), and host_half() equals
-torchvision's resized_crop + horizontal_flip.
+torchvision's resized_crop + horizontal_flip. host_half()'s fast JPEG path (libjpeg-turbo and
+torch's resize) stays within the documented bound of the PIL path it replaces (host_half_pil: PIL's
+decode, draft and bicubic resize from the crop box), on 400-500 px photos, grey and progressive
+JPEGs, and leaves to PIL, bit for bit, what it would otherwise change (DCT-scaled crops, CMYK,
+PNG, a truncated JPEG's error); without simplejpeg, PIL decodes everything.
 Not here: the batched ops one at a time (tests/stage2/test_augment.py).
 """
 import hashlib
@@ -256,3 +260,82 @@ def test_host_equals_torchvisions_resized_crop_and_flip_on_the_drawn_box():
         difference = (ours.float() - expected.float()).abs().mean().item()
         assert difference < 0.35, (i, difference)
     assert 0 < flipped < 24
+
+
+# --------------------------------------------------------------------------------------------------
+# host_half()'s fast JPEG path against the PIL path it replaces (host_half_pil, the reference)
+# --------------------------------------------------------------------------------------------------
+
+
+def web_photo_jpegs(n, mode="RGB", progressive=False):
+    """n JPEGs (quality 90) of the photos with a long side of 400-500 px, as YFCC15M's are."""
+    out = []
+    for i in range(n):
+        photo = Image.fromarray(PHOTOS[i % len(PHOTOS)]).convert("RGB")
+        long_side = 400 + 100 * i // n
+        photo = photo.resize((long_side, long_side * photo.height // photo.width), Image.BICUBIC)
+        buffer = io.BytesIO()
+        photo.convert(mode).save(buffer, "JPEG", quality=90, progressive=progressive)
+        out.append(buffer.getvalue())
+    return out
+
+
+# The documented bound: a sample differs from PIL's by under 0.1 grey levels on average (measured
+# on bench_loader's 300 photos: 0.008 mean, 0.031 at most), and by at most 2 levels inside a
+# 2-pixel border (7 at the border: PIL's filter reads pixels past the crop box, the tensor crop
+# extends its edge; at most 13 in the outermost pixels).
+MEAN_BOUND, INSIDE_BOUND = 0.1, 2
+
+
+def assert_close_to_pil(transform, data, seed):
+    ours, params = transform.host_half(data, seed)
+    reference, reference_params = transform.host_half_pil(io.BytesIO(data), seed)
+    assert torch.equal(params, reference_params) and ours.shape == reference.shape
+    difference = (ours.int() - reference.int()).abs()
+    assert difference.float().mean() < MEAN_BOUND, (seed, difference.float().mean())
+    assert difference[:, 2:-2, 2:-2].max() <= INSIDE_BOUND, seed
+    return ours
+
+
+def test_fast_jpeg_path_gives_pils_pixels_within_the_bound():
+    transform = TrainTransform(224, "moco")
+    for i, data in enumerate(web_photo_jpegs(16)):
+        assert_close_to_pil(transform, data, loader_like_seed(i))
+    grey = web_photo_jpegs(1, mode="L")[0]
+    assert Image.open(io.BytesIO(grey)).mode == "L"
+    progressive = web_photo_jpegs(1, progressive=True)[0]
+    for i, data in enumerate((grey, progressive)):
+        assert_close_to_pil(transform, data, loader_like_seed(100 + i))
+
+
+def test_fast_jpeg_path_leaves_to_pil_what_it_would_change():
+    """A DCT-scaled decode (the crop has 2S pixels or more each way) resizes from the exact box as
+    PIL's draft path does: bit for bit. CMYK JPEGs (libjpeg-turbo's conversion differs from PIL's by
+    ~1 level), PNGs, and JPEGs libjpeg-turbo rejects go to PIL: the same pixels, or PIL's error."""
+    large = jpeg(PHOTOS[0])  # 512 x 512: "train" crops of >= 90% at 64 px decode at 1/4
+    transform = TrainTransform(64, "train")
+    for seed in range(4):
+        ours, _ = transform.host_half(large, seed)
+        assert torch.equal(ours, transform.host_half_pil(io.BytesIO(large), seed)[0])
+    transform = TrainTransform(SIZE, "moco")
+    cmyk = web_photo_jpegs(1, mode="CMYK")[0]
+    png = io.BytesIO()
+    Image.fromarray(PHOTOS[1]).save(png, "PNG")
+    for data in (cmyk, png.getvalue()):
+        ours, _ = transform.host_half(data, 5)
+        assert torch.equal(ours, transform.host_half_pil(io.BytesIO(data), 5)[0])
+    truncated = large[:len(large) // 2]
+    for take in (transform.host_half, lambda data, seed: transform.host_half_pil(
+            io.BytesIO(data), seed)):
+        with pytest.raises(OSError):
+            take(truncated, 5)
+
+
+def test_without_simplejpeg_every_image_takes_the_pil_path(monkeypatch):
+    """A GPU image's own Python may lack simplejpeg: the kit still imports, and trains on PIL's
+    pixels."""
+    monkeypatch.setattr(augment, "simplejpeg", None)
+    transform = TrainTransform(224, "moco")
+    data = web_photo_jpegs(1)[0]
+    ours, _ = transform.host_half(data, 3)
+    assert torch.equal(ours, transform.host_half_pil(io.BytesIO(data), 3)[0])

@@ -287,6 +287,27 @@ def test_a_rerun_reuses_every_run(quick_studies, capsys):
     assert after == before
 
 
+def test_a_script_step_runs_as_python_runs_it(tmp_path):
+    """A step that is a script runs in a process forked from the step server (torch imported once):
+    as `python SCRIPT ARGS` would, as __main__ with its argv, in the kit's folder, the kit first on
+    sys.path; its exit code comes back, and its CPU time counts in cpu_seconds."""
+    script = tmp_path / "step.py"
+    out = tmp_path / "seen.json"
+    script.write_text(
+        "import json, os, sys, time\n"
+        "end = time.process_time() + 0.3\n"
+        "while time.process_time() < end: pass\n"
+        f"json.dump([__name__, sys.argv, os.getcwd(), sys.path[0]], open({str(out)!r}, 'w'))\n"
+        "sys.exit(int(sys.argv[1]))\n")
+    before = pipeline.cpu_seconds()
+    assert pipeline.run_script([str(script), "3"]) == 3
+    name, argv, cwd, first = json.loads(out.read_text())
+    assert (name, argv, cwd, first) == ("__main__", [str(script), "3"], str(pipeline.ROOT),
+                                        str(pipeline.ROOT))
+    assert pipeline.cpu_seconds() - before >= 0.3
+    assert pipeline.run_script([str(script), "0"]) == 0
+
+
 def test_a_step_that_exits_0_unfinished_stops_the_demo(tmp_path):
     """A trainer stopped by SIGTERM saves a checkpoint and exits 0 before it has finished: the demo
     and the studies (pipeline.run_step) must stop there, not train the next stage from a
