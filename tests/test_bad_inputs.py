@@ -82,15 +82,21 @@ def nights(tmp_path_factory):
 # ---- settings -----------------------------------------------------------------------------------
 
 
+SLOW = pytest.mark.slow  # each case starts a Python with torch (~5 s); two stay in the fast tier
+
+
 @pytest.mark.parametrize("argv, needles", [
     (["--warmup-step=3"], ["unknown key --warmup_step", "did you mean --warmup_steps?"]),
-    (["--batch_size=-4"], ["batch_size must be >= 1, got -4"]),
-    (["--batch_size=0"], ["batch_size must be >= 1, got 0"]),
-    (["--epochs=0"], ["epochs must be >= 1, got 0"]),
-    (["--lr=-1"], ["lr must be >= 0.0, got -1.0"]),
-    (["--augment=mocov2"], ["augment must be one of moco, train, eval, got 'mocov2'"]),
-    (["--model_settings=vision_width=-3"], ["vision_width=-3 must be a whole number >= 1"]),
-    (["--init=/nonexistent/ckpt.pt"], ["init: checkpoint /nonexistent/ckpt.pt does not exist"]),
+    pytest.param(["--batch_size=-4"], ["batch_size must be >= 1, got -4"], marks=SLOW),
+    pytest.param(["--batch_size=0"], ["batch_size must be >= 1, got 0"], marks=SLOW),
+    pytest.param(["--epochs=0"], ["epochs must be >= 1, got 0"], marks=SLOW),
+    pytest.param(["--lr=-1"], ["lr must be >= 0.0, got -1.0"], marks=SLOW),
+    pytest.param(["--augment=mocov2"], ["augment must be one of moco, train, eval, got 'mocov2'"],
+                 marks=SLOW),
+    pytest.param(["--model_settings=vision_width=-3"],
+                 ["vision_width=-3 must be a whole number >= 1"], marks=SLOW),
+    pytest.param(["--init=/nonexistent/ckpt.pt"],
+                 ["init: checkpoint /nonexistent/ckpt.pt does not exist"], marks=SLOW),
     # What an unquoted --train_data=/d/{00000..00001}.tar becomes after the shell's expansion:
     (["--train_data=/d/00000.tar", "--train_data=/d/00001.tar"],
      ["--train_data is given twice in a row", "quote it"]),

@@ -67,6 +67,7 @@ def test_open_clip_loads_the_exported_folder_with_the_same_features(tmp_path, pr
         assert torch.equal(back.state_dict()[key], value), key
 
 
+@pytest.mark.slow
 def test_a_setting_open_clip_cannot_express_is_refused_and_nothing_is_written_over(tmp_path):
     theirs = saved(create_model("tiny-authors"), tmp_path / "authors.pt")  # mean-pooled text
     result = export(theirs, tmp_path / "hub")

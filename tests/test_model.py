@@ -177,6 +177,7 @@ def test_raw_and_prefixed_state_dicts(tiny, tmp_path):
     assert C.load_checkpoint(raw).config.quickgelu is False
 
 
+@pytest.mark.slow
 def test_open_clip_state_dict_loads(tmp_path):
     reference = open_clip.create_model("ViT-B-32", pretrained=None).eval()
     path = tmp_path / "b32.pt"

@@ -122,6 +122,7 @@ def paper_run(tmp_path_factory):
     return out, records
 
 
+@pytest.mark.slow
 def test_the_run_logs_the_authors_values_and_scores_held_out_pairs_each_epoch(paper_run):
     out, records = paper_run
     header = records[0]
@@ -149,6 +150,7 @@ def test_the_run_logs_the_authors_values_and_scores_held_out_pairs_each_epoch(pa
     assert last["step"] == 6 and last["lr"] == pytest.approx(5e-4 * 5 / 2500)
 
 
+@pytest.mark.slow
 def test_tensorboard_and_wandb_hold_the_metrics_jsonl_scalars(paper_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -174,6 +176,7 @@ def test_tensorboard_and_wandb_hold_the_metrics_jsonl_scalars(paper_run):
             assert json.dumps(value).encode() in stored, (key, value)
 
 
+@pytest.mark.slow
 def test_evaluate_curves_plots_the_run(paper_run, tmp_path):
     out, _ = paper_run
     result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--curves", str(out),

@@ -80,6 +80,7 @@ def test_vocabulary_is_clips():
     assert tokenizer.encoder["a</w>"] == 320 and tokenizer.encoder["cat</w>"] == 2368
 
 
+@pytest.mark.slow
 def test_same_ids_as_open_clip_on_real_strings(real_strings):
     assert len(real_strings) >= 10_000, len(real_strings)
     assert_same_as_open_clip(real_strings)

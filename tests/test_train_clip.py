@@ -304,6 +304,7 @@ def test_compile_with_ddp_and_accumulation_equals_eager(tmp_path):
                for name, value in eager["state_dict"].items())
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process(tmp_path):
     out = tmp_path / "ddp.pt"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -351,6 +352,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_nodes_equal_one_node_of_two_processes(tmp_path):
     """docs/training.md's multi-node command on loopback: two torchrun launchers, each a node of
     one process, meet through c10d rendezvous on 127.0.0.1 (the second without --node_rank: c10d
@@ -487,6 +489,7 @@ def test_sigkill_and_restart_equals_an_uninterrupted_run(clip_run, tmp_path):
     assert header["config"]["max_steps"] == 20 and "git_commit" in header
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_step_and_restart_equals_an_uninterrupted_run(clip_run, tmp_path):
     command, straight = clip_run
     stopped = tmp_path / "stopped"
@@ -507,6 +510,7 @@ def test_sigterm_saves_at_the_step_and_restart_equals_an_uninterrupted_run(clip_
     assert_same_run(straight, stopped)
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_run_changes_nothing_and_a_changed_setting_is_refused(clip_run):
     command, straight = clip_run
     before = {name: (straight / name).read_bytes() for name in ("ckpt.pt", "summary.json")}
@@ -638,6 +642,7 @@ def test_init_moves_a_stage1_resnet_tower_exactly(tmp_path):
                            donor.state_dict()["visual.layer1.0.bn1.running_mean"])
 
 
+@pytest.mark.slow
 def test_model_settings_reach_the_checkpoint_and_a_changed_one_is_refused(clip_run, tmp_path):
     """The path users run for an ablation:
     `train_clip.py --model tiny-authors --model_settings ...`; the checkpoint records the settings

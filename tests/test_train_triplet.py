@@ -82,6 +82,15 @@ def trained(nights, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def short_run(small_nights, tmp_path_factory):
+    """configs/nights_tiny.yaml for one epoch of 3 steps on small_nights: a trained checkpoint in
+    a few seconds (the full `trained` run takes a minute: the slow tier's)."""
+    out = tmp_path_factory.mktemp("short")
+    run(small_nights, out, "--epochs=1", "--batch_size=32")
+    return out
+
+
 def held_out(scores, counts):
     """2AFC over val and test together (~880 triplets): half the sampling noise of either alone."""
     return sum(scores[s] * counts[s] for s in ("val", "test")) / (counts["val"] + counts["test"])
@@ -120,10 +129,10 @@ def test_real_labels_are_learned_and_shuffled_are_not(nights, trained, tmp_path)
     assert [r["val_2afc"] for r in lines if "val_2afc" in r][-1] == summary["2afc"]["val"]
 
 
-def test_checkpoint_loads_anywhere_and_only_vision_trained(nights, trained):
-    model = load_checkpoint(trained / "ckpt.pt")
-    summary = json.loads((trained / "summary.json").read_text())
-    val = NightsDataset(nights, "val", model.config.image_size)
+def test_checkpoint_loads_anywhere_and_only_vision_trained(small_nights, short_run):
+    model = load_checkpoint(short_run / "ckpt.pt")
+    summary = json.loads((short_run / "summary.json").read_text())
+    val = NightsDataset(small_nights, "val", model.config.image_size)
     # The same embeddings as in training: the same score. Evaluated in training's batches: with
     # other batches the float sums run in another order, and a triplet whose two distances differ by
     # one ulp (seen: 6e-8) can flip and move the score by ~5e-4.
@@ -171,6 +180,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_step_and_restart_is_exact(small_nights, tmp_path, one_thread):
     args = [f"--data_root={small_nights}", "--epochs=4", "--batch_size=32", "--log_every=1",
             "--workers=1"]
@@ -216,10 +226,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_nights, 
     assert len(losses) == 6 and torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
 
 
-def test_posthoc_trains_only_vision_qkv(small_nights, trained, tmp_path):
-    run(small_nights, tmp_path, "--epochs=1", "--batch_size=32", f"--init={trained / 'ckpt.pt'}",
-        "--posthoc=true", "--lr=1e-3", "--weight_decay=0")
-    before = load_checkpoint(trained / "ckpt.pt").state_dict()
+def test_posthoc_trains_only_vision_qkv(small_nights, short_run, tmp_path):
+    run(small_nights, tmp_path, "--epochs=1", "--batch_size=32",
+        f"--init={short_run / 'ckpt.pt'}", "--posthoc=true", "--lr=1e-3", "--weight_decay=0")
+    before = load_checkpoint(short_run / "ckpt.pt").state_dict()
     after = load_checkpoint(tmp_path / "ckpt.pt").state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     # Weights and biases, as the authors' src/train.py:939-943 unfreezes every qkv parameter.
@@ -295,6 +305,7 @@ def test_posthoc_on_a_resnet_trains_only_the_attention_pool_qkv(small_nights, re
     assert trainable - {"visual.attnpool.k_proj.bias"} <= changed <= trainable
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(small_nights, tmp_path):
     args = ["--epochs=2", "--batch_size=32", f"--data_root={small_nights}"]
     run(small_nights, tmp_path / "one", *args)

@@ -556,6 +556,7 @@ def test_every_source_reads_from_the_decode_cache(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(cached[len(cached) - 1][:3], last[:3])), source
 
 
+@pytest.mark.slow
 def test_train_triplet_on_things_writes_every_split(tmp_path):
     root, _ = write_things(tmp_path / "things")
     out = tmp_path / "run"
@@ -573,6 +574,7 @@ def test_train_triplet_on_things_writes_every_split(tmp_path):
     assert 0 <= summary["odd_one_out"]["val"]["accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_alignment_command_scores_several_checkpoints(tmp_path):
     """`python evaluate.py --alignment` over two checkpoints: one JSON with every score, a table, a
     plot; its numbers are those of the functions it is built from."""

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -142,6 +143,7 @@ def ddp_worker(out):
     training.cleanup_distributed()
 
 
+@pytest.mark.slow
 def test_two_ranks_with_groups_equal_the_reference(tmp_path):
     out = tmp_path / "groups.pt"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -134,6 +134,7 @@ def test_token_id_captions_come_back_as_the_same_tokens(sources, tmp_path):
     assert all(s["text"] is None and len(s["tokens"]) == 231 for s in output)
 
 
+@pytest.mark.slow
 def test_a_killed_repack_resumes_to_the_same_bytes_and_other_settings_are_refused(sources,
                                                                                 tmp_path):
     spec = str(sources / "tar" / "{00000..00002}.tar")

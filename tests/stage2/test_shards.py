@@ -182,6 +182,7 @@ def padded_features():
     return images, texts, torch.tensor([True, True, False, True, True, False, False, False])
 
 
+@pytest.mark.slow
 def test_each_good_sample_once_per_epoch_over_two_ranks_and_two_workers(tmp_path):
     spec, damage = corrupt_shards(tmp_path / "bad")
     write_shards(tmp_path / "good", samples(30, start=24), per_shard=6)
@@ -302,6 +303,7 @@ def test_mostly_bad_shards_stop_with_an_error_naming_them(tmp_path):
         loader(str(tmp_path / "nothing-here-{0..3}.tar"))
 
 
+@pytest.mark.slow
 def test_the_check_command_reads_batches_and_ends_in_json(tmp_path):
     spec, _ = corrupt_shards(tmp_path / "bad")
     result = subprocess.run([sys.executable, "-m", "stage2.shards", spec, "--batch_size=4",
