@@ -210,7 +210,8 @@ def train(argv, stop):
                                          step=step, metrics=metrics,
                                          samples_skipped=skipped_by_reason)
         if due.stop:
-            return stopped(stop, cfg, ranks, step, total_steps, ckpt_path, bar, log)
+            log.close()
+            return training.stopped(stop, cfg, ranks, step, total_steps, ckpt_path, bar)
         if step == total_steps:
             break
     bar.close()
@@ -465,16 +466,6 @@ def count_skipped(skipped, ranks):
                     training.all_reduce_sum(skipped.tolist(), ranks.device, torch.int64)))
 
 
-def stopped(stop, cfg, ranks, step, total_steps, ckpt_path, bar, log):
-    """A run stopped by a signal or stop_after_steps, after its checkpoint: say how to resume."""
-    bar.close()
-    if ranks.is_main:
-        reason = stop.received or ("stop_after_steps" if step == cfg.stop_after_steps
-                                   else "another rank")
-        tqdm.write(f"stopped by {reason} at step {step} of {total_steps}, saved {ckpt_path}; "
-                   "run the same command to resume")
-    log.close()
-    training.cleanup_distributed()
 
 
 def finish(out_dir, ckpt_path, step, metrics, skipped, cfg, ranks, already):

@@ -197,7 +197,8 @@ def train(argv, stop):
                 training.save_checkpoint(out_dir / f"ckpt_epoch{epochs_done:03d}.pt", **save,
                                          step=step, metrics=metrics)
         if due.stop:
-            return stopped(stop, cfg, ranks, step, total_steps, ckpt_path, bar, metrics)
+            training.stopped(stop, cfg, ranks, step, total_steps, ckpt_path, bar)
+            return metrics
     bar.close()
     metrics, odd_one_out = final_scores(model, splits, cfg, ranks, precision)
     training.save_checkpoint(ckpt_path, **save, step=step, metrics=metrics)
@@ -421,18 +422,6 @@ def write_summary(out_dir, cfg, model, splits, metrics, odd_one_out, step, steps
                       f"epoch {step / steps_per_epoch:g}: val 2AFC {metrics['val']:.4f}")
         log.write({"step": step, "2afc": metrics},
                   "2AFC " + ", ".join(f"{s} {v:.4f}" for s, v in metrics.items()))
-
-
-def stopped(stop, cfg, ranks, step, total_steps, ckpt_path, bar, metrics):
-    """A run stopped by a signal or stop_after_steps, after its checkpoint: say how to resume."""
-    bar.close()
-    if ranks.is_main:
-        reason = stop.received or ("stop_after_steps" if step == cfg.stop_after_steps
-                                   else "another rank")
-        tqdm.write(f"stopped by {reason} at step {step} of {total_steps}, saved {ckpt_path}; "
-                   "run the same command to resume")
-    training.cleanup_distributed()
-    return metrics
 
 
 def finished(out_dir, state, ranks):

@@ -101,6 +101,18 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
+def stopped(stop, cfg, ranks, step, total_steps, ckpt_path, bar):
+    """A run stopped by a signal or stop_after_steps, after its checkpoint: say how to resume, and
+    leave the process group."""
+    bar.close()
+    if ranks.is_main:
+        reason = stop.received or ("stop_after_steps" if step == cfg.stop_after_steps
+                                   else "another rank")
+        tqdm.write(f"stopped by {reason} at step {step} of {total_steps}, saved {ckpt_path}; "
+                   "run the same command to resume")
+    cleanup_distributed()
+
+
 def all_reduce_sum(values, device, dtype=torch.float64):
     """Sum a list of numbers over ranks (identity on one process). dtype=torch.int64 for counts and
     positions, which float64 holds exactly only up to 2**53 (and float32 only up to 2**24)."""
