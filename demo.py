@@ -1,6 +1,6 @@
 """The embedded default: the paper's whole experiment in miniature, on a CPU, in minutes.
 
-  python demo.py                      # one seed, four arms, probes: ~7.5 minutes on 2 idle CPU
+  python demo.py                      # one seed, four arms, probes: under 5 minutes on 2 idle CPU
                                       # cores (measured)
   python demo.py --seeds 0,1,2        # mean and spread over seeds, wins, a verdict per comparison
   python demo.py --quick              # the smallest end-to-end run, a few minutes; the tests run it
