@@ -25,7 +25,6 @@ import numpy as np
 import regex
 import torch
 from PIL import Image, ImageFilter
-from torchvision import transforms as T
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -204,6 +203,10 @@ def image_transform(image_size, kind="eval"):
       "moco"    the PI fork's stage-2 augmentation (MoCo v2): RandomResizedCrop(scale 0.2-1),
                 ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2, blur p=0.5, flip.
     """
+    # Imported here, not at the top: torchvision's import takes ~1.2 s (its models pull in
+    # torch._dynamo), which every command, and its --help, would otherwise wait for.
+    from torchvision import transforms as T
+
     bicubic = T.InterpolationMode.BICUBIC
     normalize = [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
     if kind == "eval":

@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms as T
 
 from data import CLIP_MEAN, CLIP_STD
 from cli import UserError, UserFileNotFound, progress
@@ -59,6 +58,8 @@ CACHE_VERSION = 2
 def decode(path, image_size):
     """One image file -> uint8 array (3, S, S): RGB, Resize((S, S), bicubic), the first step of
     data.image_transform(S, "nights"); PIL's resize returns uint8, so caching this loses nothing."""
+    from torchvision import transforms as T  # here: its import is ~1.2 s (data.image_transform)
+
     with Image.open(path) as image:
         resized = T.Resize((image_size, image_size),
                            interpolation=T.InterpolationMode.BICUBIC)(image.convert("RGB"))
