@@ -67,12 +67,17 @@ def run_step(title, command, done_file):
 PRELOAD = ["torch", "torchvision", "numpy", "PIL.Image", "yaml", "tqdm", "regex", "ftfy",
            "pyarrow.parquet", "matplotlib"]
 _steps_cpu = [0.0]  # CPU seconds of the steps run from the server (not this process's children)
+# Linux only: there a process that imported torch forks safely. macOS's system frameworks are not
+# fork-safe (Python itself starts processes by spawning there), so elsewhere each step is a plain
+# `python` subprocess: the same run, ~3 s slower a step.
+STEP_SERVER = sys.platform.startswith("linux")
 
 
 def start_step_server():
     """Start the server now: its imports then overlap what the caller does next."""
-    _server()
-    multiprocessing.forkserver.ensure_running()
+    if STEP_SERVER:
+        _server()
+        multiprocessing.forkserver.ensure_running()
 
 
 def _server():
@@ -83,8 +88,8 @@ def _server():
 
 def run_script(command):
     """`python *command` in ROOT -> its exit code; a script from the server, anything else
-    (`python -c ...`) as a plain subprocess."""
-    if not command[0].endswith(".py"):
+    (`python -c ...`, or any step off Linux) as a plain subprocess."""
+    if not (STEP_SERVER and command[0].endswith(".py")):
         return subprocess.run([sys.executable, *command], cwd=ROOT).returncode
     context = _server()
     receive, send = context.Pipe(duplex=False)

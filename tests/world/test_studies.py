@@ -308,6 +308,22 @@ def test_a_script_step_runs_as_python_runs_it(tmp_path):
     assert pipeline.run_script([str(script), "0"]) == 0
 
 
+def test_off_linux_a_script_step_is_a_plain_subprocess(tmp_path, monkeypatch):
+    """Where forking after importing torch is not safe (macOS), steps run as `python SCRIPT ARGS`
+    subprocesses: the same script, argv, folder and exit code, and no step server."""
+    monkeypatch.setattr(pipeline, "STEP_SERVER", False)
+    started = []
+    monkeypatch.setattr(pipeline, "_server", lambda: started.append(1))
+    script = tmp_path / "step.py"
+    out = tmp_path / "seen.json"
+    script.write_text("import json, os, sys\n"
+                      f"json.dump([__name__, sys.argv, os.getcwd()], open({str(out)!r}, 'w'))\n"
+                      "sys.exit(int(sys.argv[1]))\n")
+    pipeline.start_step_server()
+    assert pipeline.run_script([str(script), "4"]) == 4 and not started
+    assert json.loads(out.read_text()) == ["__main__", [str(script), "4"], str(pipeline.ROOT)]
+
+
 def test_a_step_that_exits_0_unfinished_stops_the_demo(tmp_path):
     """A trainer stopped by SIGTERM saves a checkpoint and exits 0 before it has finished: the demo
     and the studies (pipeline.run_step) must stop there, not train the next stage from a
