@@ -56,8 +56,8 @@ FRACTIONS = {"10%": 0.1, "25%": 0.25, "50%": 0.5, "100%": 1.0}
 # The sources study's sizes. budget: training triplets for every source, below what each holds
 # (the demo's votes keep ~3,400 after min_votes=6; 750 odd-one-out trials give 1,500, two per
 # trial); 1,500 rather than all 3,400 keeps the study (five stage-1 and six stage-2 runs) within
-# 15 minutes on 2 cores: measured 727 s for one seed from a fresh clone, data included
-# (efficiency: 560 s). stimuli: concepts, odd-one-out trials (train, validation, test) and
+# 15 minutes on 2 cores: measured 326 s for one seed from a fresh clone, data included
+# (efficiency: 275 s). stimuli: concepts, odd-one-out trials (train, validation, test) and
 # held-out images for the RSA.
 STUDY_PLANS = {
     "full": dict(budget=1500, stimuli=dict(concepts=400, trials=(750, 300, 600), heldout=200),
