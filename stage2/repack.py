@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from cli import run_cli, user_input
 from stage2 import formats
 from stage2.augment import JPEG_START
 
@@ -247,11 +248,9 @@ def main(argv=None):
     parser.add_argument("--image_column", default="images")
     parser.add_argument("--text_column", default="texts")
     args = parser.parse_args(argv)
-    try:
+    with user_input():  # a spec naming no file, or an OUT_DIR of other settings
         summary = repack(args.spec, args.out_dir, args.shortest_side, args.quality, args.workers,
                          args.image_column, args.text_column)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
     print(f"{summary['samples']} samples in {summary['shards']} shards ({summary['spec']}); "
           f"{summary['bad']} bad samples left out {summary['skipped'] or ''}; "
           f"{summary['bytes_out'] / 2**20:.1f} MiB of images and captions from "
@@ -260,4 +259,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
