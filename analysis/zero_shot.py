@@ -242,9 +242,9 @@ def _decoded_batches(loader, task_dir, image_size, batch_size):
             IMAGE_CACHE_BYTES - used):
         return loader
     folder = Path(task_dir).resolve()
-    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    stats = [(str(path), path.stat()) for path in sorted(folder.rglob("*")) if path.is_file()]
     key = (str(folder), image_size, batch_size,
-           tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+           tuple((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats))
     if key not in _image_cache:
         for old in [k for k in _image_cache if k[:3] == key[:3]]:  # the same task, changed
             del _image_cache[old]
