@@ -222,6 +222,15 @@ def _by_folder(paths):
     return folders
 
 
+def write_json(path, value, **dump_options):
+    """`value` as JSON in `path`, atomically: a temporary file, then a rename, so a kill mid-write
+    leaves the old file or none, never half of one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1, **dump_options)
+    os.replace(tmp, path)
+
+
 def _read_json(path):
     try:
         with open(path, encoding="utf-8") as f:
@@ -264,11 +273,8 @@ def _save_counts(folder, cache_dir, counts):
         try:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             old = _read_json(path).get("files", {}) if os.path.exists(path) else {}
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"folder": os.path.abspath(folder), "files": {**old, **entries}}, f,
-                          indent=1, sort_keys=True)
-            os.replace(tmp, path)
+            write_json(path, {"folder": os.path.abspath(folder), "files": {**old, **entries}},
+                       sort_keys=True)
             return path
         except (OSError, ValueError):
             continue  # read-only folder: try the cache

@@ -149,19 +149,12 @@ def repack_file(job):
     stats.update(bytes_out=os.path.getsize(out_path),
                  seconds=round(time.perf_counter() - started, 3),
                  cpu_seconds=round(time.process_time() - cpu_started, 3))
-    _write_json(stats_path(out_path), stats)
+    formats.write_json(stats_path(out_path), stats)
     return stats
 
 
 def stats_path(out_path):
     return out_path[:-len(".tar")] + "_stats.json"
-
-
-def _write_json(path, value):
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1)
-    os.replace(temporary, path)
 
 
 def plan_jobs(spec, out_dir, shortest_side, quality, image_column, text_column):
@@ -184,7 +177,7 @@ def plan_jobs(spec, out_dir, shortest_side, quality, image_column, text_column):
             raise ValueError(f"{out_dir} holds a repack with other settings ({'; '.join(changed)})"
                              ": use another OUT_DIR, or the same settings to resume it")
     else:
-        _write_json(record_path, record)
+        formats.write_json(record_path, record)
     return [{"units": [u for u in units if u.path == path],
              "out_path": os.path.join(out_dir, f"{i:0{width}d}.tar"),
              "settings": (shortest_side, quality), "image_column": image_column,
@@ -218,7 +211,7 @@ def _summarise(jobs, out_dir):
     for job in jobs:
         with open(stats_path(job["out_path"]), encoding="utf-8") as f:
             every.append(json.load(f))
-    _write_json(os.path.join(out_dir, "sizes.json"),
+    formats.write_json(os.path.join(out_dir, "sizes.json"),
                 {os.path.basename(job["out_path"]): stats["successes"]
                  for job, stats in zip(jobs, every)})
     skipped = {reason: sum(s["skipped"][reason] for s in every) for reason in formats.SKIP_REASONS}
