@@ -402,3 +402,16 @@ def test_real_scale_control_configs_change_only_the_control(tmp_path):
         cfg = read(name)
         assert (cfg["posthoc"] is True and cfg["weight_decay"] == 0
                 and cfg["margin"] == nights["margin"])
+
+
+def test_render_many_gives_render_scenes_images_forked_or_not(monkeypatch):
+    """The render pool (forked, Linux) and the one-by-one path (elsewhere: macOS is not fork-safe
+    after torch is imported) give the images render_scene gives, in order."""
+    rng = random.Random(5)
+    drawn = [scenes.sample_scene(rng) for _ in range(130)]  # more than one chunk of 64
+    expected = [np.asarray(scenes.render_scene(s, 32)).tobytes() for s in drawn]
+    forked = [np.asarray(image).tobytes() for image in scenes.render_many(drawn, 32)]
+    monkeypatch.setattr(scenes, "FORK_SAFE", False)
+    monkeypatch.setattr(scenes.multiprocessing, "get_context", None)  # no pool may be made
+    alone = [np.asarray(image).tobytes() for image in scenes.render_many(drawn, 32)]
+    assert forked == expected == alone

@@ -18,6 +18,7 @@ import yaml
 
 from model import create_model
 from stage1 import nights, objective
+from world.scenes import FORK_SAFE
 
 ROOT = Path(__file__).resolve().parents[1]  # the kit: where the commands are run from
 
@@ -67,10 +68,8 @@ def run_step(title, command, done_file):
 PRELOAD = ["torch", "torchvision", "numpy", "PIL.Image", "yaml", "tqdm", "regex", "ftfy",
            "pyarrow.parquet", "matplotlib"]
 _steps_cpu = [0.0]  # CPU seconds of the steps run from the server (not this process's children)
-# Linux only: there a process that imported torch forks safely. macOS's system frameworks are not
-# fork-safe (Python itself starts processes by spawning there), so elsewhere each step is a plain
-# `python` subprocess: the same run, ~3 s slower a step.
-STEP_SERVER = sys.platform.startswith("linux")
+# Off Linux each step is a plain `python` subprocess: the same run, ~3 s slower a step.
+STEP_SERVER = FORK_SAFE
 
 
 def start_step_server():

@@ -18,6 +18,7 @@ import math
 import multiprocessing
 import os
 import random
+import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -345,6 +346,12 @@ def render_scene(scene, size=64):
     return canvas.resize((size, size), Image.LANCZOS)
 
 
+# Forking a process that may have imported torch is safe on Linux. macOS's system frameworks are
+# not fork-safe (Python starts processes by spawning there), so the world's render pool and the
+# demo's step server (world/pipeline.py) fork on Linux only; elsewhere they run one by one.
+FORK_SAFE = sys.platform.startswith("linux")
+
+
 def render_many(scenes, size=64, chunk=64):
     """Scenes -> an iterator of their images, in order, rendered by a pool of one process per core:
     render_scene is a pure function of its scene, so the images are those one process renders
@@ -352,7 +359,7 @@ def render_many(scenes, size=64, chunk=64):
     touch no thread pool of the parent's."""
     scenes = list(scenes)
     processes = min(os.cpu_count() or 1, math.ceil(len(scenes) / chunk))
-    if processes < 2:
+    if processes < 2 or not FORK_SAFE:
         yield from (render_scene(scene, size) for scene in scenes)
         return
     with multiprocessing.get_context("fork").Pool(processes) as pool:
