@@ -124,28 +124,45 @@ def main(argv=None):
     torch.set_num_threads(1)  # the main process only collates and normalises; workers decode
 
     root = Path(args.dir)
+    prepare_images(root, args.triplets)
+    plain, cached, build = build_cache(root, args.size, args.workers)
+    per_epoch, loader_only, count = time_loaders(plain, cached, args, build)
+    print_paper_estimate(per_epoch, loader_only, count, build, len(cached), args.workers)
+
+
+def prepare_images(root, triplets):
+    """The PNGs in `root` (made unless they are there for this many triplets), and their sizes."""
     if (not (root / "data.csv").exists()
-            or len((root / "data.csv").read_text().splitlines()) != args.triplets + 1):
+            or len((root / "data.csv").read_text().splitlines()) != triplets + 1):
         start = time.perf_counter()
-        make_images(root, args.triplets)
-        print(f"made {args.triplets} triplets of {SOURCE_SIZE}-px PNGs "
+        make_images(root, triplets)
+        print(f"made {triplets} triplets of {SOURCE_SIZE}-px PNGs "
               f"in {time.perf_counter() - start:.0f} s")
     pngs = sorted(root.glob("*/*/*.png"))
     print(f"{len(pngs)} PNGs, "
           f"{sum(p.stat().st_size for p in pngs) / len(pngs) / 1e6:.2f} MB each on average "
           f"(real NIGHTS: ~58 GB / ~60k images, ~1 MB)")
 
+
+def build_cache(root, size, workers):
+    """-> (the dataset that decodes every time, the cached one built from scratch, build seconds);
+    checks that both give the same tensors."""
     for old in (root / "cache").glob("*"):
         old.unlink()  # time a build from scratch
     start = time.perf_counter()
-    cached = NightsDataset(root, "train", args.size, workers=args.workers)
+    cached = NightsDataset(root, "train", size, workers=workers)
     build = time.perf_counter() - start
-    plain = NightsDataset(root, "train", args.size, cache=False)
-    print(f"cache built in {build:.1f} s with {args.workers} workers ({len(cached)} triplets, "
-          f"{cached.cache_path.stat().st_size / 1e6:.0f} MB at {args.size} px)")
+    plain = NightsDataset(root, "train", size, cache=False)
+    print(f"cache built in {build:.1f} s with {workers} workers ({len(cached)} triplets, "
+          f"{cached.cache_path.stat().st_size / 1e6:.0f} MB at {size} px)")
     assert all(torch.equal(a, b) for i in range(0, len(plain), 17)
                for a, b in zip(plain[i][:3], cached[i][:3]))
+    return plain, cached, build
 
+
+def time_loaders(plain, cached, args, build):
+    """Epochs of both, alternating after a warm-up, printed -> (median seconds per epoch, the same
+    less model_input, triplets per epoch), each {name: value} but the count."""
     loaders = {"decode every epoch": train_loader(plain, args.batch_size, 0, args.workers),
                "cache": train_loader(cached, args.batch_size, 0, args.workers)}
     for loader in loaders.values():
@@ -169,13 +186,16 @@ def main(argv=None):
     print(f"of the cached epoch, {per_epoch['cache'] - loader_only['cache']:.3f} s is model_input "
           f"on the CPU (on the device in training); "
           f"the loader alone: {loader_only['cache']:.3f} s")
+    return per_epoch, loader_only, count
 
-    # What the paper's recipe costs per epoch on one GPU (ESTIMATE: no GPU was measured).
+
+def print_paper_estimate(per_epoch, loader_only, count, build, cached_triplets, workers):
+    """What the paper's recipe costs per epoch on one GPU (ESTIMATE: no GPU was measured)."""
     flops_per_triplet = 3 * 3 * vit_b32_forward_flops()  # 3 images; backward ~2x forward
     epoch_flops = PAPER["train_triplets"] * flops_per_triplet
-    decode_per_triplet = per_epoch["decode every epoch"] * args.workers / count  # CPU-seconds
-    cached_per_triplet = loader_only["cache"] * args.workers / count
-    build_per_triplet = build * args.workers / len(cached)
+    decode_per_triplet = per_epoch["decode every epoch"] * workers / count  # CPU-seconds
+    cached_per_triplet = loader_only["cache"] * workers / count
+    build_per_triplet = build * workers / cached_triplets
     print(f"\nESTIMATE for the paper's recipe (ViT-B/32, {PAPER['train_triplets']:,} train "
           f"triplets, {PAPER['epochs']} epochs, batch {PAPER['batch_size']}), "
           "not measured on a GPU:")
