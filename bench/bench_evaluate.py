@@ -97,29 +97,61 @@ def main():
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     work = Path(tempfile.mkdtemp(prefix="bench_evaluate_"))
-    data = work / "data"
-    digits = mnist(args.images)
+    captioned = write_tasks(work / "data", args.images, args.workers)
+    checkpoints, model = save_checkpoints(work, args.model)
+    print(f"model {args.model} ({model.num_params() / 1e6:.1f}M params, "
+          f"{model.config.image_size} px), 2 checkpoints, "
+          f"{args.images} + {captioned} MNIST images, batch {args.batch_size}, "
+          f"workers {args.workers}, {'cuda' if cuda else 'cpu'} ({'amp' if cuda else 'fp32'}), "
+          f"{args.rounds} rounds")
+    totals = {"ours": 0.0, "clip_benchmark": 0.0}
+    for round_index in range(args.rounds):
+        for task, kind in (("mnist", "zeroshot_classification"),
+                           ("mnist_captions", "zeroshot_retrieval")):
+            t_ours, t_ref = time_task(work, checkpoints, task, kind, round_index, args, cuda)
+            totals["ours"] += t_ours
+            totals["clip_benchmark"] += t_ref
+    print(f"total            ours {totals['ours']:6.1f} s  "
+          f"clip_benchmark {totals['clip_benchmark']:6.1f} s  "
+          f"ratio {totals['ours'] / totals['clip_benchmark']:.2f} (goal <= 0.5)")
+
+
+def write_tasks(data, images, workers):
+    """MNIST digits as a classification task and a fifth of them captioned as a retrieval task,
+    in CLIP_benchmark's layout under `data` -> the number of captioned images."""
+    digits = mnist(images)
     names, templates = clip_benchmark_names_and_templates()
     # As many shards as workers: CLIP_benchmark's webdataset loader gives each worker whole shards
     # (and fails on a worker without one), the kit's reader indexes samples and needs no such split.
-    shards = lambda n: -(-n // max(1, args.workers))  # noqa: E731  samples per shard
+    shards = lambda n: -(-n // max(1, workers))  # noqa: E731  samples per shard
     write_benchmark_task(data / "wds_mnist", digits, names, templates,
                          per_shard=shards(len(digits)))
     captioned = [(image, [f"a handwritten digit {label}", f"the number {NUMBER_WORDS[label]}",
                           "a black and white digit"][: 2 + i % 2])
-                 for i, (image, label) in enumerate(digits[: args.images // 5])]
+                 for i, (image, label) in enumerate(digits[: images // 5])]
     write_benchmark_task(data / "wds_mnist_captions", captioned, task_type="retrieval",
                          per_shard=shards(len(captioned)))
+    return len(captioned)
 
+
+def save_checkpoints(work, preset):
+    """Two checkpoints of the preset (seeds 0 and 1), and open_clip's config of it for
+    CLIP_benchmark -> ([paths], the last model)."""
     checkpoints = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        model = create_model(args.model)
+        model = create_model(preset)
         checkpoints.append(work / f"run{seed}" / "ckpt.pt")
         checkpoints[-1].parent.mkdir()
         torch.save({"state_dict": model.state_dict(), "model_config": asdict(model.config)},
                    checkpoints[-1])
     (work / "bench-model.json").write_text(json.dumps(open_clip_config(model.config)))
+    return checkpoints, model
+
+
+def time_task(work, checkpoints, task, kind, round_index, args, cuda):
+    """One task, the kit's evaluate.py on both checkpoints against CLIP_benchmark's CLI once per
+    checkpoint, in the round's order; prints both times and metrics -> (ours, reference) seconds."""
     # clip_benchmark is installed --no-deps: its captioning metric (unused here) would import
     # pycocoevalcap, so an empty module stands in for it.
     register = "import open_clip, sys, types; " \
@@ -127,47 +159,34 @@ def main():
                "sys.modules['clip_benchmark.metrics.captioning'] = " \
                "types.ModuleType('captioning'); " \
                "from clip_benchmark.cli import main; sys.argv[0] = 'clip_benchmark'; main()"
-    print(f"model {args.model} ({model.num_params() / 1e6:.1f}M params, "
-          f"{model.config.image_size} px), 2 checkpoints, "
-          f"{args.images} + {len(captioned)} MNIST images, batch {args.batch_size}, "
-          f"workers {args.workers}, {'cuda' if cuda else 'cpu'} ({'amp' if cuda else 'fp32'}), "
-          f"{args.rounds} rounds")
-
-    totals = {"ours": 0.0, "clip_benchmark": 0.0}
-    for round_index in range(args.rounds):
-        for task, kind in (("mnist", "zeroshot_classification"),
-                           ("mnist_captions", "zeroshot_retrieval")):
-            ours_out = work / f"ours_{task}.json"
-            ours = [sys.executable, str(ROOT / "evaluate.py"),
-                    *[a for c in checkpoints for a in ("--ckpt", str(c))],
-                    "--suite", task, "--data-root", str(data), "--batch-size", str(args.batch_size),
-                    "--workers", str(args.workers), "--out", str(ours_out)]
-            references = [[sys.executable, "-c", register, "eval", "--dataset", f"wds/{task}",
-                           "--task", kind, "--dataset_root", str(data / "wds_{dataset_cleaned}"),
-                           "--model", "bench-model", "--pretrained", str(c),
-                           "--batch_size", str(args.batch_size),
-                           "--num_workers", str(args.workers), "--recall_k", "1", "5", "10",
-                           "--output", str(work / f"ref_{task}_{i}.json"),
-                           *([] if cuda else ["--no_amp"])]
-                          for i, c in enumerate(checkpoints)]
-            if round_index % 2 == 0:
-                t_ref = sum(timed(r, work) for r in references)
-                t_ours = timed(ours, work)
-            else:
-                t_ours = timed(ours, work)
-                t_ref = sum(timed(r, work) for r in references)
-            totals["ours"] += t_ours
-            totals["clip_benchmark"] += t_ref
-            key = "acc1" if kind == "zeroshot_classification" else "image_retrieval_recall@1"
-            ours_metrics = [r["metrics"][key] for r in json.loads(ours_out.read_text())]
-            ref_metrics = [json.loads((work / f"ref_{task}_{i}.json").read_text())["metrics"][key]
-                           for i in range(2)]
-            print(f"round {round_index} {task:16s} ours {t_ours:6.1f} s  "
-                  f"clip_benchmark {t_ref:6.1f} s  ratio {t_ours / t_ref:.2f}   "
-                  f"{key}: ours {ours_metrics}  clip_benchmark {ref_metrics}")
-    print(f"total            ours {totals['ours']:6.1f} s  "
-          f"clip_benchmark {totals['clip_benchmark']:6.1f} s  "
-          f"ratio {totals['ours'] / totals['clip_benchmark']:.2f} (goal <= 0.5)")
+    data = work / "data"
+    ours_out = work / f"ours_{task}.json"
+    ours = [sys.executable, str(ROOT / "evaluate.py"),
+            *[a for c in checkpoints for a in ("--ckpt", str(c))],
+            "--suite", task, "--data-root", str(data), "--batch-size", str(args.batch_size),
+            "--workers", str(args.workers), "--out", str(ours_out)]
+    references = [[sys.executable, "-c", register, "eval", "--dataset", f"wds/{task}",
+                   "--task", kind, "--dataset_root", str(data / "wds_{dataset_cleaned}"),
+                   "--model", "bench-model", "--pretrained", str(c),
+                   "--batch_size", str(args.batch_size),
+                   "--num_workers", str(args.workers), "--recall_k", "1", "5", "10",
+                   "--output", str(work / f"ref_{task}_{i}.json"),
+                   *([] if cuda else ["--no_amp"])]
+                  for i, c in enumerate(checkpoints)]
+    if round_index % 2 == 0:
+        t_ref = sum(timed(r, work) for r in references)
+        t_ours = timed(ours, work)
+    else:
+        t_ours = timed(ours, work)
+        t_ref = sum(timed(r, work) for r in references)
+    key = "acc1" if kind == "zeroshot_classification" else "image_retrieval_recall@1"
+    ours_metrics = [r["metrics"][key] for r in json.loads(ours_out.read_text())]
+    ref_metrics = [json.loads((work / f"ref_{task}_{i}.json").read_text())["metrics"][key]
+                   for i in range(2)]
+    print(f"round {round_index} {task:16s} ours {t_ours:6.1f} s  "
+          f"clip_benchmark {t_ref:6.1f} s  ratio {t_ours / t_ref:.2f}   "
+          f"{key}: ours {ours_metrics}  clip_benchmark {ref_metrics}")
+    return t_ours, t_ref
 
 
 if __name__ == "__main__":
