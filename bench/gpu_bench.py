@@ -48,10 +48,12 @@ sparsity), or --peak-tflops; MFU is also given against the measured matmul ceili
 """
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -263,6 +265,25 @@ PARTS = ("ceiling", "eager", "compiled", "fit")
 
 
 def main(argv=None):
+    args, parts = parse_args(argv)
+    run = set_up(args, parts)
+    log(run, {k: v for k, v in run.results.items() if k not in ("runs", "largest_micro_batch")})
+    if "ceiling" in parts:
+        measure_ceiling(run)
+    if "eager" in parts:
+        for checkpointing in (False, True):
+            measure(run, checkpointing, False, run.accums)
+        augmentation(run, False)
+    if "compiled" in parts:  # compiled once: the step the config trains with
+        measure(run, run.cfg.grad_checkpointing, True, [run.cfg.accum_steps])
+        augmentation(run, True)
+    if "fit" in parts:
+        find_largest_micro_batches(run)
+    print(f"wrote {run.out} and {run.jsonl} ({time.perf_counter() - run.started:.0f} s)")
+    return run.results
+
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "yfcc15m.yaml"),
                         help="train_clip config: model, batch, accum_steps")
@@ -291,6 +312,13 @@ def main(argv=None):
     if parts - set(PARTS):
         parser.error(f"--parts: unknown {', '.join(sorted(parts - set(PARTS)))}; "
                      f"choose from {', '.join(PARTS)}")
+    return args, parts
+
+
+def set_up(args, parts):
+    """The config, device and precision of the runs, and the summary they fill -> a namespace
+    (args, cfg, device, precision, steps, warmup, micro, accums, results, out, jsonl, started).
+    A dry run measures a tiny model on the CPU, without compiling (`parts` loses "compiled")."""
     cfg = cli.load_config(train_clip.Config, [args.config])
     cfg = dataclasses.replace(cfg, model=args.model or cfg.model)
     if args.dry_run:
@@ -313,8 +341,7 @@ def main(argv=None):
             raise SystemExit(f"no bf16 peak known for {name}: pass --peak-tflops (its datasheet's "
                              "dense bf16 TFLOP/s)")
     micro = args.micro_batch or (4 if args.dry_run else cfg.batch_size // cfg.accum_steps)
-    accums = sorted({1, cfg.accum_steps})
-    out, jsonl = Path(args.out), Path(args.out).with_suffix(".jsonl")
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {"device": (torch.cuda.get_device_name() if device == "cuda"
                           else "cpu (dry run: numbers mean nothing)"),
@@ -322,101 +349,103 @@ def main(argv=None):
                "peak_tflops": args.peak_tflops, "torch": torch.__version__,
                "forward_gflop_per_pair": forward_flops(cfg.model, micro) / micro / 1e9,
                "runs": [], "largest_micro_batch": {}}
-    started = time.perf_counter()
+    return types.SimpleNamespace(
+        args=args, cfg=cfg, device=device, precision=precision, steps=steps, warmup=warmup,
+        micro=micro, accums=sorted({1, cfg.accum_steps}), results=results, out=out,
+        jsonl=out.with_suffix(".jsonl"), started=time.perf_counter())
 
-    def log(record):
-        """One result: printed, appended to the .jsonl at once (a timeout loses nothing before it),
-        and the summary rewritten."""
-        print(json.dumps(record), flush=True)
-        with open(jsonl, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        results["seconds"] = time.perf_counter() - started
-        partial = out.with_name(out.name + ".partial")
-        partial.write_text(json.dumps(results, indent=1) + "\n")
-        os.replace(partial, out)  # a kill mid-write leaves the previous summary whole
 
-    log({k: v for k, v in results.items() if k not in ("runs", "largest_micro_batch")})
-    if "ceiling" in parts:
-        measured = matmul_ceiling(device, 8192 if device == "cuda" else 256)
-        results["measured_tflops"] = measured
-        log({"matmul_ceiling_tflops": round(measured, 1), "datasheet_tflops": args.peak_tflops,
-             "share_of_datasheet": round(measured / args.peak_tflops, 3),
-             "what": ("bf16 8192^3 matmul, mean of 10 after 3 warm-ups" if device == "cuda"
-                      else "cpu fp32 256^3 (dry run)")})
+def log(run, record):
+    """One result: printed, appended to the .jsonl at once (a timeout loses nothing before it),
+    and the summary rewritten."""
+    print(json.dumps(record), flush=True)
+    with open(run.jsonl, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    run.results["seconds"] = time.perf_counter() - run.started
+    partial = run.out.with_name(run.out.name + ".partial")
+    partial.write_text(json.dumps(run.results, indent=1) + "\n")
+    os.replace(partial, run.out)  # a kill mid-write leaves the previous summary whole
 
-    def measure(checkpointing, compiled, accums_here):
-        step_cfg = dataclasses.replace(cfg, grad_checkpointing=checkpointing)
-        built = build(step_cfg, device, precision, compiled, cfg.compile_backend)
-        for accum in accums_here:
-            run_cfg = dataclasses.replace(step_cfg, accum_steps=accum)
-            batch = micro * accum
-            images, tokens = synthetic_batch(batch, built[0].config, device)
-            n_steps, begun = max(2, -(-steps // accum)), time.perf_counter()
-            seconds, peak = time_steps(built, run_cfg, images, tokens, n_steps, warmup)
-            model_flops = step_flops(cfg.model, batch, accum, False)  # what the algorithm needs
-            # with checkpointing's recomputation
-            hardware_flops = step_flops(cfg.model, batch, accum, checkpointing)
-            run = {"grad_checkpointing": checkpointing, "compile": compiled, "accum_steps": accum,
-                   "batch": batch, "step_s": seconds, "samples_per_s": batch / seconds,
-                   "gflop_per_pair": model_flops / batch / 1e9,
-                   "mfu": model_flops / seconds / (args.peak_tflops * 1e12),
-                   "hfu": hardware_flops / seconds / (args.peak_tflops * 1e12),
-                   "peak_memory_gib": peak,
-                   # with compile: the compile time
-                   "warmup_s": time.perf_counter() - begun - seconds * n_steps}
-            if "measured_tflops" in results:
-                run["mfu_vs_measured_matmul"] = (model_flops / seconds
-                                                 / (results["measured_tflops"] * 1e12))
-            results["runs"].append(run)
-            log(run)
-            del images, tokens
-        del built
-        if device == "cuda":
-            torch.cuda.empty_cache()
 
-    def augmentation(compiled):
-        """TrainTransform.device_half on one step's batch (micro-batch x the config's
-        accum_steps): ms per batch, eager or compiled (its torch.where form has no data-dependent
-        shapes: one graph)."""
-        image_size = model_config(cfg.model).image_size
-        images, params, _ = synthetic_loader_batch(micro * cfg.accum_steps, model_config(cfg.model),
-                                                   device)
-        transform = TrainTransform(image_size, cfg.augment)
-        run = torch.compile(transform.device_half) if compiled else transform.device_half
-        begun = time.perf_counter()
-        run(images, params)
-        seconds = time_calls(lambda: run(images, params), device, max(2, steps // 2))
-        log({"augmentation": cfg.augment, "compile": compiled, "batch": len(images),
-             "ms_per_batch": seconds * 1e3,
-             "warmup_s": time.perf_counter() - begun - seconds * max(2, steps // 2)})
+def measure_ceiling(run):
+    measured = matmul_ceiling(run.device, 8192 if run.device == "cuda" else 256)
+    run.results["measured_tflops"] = measured
+    log(run, {"matmul_ceiling_tflops": round(measured, 1),
+              "datasheet_tflops": run.args.peak_tflops,
+              "share_of_datasheet": round(measured / run.args.peak_tflops, 3),
+              "what": ("bf16 8192^3 matmul, mean of 10 after 3 warm-ups" if run.device == "cuda"
+                       else "cpu fp32 256^3 (dry run)")})
 
-    if "eager" in parts:
-        for checkpointing in (False, True):
-            measure(checkpointing, False, accums)
-        augmentation(False)
-    if "compiled" in parts:  # compiled once: the step the config trains with
-        measure(cfg.grad_checkpointing, True, [cfg.accum_steps])
-        augmentation(True)
-    if "fit" in parts:
-        starts = [int(x) for x in args.fit_start.split(",")]
-        for checkpointing, start in zip((False, True), starts):
-            if device == "cuda":
-                largest = largest_fitting(
-                    fits_in_training(cfg, device, precision, checkpointing, log), start, 64,
-                    args.fit_probes)
-            else:  # the dry run checks that one probe runs (a CPU has no memory limit to find)
-                largest = (micro
-                           if fits_in_training(cfg, device, precision, checkpointing, log)(micro)
-                           else None)
-            key = "checkpointing" if checkpointing else "plain"
-            results["largest_micro_batch"][key] = largest
-            log({"largest_micro_batch": largest, "grad_checkpointing": checkpointing,
-                 "accum_steps": cfg.accum_steps,
-                 "measured": "train_clip's step at the config's accum_steps with the uint8 batch, "
-                             "its params and the augmented fp32 batch (TrainTransform.device_half) "
-                             "held, as the training loop holds them"})
-    print(f"wrote {out} and {jsonl} ({time.perf_counter() - started:.0f} s)")
-    return results
+
+def measure(run, checkpointing, compiled, accums_here):
+    cfg, peak_flops = run.cfg, run.args.peak_tflops * 1e12
+    step_cfg = dataclasses.replace(cfg, grad_checkpointing=checkpointing)
+    built = build(step_cfg, run.device, run.precision, compiled, cfg.compile_backend)
+    for accum in accums_here:
+        run_cfg = dataclasses.replace(step_cfg, accum_steps=accum)
+        batch = run.micro * accum
+        images, tokens = synthetic_batch(batch, built[0].config, run.device)
+        n_steps, begun = max(2, -(-run.steps // accum)), time.perf_counter()
+        seconds, peak = time_steps(built, run_cfg, images, tokens, n_steps, run.warmup)
+        model_flops = step_flops(cfg.model, batch, accum, False)  # what the algorithm needs
+        # with checkpointing's recomputation
+        hardware_flops = step_flops(cfg.model, batch, accum, checkpointing)
+        record = {"grad_checkpointing": checkpointing, "compile": compiled, "accum_steps": accum,
+                  "batch": batch, "step_s": seconds, "samples_per_s": batch / seconds,
+                  "gflop_per_pair": model_flops / batch / 1e9,
+                  "mfu": model_flops / seconds / peak_flops,
+                  "hfu": hardware_flops / seconds / peak_flops,
+                  "peak_memory_gib": peak,
+                  # with compile: the compile time
+                  "warmup_s": time.perf_counter() - begun - seconds * n_steps}
+        if "measured_tflops" in run.results:
+            record["mfu_vs_measured_matmul"] = (model_flops / seconds
+                                                / (run.results["measured_tflops"] * 1e12))
+        run.results["runs"].append(record)
+        log(run, record)
+        del images, tokens
+    del built
+    if run.device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def augmentation(run, compiled):
+    """TrainTransform.device_half on one step's batch (micro-batch x the config's accum_steps): ms
+    per batch, eager or compiled (its torch.where form has no data-dependent shapes: one graph)."""
+    cfg = run.cfg
+    image_size = model_config(cfg.model).image_size
+    images, params, _ = synthetic_loader_batch(run.micro * cfg.accum_steps,
+                                               model_config(cfg.model), run.device)
+    transform = TrainTransform(image_size, cfg.augment)
+    call = torch.compile(transform.device_half) if compiled else transform.device_half
+    begun = time.perf_counter()
+    call(images, params)
+    calls = max(2, run.steps // 2)
+    seconds = time_calls(lambda: call(images, params), run.device, calls)
+    log(run, {"augmentation": cfg.augment, "compile": compiled, "batch": len(images),
+              "ms_per_batch": seconds * 1e3,
+              "warmup_s": time.perf_counter() - begun - seconds * calls})
+
+
+def find_largest_micro_batches(run):
+    """The largest micro-batch that trains, without and with checkpointing (on the CPU of a dry
+    run: that one probe runs, a CPU has no memory limit to find)."""
+    cfg, record = run.cfg, functools.partial(log, run)
+    starts = [int(x) for x in run.args.fit_start.split(",")]
+    for checkpointing, start in zip((False, True), starts):
+        fits = fits_in_training(cfg, run.device, run.precision, checkpointing, record)
+        if run.device == "cuda":
+            largest = largest_fitting(fits, start, 64, run.args.fit_probes)
+        else:
+            largest = run.micro if fits(run.micro) else None
+        key = "checkpointing" if checkpointing else "plain"
+        run.results["largest_micro_batch"][key] = largest
+        log(run, {"largest_micro_batch": largest, "grad_checkpointing": checkpointing,
+                  "accum_steps": cfg.accum_steps,
+                  "measured": "train_clip's step at the config's accum_steps with the uint8 "
+                              "batch, its params and the augmented fp32 batch "
+                              "(TrainTransform.device_half) held, as the training loop holds "
+                              "them"})
 
 
 if __name__ == "__main__":
